@@ -1,0 +1,44 @@
+# The two commands a newcomer needs are `make demo` and `make test`; both bootstrap everything.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# On a GPU machine: make setup TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test test-fast demo lint slurm-up slurm-down clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+slurm-up:
+	bash slurm/local/start.sh
+
+slurm-down:
+	bash slurm/local/stop.sh
+
+test: setup slurm-up
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Unit tests only: no cluster, no slow end-to-end runs.
+test-fast: setup
+	$(PY) -m pytest -m "not slurm and not slow" $(PYTEST_ARGS)
+
+demo: setup
+	-bash slurm/local/start.sh || echo "local SLURM could not start: the demo will run locally"
+	$(VENV)/bin/igfiqa demo
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

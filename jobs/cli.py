@@ -1,0 +1,92 @@
+"""`igfiqa`: the one command line of the project.
+
+Each command group lives in its own module under `jobs/commands/` and exposes
+`register(subparsers)`; heavy imports (torch, DALI, mlflow) happen inside the
+handlers so `igfiqa --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# (module under jobs.commands, in the order --help lists them)
+COMMAND_MODULES = ("prep", "data", "train", "evaluate", "demo", "jobs_admin")
+
+DESCRIPTION = """\
+IG-FIQA: train and evaluate face image quality assessment models.
+
+typical flow:
+  igfiqa prep synth --out work/synth            # or real InsightFace data
+  igfiqa prep convert work/synth --out work/train
+  igfiqa train configs/tiny_cpu.yaml --set data.dataset=work/train
+  igfiqa submit configs/protocol_s.yaml --cluster slurm/clusters/local.yaml
+  igfiqa eval runs/igfiqa/checkpoints/last.ckpt --data work/val --out work/eval
+"""
+
+
+class UserError(Exception):
+    """An error a user can fix; printed without a traceback, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser with every registered command group."""
+    parser = argparse.ArgumentParser(
+        prog="igfiqa", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"jobs.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"jobs.commands.{name}":
+                continue  # a command group not built yet
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `igfiqa` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        result = args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - user-facing errors become one clear line
+        if _is_user_error(exc):
+            print(f"igfiqa: error: {exc}", file=sys.stderr)
+            return 2
+        raise
+    return int(result or 0)
+
+
+def _is_user_error(exc: Exception) -> bool:
+    """Errors that carry a complete message for the user (bad input, bad config)."""
+    from pipeline.config import ConfigError
+
+    user_types: tuple[type[BaseException], ...] = (UserError, ConfigError, FileNotFoundError)
+    try:
+        from data_prep.errors import DataError
+
+        user_types = (*user_types, DataError)
+    except ImportError:
+        pass
+    return isinstance(exc, user_types)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

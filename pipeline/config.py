@@ -1,0 +1,367 @@
+"""Typed training configuration: defaults, a YAML file, dotted overrides, checked once.
+
+`load_config(path, overrides)` merges the dataclass defaults, the YAML file and
+`section.key=value` overrides (values parsed as YAML scalars), refuses unknown keys
+and wrong types with the dotted path in the message, and returns a frozen
+`TrainConfig`. Derived values (per-rank batch sizes, total steps) come from the
+functions at the bottom, never from ad-hoc arithmetic elsewhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, of the wrong type or out of range."""
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Quality degradations applied to the regression half only (paper §3.2, §4.1)."""
+
+    p_rescale: float = 0.3
+    p_erase: float = 0.3
+    p_color: float = 0.3
+    # rescale: shrink to a random side in [min, max] × image size, then back up (blur)
+    rescale_min: float = 0.2
+    rescale_max: float = 0.8
+    # random erasing: area fraction and aspect ratio ranges of the zeroed rectangle
+    erase_area_min: float = 0.02
+    erase_area_max: float = 0.25
+    erase_aspect_min: float = 0.3
+    erase_aspect_max: float = 3.3
+    # color jitter: multiplicative factors drawn from [1 - x, 1 + x]
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.4
+    flip: bool = True
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the converted dataset lives and how batches are formed."""
+
+    dataset: str = "work/demo/train"  # a folder written by `igfiqa prep convert` (holds dataset.json)
+    num_classes: int = 0  # 0 = take it from dataset.json; otherwise must agree with it
+    image_size: int = 112
+    fr_batch: int = 512  # global size of the clean face-recognition half
+    reg_batch: int = 512  # global size of the augmented regression half
+    num_threads: int = 2
+    prefetch: int = 2
+    seed: int = 0
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Backbone and quality head."""
+
+    backbone: str = "iresnet50"
+    embedding_size: int = 512
+    dropout: float = 0.0
+    fp16: bool = False  # bf16 autocast on GPU when true
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """ArcFace on the FR half, CR/IG regression on the regression half."""
+
+    mode: Literal["ig", "cr"] = "ig"  # cr = all weights 1 (CR-FIQA), ig = the paper
+    margin: Literal["arcface", "cosface"] = "arcface"
+    scale: float = 64.0
+    arc_margin: float = 0.5
+    cos_margin: float = 0.35
+    lambda_ig: float = 10.0
+    smooth_l1_beta: float = 1.0
+    # CR-FIQA lets the regression loss reach the backbone; False detaches the embedding for R
+    ig_grad_to_backbone: bool = True
+    cr_eps: float = 1e-9
+
+
+@dataclass(frozen=True)
+class VarianceConfig:
+    """The per-class EMA of 1 − CCS (paper eqs. 8–9)."""
+
+    alpha_start: float = 0.9
+    alpha_end: float = 1.0
+    alpha_schedule: Literal["linear", "fixed"] = "linear"  # fixed uses alpha_start throughout
+    update_from: Literal["fr", "reg"] = "fr"  # which half's CCS feeds the table
+    fold: Literal["sequential", "mean"] = "sequential"  # several samples of one class in a step
+    init_value: float = 1.0
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """SGD with a step schedule (paper §4.1)."""
+
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    epochs: int = 36
+    milestones: tuple[int, ...] = (20, 28)
+    gamma: float = 0.1
+    warmup_epochs: float = 0.0
+    grad_clip: float = 5.0  # 0 disables clipping
+    max_steps: int = 0  # 0 = epochs × steps per epoch; >0 stops early (tests, demo)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Where outputs go, how often to log and checkpoint, how to track."""
+
+    name: str = "igfiqa"
+    dir: str = "runs/igfiqa"
+    seed: int = 0
+    deterministic: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    log_every: int = 20
+    checkpoint_every_steps: int = 500
+    checkpoint_every_minutes: float = 30.0
+    keep_checkpoints: int = 3
+    tracking_uri: str = ""  # "" = MLFLOW_TRACKING_URI or sqlite:///mlflow.db in the working directory
+    experiment: str = "igfiqa"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything one training run needs."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    variance: VarianceConfig = field(default_factory=VarianceConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _coerce(value: Any, annotation: Any, path: str) -> Any:
+    """Check `value` against a type annotation, converting only where lossless (int → float, list → tuple)."""
+    origin = typing.get_origin(annotation)
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__} {value!r}")
+        return _build(annotation, value, path)
+    if origin is Literal:
+        allowed = typing.get_args(annotation)
+        if value not in allowed:
+            raise ConfigError(f"{path}: {value!r} is not one of {', '.join(map(repr, allowed))}")
+        return value
+    if origin is tuple:
+        (item_type, _ellipsis) = typing.get_args(annotation)
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{path}: expected a list, got {type(value).__name__} {value!r}")
+        return tuple(_coerce(v, item_type, f"{path}[{i}]") for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(annotation):
+            try:
+                return _coerce(value, option, path)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{path}: {value!r} does not match {annotation}")
+    if annotation is type(None):
+        if value is not None:
+            raise ConfigError(f"{path}: expected null, got {value!r}")
+        return None
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true/false, got {type(value).__name__} {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{path}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    raise ConfigError(f"{path}: unsupported annotation {annotation}")  # pragma: no cover
+
+
+def _build(cls: type, values: dict[str, Any], path: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        where = f"{path}." if path else ""
+        raise ConfigError(f"unknown config key {where}{unknown[0]} (known: {', '.join(sorted(known))})")
+    kwargs = {}
+    for name, value in values.items():
+        kwargs[name] = _coerce(value, hints[name], f"{path}.{name}" if path else name)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split `a.b=value` into the dotted key and a YAML-parsed value."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. optim.lr=0.05")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: cannot parse value: {exc}") from exc
+    return key, value
+
+
+def config_from_dict(values: dict[str, Any]) -> TrainConfig:
+    """Build and check a TrainConfig from a nested dict (e.g. one stored in a checkpoint)."""
+    config = _build(TrainConfig, values, "")
+    validate_ranges(config)
+    return config
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Defaults ← YAML file ← dotted overrides; typed and range-checked."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        tree = loaded
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    try:
+        return config_from_dict(tree)
+    except ConfigError as exc:
+        where = f"{path}: " if path is not None else ""
+        raise ConfigError(f"{where}{exc}") from None
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """The config as plain nested dicts/lists (YAML-, JSON- and checkpoint-safe)."""
+
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, tuple | list):
+            return [plain(v) for v in value]
+        return value
+
+    return plain(config)
+
+
+def flatten_config(config: TrainConfig) -> dict[str, Any]:
+    """`{"optim.lr": 0.1, ...}` for MLflow params."""
+    out: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}.{k}" if prefix else k)
+        else:
+            out[prefix] = node
+
+    walk(config_to_dict(config), "")
+    return out
+
+
+def dump_config(config: TrainConfig) -> str:
+    """The resolved config as YAML text."""
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False)
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate_ranges(config: TrainConfig) -> None:
+    """Range checks that need no files or process group."""
+    a, d, o = config.data.augment, config.data, config.optim
+    for name in ("p_rescale", "p_erase", "p_color"):
+        p = getattr(a, name)
+        _check(0.0 <= p <= 1.0, f"data.augment.{name}: {p} is not a probability in [0, 1]")
+    _check(0 < a.rescale_min <= a.rescale_max < 1.0, "data.augment.rescale_min/max: need 0 < min <= max < 1")
+    _check(0 < a.erase_area_min <= a.erase_area_max < 1.0, "data.augment.erase_area_min/max: need 0 < min <= max < 1")
+    _check(0 < a.erase_aspect_min <= a.erase_aspect_max, "data.augment.erase_aspect_min/max: need 0 < min <= max")
+    for name in ("brightness", "contrast", "saturation"):
+        v = getattr(a, name)
+        _check(0.0 <= v < 1.0, f"data.augment.{name}: {v} must lie in [0, 1)")
+    _check(d.image_size > 0, f"data.image_size: {d.image_size} must be positive")
+    _check(d.fr_batch > 0, f"data.fr_batch: {d.fr_batch} must be positive")
+    _check(d.reg_batch > 0, f"data.reg_batch: {d.reg_batch} must be positive")
+    _check(d.num_threads > 0, f"data.num_threads: {d.num_threads} must be positive")
+    _check(d.num_classes >= 0, f"data.num_classes: {d.num_classes} must be >= 0")
+    _check(config.model.embedding_size > 0, "model.embedding_size must be positive")
+    _check(0.0 <= config.model.dropout < 1.0, "model.dropout must lie in [0, 1)")
+    lo = config.loss
+    _check(lo.scale > 0, f"loss.scale: {lo.scale} must be positive")
+    _check(0 <= lo.arc_margin < 3.14159, f"loss.arc_margin: {lo.arc_margin} must lie in [0, pi)")
+    _check(lo.lambda_ig >= 0, f"loss.lambda_ig: {lo.lambda_ig} must be >= 0")
+    _check(lo.smooth_l1_beta > 0, f"loss.smooth_l1_beta: {lo.smooth_l1_beta} must be positive")
+    v = config.variance
+    _check(0.0 <= v.alpha_start <= 1.0, f"variance.alpha_start: {v.alpha_start} must lie in [0, 1]")
+    _check(0.0 <= v.alpha_end <= 1.0, f"variance.alpha_end: {v.alpha_end} must lie in [0, 1]")
+    _check(o.lr > 0, f"optim.lr: {o.lr} must be positive")
+    _check(0 <= o.momentum < 1, f"optim.momentum: {o.momentum} must lie in [0, 1)")
+    _check(o.weight_decay >= 0, f"optim.weight_decay: {o.weight_decay} must be >= 0")
+    _check(o.epochs > 0, f"optim.epochs: {o.epochs} must be positive")
+    _check(list(o.milestones) == sorted(o.milestones), f"optim.milestones: {o.milestones} must be increasing")
+    _check(all(0 < m for m in o.milestones), f"optim.milestones: {o.milestones} must be positive epochs")
+    _check(0 < o.gamma <= 1, f"optim.gamma: {o.gamma} must lie in (0, 1]")
+    _check(o.warmup_epochs >= 0, f"optim.warmup_epochs: {o.warmup_epochs} must be >= 0")
+    _check(o.grad_clip >= 0, f"optim.grad_clip: {o.grad_clip} must be >= 0")
+    _check(o.max_steps >= 0, f"optim.max_steps: {o.max_steps} must be >= 0")
+    r = config.run
+    _check(r.log_every > 0, f"run.log_every: {r.log_every} must be positive")
+    _check(r.checkpoint_every_steps >= 0, "run.checkpoint_every_steps must be >= 0 (0 disables)")
+    _check(r.checkpoint_every_minutes >= 0, "run.checkpoint_every_minutes must be >= 0 (0 disables)")
+    _check(r.keep_checkpoints >= 1, f"run.keep_checkpoints: {r.keep_checkpoints} must be >= 1")
+
+
+def validate_for_world(config: TrainConfig, world_size: int) -> None:
+    """Checks that depend on the number of processes."""
+    d = config.data
+    _check(world_size >= 1, f"world size {world_size} must be >= 1")
+    _check(
+        d.fr_batch % world_size == 0,
+        f"data.fr_batch: {d.fr_batch} is not divisible by the world size {world_size}",
+    )
+    _check(
+        d.reg_batch % world_size == 0,
+        f"data.reg_batch: {d.reg_batch} is not divisible by the world size {world_size}",
+    )
+
+
+def per_rank_batches(config: TrainConfig, world_size: int) -> tuple[int, int]:
+    """(FR half, regression half) per rank."""
+    validate_for_world(config, world_size)
+    return config.data.fr_batch // world_size, config.data.reg_batch // world_size

@@ -6,7 +6,9 @@ from __future__ import annotations
 class DataError(ValueError):
     """Bad input data: the message names the file, the record and the byte offset where known."""
 
-    def __init__(self, message: str, *, path: object = None, record: int | None = None, offset: int | None = None):
+    def __init__(
+        self, message: str, *, path: object = None, record: int | None = None, offset: int | None = None
+    ):
         parts = []
         if path is not None:
             parts.append(str(path))

@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # noqa: BLE001 - user-facing errors become one clear line
+    except Exception as exc:
         if _is_user_error(exc):
             print(f"igfiqa: error: {exc}", file=sys.stderr)
             return 2

@@ -310,8 +310,13 @@ def validate_ranges(config: TrainConfig) -> None:
         p = getattr(a, name)
         _check(0.0 <= p <= 1.0, f"data.augment.{name}: {p} is not a probability in [0, 1]")
     _check(0 < a.rescale_min <= a.rescale_max < 1.0, "data.augment.rescale_min/max: need 0 < min <= max < 1")
-    _check(0 < a.erase_area_min <= a.erase_area_max < 1.0, "data.augment.erase_area_min/max: need 0 < min <= max < 1")
-    _check(0 < a.erase_aspect_min <= a.erase_aspect_max, "data.augment.erase_aspect_min/max: need 0 < min <= max")
+    _check(
+        0 < a.erase_area_min <= a.erase_area_max < 1.0,
+        "data.augment.erase_area_min/max: need 0 < min <= max < 1",
+    )
+    _check(
+        0 < a.erase_aspect_min <= a.erase_aspect_max, "data.augment.erase_aspect_min/max: need 0 < min <= max"
+    )
     for name in ("brightness", "contrast", "saturation"):
         v = getattr(a, name)
         _check(0.0 <= v < 1.0, f"data.augment.{name}: {v} must lie in [0, 1)")
@@ -335,7 +340,7 @@ def validate_ranges(config: TrainConfig) -> None:
     _check(o.weight_decay >= 0, f"optim.weight_decay: {o.weight_decay} must be >= 0")
     _check(o.epochs > 0, f"optim.epochs: {o.epochs} must be positive")
     _check(list(o.milestones) == sorted(o.milestones), f"optim.milestones: {o.milestones} must be increasing")
-    _check(all(0 < m for m in o.milestones), f"optim.milestones: {o.milestones} must be positive epochs")
+    _check(all(m > 0 for m in o.milestones), f"optim.milestones: {o.milestones} must be positive epochs")
     _check(0 < o.gamma <= 1, f"optim.gamma: {o.gamma} must lie in (0, 1]")
     _check(o.warmup_epochs >= 0, f"optim.warmup_epochs: {o.warmup_epochs} must be >= 0")
     _check(o.grad_clip >= 0, f"optim.grad_clip: {o.grad_clip} must be >= 0")
@@ -365,3 +370,33 @@ def per_rank_batches(config: TrainConfig, world_size: int) -> tuple[int, int]:
     """(FR half, regression half) per rank."""
     validate_for_world(config, world_size)
     return config.data.fr_batch // world_size, config.data.reg_batch // world_size
+
+
+def validate_for_launch(config: TrainConfig, world_size: int) -> None:
+    """Everything checkable before a job starts: ranges, world size, and the dataset on disk.
+
+    The dataset must be complete (its `dataset.json` exists) and its class count must
+    agree with `data.num_classes` when that is set; the global batches must split
+    evenly over `world_size` processes and one step must fit in an epoch.
+    """
+    from data_prep.dataset import load_dataset_info  # pipeline → data_prep, lazily
+
+    from data_prep.errors import DataError
+
+    validate_ranges(config)
+    validate_for_world(config, world_size)
+    try:
+        info = load_dataset_info(config.data.dataset)
+    except DataError as exc:
+        raise ConfigError(f"data.dataset: {exc}") from None
+    if config.data.num_classes and config.data.num_classes != info.num_classes:
+        raise ConfigError(
+            f"data.num_classes: {config.data.num_classes} disagrees with the dataset "
+            f"{config.data.dataset} ({info.num_classes} classes)"
+        )
+    per_step = config.data.fr_batch + config.data.reg_batch
+    if info.num_images < per_step:
+        raise ConfigError(
+            f"data.fr_batch + data.reg_batch = {per_step} exceeds the {info.num_images} images of "
+            f"{config.data.dataset}: not even one step per epoch"
+        )

@@ -1,0 +1,61 @@
+"""How a training process learns its place in the job: rank, world size, rendezvous.
+
+`train()` takes a `DistEnv` and never reads SLURM or torchrun variables itself;
+the job layer builds one with `from_torchrun_env()` (also used by `igfiqa train
+--nproc N`) or, on SLURM, from submitit's environment (`jobs/train_job.py`).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in a (possibly single-process) job."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    job_id: str = ""
+    hostname: str = ""
+
+    @property
+    def is_main(self) -> bool:
+        """True on global rank 0, the process that logs and writes checkpoints."""
+        return self.rank == 0
+
+    @property
+    def init_method(self) -> str:
+        """TCP rendezvous address for `torch.distributed.init_process_group`."""
+        return f"tcp://{self.master_addr}:{self.master_port}"
+
+    @classmethod
+    def single(cls) -> DistEnv:
+        """One process, no process group."""
+        return cls(hostname=socket.gethostname())
+
+    @classmethod
+    def from_torchrun_env(cls, environ: dict[str, str] | None = None) -> DistEnv:
+        """From RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT (torchrun, `igfiqa train --nproc`)."""
+        env = os.environ if environ is None else environ
+        return cls(
+            rank=int(env.get("RANK", 0)),
+            local_rank=int(env.get("LOCAL_RANK", 0)),
+            world_size=int(env.get("WORLD_SIZE", 1)),
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(env.get("MASTER_PORT", 29500)),
+            job_id=env.get("IGFIQA_JOB_ID", ""),
+            hostname=socket.gethostname(),
+        )
+
+
+def free_port() -> int:
+    """An unused TCP port on loopback (for local multi-process runs and tests)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

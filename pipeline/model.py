@@ -1,0 +1,39 @@
+"""The FIQA model: a backbone and the CR-FIQA quality head R = Linear(D, 1) on its embedding."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pipeline.backbones import build_backbone
+from pipeline.config import ModelConfig
+
+
+class FIQAModel(nn.Module):
+    """`forward(images) -> (embeddings [N, D], quality [N])`, quality = head(embedding).
+
+    `quality_grad_to_backbone=False` detaches the embedding before the head, so the
+    regression loss trains only the head (`loss.ig_grad_to_backbone`); CR-FIQA lets
+    it reach the backbone, which is the default.
+    """
+
+    def __init__(self, backbone: nn.Module, embedding_size: int, *, quality_grad_to_backbone: bool = True):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(embedding_size, 1)
+        self.embedding_size = embedding_size
+        self.quality_grad_to_backbone = quality_grad_to_backbone
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        embeddings = self.backbone(images)
+        head_input = embeddings if self.quality_grad_to_backbone else embeddings.detach()
+        quality = self.head(head_input).squeeze(1)
+        return embeddings, quality
+
+
+def build_model(model_cfg: ModelConfig, *, quality_grad_to_backbone: bool = True) -> FIQAModel:
+    """FIQAModel from `ModelConfig` (pass `cfg.loss.ig_grad_to_backbone` when training)."""
+    backbone = build_backbone(
+        model_cfg.backbone, embedding_size=model_cfg.embedding_size, dropout=model_cfg.dropout
+    )
+    return FIQAModel(backbone, model_cfg.embedding_size, quality_grad_to_backbone=quality_grad_to_backbone)

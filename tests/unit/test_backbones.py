@@ -1,0 +1,81 @@
+"""Backbone registry, iResNet shapes and parameter counts, the FIQA model's head."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.backbones import available_backbones, build_backbone
+from pipeline.config import ModelConfig
+from pipeline.model import FIQAModel, build_model
+
+
+def test_registry_lists_the_family() -> None:
+    assert available_backbones() == [
+        "iresnet100",
+        "iresnet18",
+        "iresnet200",
+        "iresnet34",
+        "iresnet50",
+        "iresnet_mini",
+    ]
+    with pytest.raises(ValueError, match=r"unknown backbone 'resnet9'.*iresnet50"):
+        build_backbone("resnet9")
+
+
+@pytest.mark.parametrize(
+    ("name", "params"),
+    # arcface_torch's iresnet at 512-d: r18 24.0M, r34 34.1M, r50 43.6M, r100 65.2M, r200 118.8M
+    [
+        ("iresnet18", 24_025_600),
+        ("iresnet34", 34_139_328),
+        ("iresnet50", 43_590_848),
+        ("iresnet100", 65_156_160),
+        ("iresnet200", 118_833_920),
+    ],
+)
+def test_parameter_counts_match_the_reference(name: str, params: int) -> None:
+    model = build_backbone(name)
+    assert sum(p.numel() for p in model.parameters()) == params
+
+
+@pytest.mark.parametrize("name", ["iresnet18", "iresnet_mini"])
+def test_forward_shape_and_frozen_embedding_scale(name: str) -> None:
+    torch.manual_seed(0)
+    model = build_backbone(name, embedding_size=128, dropout=0.2).train()
+    out = model(torch.randn(3, 3, 112, 112))
+    assert out.shape == (3, 128)
+    assert torch.isfinite(out).all()
+    assert not model.features.weight.requires_grad  # BN'd FC: only the shift learns
+    out.sum().backward()
+    assert model.conv1.weight.grad is not None and model.conv1.weight.grad.abs().sum() > 0
+
+
+def test_wrong_image_size_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"112×112 images, got shape \(1, 3, 96, 96\)"):
+        build_backbone("iresnet_mini")(torch.randn(1, 3, 96, 96))
+
+
+def test_mini_is_small() -> None:
+    model = build_backbone("iresnet_mini")
+    assert sum(p.numel() for p in model.parameters()) < 4_000_000
+
+
+def test_fiqa_model_head_and_gradient_switch() -> None:
+    torch.manual_seed(0)
+    cfg = ModelConfig(backbone="iresnet_mini", embedding_size=64)
+    images = torch.randn(4, 3, 112, 112)
+    for to_backbone in (True, False):
+        model = build_model(cfg, quality_grad_to_backbone=to_backbone)
+        assert isinstance(model, FIQAModel)
+        assert isinstance(model.head, torch.nn.Linear) and model.head.weight.shape == (1, 64)
+        embeddings, quality = model(images)
+        assert embeddings.shape == (4, 64) and quality.shape == (4,)
+        torch.testing.assert_close(quality, model.head(embeddings).squeeze(1))
+        quality.sum().backward()
+        backbone_grad = model.backbone.fc.weight.grad
+        assert model.head.weight.grad is not None
+        if to_backbone:
+            assert backbone_grad is not None and backbone_grad.abs().sum() > 0
+        else:
+            assert backbone_grad is None

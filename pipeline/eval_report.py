@@ -1,0 +1,341 @@
+"""Write quality-evaluation results: JSON, CSV curves, a PNG per dataset and a Table-2-style table.
+
+Files under the output directory (all written by `write_report`):
+
+    results.json           everything: counts, thresholds, scalars, curves, verification, warnings
+    summary.csv            one row per dataset × method × FMR (threshold, achieved FMR, EDC pAUC, ERC AUC…)
+    curves.csv             long format: dataset, method, fmr, curve (edc | erc | erc_crfiqa_refit),
+                           discard_fraction, fnmr, threshold
+    table.md               methods × (dataset, FMR) tables of ERC AUC (paper protocol) and EDC pAUC,
+                           best per column in bold, second in italics; verification accuracy; warnings
+    table_erc_auc.csv      the ERC AUC table (rows methods, columns "<dataset> FMR=<fmr>")
+    table_edc_pauc.csv     the EDC pAUC table
+    verification.csv       10-fold accuracy per dataset (when given)
+    quality_<dataset>.png  per FMR: every method's EDC (top) and paper-protocol ERC (bottom)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipeline.quality_eval import QualityEvaluation
+from pipeline.verification import VerificationResult
+
+
+@dataclass(frozen=True)
+class ReportFiles:
+    """Paths of everything `write_report` wrote."""
+
+    directory: Path
+    json: Path
+    summary_csv: Path
+    curves_csv: Path
+    table_md: Path
+    table_csvs: tuple[Path, ...]
+    pngs: tuple[Path, ...]
+    verification_csv: Path | None = None
+    extra: dict[str, Path] = field(default_factory=dict)
+
+    def all_files(self) -> list[Path]:
+        """Every file, e.g. for MLflow artifacts."""
+        files = [self.json, self.summary_csv, self.curves_csv, self.table_md, *self.table_csvs, *self.pngs]
+        if self.verification_csv is not None:
+            files.append(self.verification_csv)
+        return files + list(self.extra.values())
+
+
+def fmr_label(fmr: float) -> str:
+    """1e-3 rather than 0.001, as the paper's Table 2 writes it."""
+    mantissa, exponent = f"{fmr:.0e}".split("e")
+    if float(mantissa) * 10 ** int(exponent) == fmr:
+        return f"{mantissa}e{int(exponent)}"
+    return f"{fmr:g}"
+
+
+def safe_name(name: str) -> str:
+    """A dataset or method name made safe for a file name."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "dataset"
+
+
+def summary_frame(evaluations: Sequence[QualityEvaluation]) -> pd.DataFrame:
+    """One row per dataset × method × FMR."""
+    return pd.DataFrame([r.summary() for ev in evaluations for r in ev.results])
+
+
+def curves_frame(evaluations: Sequence[QualityEvaluation]) -> pd.DataFrame:
+    """Every curve point, long format."""
+    parts = []
+    for ev in evaluations:
+        for r in ev.results:
+            base = {"dataset": ev.dataset, "method": r.method, "fmr": r.threshold.fmr_target}
+            parts.append(
+                pd.DataFrame(
+                    {
+                        **base,
+                        "curve": "edc",
+                        "discard_fraction": r.edc.discard_fraction,
+                        "fnmr": r.edc.fnmr,
+                        "threshold": r.threshold.value,
+                    }
+                )
+            )
+            for name, erc in (("erc", r.erc), ("erc_crfiqa_refit", r.erc_refit)):
+                if erc is not None:
+                    parts.append(
+                        pd.DataFrame(
+                            {
+                                **base,
+                                "curve": name,
+                                "discard_fraction": erc.reject_fraction,
+                                "fnmr": erc.fnmr,
+                                "threshold": erc.thresholds,
+                            }
+                        )
+                    )
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+
+def metric_table(summary: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Methods × "<dataset> FMR=<fmr>" table of one metric (dataset and FMR in first-seen order)."""
+    columns = list(dict.fromkeys(zip(summary["dataset"], summary["fmr"], strict=True)))
+    methods = list(dict.fromkeys(summary["method"]))
+    table = pd.DataFrame(index=pd.Index(methods, name="method"))
+    for dataset, fmr in columns:
+        part = summary[(summary["dataset"] == dataset) & (summary["fmr"] == fmr)].set_index("method")[metric]
+        table[f"{dataset} FMR={fmr_label(fmr)}"] = part.reindex(methods)
+    return table
+
+
+def markdown_table(table: pd.DataFrame, digits: int = 4, lower_is_better: bool = True) -> str:
+    """A markdown table; per column the best value in bold and the second best in italics."""
+    header = "| " + " | ".join([table.index.name or "", *table.columns]) + " |"
+    rule = "|" + "---|" * (len(table.columns) + 1)
+    ranks = {}
+    for column in table.columns:
+        values = table[column].dropna()
+        ordered = sorted(set(values.round(digits)), reverse=not lower_is_better)
+        ranks[column] = ordered[:2] if len(ordered) > 1 else []
+    lines = [header, rule]
+    for method, row in table.iterrows():
+        cells = [str(method)]
+        for column in table.columns:
+            value = row[column]
+            if value is None or (isinstance(value, float) and math.isnan(value)):
+                cells.append("–")
+                continue
+            text = f"{value:.{digits}f}"
+            best = ranks[column]
+            if best and round(value, digits) == best[0]:
+                text = f"**{text}**"
+            elif len(best) > 1 and round(value, digits) == best[1]:
+                text = f"*{text}*"
+            cells.append(text)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _finite_or_none(values: np.ndarray) -> list[float | None]:
+    return [None if not math.isfinite(v) else float(v) for v in np.asarray(values, dtype=np.float64)]
+
+
+def results_document(
+    evaluations: Sequence[QualityEvaluation],
+    verification: Mapping[str, VerificationResult] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Everything as one JSON-ready dict (NaN and ±inf become null)."""
+    datasets = []
+    for ev in evaluations:
+        entry: dict[str, Any] = {
+            "dataset": ev.dataset,
+            "num_pairs": ev.num_pairs,
+            "num_mated": ev.num_mated,
+            "num_nonmated": ev.num_nonmated,
+            "warnings": ev.warnings,
+            "results": [],
+        }
+        if verification and ev.dataset in verification:
+            entry["verification"] = verification[ev.dataset].summary()
+        for r in ev.results:
+            row = {
+                k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                for k, v in r.summary().items()
+            }
+            row["edc"] = {
+                "discard_fraction": _finite_or_none(r.edc.discard_fraction),
+                "fnmr": _finite_or_none(r.edc.fnmr),
+                "quality_cutoff": _finite_or_none(r.edc.quality_cutoff),
+            }
+            row["erc"] = {
+                "reject_fraction": _finite_or_none(r.erc.reject_fraction),
+                "fnmr": _finite_or_none(r.erc.fnmr),
+            }
+            if r.erc_refit is not None:
+                row["erc_crfiqa_refit"] = {
+                    "reject_fraction": _finite_or_none(r.erc_refit.reject_fraction),
+                    "fnmr": _finite_or_none(r.erc_refit.fnmr),
+                    "thresholds": _finite_or_none(r.erc_refit.thresholds),
+                }
+            entry["results"].append(row)
+        datasets.append(entry)
+    for name, result in (verification or {}).items():
+        if not any(d["dataset"] == name for d in datasets):
+            datasets.append(
+                {"dataset": name, "verification": result.summary(), "results": [], "warnings": []}
+            )
+    return {
+        "metadata": dict(metadata or {}),
+        "definitions": {
+            "pair_quality": "min of the two images' quality scores",
+            "threshold": "fixed once on all pairs at the target FMR; a pair matches when similarity > threshold",
+            "edc": "ISO/IEC 29794-1 FNM-EDC over mated pairs, equal qualities discarded together",
+            "edc_pauc": "stepwise area under the EDC from 0 to discard_limit",
+            "erc_auc": "paper protocol: reject 0..0.95 of all pairs in steps of 0.05, threshold fixed, trapezoid",
+            "erc_auc_crfiqa_refit": "as the published CR-FIQA script: threshold refit at every reject fraction",
+        },
+        "datasets": datasets,
+        "warnings": [w for ev in evaluations for w in ev.warnings],
+    }
+
+
+def plot_dataset(evaluation: QualityEvaluation, path: Path) -> Path:
+    """One PNG: a column per FMR; EDC (top row) and paper-protocol ERC (bottom row), every method."""
+    from matplotlib.figure import Figure  # Figure + savefig use the Agg canvas; no pyplot, no GUI backend
+
+    fmrs, methods = evaluation.fmrs, evaluation.methods
+    fig = Figure(figsize=(5.2 * len(fmrs), 8.0), layout="constrained")
+    axes = fig.subplots(2, len(fmrs), squeeze=False)
+    for col, fmr in enumerate(fmrs):
+        edc_ax, erc_ax = axes[0][col], axes[1][col]
+        for index, method in enumerate(methods):
+            color = f"C{index % 10}"
+            result = next(
+                r for r in evaluation.results if r.method == method and r.threshold.fmr_target == fmr
+            )
+            edc_ax.step(
+                result.edc.discard_fraction,
+                result.edc.fnmr,
+                where="post",
+                color=color,
+                label=f"{method} (pAUC {result.edc_pauc:.4f})",
+            )
+            erc_ax.plot(
+                result.erc.reject_fraction,
+                result.erc.fnmr,
+                marker="o",
+                ms=3,
+                color=color,
+                label=f"{method} (AUC {result.erc.auc:.4f})",
+            )
+            if result.erc_refit is not None:
+                erc_ax.plot(
+                    result.erc_refit.reject_fraction,
+                    result.erc_refit.fnmr,
+                    linestyle="--",
+                    color=color,
+                    label=f"{method}, CR-FIQA refit (AUC {result.erc_refit.auc:.4f})",
+                )
+        limit = evaluation.results[0].discard_limit
+        edc_ax.axvline(limit, color="grey", linestyle=":", linewidth=1)
+        below = any(r.threshold.below_resolution for r in evaluation.results if r.threshold.fmr_target == fmr)
+        note = " (below resolution!)" if below else ""
+        edc_ax.set_title(f"{evaluation.dataset}: EDC, FMR={fmr_label(fmr)}{note}")
+        edc_ax.set_xlabel("fraction of mated pairs discarded")
+        erc_ax.set_title(f"{evaluation.dataset}: ERC (paper protocol), FMR={fmr_label(fmr)}")
+        erc_ax.set_xlabel("fraction of pairs rejected")
+        for ax in (edc_ax, erc_ax):
+            ax.set_ylabel("FNMR")
+            ax.set_xlim(0, 1)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def write_report(
+    evaluations: Sequence[QualityEvaluation],
+    out_dir: str | Path,
+    *,
+    verification: Mapping[str, VerificationResult] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> ReportFiles:
+    """Write every report file (see the module doc) and return their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    document = results_document(evaluations, verification, metadata)
+    json_path = out / "results.json"
+    json_path.write_text(json.dumps(document, indent=2, default=_json_default, allow_nan=False) + "\n")
+
+    summary = summary_frame(evaluations)
+    summary_csv = out / "summary.csv"
+    summary.to_csv(summary_csv, index=False)
+    curves_csv = out / "curves.csv"
+    curves_frame(evaluations).to_csv(curves_csv, index=False)
+
+    sections = ["# Quality evaluation", ""]
+    table_csvs: list[Path] = []
+    if not summary.empty:
+        limit = float(summary["discard_limit"].iloc[0])
+        titled = [
+            ("erc_auc", "ERC AUC, paper protocol (reject 0–0.95, threshold fixed; lower is better)"),
+            ("edc_pauc", f"EDC partial AUC up to discard {limit:g} (ISO/IEC 29794-1; lower is better)"),
+        ]
+        if "erc_auc_crfiqa_refit" in summary.columns:
+            titled.append(
+                ("erc_auc_crfiqa_refit", "ERC AUC as the published CR-FIQA script (threshold refit)")
+            )
+        for metric, title in titled:
+            table = metric_table(summary, metric)
+            csv_path = out / f"table_{metric}.csv"
+            table.to_csv(csv_path)
+            table_csvs.append(csv_path)
+            sections += [f"## {title}", "", markdown_table(table), ""]
+    verification_csv = None
+    if verification:
+        rows = [{"dataset": name, **result.summary()} for name, result in verification.items()]
+        frame = pd.DataFrame(rows)
+        verification_csv = out / "verification.csv"
+        frame.to_csv(verification_csv, index=False)
+        sections += [
+            "## Verification accuracy (10-fold)",
+            "",
+            "| dataset | accuracy | std | pairs |",
+            "|---|---|---|---|",
+        ]
+        sections += [
+            f"| {r['dataset']} | {100 * r['accuracy']:.2f}% | {100 * r['accuracy_std']:.2f}% | {r['num_pairs']} |"
+            for r in rows
+        ]
+        sections.append("")
+    warnings = document["warnings"]
+    if warnings:
+        sections += ["## Warnings", "", *[f"- {w}" for w in warnings], ""]
+    table_md = out / "table.md"
+    table_md.write_text("\n".join(sections))
+
+    pngs = tuple(
+        plot_dataset(ev, out / f"quality_{safe_name(ev.dataset)}.png") for ev in evaluations if ev.results
+    )
+    return ReportFiles(
+        out, json_path, summary_csv, curves_csv, table_md, tuple(table_csvs), pngs, verification_csv
+    )

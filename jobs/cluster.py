@@ -235,8 +235,19 @@ def executor_parameters(
     nodes: int | None = None,
     timeout_min: int | None = None,
     array_parallelism: int | None = None,
+    array_task: bool = False,
 ) -> dict[str, Any]:
-    """The profile as `AutoExecutor.update_parameters` keywords (the one profile → submitit mapping)."""
+    """The profile as `AutoExecutor.update_parameters` keywords (the one profile → submitit mapping).
+
+    `array_task=True` is for single-process CPU work such as one shard of a conversion: one node,
+    one task, one CPU, no GPU, no memory request, never exclusive; the rest of the profile
+    (partition, account, time, setup, env, ...) still applies.
+    """
+    if array_task:
+        profile = dataclasses.replace(
+            profile, nodes=1, tasks_per_node=1, gpus_per_node=0, cpus_per_task=1, mem_gb=None, exclusive=False
+        )
+        nodes = 1
     nodes = profile.nodes if nodes is None else nodes
     if nodes < 1:
         raise ProfileError(f"cluster profile {profile.source}: nodes: must be >= 1, got {nodes}")
@@ -293,8 +304,11 @@ def make_executor(
     job_name: str,
     timeout_min: int | None = None,
     array_parallelism: int | None = None,
+    array_task: bool = False,
 ) -> Any:
     """A `submitit.AutoExecutor` writing its scripts and logs under `folder` (`%j` = job id).
+
+    `array_task`: see `executor_parameters`.
 
     Use a fresh folder per submission: a folder reused across clusters whose job ids restart
     would hand back an older job's result file.
@@ -314,6 +328,7 @@ def make_executor(
             nodes=nodes,
             timeout_min=timeout_min,
             array_parallelism=array_parallelism,
+            array_task=array_task,
         )
     )
     return executor

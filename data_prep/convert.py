@@ -1,0 +1,469 @@
+"""`igfiqa prep convert`: a RecordIO dataset → globally shuffled webdataset shards + manifests.
+
+Three stages, each idempotent, so the same code runs locally and as a SLURM array:
+
+1. `prepare_conversion(source, out, ...)` validates every source record, draws the
+   global shuffle from the seed and writes the plan (`OUT/.prep/plan.parquet`, then
+   `OUT/.prep/plan.json` atomically). Re-running with the same source and settings
+   reuses it; an OUT holding anything else is refused.
+2. `write_shard(out, i)` writes shard i (tar + DALI index, each temp + rename), its
+   part of the manifest, and last a done record carrying the plan id and checksums.
+   A shard whose done record and files verify is skipped, so a killed run resumes
+   and ends byte-identical to an uninterrupted one.
+3. `finalize_conversion(out)` checks every shard, writes manifest.parquet and
+   classes.parquet, and LAST dataset.json (atomically): its presence means complete.
+
+`convert(...)` runs all three locally, with `workers` processes for stage 2.
+
+Durability: shards are renamed into place without fsync (safe against killed
+processes; the sha256 in dataset.json lets `igfiqa prep inspect --verify` catch
+storage that lost writes); plan.json and dataset.json are fsync'ed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from data_prep.atomic import (
+    atomic_write,
+    atomic_write_json,
+    canonical_json,
+    remove_temp_files_of,
+    sha256_file,
+)
+from data_prep.dataset import (
+    CLASSES_FILE,
+    DATASET_FILE,
+    FORMAT_VERSION,
+    MANIFEST_FILE,
+    SHARDS_DIR,
+    DatasetInfo,
+    ShardInfo,
+    SourceFile,
+    load_dataset_info,
+)
+from data_prep.errors import DataError
+from data_prep.manifest import CLASSES_SCHEMA, TRAIN_MANIFEST_SCHEMA, write_table
+from data_prep.recordio import IR_HEADER_SIZE, RecordIOReader, image_kind, unpack_header
+from data_prep.shards import shard_stem, write_webdataset_shard
+from data_prep.source import read_source
+
+log = logging.getLogger(__name__)
+
+PREP_DIR = ".prep"
+PLAN_FILE = "plan.json"
+PLAN_TABLE = "plan.parquet"
+CREATED_BY = "igfiqa data_prep.convert"
+DEFAULT_SAMPLES_PER_SHARD = 5000
+MIN_KEY_WIDTH = 9
+_PLAN_SCHEMA = pa.schema(
+    [("position", pa.int64()), ("record", pa.int64()), ("offset", pa.int64()), ("label", pa.int64())]
+)
+
+
+@dataclass(frozen=True)
+class ConversionPlan:
+    """What a conversion will write; stored in OUT/.prep/plan.json (rows in plan.parquet)."""
+
+    out: Path
+    rec_path: Path  # the source .rec the shard tasks read
+    source: tuple[SourceFile, ...]
+    samples_per_shard: int
+    seed: int
+    num_images: int
+    num_classes: int
+    image_size: tuple[int, int]
+    num_shards: int
+    layout: str
+
+    @property
+    def plan_id(self) -> str:
+        """sha256 of what determines the output bytes (source checksums, seed, shard size)."""
+        identity = {
+            "format_version": FORMAT_VERSION,
+            "source": [vars(s) for s in self.source],
+            "samples_per_shard": self.samples_per_shard,
+            "seed": self.seed,
+        }
+        return hashlib.sha256(canonical_json(identity)).hexdigest()
+
+    @property
+    def key_width(self) -> int:
+        return max(MIN_KEY_WIDTH, len(str(self.num_images - 1)))
+
+    def shard_count(self, shard_index: int) -> int:
+        """Number of samples in shard `shard_index`."""
+        return min(self.samples_per_shard, self.num_images - shard_index * self.samples_per_shard)
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "plan_id": self.plan_id,
+            "rec_path": str(self.rec_path),
+            "source": [vars(s) for s in self.source],
+            "samples_per_shard": self.samples_per_shard,
+            "seed": self.seed,
+            "num_images": self.num_images,
+            "num_classes": self.num_classes,
+            "image_size": list(self.image_size),
+            "num_shards": self.num_shards,
+            "layout": self.layout,
+        }
+
+
+def _prep_dir(out: Path) -> Path:
+    return Path(out) / PREP_DIR
+
+
+def load_plan(out: Path) -> ConversionPlan:
+    """The plan in OUT/.prep/plan.json; DataError when there is none."""
+    path = _prep_dir(out) / PLAN_FILE
+    if not path.is_file():
+        raise DataError(
+            "no conversion plan here: run prepare_conversion (igfiqa prep convert) first", path=out
+        )
+    try:
+        raw = json.loads(path.read_text())
+        return ConversionPlan(
+            out=Path(out),
+            rec_path=Path(raw["rec_path"]),
+            source=tuple(SourceFile(**s) for s in raw["source"]),
+            samples_per_shard=int(raw["samples_per_shard"]),
+            seed=int(raw["seed"]),
+            num_images=int(raw["num_images"]),
+            num_classes=int(raw["num_classes"]),
+            image_size=(int(raw["image_size"][0]), int(raw["image_size"][1])),
+            num_shards=int(raw["num_shards"]),
+            layout=str(raw["layout"]),
+        )
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise DataError(f"malformed plan: {exc!r}", path=path) from None
+
+
+# ----------------------------------------------------------------------------- stage 1
+
+
+def _check_out_dir(out: Path) -> ConversionPlan | None:
+    """The plan already in OUT (None for a new or empty OUT); refuse folders holding anything else."""
+    if out.exists() and not out.is_dir():
+        raise DataError("output path exists and is not a folder", path=out)
+    if not out.exists():
+        return None
+    if (_prep_dir(out) / PLAN_FILE).is_file():
+        return load_plan(out)
+    if (out / DATASET_FILE).is_file():
+        raise DataError(
+            f"holds a dataset ({DATASET_FILE}) that this conversion did not plan: choose another --out",
+            path=out,
+        )
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in (PREP_DIR, SHARDS_DIR))
+    if foreign:
+        raise DataError(
+            f"is not empty (holds {', '.join(foreign[:5])}): refusing to write a dataset into it; "
+            "choose a new or empty --out",
+            path=out,
+        )
+    return None
+
+
+def prepare_conversion(
+    source: Path,
+    out: Path,
+    *,
+    samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD,
+    seed: int = 0,
+    progress: bool = False,
+) -> ConversionPlan:
+    """Validate SOURCE, draw the global shuffle and write OUT's plan (idempotent for the same plan)."""
+    if samples_per_shard < 1:
+        raise DataError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+    out = Path(out)
+    existing = _check_out_dir(out)
+    source_dataset, source_files = _read_and_checksum(Path(source), progress=progress)
+    num_images = source_dataset.num_images
+    plan = ConversionPlan(
+        out=out,
+        rec_path=source_dataset.files.rec.resolve(),
+        source=source_files,
+        samples_per_shard=samples_per_shard,
+        seed=seed,
+        num_images=num_images,
+        num_classes=source_dataset.num_classes,
+        image_size=source_dataset.image_size,
+        num_shards=-(-num_images // samples_per_shard),
+        layout=source_dataset.layout,
+    )
+    if existing is not None:
+        if existing.plan_id != plan.plan_id:
+            raise DataError(
+                "holds a conversion of another source or with other settings "
+                f"(seed {existing.seed}, samples_per_shard {existing.samples_per_shard}, source "
+                f"{', '.join(f'{s.name} sha256 {s.sha256[:12]}' for s in existing.source)}): choose another --out",
+                path=out,
+            )
+        if existing.rec_path == plan.rec_path:
+            return existing
+        log.info("source moved to %s since planning; updating the plan", plan.rec_path)
+    prep = _prep_dir(out)
+    prep.mkdir(parents=True, exist_ok=True)
+    (out / SHARDS_DIR).mkdir(exist_ok=True)
+    for name in (PLAN_TABLE, PLAN_FILE):  # leftovers of a planning run that was killed
+        remove_temp_files_of(prep / name)
+    positions = np.arange(num_images, dtype=np.int64)
+    order = np.random.default_rng(seed).permutation(num_images)
+    table = pa.table(
+        {
+            "position": positions,
+            "record": source_dataset.records[order],
+            "offset": source_dataset.offsets[order],
+            "label": source_dataset.labels[order],
+        },
+        schema=_PLAN_SCHEMA,
+    )
+    plan_table = prep / PLAN_TABLE
+    atomic_write(plan_table, lambda tmp: pq.write_table(table, tmp, row_group_size=samples_per_shard))
+    atomic_write_json(prep / PLAN_FILE, plan.to_json_dict())
+    return plan
+
+
+def _read_and_checksum(source: Path, *, progress: bool) -> tuple[Any, tuple[SourceFile, ...]]:
+    """Validate the source while other threads checksum its files (hashing releases the GIL)."""
+    from data_prep.source import locate_source
+
+    files = locate_source(source)
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        digests = {path: pool.submit(sha256_file, path) for path in files.existing()}
+        source_dataset = read_source(source, progress=progress)
+        entries = tuple(
+            SourceFile(name=path.name, size=path.stat().st_size, sha256=future.result())
+            for path, future in digests.items()
+        )
+    return source_dataset, entries
+
+
+# ----------------------------------------------------------------------------- stage 2
+
+
+def _shard_paths(out: Path, shard_index: int) -> dict[str, Path]:
+    stem = shard_stem(shard_index)
+    return {
+        "tar": out / SHARDS_DIR / f"{stem}.tar",
+        "index": out / SHARDS_DIR / f"{stem}.idx",
+        "manifest": _prep_dir(out) / f"{stem}.parquet",
+        "done": _prep_dir(out) / f"{stem}.json",
+    }
+
+
+def _shard_is_done(
+    plan: ConversionPlan, shard_index: int, *, verify_checksums: bool
+) -> dict[str, Any] | None:
+    """The done record of a finished shard whose files still match it, else None."""
+    paths = _shard_paths(plan.out, shard_index)
+    if not paths["done"].is_file():
+        return None
+    try:
+        done = json.loads(paths["done"].read_text())
+    except json.JSONDecodeError:
+        return None
+    if done.get("plan_id") != plan.plan_id or done.get("count") != plan.shard_count(shard_index):
+        return None
+    for name in ("tar", "index", "manifest"):
+        if not paths[name].is_file():
+            return None
+    if paths["tar"].stat().st_size != done["size"]:
+        return None
+    if verify_checksums and (
+        sha256_file(paths["tar"]) != done["sha256"] or sha256_file(paths["index"]) != done["index_sha256"]
+    ):
+        return None
+    return done
+
+
+def write_shard(out: Path, shard_index: int) -> None:
+    """Write shard `shard_index` of OUT's plan; skips it when a verified finished copy exists."""
+    out = Path(out)
+    plan = load_plan(out)
+    if not 0 <= shard_index < plan.num_shards:
+        raise DataError(
+            f"shard {shard_index} does not exist; the plan has {plan.num_shards} shards", path=out
+        )
+    paths = _shard_paths(out, shard_index)
+    for path in paths.values():  # leftovers of a writer of this shard that was killed
+        remove_temp_files_of(path)
+    if _shard_is_done(plan, shard_index, verify_checksums=True) is not None:
+        log.debug("shard %d already written and verified: skipping", shard_index)
+        return
+    paths["done"].unlink(missing_ok=True)
+    rows = pq.ParquetFile(_prep_dir(out) / PLAN_TABLE).read_row_group(shard_index).to_pydict()
+    if len(rows["position"]) != plan.shard_count(shard_index):
+        raise DataError(
+            f"plan table row group {shard_index} has the wrong length", path=_prep_dir(out) / PLAN_TABLE
+        )
+    keys = [f"{p:0{plan.key_width}d}" for p in rows["position"]]
+    with RecordIOReader(plan.rec_path) as reader:
+        expected_size = plan.source[0].size
+        if reader.size != expected_size:
+            raise DataError(
+                f"is {reader.size} bytes but was {expected_size} when the conversion was planned: "
+                "the source changed; convert into a new --out",
+                path=plan.rec_path,
+            )
+        images = [
+            _image_bytes(reader, record, offset, label)
+            for record, offset, label in zip(rows["record"], rows["offset"], rows["label"])
+        ]
+        written = write_webdataset_shard(paths["tar"], paths["index"], keys, images, rows["label"])
+        del images
+    manifest = pa.table(
+        {
+            "key": keys,
+            "record": rows["record"],
+            "label": rows["label"],
+            "shard": np.full(len(keys), shard_index, dtype=np.int32),
+            "sha256": written.image_sha256,
+            "nbytes": written.image_nbytes,
+            "offset": written.image_offsets,
+            "position": rows["position"],
+        },
+        schema=TRAIN_MANIFEST_SCHEMA,
+    )
+    write_table(paths["manifest"], manifest, durable=False)
+    done = {
+        "plan_id": plan.plan_id,
+        "count": written.count,
+        "size": written.size,
+        "sha256": written.sha256,
+        "index_sha256": written.index_sha256,
+    }
+    atomic_write(paths["done"], lambda tmp: tmp.write_bytes(canonical_json(done)), durable=False)
+
+
+def _image_bytes(reader: RecordIOReader, record: int, offset: int, label: int) -> memoryview | bytes:
+    """The image bytes of one planned record, re-checked (zero-copy for unsplit records)."""
+    start, length, _ = reader.record_span(offset, record)
+    payload = (
+        reader.view[start : start + length] if start >= 0 else memoryview(reader.read_at(offset, record))
+    )
+    header, data_start = unpack_header(payload, path=reader.path, record=record)
+    image = payload[data_start:]
+    if int(header.labels[0]) != label or image_kind(image) is None:
+        raise DataError(
+            "record no longer matches the plan (the source changed since planning): convert into a new --out",
+            path=reader.path,
+            record=record,
+            offset=offset,
+        )
+    assert data_start >= IR_HEADER_SIZE
+    return image
+
+
+# ----------------------------------------------------------------------------- stage 3
+
+
+def finalize_conversion(out: Path, *, verify_checksums: bool = False) -> DatasetInfo:
+    """Check every shard, write manifest.parquet and classes.parquet, then dataset.json last."""
+    out = Path(out)
+    plan = load_plan(out)
+    for name in (MANIFEST_FILE, CLASSES_FILE, DATASET_FILE):  # leftovers of a finalisation that was killed
+        remove_temp_files_of(out / name)
+    shards = []
+    missing = []
+    for shard_index in range(plan.num_shards):
+        done = _shard_is_done(plan, shard_index, verify_checksums=verify_checksums)
+        if done is None:
+            missing.append(shard_index)
+            continue
+        paths = _shard_paths(out, shard_index)
+        shards.append(
+            ShardInfo(
+                tar=paths["tar"].relative_to(out).as_posix(),
+                index=paths["index"].relative_to(out).as_posix(),
+                count=done["count"],
+                sha256=done["sha256"],
+            )
+        )
+    if missing:
+        raise DataError(
+            f"{len(missing)} of {plan.num_shards} shards are not written or do not verify "
+            f"(first: {shard_stem(missing[0])}): run the conversion again to resume it",
+            path=out,
+        )
+    parts = [pq.read_table(_shard_paths(out, i)["manifest"]) for i in range(plan.num_shards)]
+    manifest = pa.concat_tables(parts).cast(TRAIN_MANIFEST_SCHEMA)
+    positions = manifest.column("position").to_numpy()
+    if len(positions) != plan.num_images or not np.array_equal(positions, np.arange(plan.num_images)):
+        raise DataError("the shards' manifests do not cover every planned position exactly once", path=out)
+    write_table(out / MANIFEST_FILE, manifest)
+    counts = np.bincount(manifest.column("label").to_numpy(), minlength=plan.num_classes)
+    classes = pa.table({"label": np.arange(len(counts), dtype=np.int64), "count": counts.astype(np.int64)})
+    write_table(out / CLASSES_FILE, classes.cast(CLASSES_SCHEMA))
+    info = DatasetInfo(
+        root=out,
+        format_version=FORMAT_VERSION,
+        kind="train",
+        num_images=plan.num_images,
+        num_classes=plan.num_classes,
+        image_size=plan.image_size,
+        seed=plan.seed,
+        samples_per_shard=plan.samples_per_shard,
+        shards=tuple(shards),
+        source=plan.source,
+        created_by=CREATED_BY,
+    )
+    atomic_write_json(out / DATASET_FILE, info.to_json_dict())
+    return load_dataset_info(out)
+
+
+# ----------------------------------------------------------------------------- all three, locally
+
+
+def convert(
+    source: Path,
+    out: Path,
+    *,
+    samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD,
+    workers: int = 1,
+    seed: int = 0,
+    progress: bool = True,
+) -> DatasetInfo:
+    """Plan, write every shard (in `workers` processes) and finalise, all on this machine."""
+    if workers < 1:
+        raise DataError(f"workers must be >= 1, got {workers}")
+    plan = prepare_conversion(source, out, samples_per_shard=samples_per_shard, seed=seed, progress=progress)
+    bar = tqdm(total=plan.num_shards, desc="write shards", unit="shard", disable=not progress)
+    if workers == 1 or plan.num_shards == 1:
+        for shard_index in range(plan.num_shards):
+            write_shard(plan.out, shard_index)
+            bar.update()
+    else:
+        # fork: data_prep holds no threads or locks here, and a forked worker starts in milliseconds
+        context = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
+        with ProcessPoolExecutor(max_workers=min(workers, plan.num_shards), mp_context=context) as pool:
+            futures = [pool.submit(write_shard, plan.out, i) for i in range(plan.num_shards)]
+            for future in as_completed(futures):
+                future.result()
+                bar.update()
+    bar.close()
+    info = finalize_conversion(plan.out)
+    if progress:
+        log.info(
+            "converted %d images of %d classes into %d shards under %s",
+            info.num_images,
+            info.num_classes,
+            len(info.shards),
+            info.root,
+        )
+    return info

@@ -1,0 +1,71 @@
+"""Parquet tables beside the shards: their schemas, atomic writing and reading.
+
+- manifest.parquet (train): one row per image, sorted by `position` (the global shuffled order)
+- manifest.parquet (verification): one row per image, sorted by `index`
+- classes.parquet: label, count
+- pairs.parquet (verification): left, right (image keys), issame
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from data_prep.atomic import atomic_write
+from data_prep.dataset import MANIFEST_FILE
+from data_prep.errors import DataError
+
+TRAIN_MANIFEST_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("record", pa.int64()),  # index (key) of the source record in the .rec
+        ("label", pa.int64()),
+        ("shard", pa.int32()),
+        ("sha256", pa.string()),  # of the image bytes
+        ("nbytes", pa.int64()),
+        ("offset", pa.int64()),  # start of the .jpg member's data in the shard tar
+        ("position", pa.int64()),  # global shuffled position (= sort order)
+    ]
+)
+VERIFICATION_MANIFEST_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("index", pa.int64()),  # position of the image in the .bin's list
+        ("sha256", pa.string()),
+        ("nbytes", pa.int64()),
+        ("shard", pa.int32()),
+        ("offset", pa.int64()),
+    ]
+)
+CLASSES_SCHEMA = pa.schema([("label", pa.int64()), ("count", pa.int64())])
+PAIRS_SCHEMA = pa.schema([("left", pa.string()), ("right", pa.string()), ("issame", pa.bool_())])
+
+
+def write_table(path: Path, table: pa.Table, *, durable: bool = True) -> None:
+    """Write a parquet table atomically (same rows and schema → same bytes)."""
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"), durable=durable)
+
+
+def read_table(path: Path, schema: pa.Schema) -> pa.Table:
+    """Read a parquet table and check it has the columns of `schema`."""
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise DataError(f"cannot read parquet: {exc}", path=path) from None
+    missing = [name for name in schema.names if name not in table.column_names]
+    if missing:
+        raise DataError(f"missing columns {missing}", path=path)
+    return table.select(schema.names).cast(schema)
+
+
+def read_manifest(dataset_dir: Path) -> pd.DataFrame:
+    """The manifest of a converted dataset (train or verification) as a DataFrame."""
+    path = Path(dataset_dir) / MANIFEST_FILE
+    table = pq.read_table(path) if path.is_file() else None
+    if table is None:
+        raise DataError(f"no {MANIFEST_FILE}", path=dataset_dir)
+    schema = TRAIN_MANIFEST_SCHEMA if "position" in table.column_names else VERIFICATION_MANIFEST_SCHEMA
+    return read_table(path, schema).to_pandas()

@@ -1,0 +1,577 @@
+"""`igfiqa prep synth`: the embedded synthetic face dataset, with known quality ground truth.
+
+It is written in exactly the formats real data comes in (InsightFace `train.rec`/
+`train.idx`/`property`, verification `.bin` pickles), so it travels the same path.
+
+Faces are drawn procedurally (PIL polygons at 2× then box-downsampled):
+- identity traits: face shape, skin/hair/eye/lip colours, hair style, eye spacing
+  and size, brow, nose and mouth geometry, beard, glasses, a mole;
+- per-image variation: a pose-like affine (rotation, scale, shift, yaw squash),
+  expression (smile, open mouth, brow raise, eye openness), directional lighting,
+  background and clothing;
+- a degradation with a known strength s in [0, 1] (or none): blur, low resolution,
+  noise, occlusion, darkening, JPEG compression.
+A fraction of identities has low intra-class variance: every image is a near-duplicate
+of one rendering, and most of them carry the same degradation (the paper's failure case:
+such classes look easy, so CR-FIQA overrates their bad images).
+
+Ground truth goes to `ground_truth.parquet` (record, identity, image, degradation,
+strength, low_variance) and `<set>_ground_truth.parquet` per verification set
+(`clean`: undegraded; `mixed`: the same renderings, most of them degraded).
+Everything is a pure function of the seed.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import pickle
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image, ImageDraw, ImageFilter
+from tqdm import tqdm
+
+from data_prep.atomic import atomic_write, atomic_write_bytes, atomic_write_json
+from data_prep.errors import DataError
+from data_prep.manifest import write_table
+from data_prep.recordio import RecordIOWriter, pack_header
+
+log = logging.getLogger(__name__)
+
+DEGRADATIONS = ("blur", "lowres", "noise", "occlusion", "dark", "jpeg")
+NO_DEGRADATION = "none"
+VERIFICATION_SETS = ("clean", "mixed")
+STORAGE_JPEG_QUALITY = 92
+_SUPERSAMPLE = 2
+# stream ids in the seed sequence, so training and verification identities never share a stream
+_TRAIN_STREAM, _VERIFICATION_STREAM, _PAIRS_STREAM = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class SynthSettings:
+    """What `synthesize` draws; stored in OUT/synth.json."""
+
+    identities: int = 200
+    images_per_identity: int = 12  # mean; each identity gets 0.7×–1.3× this
+    low_variance_fraction: float = 0.15
+    clean_fraction: float = 0.4  # of images in ordinary identities
+    verification_identities: int = 60  # disjoint from training
+    verification_pairs: int = 300  # per set, half mated
+    image_size: int = 112
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SynthResult:
+    """Where the synthetic dataset went and how big it is."""
+
+    out: Path
+    num_images: int
+    num_identities: int
+    verification_bins: dict[str, Path]
+
+
+# ----------------------------------------------------------------------------- faces
+
+
+@dataclass(frozen=True)
+class Traits:
+    """What makes an identity recognisable (lengths in units of the image size)."""
+
+    face_w: float
+    face_h: float
+    chin: float
+    skin: tuple[int, int, int]
+    hair: tuple[int, int, int]
+    hair_style: int  # 0 short, 1 long, 2 bald, 3 fringe
+    hairline: float
+    eye: tuple[int, int, int]
+    eye_spacing: float
+    eye_y: float
+    eye_size: float
+    eye_aspect: float
+    brow_thickness: float
+    brow_tilt: float
+    nose_length: float
+    nose_width: float
+    mouth_y: float
+    mouth_w: float
+    lip: tuple[int, int, int]
+    beard: bool
+    glasses: bool
+    mole: tuple[float, float] | None
+
+
+@dataclass(frozen=True)
+class Variation:
+    """One photograph of an identity: pose, expression, light, surroundings."""
+
+    angle: float
+    scale: float
+    shift_x: float
+    shift_y: float
+    yaw: float  # -1..1: squashes the face and slides features sideways
+    smile: float
+    mouth_open: float
+    brow_raise: float
+    eye_open: float
+    light_angle: float
+    light_strength: float
+    brightness: float
+    background: tuple[tuple[int, int, int], tuple[int, int, int]]
+    clothing: tuple[int, int, int]
+
+
+def _colour(
+    rng: np.random.Generator, low: tuple[int, int, int], high: tuple[int, int, int]
+) -> tuple[int, int, int]:
+    t = rng.random()
+    jitter = rng.integers(-12, 13, size=3)
+    return tuple(int(np.clip(lo + t * (hi - lo) + j, 0, 255)) for lo, hi, j in zip(low, high, jitter))
+
+
+def draw_traits(rng: np.random.Generator) -> Traits:
+    """A random identity."""
+    hair_palette = [
+        (20, 15, 10),
+        (70, 45, 25),
+        (130, 90, 50),
+        (200, 170, 110),
+        (150, 60, 30),
+        (120, 120, 125),
+    ]
+    eye_palette = [(60, 40, 20), (40, 90, 160), (60, 130, 70), (110, 80, 40), (90, 100, 110)]
+    hair = hair_palette[rng.integers(len(hair_palette))]
+    return Traits(
+        face_w=rng.uniform(0.22, 0.31),
+        face_h=rng.uniform(0.29, 0.37),
+        chin=rng.uniform(0.0, 0.08),
+        skin=_colour(rng, (90, 60, 40), (245, 210, 180)),
+        hair=tuple(int(np.clip(c + rng.integers(-15, 16), 0, 255)) for c in hair),
+        hair_style=int(rng.integers(4)),
+        hairline=rng.uniform(0.35, 0.65),
+        eye=eye_palette[rng.integers(len(eye_palette))],
+        eye_spacing=rng.uniform(0.085, 0.13),
+        eye_y=rng.uniform(-0.09, -0.02),
+        eye_size=rng.uniform(0.035, 0.055),
+        eye_aspect=rng.uniform(0.45, 0.75),
+        brow_thickness=rng.uniform(0.008, 0.028),
+        brow_tilt=rng.uniform(-0.25, 0.25),
+        nose_length=rng.uniform(0.07, 0.14),
+        nose_width=rng.uniform(0.025, 0.055),
+        mouth_y=rng.uniform(0.13, 0.2),
+        mouth_w=rng.uniform(0.06, 0.12),
+        lip=_colour(rng, (120, 40, 40), (200, 100, 100)),
+        beard=bool(rng.random() < 0.25),
+        glasses=bool(rng.random() < 0.2),
+        mole=(rng.uniform(-0.15, 0.15), rng.uniform(-0.05, 0.2)) if rng.random() < 0.5 else None,
+    )
+
+
+def draw_variation(rng: np.random.Generator, *, amount: float = 1.0) -> Variation:
+    """A random photograph setting; `amount` scales how far it strays from a frontal, neutral shot."""
+
+    def around(center: float, spread: float) -> float:
+        return center + amount * rng.uniform(-spread, spread)
+
+    return Variation(
+        angle=around(0.0, 14.0),
+        scale=around(1.0, 0.08),
+        shift_x=around(0.0, 0.05),
+        shift_y=around(0.0, 0.05),
+        yaw=around(0.0, 0.6),
+        smile=around(0.1, 0.9),
+        mouth_open=max(0.0, around(0.0, 0.8)),
+        brow_raise=around(0.0, 0.8),
+        eye_open=float(np.clip(around(0.9, 0.5), 0.15, 1.0)),
+        light_angle=rng.uniform(0, 2 * math.pi),
+        light_strength=abs(around(0.0, 0.45)),
+        brightness=around(1.0, 0.15),
+        background=(_colour(rng, (30, 30, 30), (230, 230, 230)), _colour(rng, (30, 30, 30), (230, 230, 230))),
+        clothing=_colour(rng, (20, 20, 20), (230, 230, 230)),
+    )
+
+
+def _ellipse(
+    cx: float, cy: float, rx: float, ry: float, n: int = 28, start: float = 0.0, stop: float = 2 * math.pi
+) -> np.ndarray:
+    t = np.linspace(start, stop, n)
+    return np.stack([cx + rx * np.cos(t), cy + ry * np.sin(t)], axis=1)
+
+
+class _Canvas:
+    """Draws polygons given in face coordinates through the pose's affine transform."""
+
+    def __init__(self, size: int, traits: Traits, var: Variation):
+        self.px = size * _SUPERSAMPLE
+        self.image = Image.new("RGB", (self.px, self.px))
+        self.draw = ImageDraw.Draw(self.image)
+        cos, sin = math.cos(math.radians(var.angle)), math.sin(math.radians(var.angle))
+        squash = 1.0 - 0.18 * abs(var.yaw)
+        linear = np.array([[cos, -sin], [sin, cos]]) @ np.diag([squash, 1.0]) * var.scale * self.px
+        self.matrix = linear
+        self.offset = np.array([0.5 + var.shift_x, 0.5 + var.shift_y]) * self.px
+        self.feature_shift = 0.06 * var.yaw  # features slide towards the turned side
+
+    def polygon(self, points: np.ndarray, fill: tuple[int, int, int], *, feature: bool = False) -> None:
+        if feature:
+            points = points + np.array([self.feature_shift, 0.0])
+        xy = points @ self.matrix.T + self.offset
+        self.draw.polygon([tuple(p) for p in xy.tolist()], fill=fill)
+
+    def line(
+        self, points: np.ndarray, fill: tuple[int, int, int], width: float, *, feature: bool = True
+    ) -> None:
+        if feature:
+            points = points + np.array([self.feature_shift, 0.0])
+        xy = points @ self.matrix.T + self.offset
+        self.draw.line([tuple(p) for p in xy.tolist()], fill=fill, width=max(1, round(width * self.px)))
+
+
+def _darker(colour: tuple[int, int, int], factor: float) -> tuple[int, int, int]:
+    return tuple(int(c * factor) for c in colour)
+
+
+def render_face(traits: Traits, var: Variation, size: int = 112) -> np.ndarray:
+    """Draw one face photograph: (size, size, 3) uint8 RGB, before any degradation."""
+    canvas = _Canvas(size, traits, var)
+    px = canvas.px
+    # background: a vertical gradient between two colours
+    ramp = np.linspace(0.0, 1.0, px, dtype=np.float32)[:, None, None]
+    top, bottom = (np.array(c, dtype=np.float32) for c in var.background)
+    background = np.broadcast_to(top + ramp * (bottom - top), (px, px, 3)).astype(np.uint8)
+    canvas.image.paste(Image.fromarray(background))
+    t = traits
+    # shoulders and neck
+    canvas.polygon(np.array([[-0.5, 0.62], [-0.32, 0.42], [0.32, 0.42], [0.5, 0.62]]), var.clothing)
+    canvas.polygon(np.array([[-0.09, 0.2], [0.09, 0.2], [0.11, 0.46], [-0.11, 0.46]]), _darker(t.skin, 0.85))
+    if t.hair_style == 1:  # long hair behind the face
+        canvas.polygon(_ellipse(0, 0.02, t.face_w * 1.3, t.face_h * 1.15), t.hair)
+    # ears, face (ellipse with a pointed chin)
+    for side in (-1, 1):
+        canvas.polygon(_ellipse(side * t.face_w * 0.98, -0.01, 0.035, 0.06, n=12), _darker(t.skin, 0.9))
+    face = _ellipse(0, 0, t.face_w, t.face_h, n=36)
+    face[:, 1] += t.chin * np.clip(face[:, 1] / t.face_h, 0, 1) ** 4
+    canvas.polygon(face, t.skin)
+    # hair on top
+    if t.hair_style != 2:
+        cap = _ellipse(
+            0, -t.face_h * 0.18, t.face_w * 1.08, t.face_h * 0.92, n=24, start=math.pi, stop=2 * math.pi
+        )
+        line_y = -t.face_h * (t.hairline - (0.15 if t.hair_style == 3 else 0.0))
+        hairline = _ellipse(0, line_y, t.face_w * 1.02, t.face_h * 0.12, n=12, start=0, stop=math.pi)
+        canvas.polygon(np.concatenate([cap, hairline]), t.hair)
+    if t.beard:
+        beard = _ellipse(0, 0, t.face_w * 0.98, t.face_h, n=20, start=0.1, stop=math.pi - 0.1)
+        beard[:, 1] += t.chin * np.clip(beard[:, 1] / t.face_h, 0, 1) ** 4
+        inner = _ellipse(0, t.mouth_y - 0.01, t.mouth_w * 1.3, 0.05, n=12, start=math.pi, stop=0)
+        canvas.polygon(np.concatenate([beard, inner]), _darker(t.hair, 0.9), feature=True)
+    # eyes, irises, pupils, brows
+    eye_ry = t.eye_size * t.eye_aspect * var.eye_open
+    for side in (-1, 1):
+        cx = side * t.eye_spacing
+        canvas.polygon(
+            _ellipse(cx, t.eye_y, t.eye_size, max(eye_ry, 0.004), n=16), (240, 240, 235), feature=True
+        )
+        if var.eye_open > 0.3:
+            iris_r = min(t.eye_size * 0.55, eye_ry)
+            canvas.polygon(_ellipse(cx, t.eye_y, iris_r, iris_r, n=12), t.eye, feature=True)
+            canvas.polygon(
+                _ellipse(cx, t.eye_y, iris_r * 0.45, iris_r * 0.45, n=8), (10, 10, 10), feature=True
+            )
+        brow_y = t.eye_y - t.eye_size * 0.9 - 0.02 * var.brow_raise
+        inner_x, outer_x = cx - side * t.eye_size * 0.9, cx + side * t.eye_size * 1.1
+        tilt = t.brow_tilt * t.eye_size
+        canvas.line(
+            np.array([[inner_x, brow_y + tilt], [outer_x, brow_y - tilt]]),
+            _darker(t.hair, 0.8),
+            t.brow_thickness,
+        )
+        if t.glasses:
+            ring = _ellipse(cx, t.eye_y, t.eye_size * 1.5, t.eye_size * 1.2, n=16)
+            canvas.line(ring, (30, 30, 30), 0.01)
+    if t.glasses:
+        canvas.line(
+            np.array(
+                [[-t.eye_spacing + t.eye_size * 1.5, t.eye_y], [t.eye_spacing - t.eye_size * 1.5, t.eye_y]]
+            ),
+            (30, 30, 30),
+            0.01,
+        )
+    # nose
+    nose_top, nose_tip = t.eye_y + 0.02, t.eye_y + 0.02 + t.nose_length
+    canvas.polygon(
+        np.array([[0, nose_top], [t.nose_width, nose_tip], [-t.nose_width, nose_tip]]),
+        _darker(t.skin, 0.8),
+        feature=True,
+    )
+    # mouth: an arc whose curvature is the smile; open mouths show a dark inside
+    mouth = np.linspace(-t.mouth_w, t.mouth_w, 9)
+    curve = t.mouth_y - var.smile * 0.03 * (1 - (mouth / t.mouth_w) ** 2) * -1
+    upper = np.stack([mouth, curve - 0.006], axis=1)
+    lower = np.stack(
+        [mouth[::-1], curve[::-1] + 0.008 + 0.04 * var.mouth_open * (1 - (mouth[::-1] / t.mouth_w) ** 2)],
+        axis=1,
+    )
+    canvas.polygon(np.concatenate([upper, lower]), t.lip, feature=True)
+    if var.mouth_open > 0.25:
+        inside = np.concatenate([upper + np.array([0, 0.01]), lower - np.array([0, 0.006])])
+        canvas.polygon(inside, (50, 15, 20), feature=True)
+    if t.mole is not None:
+        canvas.polygon(_ellipse(t.mole[0], t.mole[1], 0.01, 0.01, n=8), _darker(t.skin, 0.45), feature=True)
+    image = canvas.image.reduce(_SUPERSAMPLE)
+    # directional light and overall brightness
+    pixels = np.asarray(image, dtype=np.float32)
+    axis = np.linspace(-1.0, 1.0, size, dtype=np.float32)
+    light = (
+        np.cos(var.light_angle) * axis[None, :, None] + np.sin(var.light_angle) * axis[:, None, None]
+    ) * var.light_strength
+    pixels *= var.brightness * (1.0 + light)
+    return np.clip(pixels, 0, 255).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------- quality
+
+
+def degrade(
+    pixels: np.ndarray, kind: str, strength: float, rng: np.random.Generator
+) -> tuple[np.ndarray, int]:
+    """Apply one degradation of `strength` in [0, 1]; returns (pixels, JPEG quality to store them at)."""
+    size = pixels.shape[0]
+    quality = STORAGE_JPEG_QUALITY
+    s = float(np.clip(strength, 0.0, 1.0))
+    if kind == NO_DEGRADATION or s == 0.0:
+        return pixels, quality
+    image = Image.fromarray(pixels)
+    if kind == "blur":
+        image = image.filter(ImageFilter.GaussianBlur(radius=0.3 + 3.2 * s))
+    elif kind == "lowres":
+        side = max(8, round(size * (1.0 - 0.88 * s)))
+        image = image.resize((side, side), Image.BILINEAR).resize((size, size), Image.BILINEAR)
+    elif kind == "noise":
+        noisy = pixels.astype(np.float32) + rng.normal(0.0, 4.0 + 46.0 * s, pixels.shape).astype(np.float32)
+        return np.clip(noisy, 0, 255).astype(np.uint8), quality
+    elif kind == "occlusion":
+        area = (0.06 + 0.34 * s) * size * size
+        aspect = rng.uniform(0.5, 2.5)
+        w, h = min(size, math.sqrt(area * aspect)), min(size, math.sqrt(area / aspect))
+        cx, cy = rng.uniform(0.3, 0.7) * size, rng.uniform(0.3, 0.7) * size
+        colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
+        ImageDraw.Draw(image).rectangle([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], fill=colour)
+    elif kind == "dark":
+        dark = (pixels.astype(np.float32) / 255.0) ** (1.0 + 1.5 * s) * (1.0 - 0.75 * s) * 255.0
+        dark += rng.normal(0.0, 1.0 + 4.0 * s, pixels.shape).astype(np.float32)
+        return np.clip(dark, 0, 255).astype(np.uint8), quality
+    elif kind == "jpeg":
+        quality = round(70 - 65 * s)
+    else:
+        raise ValueError(f"unknown degradation {kind!r}; known: {DEGRADATIONS}")
+    return np.asarray(image), quality
+
+
+def encode_jpeg(pixels: np.ndarray, quality: int = STORAGE_JPEG_QUALITY) -> bytes:
+    """Baseline JPEG bytes of an RGB image (deterministic for a given libjpeg)."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def _draw_degradation(rng: np.random.Generator) -> tuple[str, float]:
+    return DEGRADATIONS[int(rng.integers(len(DEGRADATIONS)))], float(rng.uniform(0.15, 1.0))
+
+
+# ----------------------------------------------------------------------------- datasets
+
+
+def _identity_images(
+    identity: int, settings: SynthSettings, low_variance: bool
+) -> tuple[list[bytes], list[tuple[str, float]]]:
+    """JPEG bytes and (degradation, strength) of every training image of one identity."""
+    rng = np.random.default_rng([settings.seed, _TRAIN_STREAM, identity])
+    traits = draw_traits(rng)
+    count = max(2, round(settings.images_per_identity * rng.uniform(0.7, 1.3)))
+    images: list[bytes] = []
+    truth: list[tuple[str, float]] = []
+    if low_variance:
+        base = draw_variation(rng, amount=0.3)
+        kind, base_strength = DEGRADATIONS[int(rng.integers(len(DEGRADATIONS)))], rng.uniform(0.45, 0.9)
+    for _ in range(count):
+        if low_variance:
+            # a near-duplicate of one shot: sub-pixel pose jitter, ±2 % light
+            var = base.__class__(
+                **{
+                    **asdict(base),
+                    "shift_x": base.shift_x + rng.uniform(-0.006, 0.006),
+                    "shift_y": base.shift_y + rng.uniform(-0.006, 0.006),
+                    "brightness": base.brightness * rng.uniform(0.98, 1.02),
+                    "background": base.background,
+                    "clothing": base.clothing,
+                }
+            )
+            degradation, strength = (
+                (kind, float(np.clip(base_strength + rng.normal(0, 0.05), 0.05, 1.0)))
+                if rng.random() < 0.6
+                else (NO_DEGRADATION, 0.0)
+            )
+        else:
+            var = draw_variation(rng)
+            degradation, strength = (
+                (NO_DEGRADATION, 0.0) if rng.random() < settings.clean_fraction else _draw_degradation(rng)
+            )
+        pixels, quality = degrade(render_face(traits, var, settings.image_size), degradation, strength, rng)
+        images.append(encode_jpeg(pixels, quality))
+        truth.append((degradation, strength))
+    return images, truth
+
+
+def _write_train(out: Path, settings: SynthSettings, progress: bool) -> int:
+    """train.rec/.idx/property and ground_truth.parquet in the InsightFace layout; returns the image count."""
+    rng = np.random.default_rng([settings.seed, _TRAIN_STREAM])
+    num_low = round(settings.identities * settings.low_variance_fraction)
+    low_variance = np.zeros(settings.identities, dtype=bool)
+    low_variance[rng.choice(settings.identities, size=num_low, replace=False)] = True
+    per_identity = []
+    for identity in tqdm(range(settings.identities), desc="synth train", unit="id", disable=not progress):
+        per_identity.append(_identity_images(identity, settings, bool(low_variance[identity])))
+    num_images = sum(len(images) for images, _ in per_identity)
+    first_identity_record = num_images + 1
+    rows: dict[str, list] = {
+        k: [] for k in ("record", "identity", "image", "degradation", "strength", "low_variance")
+    }
+
+    def write_rec(tmp_rec: Path) -> None:
+        tmp_idx = tmp_rec.with_name(tmp_rec.name + ".idx")
+        with RecordIOWriter(tmp_rec, tmp_idx) as writer:
+            writer.write(0, pack_header([first_identity_record, first_identity_record + settings.identities]))
+            key = 1
+            ranges = []
+            for identity, (images, truth) in enumerate(per_identity):
+                start = key
+                for image_number, (jpeg, (degradation, strength)) in enumerate(zip(images, truth)):
+                    writer.write(key, pack_header(float(identity), id=key) + jpeg)
+                    for name, value in zip(
+                        rows,
+                        (key, identity, image_number, degradation, strength, bool(low_variance[identity])),
+                    ):
+                        rows[name].append(value)
+                    key += 1
+                ranges.append((start, key))
+            for identity, (start, stop) in enumerate(ranges):
+                writer.write(first_identity_record + identity, pack_header([start, stop]))
+        tmp_idx.replace(out / "train.idx")
+
+    atomic_write(out / "train.rec", write_rec, durable=False)
+    atomic_write_bytes(
+        out / "property",
+        f"{settings.identities},{settings.image_size},{settings.image_size}\n".encode(),
+        durable=False,
+    )
+    write_table(out / "ground_truth.parquet", _truth_table(rows), durable=False)
+    return num_images
+
+
+def _truth_table(rows: dict[str, list]) -> pa.Table:
+    types = {
+        "record": pa.int64(),
+        "index": pa.int64(),
+        "pair": pa.int64(),
+        "identity": pa.int64(),
+        "image": pa.int64(),
+        "degradation": pa.string(),
+        "strength": pa.float32(),
+        "low_variance": pa.bool_(),
+    }
+    return pa.table({name: pa.array(values, type=types[name]) for name, values in rows.items()})
+
+
+def _write_verification(out: Path, settings: SynthSettings, progress: bool) -> dict[str, Path]:
+    """clean.bin and mixed.bin (same renderings; mixed degrades most of them) with their ground truth."""
+    identities = settings.verification_identities
+    rng = np.random.default_rng([settings.seed, _PAIRS_STREAM])
+    traits = [
+        draw_traits(np.random.default_rng([settings.seed, _VERIFICATION_STREAM, i]))
+        for i in range(identities)
+    ]
+    pair_identities = []
+    issame = []
+    for pair in range(settings.verification_pairs):
+        mated = pair % 2 == 0
+        first = int(rng.integers(identities))
+        second = first if mated else int((first + rng.integers(1, identities)) % identities)
+        pair_identities += [first, second]
+        issame.append(mated)
+    bins: dict[str, list[bytes]] = {name: [] for name in VERIFICATION_SETS}
+    truth: dict[str, dict[str, list]] = {
+        name: {k: [] for k in ("index", "pair", "identity", "degradation", "strength", "low_variance")}
+        for name in VERIFICATION_SETS
+    }
+    for index, identity in enumerate(
+        tqdm(pair_identities, desc="synth verification", unit="img", disable=not progress)
+    ):
+        pixels = render_face(traits[identity], draw_variation(rng), settings.image_size)
+        mixed_degradation = (NO_DEGRADATION, 0.0) if rng.random() < 0.35 else _draw_degradation(rng)
+        for name, (degradation, strength) in (("clean", (NO_DEGRADATION, 0.0)), ("mixed", mixed_degradation)):
+            degraded, quality = degrade(pixels, degradation, strength, rng)
+            bins[name].append(encode_jpeg(degraded, quality))
+            for column, value in zip(
+                truth[name], (index, index // 2, identity, degradation, strength, False)
+            ):
+                truth[name][column].append(value)
+    paths = {}
+    for name in VERIFICATION_SETS:
+        paths[name] = out / f"{name}.bin"
+        atomic_write_bytes(paths[name], pickle.dumps((bins[name], issame), protocol=4), durable=False)
+        write_table(out / f"{name}_ground_truth.parquet", _truth_table(truth[name]), durable=False)
+    return paths
+
+
+def synthesize(
+    out: Path,
+    *,
+    identities: int = 200,
+    images_per_identity: int = 12,
+    low_variance_fraction: float = 0.15,
+    clean_fraction: float = 0.4,
+    verification_identities: int | None = None,
+    verification_pairs: int | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> SynthResult:
+    """Write the synthetic dataset into OUT (see the module docstring); deterministic by seed.
+
+    Verification sizes default to scale with `identities` (at most 60 identities, 300 pairs).
+    """
+    settings = SynthSettings(
+        identities=identities,
+        images_per_identity=images_per_identity,
+        low_variance_fraction=low_variance_fraction,
+        clean_fraction=clean_fraction,
+        verification_identities=(
+            verification_identities
+            if verification_identities is not None
+            else min(60, max(4, identities // 3))
+        ),
+        verification_pairs=verification_pairs if verification_pairs is not None else min(300, 3 * identities),
+        seed=seed,
+    )
+    if identities < 1 or images_per_identity < 1:
+        raise DataError(
+            f"need at least one identity and one image each, got {identities} × {images_per_identity}"
+        )
+    if settings.verification_identities < 2 or settings.verification_pairs < 1:
+        raise DataError("verification sets need at least 2 identities and 1 pair")
+    if not 0.0 <= low_variance_fraction <= 1.0 or not 0.0 <= clean_fraction <= 1.0:
+        raise DataError("low_variance_fraction and clean_fraction must lie in [0, 1]")
+    out = Path(out)
+    if (out / "dataset.json").exists():
+        raise DataError("holds a converted dataset; synthesize into another folder", path=out)
+    out.mkdir(parents=True, exist_ok=True)
+    num_images = _write_train(out, settings, progress)
+    bins = _write_verification(out, settings, progress)
+    atomic_write_json(out / "synth.json", asdict(settings))
+    log.info("synthesized %d images of %d identities into %s", num_images, identities, out)
+    return SynthResult(out=out, num_images=num_images, num_identities=identities, verification_bins=bins)

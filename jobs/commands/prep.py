@@ -1,0 +1,241 @@
+"""`igfiqa prep`: the offline data stages (synth, convert, bins, inspect)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+PREP_DESCRIPTION = """\
+Offline data stages: turn InsightFace-style data into DALI-readable shards.
+
+  igfiqa prep synth --out work/synth                 # the embedded synthetic dataset
+  igfiqa prep convert work/synth --out work/train    # train.rec/.idx/property -> shards
+  igfiqa prep bins work/synth/*.bin --out work/val   # verification .bin files -> shards
+  igfiqa prep inspect work/train                     # counts, histograms, checks
+
+Every stage is idempotent: run it again after a failure or a kill and it resumes.
+Bad input stops with one line naming the file, the record and the byte offset.
+"""
+
+CONVERT_DESCRIPTION = """\
+Convert a RecordIO dataset into globally shuffled webdataset shards.
+
+SOURCE is a folder holding train.rec (+ train.idx and property, as InsightFace
+ships them) or a path to a .rec file. Without an .idx the .rec is scanned.
+
+Writes into DIR:
+  shards/shard-NNNNN.tar   {key}.jpg (image bytes exactly as stored) + {key}.cls (label)
+  shards/shard-NNNNN.idx   DALI webdataset index (what wds2idx writes)
+  manifest.parquet         key, record, label, shard, sha256, nbytes, offset, position
+  classes.parquet          label, count
+  dataset.json             written last: its presence means the conversion is complete
+
+Re-running the same command skips shards already written and verified, so a
+killed conversion resumes and ends byte-identical to an uninterrupted one.
+DIR must be new, empty, or hold this same conversion.
+
+examples:
+  igfiqa prep convert data/faces_webface_112x112 --out work/casia --workers 8
+  igfiqa prep convert data/ms1m/train.rec --out /shared/ms1m --submit slurm/clusters/local.yaml
+"""
+
+BINS_DESCRIPTION = """\
+Convert InsightFace verification sets (lfw.bin, cfp_fp.bin, ...) into shards.
+
+Each FILE.bin is a pickle of (list of encoded images, list of issame); pair i is
+images 2i and 2i+1. The pickles are read with a restricted unpickler: only byte
+strings, lists, tuples and numpy arrays are admitted, anything else (code) is
+refused. Output per set DIR/<name>/: one shard (+ index), manifest.parquet
+(key, index, sha256, nbytes, shard, offset), pairs.parquet (left, right, issame)
+and dataset.json (kind "verification", label = image index).
+
+example:
+  igfiqa prep bins data/ms1m/lfw.bin data/ms1m/cfp_fp.bin --out work/val
+"""
+
+SYNTH_DESCRIPTION = """\
+Write the embedded synthetic face dataset, in the formats real data comes in.
+
+DIR gets train.rec/train.idx/property (InsightFace layout), clean.bin and
+mixed.bin (verification pairs of identities not in training; the same renderings,
+undegraded in clean, mostly degraded in mixed) and ground truth as parquet:
+ground_truth.parquet (record, identity, degradation, strength in [0, 1],
+low_variance) and <set>_ground_truth.parquet. Deterministic by --seed.
+
+Degradations: blur, lowres, noise, occlusion, dark, jpeg. A fraction of
+identities (--low-variance-fraction) has near-duplicate images, most of them
+degraded alike: the case IG-FIQA's variance weighting is about.
+
+example:
+  igfiqa prep synth --out work/synth --identities 200 --images-per-identity 12
+"""
+
+INSPECT_DESCRIPTION = """\
+Report on a dataset folder: counts, class-size histogram, shard sizes and checks.
+
+DIR may be a converted dataset (holds dataset.json), a folder of converted
+verification sets (from `prep bins`), or a RecordIO source (train.rec ...).
+Checks: every shard and index present with the recorded size and count, the
+manifest agrees with the shards, labels within range; --verify also recomputes
+every sha256 (shards and images). Exit status 1 when a check fails.
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `igfiqa prep ...` to the top-level parser."""
+    prep = subparsers.add_parser(
+        "prep",
+        help="offline data stages: synth, convert, bins, inspect",
+        description=PREP_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = prep.add_subparsers(dest="prep_command", metavar="STAGE", required=True)
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    convert = sub.add_parser(
+        "convert", help="RecordIO -> shards", description=CONVERT_DESCRIPTION, formatter_class=fmt
+    )
+    convert.add_argument(
+        "source", type=Path, help="dataset folder (train.rec, train.idx, property) or a .rec file"
+    )
+    convert.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
+    convert.add_argument(
+        "--samples-per-shard",
+        type=int,
+        default=5000,
+        metavar="N",
+        help="images per tar shard (default: 5000)",
+    )
+    convert.add_argument(
+        "--workers", type=int, default=1, metavar="N", help="local processes writing shards (default: 1)"
+    )
+    convert.add_argument("--seed", type=int, default=0, help="seed of the global shuffle (default: 0)")
+    convert.add_argument(
+        "--submit",
+        metavar="PROFILE",
+        help="run the shard writing as a SLURM array job on this cluster profile (e.g. slurm/clusters/local.yaml)",
+    )
+    convert.set_defaults(func=_run_convert)
+
+    bins = sub.add_parser(
+        "bins", help="verification .bin -> shards", description=BINS_DESCRIPTION, formatter_class=fmt
+    )
+    bins.add_argument(
+        "files", type=Path, nargs="+", metavar="FILE.bin", help="InsightFace verification pickles"
+    )
+    bins.add_argument(
+        "--out", type=Path, required=True, metavar="DIR", help="output folder (one subfolder per set)"
+    )
+    bins.set_defaults(func=_run_bins)
+
+    synth = sub.add_parser(
+        "synth", help="write the synthetic dataset", description=SYNTH_DESCRIPTION, formatter_class=fmt
+    )
+    synth.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
+    synth.add_argument(
+        "--identities", type=int, default=200, metavar="N", help="training identities (default: 200)"
+    )
+    synth.add_argument(
+        "--images-per-identity",
+        type=int,
+        default=12,
+        metavar="N",
+        help="mean images per identity (default: 12)",
+    )
+    synth.add_argument(
+        "--low-variance-fraction",
+        type=float,
+        default=0.15,
+        metavar="F",
+        help="share of near-duplicate identities",
+    )
+    synth.add_argument(
+        "--clean-fraction",
+        type=float,
+        default=0.4,
+        metavar="F",
+        help="share of undegraded images (default: 0.4)",
+    )
+    synth.add_argument(
+        "--verification-identities", type=int, default=None, metavar="N", help="identities in the .bin sets"
+    )
+    synth.add_argument("--verification-pairs", type=int, default=None, metavar="N", help="pairs per .bin set")
+    synth.add_argument("--seed", type=int, default=0, help="everything is a function of it (default: 0)")
+    synth.set_defaults(func=_run_synth)
+
+    inspect = sub.add_parser(
+        "inspect", help="counts, histograms, checks", description=INSPECT_DESCRIPTION, formatter_class=fmt
+    )
+    inspect.add_argument("directory", type=Path, metavar="DIR")
+    inspect.add_argument("--verify", action="store_true", help="also recompute every checksum")
+    inspect.add_argument("--json", action="store_true", help="print the report as JSON")
+    inspect.set_defaults(func=_run_inspect)
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    if args.submit:
+        from jobs.prep_job import submit_conversion
+
+        info = submit_conversion(
+            args.source,
+            args.out,
+            profile=args.submit,
+            samples_per_shard=args.samples_per_shard,
+            seed=args.seed,
+        )
+    else:
+        from data_prep.convert import convert
+
+        info = convert(
+            args.source,
+            args.out,
+            samples_per_shard=args.samples_per_shard,
+            workers=args.workers,
+            seed=args.seed,
+        )
+    print(
+        f"converted {info.num_images} images of {info.num_classes} classes into "
+        f"{len(info.shards)} shards: {info.root}"
+    )
+    return 0
+
+
+def _run_bins(args: argparse.Namespace) -> int:
+    from data_prep.bins import convert_bins
+
+    for info in convert_bins(args.files, args.out, progress=True):
+        print(f"{info.root.name}: {info.num_images} images, {info.num_images // 2} pairs -> {info.root}")
+    return 0
+
+
+def _run_synth(args: argparse.Namespace) -> int:
+    from data_prep.synth import synthesize
+
+    result = synthesize(
+        args.out,
+        identities=args.identities,
+        images_per_identity=args.images_per_identity,
+        low_variance_fraction=args.low_variance_fraction,
+        clean_fraction=args.clean_fraction,
+        verification_identities=args.verification_identities,
+        verification_pairs=args.verification_pairs,
+        seed=args.seed,
+        progress=True,
+    )
+    sets = ", ".join(p.name for p in result.verification_bins.values())
+    print(
+        f"synthesized {result.num_images} images of {result.num_identities} identities + {sets}: {result.out}"
+    )
+    return 0
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    from data_prep.inspect import inspect_path
+
+    report = inspect_path(args.directory, verify=args.verify)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())
+    return 0 if report.ok else 1

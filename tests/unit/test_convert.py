@@ -1,0 +1,380 @@
+"""`prep convert`: byte and label equality with the source, shuffling, idempotence, resume, bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from data_prep.convert import convert, finalize_conversion, prepare_conversion, write_shard
+from data_prep.dataset import load_dataset_info
+from data_prep.errors import DataError
+from data_prep.recordio import RecordIOReader, read_index, unpack_header
+from data_prep.synth import synthesize
+from jobs.cli import main as cli_main
+from tests.unit import recordio_reference_writer as ref
+
+REPO = Path(__file__).resolve().parents[2]
+MAGIC = struct.pack("<I", ref.K_MAGIC)
+
+
+def jpeg(seed: int, size: int = 32) -> bytes:
+    rng = np.random.default_rng(seed)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def jpeg_with_aligned_magic(seed: int) -> bytes:
+    """A JPEG followed by trailing bytes holding the RecordIO magic at an aligned payload offset."""
+    image = jpeg(seed)
+    pad = -(24 + len(image)) % 4  # the payload is the 24-byte IRHeader + the image
+    return image + b"\0" * pad + MAGIC + b"trailer"
+
+
+@pytest.fixture(scope="module")
+def synth_source(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synth")
+    synthesize(out, identities=12, images_per_identity=6, verification_pairs=4, seed=1)
+    return out
+
+
+def all_files(folder: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+def source_images(folder: Path) -> dict[int, tuple[bytes, int]]:
+    """{record: (image bytes, label)} read with the reference layout (idx + headers)."""
+    index = read_index(folder / "train.idx")
+    out = {}
+    with RecordIOReader(folder / "train.rec") as reader:
+        header0, _ = unpack_header(reader.read_at(index[0], 0))
+        for record in range(1, int(header0.labels[0])):
+            payload = reader.read_at(index[record], record)
+            header, start = unpack_header(payload)
+            out[record] = (payload[start:], int(header.labels[0]))
+    return out
+
+
+def check_output_matches_source(out: Path, source: Path) -> pd.DataFrame:
+    info = load_dataset_info(out)
+    manifest = pd.read_parquet(out / "manifest.parquet")
+    images = source_images(source)
+    assert info.num_images == len(manifest) == len(images)
+    assert sorted(manifest.record) == sorted(images)
+    assert list(manifest.position) == list(range(len(manifest)))
+    assert manifest.key.is_unique
+    for shard_index, (tar_path, shard) in enumerate(zip(info.tar_paths, info.shards)):
+        blob = tar_path.read_bytes()
+        assert hashlib.sha256(blob).hexdigest() == shard.sha256
+        rows = manifest[manifest.shard == shard_index]
+        assert len(rows) == shard.count
+        with tarfile.open(tar_path) as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+        assert len(members) == 2 * len(rows)
+        for row in rows.itertuples():
+            image, label = images[row.record]
+            assert blob[row.offset : row.offset + row.nbytes] == image
+            assert members[f"{row.key}.jpg"] == image
+            assert members[f"{row.key}.cls"] == str(label).encode()
+            assert row.label == label and row.sha256 == hashlib.sha256(image).hexdigest()
+    classes = pd.read_parquet(out / "classes.parquet")
+    assert classes["count"].sum() == info.num_images
+    assert np.array_equal(
+        classes["count"].to_numpy(), np.bincount(manifest.label, minlength=info.num_classes)
+    )
+    return manifest
+
+
+def test_convert_synth_matches_source(synth_source, tmp_path):
+    info = convert(synth_source, tmp_path / "out", samples_per_shard=20, seed=4, progress=False)
+    assert info.kind == "train" and info.num_classes == 12 and info.image_size == (112, 112)
+    assert len(info.shards) == -(-info.num_images // 20)
+    assert [s.name for s in info.source] == ["train.rec", "train.idx", "property"]
+    manifest = check_output_matches_source(tmp_path / "out", synth_source)
+    # globally shuffled: the source is sorted by identity, the shards are not
+    assert not np.all(np.diff(manifest.record.to_numpy()) > 0)
+    assert manifest[manifest.shard == 0].label.nunique() > 5
+
+
+def test_seed_decides_the_order_and_workers_do_not_change_bytes(synth_source, tmp_path):
+    convert(synth_source, tmp_path / "one", samples_per_shard=16, seed=4, workers=1, progress=False)
+    convert(synth_source, tmp_path / "two", samples_per_shard=16, seed=4, workers=2, progress=False)
+    convert(synth_source, tmp_path / "other", samples_per_shard=16, seed=5, progress=False)
+    one, two = all_files(tmp_path / "one"), all_files(tmp_path / "two")
+    assert one == two
+    records = [pd.read_parquet(tmp_path / d / "manifest.parquet").record.tolist() for d in ("one", "other")]
+    assert records[0] != records[1] and sorted(records[0]) == sorted(records[1])
+
+
+def test_rerun_is_idempotent_and_refuses_other_datasets(synth_source, tmp_path):
+    out = tmp_path / "out"
+    convert(synth_source, out, samples_per_shard=30, seed=0, progress=False)
+    before = all_files(out)
+    mtimes = {p: p.stat().st_mtime_ns for p in (out / "shards").iterdir()}
+    convert(synth_source, out, samples_per_shard=30, seed=0, progress=False)
+    assert all_files(out) == before
+    assert {p: p.stat().st_mtime_ns for p in (out / "shards").iterdir()} == mtimes  # verified shards skipped
+    with pytest.raises(DataError, match="another source or with other settings"):
+        convert(synth_source, out, samples_per_shard=30, seed=1, progress=False)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match="not empty"):
+        prepare_conversion(synth_source, foreign, samples_per_shard=30, seed=0)
+    assert all_files(out) == before
+
+
+def test_reference_dataset_with_flag_labels_split_records_and_no_index(tmp_path):
+    classes = [[jpeg(10 * c + i) for i in range(3)] for c in range(4)]
+    classes[1][1] = jpeg_with_aligned_magic(99)  # this record is split on disk
+    classes[2][0] = jpeg_with_aligned_magic(98)
+    ref.write_insightface_dataset(
+        tmp_path / "src", classes, flag_labels=True, image_size=(32, 32), with_idx=False
+    )
+    raw = (tmp_path / "src" / "train.rec").read_bytes()
+    assert raw.count(MAGIC) > 14  # 1 + 12 + 4 records, plus the split parts
+    info = convert(tmp_path / "src", tmp_path / "out", samples_per_shard=5, seed=2, progress=False)
+    assert (info.num_images, info.num_classes, info.image_size) == (12, 4, (32, 32))
+    manifest = pd.read_parquet(tmp_path / "out" / "manifest.parquet")
+    expected = {
+        key: (image, label)
+        for key, (image, label) in enumerate(
+            (image, label) for label, images in enumerate(classes) for image in images
+        )
+    }
+    for row in manifest.itertuples():
+        image, label = expected[row.record - 1]
+        blob = (tmp_path / "out" / "shards" / f"shard-{row.shard:05d}.tar").read_bytes()
+        assert blob[row.offset : row.offset + row.nbytes] == image
+        assert row.label == label
+
+
+def test_rec_path_source_and_load_dataset_info_errors(synth_source, tmp_path):
+    info = convert(synth_source / "train.rec", tmp_path / "out", samples_per_shard=50, progress=False)
+    assert info.num_classes == 12
+    with pytest.raises(DataError, match=r"no dataset\.json"):
+        load_dataset_info(tmp_path)
+    with pytest.raises(DataError, match="does not exist"):
+        load_dataset_info(tmp_path / "nowhere")
+
+
+def test_stages_separately_and_finalize_refuses_missing_shards(synth_source, tmp_path):
+    out = tmp_path / "out"
+    plan = prepare_conversion(synth_source, out, samples_per_shard=25, seed=0)
+    assert plan.num_shards >= 3
+    assert prepare_conversion(synth_source, out, samples_per_shard=25, seed=0) == plan
+    for shard_index in range(plan.num_shards - 1):
+        write_shard(out, shard_index)
+    with pytest.raises(DataError, match=f"1 of {plan.num_shards} shards"):
+        finalize_conversion(out)
+    assert not (out / "dataset.json").exists()
+    write_shard(out, plan.num_shards - 1)
+    assert finalize_conversion(out).num_images == plan.num_images
+    with pytest.raises(DataError, match="does not exist"):
+        write_shard(out, plan.num_shards)
+
+
+def test_damaged_shards_are_rewritten(synth_source, tmp_path):
+    reference = tmp_path / "reference"
+    convert(synth_source, reference, samples_per_shard=20, progress=False)
+    out = tmp_path / "out"
+    convert(synth_source, out, samples_per_shard=20, progress=False)
+    (out / "dataset.json").unlink()
+    tar0 = out / "shards" / "shard-00000.tar"
+    tar0.write_bytes(tar0.read_bytes()[:-600])  # truncated
+    tar1 = out / "shards" / "shard-00001.tar"
+    blob = bytearray(tar1.read_bytes())
+    blob[1000] ^= 0xFF  # same size, flipped byte: only the checksum catches it
+    tar1.write_bytes(bytes(blob))
+    (out / "shards" / "shard-00002.idx").unlink()
+    (out / "shards" / "shard-00003.tar.tmp-12345").write_bytes(b"half a shard")
+    convert(synth_source, out, samples_per_shard=20, progress=False)
+    assert all_files(out) == all_files(reference)
+
+
+@pytest.mark.timeout(120)
+def test_sigkill_then_resume_is_byte_identical(tmp_path):
+    source = tmp_path / "src"
+    synthesize(source, identities=60, images_per_identity=12, verification_pairs=2, seed=8)
+    reference = tmp_path / "reference"
+    convert(source, reference, samples_per_shard=8, progress=False)
+    out = tmp_path / "out"
+    code = (
+        "import sys; from data_prep.convert import convert; "
+        f"convert({str(source)!r}, {str(out)!r}, samples_per_shard=8, progress=False)"
+    )
+    killed_midway = False
+    for _ in range(3):  # retry if the machine was so fast the run finished before the kill
+        process = subprocess.Popen([sys.executable, "-c", code], cwd=REPO)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not list((out / ".prep").glob("shard-0001*.json")):
+            time.sleep(0.005)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+        if not (out / "dataset.json").exists():
+            killed_midway = True
+            break
+        (out / "dataset.json").unlink()
+    assert killed_midway
+    done = list((out / ".prep").glob("shard-*.json"))
+    plan = json.loads((out / ".prep" / "plan.json").read_text())
+    assert 0 < len(done) < plan["num_shards"]
+    convert(source, out, samples_per_shard=8, progress=False)
+    assert all_files(out) == all_files(reference)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def make_source(folder: Path, **kwargs) -> dict[int, int]:
+    classes = [[jpeg(10 * c + i) for i in range(3)] for c in range(3)]
+    return ref.write_insightface_dataset(folder, classes, image_size=(32, 32), **kwargs)
+
+
+def run_cli(source: Path, out: Path, capsys) -> tuple[int, str]:
+    code = cli_main(["prep", "convert", str(source), "--out", str(out), "--samples-per-shard", "4"])
+    return code, capsys.readouterr().err
+
+
+def assert_refused(source: Path, out: Path, capsys, *fragments: str) -> None:
+    code, err = run_cli(source, out, capsys)
+    assert code == 2, err
+    message = err.strip().splitlines()[-1]
+    assert message.startswith("igfiqa: error: ")
+    for fragment in fragments:
+        assert fragment in message, (fragment, message)
+    assert not (out / "dataset.json").exists()
+
+
+def test_truncated_rec(tmp_path, capsys):
+    offsets = make_source(tmp_path / "src", with_idx=False)
+    rec = tmp_path / "src" / "train.rec"
+    last_image = 9
+    rec.write_bytes(rec.read_bytes()[: offsets[last_image] + 100])
+    assert_refused(
+        tmp_path / "src",
+        tmp_path / "out",
+        capsys,
+        "train.rec",
+        f"record {last_image}",
+        f"byte offset {offsets[9]}",
+    )
+    # with an index, the first record it places beyond the end is named
+    make_source(tmp_path / "indexed")
+    rec = tmp_path / "indexed" / "train.rec"
+    rec.write_bytes(rec.read_bytes()[: offsets[last_image] + 100])
+    assert_refused(tmp_path / "indexed", tmp_path / "out2", capsys, "train.idx", "record 10", "truncated")
+
+
+def test_bad_magic(tmp_path, capsys):
+    offsets = make_source(tmp_path / "src")
+    rec = tmp_path / "src" / "train.rec"
+    blob = bytearray(rec.read_bytes())
+    blob[offsets[4] : offsets[4] + 4] = b"JUNK"
+    rec.write_bytes(bytes(blob))
+    assert_refused(
+        tmp_path / "src",
+        tmp_path / "out",
+        capsys,
+        "train.rec",
+        "record 4",
+        f"byte offset {offsets[4]}",
+        "bad magic",
+    )
+
+
+def test_length_past_end_of_file(tmp_path, capsys):
+    offsets = make_source(tmp_path / "src")
+    rec = tmp_path / "src" / "train.rec"
+    blob = bytearray(rec.read_bytes())
+    struct.pack_into("<I", blob, offsets[5] + 4, len(blob))  # cflag 0, length beyond the file
+    rec.write_bytes(bytes(blob))
+    assert_refused(tmp_path / "src", tmp_path / "out", capsys, "train.rec", "record 5", "runs past the end")
+
+
+def test_idx_pointing_at_garbage_or_past_the_end(tmp_path, capsys):
+    offsets = make_source(tmp_path / "src")
+    idx = tmp_path / "src" / "train.idx"
+    lines = idx.read_text().splitlines()
+    lines[3] = f"3\t{offsets[3] + 12}"
+    idx.write_text("\n".join(lines) + "\n")
+    assert_refused(tmp_path / "src", tmp_path / "out", capsys, "record 3", f"byte offset {offsets[3] + 12}")
+    size = (tmp_path / "src" / "train.rec").stat().st_size
+    lines[3] = f"3\t{size + 64}"
+    idx.write_text("\n".join(lines) + "\n")
+    assert_refused(tmp_path / "src", tmp_path / "out2", capsys, "train.idx", "record 3", "past the end")
+
+
+def test_missing_idx_falls_back_to_scanning(tmp_path, capsys):
+    make_source(tmp_path / "with")
+    make_source(tmp_path / "without", with_idx=False)
+    assert not (tmp_path / "without" / "train.idx").exists()
+    a = convert(tmp_path / "with", tmp_path / "a", samples_per_shard=4, progress=False)
+    b = convert(tmp_path / "without", tmp_path / "b", samples_per_shard=4, progress=False)
+    assert [s.sha256 for s in a.shards] == [s.sha256 for s in b.shards]
+
+
+def test_label_ranges_disagreeing_with_property(tmp_path, capsys):
+    make_source(tmp_path / "src", property_classes=5)
+    assert_refused(tmp_path / "src", tmp_path / "out", capsys, "property", "says 5 classes", "define 3")
+
+
+def test_image_label_disagreeing_with_identity_records(tmp_path, capsys):
+    classes = [[jpeg(i) for i in range(2)] for _ in range(2)]
+    ref.write_insightface_dataset(tmp_path / "src", classes, image_size=(32, 32))
+    rec = tmp_path / "src" / "train.rec"
+    offsets = read_index(tmp_path / "src" / "train.idx")
+    blob = bytearray(rec.read_bytes())
+    struct.pack_into("<f", blob, offsets[2] + 8 + 4, 1.0)  # record 2 belongs to class 0
+    rec.write_bytes(bytes(blob))
+    assert_refused(
+        tmp_path / "src", tmp_path / "out", capsys, "record 2", "disagrees with the identity records"
+    )
+
+
+def test_non_image_payload(tmp_path, capsys):
+    classes = [[jpeg(1), b"GIF89a not what we store", jpeg(2)]]
+    offsets = ref.write_insightface_dataset(tmp_path / "src", classes, image_size=(32, 32))
+    assert_refused(
+        tmp_path / "src",
+        tmp_path / "out",
+        capsys,
+        "train.rec",
+        "record 2",
+        f"byte offset {offsets[2]}",
+        "not an image",
+    )
+
+
+def test_empty_dataset(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "train.rec").write_bytes(b"")
+    assert_refused(tmp_path / "empty", tmp_path / "out", capsys, "train.rec", "empty dataset")
+    ref.write_insightface_dataset(tmp_path / "noimages", [], image_size=(32, 32))
+    assert_refused(tmp_path / "noimages", tmp_path / "out2", capsys, "empty dataset")
+
+
+def test_out_dir_holding_another_dataset(synth_source, tmp_path, capsys):
+    make_source(tmp_path / "src")
+    code, _ = run_cli(tmp_path / "src", tmp_path / "out", capsys)
+    assert code == 0
+    before = all_files(tmp_path / "out")
+    code, err = run_cli(synth_source, tmp_path / "out", capsys)
+    assert code == 2 and "another source" in err and str(tmp_path / "out") in err
+    assert all_files(tmp_path / "out") == before

@@ -1,0 +1,165 @@
+"""Cluster profiles: the shipped ones load, bad ones are refused naming file and key, and the
+profile → submitit mapping produces the sbatch script it should (no cluster needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from jobs.cluster import ProfileError, executor_parameters, load_profile, make_executor
+from pipeline.config import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+PROFILES = REPO / "slurm" / "clusters"
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "site.yaml"
+    path.write_text(text)
+    return path
+
+
+def _sbatch_text(profile, tmp_path: Path, **kwargs) -> str:
+    executor = make_executor(profile, tmp_path / "logs", job_name="unit", **kwargs)
+    return executor._executor._make_submission_file_text("python -m job", "uid")
+
+
+def test_shipped_profiles_load() -> None:
+    local = load_profile(PROFILES / "local.yaml")
+    assert (local.executor, local.partition, local.nodes, local.tasks_per_node, local.gpus_per_node) == (
+        "slurm",
+        "debug",
+        1,
+        2,
+        0,
+    )
+    example = load_profile(PROFILES / "example-multinode-gpu.yaml")
+    assert example.world_size == example.nodes * example.gpus_per_node == 32
+    assert example.env["NCCL_SOCKET_IFNAME"] == "ib0"
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "why"),
+    [
+        ("nodez: 2\n", "nodez", "unknown key"),
+        ("nodes: 0\n", "nodes", "must be >= 1"),
+        ("nodes: two\n", "nodes", "expected an integer"),
+        ("cpus_per_task: true\n", "cpus_per_task", "expected an integer"),
+        ("gpus_per_node: 4\ntasks_per_node: 2\n", "tasks_per_node", "one task per GPU"),
+        ("time_min: 1\nsignal_delay_s: 60\n", "signal_delay_s", "not shorter than time_min"),
+        ("mem_gb: -1\n", "mem_gb", "expected a number >= 0"),
+        ("executor: kubernetes\n", "executor", "is not one of"),
+        ("gpu_request: cards\n", "gpu_request", "is not one of"),
+        ("partition: ''\n", "partition", "non-empty string"),
+        ("env:\n  1BAD: x\n", "env.1BAD", "not a valid environment variable name"),
+        ("env:\n  A: [1, 2]\n", "env.A", "expected a string, number or boolean"),
+        ("setup: module load cuda\n", "setup", "list of strings"),
+        ("additional_parameters:\n  time: 10\n", "additional_parameters.time", "time_min"),
+        (
+            "additional_parameters:\n  ntasks-per-node: 3\n",
+            "additional_parameters.ntasks-per-node",
+            "tasks_per_node",
+        ),
+        ("exclusive: yes please\n", "exclusive", "true/false"),
+    ],
+)
+def test_bad_profiles_are_refused_naming_file_and_key(tmp_path: Path, text: str, key: str, why: str) -> None:
+    path = _write(tmp_path, text)
+    with pytest.raises(ProfileError) as info:
+        load_profile(path)
+    message = str(info.value)
+    assert str(path) in message
+    assert f": {key}:" in message
+    assert why in message
+    assert isinstance(info.value, ConfigError)  # the CLI prints these as one line, exit status 2
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [("- a\n- b\n", "top level must be a mapping"), ("a: [\n", "not valid YAML")],
+)
+def test_malformed_files_are_refused(tmp_path: Path, text: str, why: str) -> None:
+    with pytest.raises(ProfileError, match=why):
+        load_profile(_write(tmp_path, text))
+
+
+def test_missing_file_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ProfileError, match="does not exist"):
+        load_profile(tmp_path / "nope.yaml")
+
+
+def test_gpu_profile_defaults_tasks_to_gpus_and_name_to_file(tmp_path: Path) -> None:
+    profile = load_profile(_write(tmp_path, "gpus_per_node: 4\n"))
+    assert profile.tasks_per_node == 4
+    assert profile.name == "site"
+
+
+def test_local_profile_sbatch_script(tmp_path: Path) -> None:
+    text = _sbatch_text(load_profile(PROFILES / "local.yaml"), tmp_path, timeout_min=7)
+    for line in (
+        "#SBATCH --partition=debug",
+        "#SBATCH --nodes=1",
+        "#SBATCH --ntasks-per-node=2",
+        "#SBATCH --cpus-per-task=1",
+        "#SBATCH --time=7",
+        "#SBATCH --signal=USR2@30",
+        "#SBATCH --job-name=unit",
+        "export OMP_NUM_THREADS=1",
+    ):
+        assert line in text.splitlines(), line
+    assert "--gpus-per-node" not in text and "--mem" not in text
+
+
+def test_gpu_profile_sbatch_script(tmp_path: Path) -> None:
+    profile = load_profile(PROFILES / "example-multinode-gpu.yaml")
+    lines = _sbatch_text(profile, tmp_path, nodes=2).splitlines()
+    for line in (
+        "#SBATCH --nodes=2",
+        "#SBATCH --ntasks-per-node=8",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --cpus-per-task=10",
+        "#SBATCH --mem=0GB",
+        "#SBATCH --exclusive",
+        "#SBATCH --account=my-project",
+        "#SBATCH --qos=normal",
+        "#SBATCH --signal=USR2@120",
+        "#SBATCH --mail-type=END,FAIL",
+        "module load cuda/12.4 nccl",
+        "export NCCL_SOCKET_IFNAME=ib0",
+    ):
+        assert line in lines, line
+    # the profile's env comes after its setup lines, so it wins over what `module load` sets
+    assert lines.index("export NCCL_SOCKET_IFNAME=ib0") > lines.index("module load cuda/12.4 nccl")
+    assert any(line.startswith("srun ") and "--cpu-bind=none" in line for line in lines)
+
+
+def test_gres_request_and_quoted_env(tmp_path: Path) -> None:
+    raw = {"gpus_per_node": 2, "gpu_request": "gres", "env": {"NCCL_IB_HCA": "=mlx5_0,mlx5_1", "X": "a b"}}
+    profile = load_profile(_write(tmp_path, yaml.safe_dump(raw)))
+    lines = _sbatch_text(profile, tmp_path).splitlines()
+    assert "#SBATCH --gres=gpu:2" in lines
+    assert not any(line.startswith("#SBATCH --gpus-per-node") for line in lines)
+    assert "export X='a b'" in lines
+
+
+def test_array_task_is_one_cpu_process(tmp_path: Path) -> None:
+    profile = load_profile(PROFILES / "example-multinode-gpu.yaml")
+    params = executor_parameters(profile, job_name="prep", array_task=True, array_parallelism=5)
+    assert (params["nodes"], params["tasks_per_node"], params["cpus_per_task"]) == (1, 1, 1)
+    assert "gpus_per_node" not in params and "mem_gb" not in params and "slurm_exclusive" not in params
+    assert params["slurm_account"] == "my-project"  # the site's accounting still applies
+    assert params["slurm_array_parallelism"] == 5
+
+
+def test_nodes_override_and_limits(tmp_path: Path) -> None:
+    profile = load_profile(PROFILES / "local.yaml")
+    assert executor_parameters(profile, job_name="x", nodes=3)["nodes"] == 3
+    with pytest.raises(ProfileError, match="nodes: must be >= 1"):
+        executor_parameters(profile, job_name="x", nodes=0)
+    with pytest.raises(ProfileError, match="not shorter than the time limit"):
+        executor_parameters(profile, job_name="x", timeout_min=0)
+    local = load_profile(_write(tmp_path, "executor: local\n"))
+    with pytest.raises(ProfileError, match="one node only"):
+        executor_parameters(local, job_name="x", nodes=2)

@@ -86,28 +86,38 @@ def _task_failure(shard: int, job: Any) -> FailedShard | None:
     if not job.paths.result_pickle.exists() and job.state != "COMPLETED":
         # cancelled, timed out, node failure: no result will come, and asking submitit for
         # one would wait 15 s per task (its grace time for slow shared filesystems)
-        return _describe_failure(shard, job, None)
+        return _describe_failure(shard, job, None, _slurm_state(job))
     try:
         job.result()
-    except (submitit.core.utils.UncompletedJobError, submitit.core.utils.FailedJobError) as exc:
-        return _describe_failure(shard, job, exc)
+    except submitit.core.utils.FailedJobError as exc:  # the task raised: its traceback is in stderr
+        return _describe_failure(shard, job, exc, "FAILED")
+    except submitit.core.utils.UncompletedJobError as exc:
+        return _describe_failure(shard, job, exc, _slurm_state(job))
     return None
 
 
-def _describe_failure(shard: int, job: Any, exc: Exception | None) -> FailedShard:
+def _slurm_state(job: Any) -> str:
+    """The task's state from sacct now (submitit's cached state may lag behind)."""
+    return str(job.watcher.get_state(job.job_id, mode="force"))
+
+
+def _describe_failure(shard: int, job: Any, exc: Exception | None, state: str) -> FailedShard:
     stderr = Path(job.paths.stderr)
     last_error = ""
     if stderr.is_file():
-        lines = [line for line in stderr.read_text(errors="replace").splitlines() if line.strip()]
-        # submitit ends a failed task's log with the traceback; its last line is the exception
+        # submitit ends a failed task's log with the traceback; its last line names the exception
+        # (srun/slurmstepd may append their own notes after it)
+        lines = [
+            line
+            for line in stderr.read_text(errors="replace").splitlines()
+            if line.strip() and not line.startswith(("srun:", "slurmstepd:"))
+        ]
         last_error = lines[-1] if lines else ""
     if not last_error and exc is not None and str(exc).strip():
         last_error = str(exc).strip().splitlines()[0]
     if not last_error:
-        last_error = f"ended {job.state} without a result"
-    return FailedShard(
-        shard=shard, job_id=str(job.job_id), state=str(job.state), stderr=stderr, last_error=last_error
-    )
+        last_error = f"ended {state} without a result"
+    return FailedShard(shard=shard, job_id=str(job.job_id), state=state, stderr=stderr, last_error=last_error)
 
 
 def _failure_report(array: ConversionArray) -> str:

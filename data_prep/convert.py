@@ -443,20 +443,19 @@ def convert(
     if workers < 1:
         raise DataError(f"workers must be >= 1, got {workers}")
     plan = prepare_conversion(source, out, samples_per_shard=samples_per_shard, seed=seed, progress=progress)
-    bar = tqdm(total=plan.num_shards, desc="write shards", unit="shard", disable=not progress)
-    if workers == 1 or plan.num_shards == 1:
-        for shard_index in range(plan.num_shards):
-            write_shard(plan.out, shard_index)
-            bar.update()
-    else:
-        # fork: data_prep holds no threads or locks here, and a forked worker starts in milliseconds
-        context = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
-        with ProcessPoolExecutor(max_workers=min(workers, plan.num_shards), mp_context=context) as pool:
-            futures = [pool.submit(write_shard, plan.out, i) for i in range(plan.num_shards)]
-            for future in as_completed(futures):
-                future.result()
+    with tqdm(total=plan.num_shards, desc="write shards", unit="shard", disable=not progress) as bar:
+        if workers == 1 or plan.num_shards == 1:
+            for shard_index in range(plan.num_shards):
+                write_shard(plan.out, shard_index)
                 bar.update()
-    bar.close()
+        else:
+            # fork: data_prep holds no threads or locks here, and a forked worker starts in milliseconds
+            context = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
+            with ProcessPoolExecutor(max_workers=min(workers, plan.num_shards), mp_context=context) as pool:
+                futures = [pool.submit(write_shard, plan.out, i) for i in range(plan.num_shards)]
+                for future in as_completed(futures):
+                    future.result()
+                    bar.update()
     info = finalize_conversion(plan.out)
     if progress:
         log.info(

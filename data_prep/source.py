@@ -204,11 +204,13 @@ def read_source(source: Path, *, progress: bool = False) -> SourceDataset:
         offsets = np.empty(len(records), dtype=np.int64)
         labels = np.empty(len(records), dtype=np.int64)
         why = "the image range of record 0 needs" if is_insightface else "the index lists"
-        keys = tqdm(image_keys, desc="validate records", unit="rec", disable=not progress, mininterval=1.0)
-        for i, key in enumerate(keys):
-            offset = _offset_of(index, key, files, why)
-            offsets[i] = offset
-            labels[i] = _validate_image_record(reader, files.rec, key, offset)
+        with tqdm(
+            image_keys, desc="validate records", unit="rec", disable=not progress, mininterval=1.0
+        ) as keys:
+            for i, key in enumerate(keys):
+                offset = _offset_of(index, key, files, why)
+                offsets[i] = offset
+                labels[i] = _validate_image_record(reader, files.rec, key, offset)
         if expected is not None:
             bad = np.nonzero(labels != expected[records])[0]
             if len(bad):

@@ -11,13 +11,17 @@ finished shards verify and are skipped.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 from jobs.cli import UserError
-from jobs.cluster import ClusterProfile, make_executor
+from jobs.cluster import ClusterProfile, load_profile, make_executor
+
+if TYPE_CHECKING:
+    from data_prep.dataset import DatasetInfo
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +49,7 @@ class ConversionArray:
     folder: Path
     num_shards: int
     jobs: list[Any]
-    info: Any = None  # data_prep.dataset.DatasetInfo after wait()
+    info: DatasetInfo | None = None  # set by wait()
     failed: list[FailedShard] = field(default_factory=list)
 
     @property
@@ -53,7 +57,7 @@ class ConversionArray:
         """The SLURM array job id (`123` of `123_0`, `123_1`, ...)."""
         return str(self.jobs[0].job_id).split("_")[0] if self.jobs else ""
 
-    def wait(self, *, progress: bool = True) -> Any:
+    def wait(self, *, progress: bool = True) -> DatasetInfo:
         """Wait for every shard task, then finalise; ShardTaskError names each failed task."""
         import submitit
         from tqdm import tqdm
@@ -131,33 +135,36 @@ def _failure_report(array: ConversionArray) -> str:
     return "\n".join(lines)
 
 
-def submit_conversion(
+def start_conversion(
     source: str | Path,
     out: str | Path,
     *,
-    profile: ClusterProfile,
+    profile: ClusterProfile | str | Path,
     samples_per_shard: int,
     seed: int,
-    wait: bool = True,
     folder: str | Path | None = None,
     progress: bool = True,
 ) -> ConversionArray:
-    """Plan here, write the shards as one SLURM array (a task per shard), finalise here when `wait`.
+    """Plan here and submit the shards as one SLURM array (a task per shard); finalise with `.wait()`.
 
-    The submitit logs go to `folder` (default: OUT/.prep/slurm/<time>, new for every submission).
-    With `wait=False` the caller finalises later with `ConversionArray.wait()`.
+    `profile` is a ClusterProfile or the path of one. The submitit logs go to `folder` (default:
+    OUT/.prep/slurm/<time>-<pid>, new for every submission).
     """
     from data_prep.convert import prepare_conversion, write_shard
 
+    if not isinstance(profile, ClusterProfile):
+        profile = load_profile(profile)
     out = Path(out)
     plan = prepare_conversion(
         Path(source), out, samples_per_shard=samples_per_shard, seed=seed, progress=progress
     )
-    folder = Path(folder) if folder is not None else out / ".prep" / "slurm" / time.strftime("%Y%m%d-%H%M%S")
+    if folder is None:
+        folder = out / ".prep" / "slurm" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     executor = make_executor(profile, folder, job_name=f"convert-{out.name}", array_task=True)
-    shard_indices = list(range(plan.num_shards))
-    jobs = executor.map_array(write_shard, [plan.out.resolve()] * plan.num_shards, shard_indices)
-    array = ConversionArray(out=out, folder=folder, num_shards=plan.num_shards, jobs=jobs)
+    jobs = executor.map_array(
+        write_shard, [plan.out.resolve()] * plan.num_shards, list(range(plan.num_shards))
+    )
+    array = ConversionArray(out=out, folder=Path(folder), num_shards=plan.num_shards, jobs=jobs)
     log.info(
         "submitted array job %s: %d shard tasks on cluster %s (logs: %s)",
         array.array_id,
@@ -165,6 +172,62 @@ def submit_conversion(
         profile.name,
         folder,
     )
-    if wait:
-        array.wait(progress=progress)
     return array
+
+
+@overload
+def submit_conversion(
+    source: str | Path,
+    out: str | Path,
+    *,
+    profile: ClusterProfile | str | Path,
+    samples_per_shard: int,
+    seed: int,
+    wait: Literal[True] = True,
+    folder: str | Path | None = None,
+    progress: bool = True,
+) -> DatasetInfo: ...
+
+
+@overload
+def submit_conversion(
+    source: str | Path,
+    out: str | Path,
+    *,
+    profile: ClusterProfile | str | Path,
+    samples_per_shard: int,
+    seed: int,
+    wait: Literal[False],
+    folder: str | Path | None = None,
+    progress: bool = True,
+) -> ConversionArray: ...
+
+
+def submit_conversion(
+    source: str | Path,
+    out: str | Path,
+    *,
+    profile: ClusterProfile | str | Path,
+    samples_per_shard: int,
+    seed: int,
+    wait: bool = True,
+    folder: str | Path | None = None,
+    progress: bool = True,
+) -> DatasetInfo | ConversionArray:
+    """`igfiqa prep convert --submit`: plan, run the shard array, finalise; returns the dataset.
+
+    With `wait=False` it returns the submitted `ConversionArray` instead; its `.wait()` finalises.
+    Failed tasks raise ShardTaskError naming each task, its state, exception and stderr file.
+    """
+    array = start_conversion(
+        source,
+        out,
+        profile=profile,
+        samples_per_shard=samples_per_shard,
+        seed=seed,
+        folder=folder,
+        progress=progress,
+    )
+    if not wait:
+        return array
+    return array.wait(progress=progress)

@@ -53,7 +53,10 @@ def test_slurm_array_conversion_is_byte_identical_to_local(
         seed=SEED,
         folder=submitit_folder(),
         progress=False,
+        wait=False,
     )
+    info = array.wait(progress=False)
+    assert array.info is info
     assert array.num_shards == len(info_local.shards) == len(array.jobs)
     assert len({str(job.job_id).split("_")[0] for job in array.jobs}) == 1  # one array job
     assert array.info.num_images == info_local.num_images
@@ -66,6 +69,21 @@ def test_slurm_array_conversion_is_byte_identical_to_local(
             assert remote_files[name] == data, f"{name} differs between the SLURM and the local conversion"
     # dataset.json holds no timestamps or paths that could differ: compare it whole, as data
     assert json.loads(remote_files["dataset.json"]) == json.loads(local_files["dataset.json"])
+
+
+@pytest.mark.timeout(300)
+def test_prep_convert_submit_command(slurm_cluster, synthetic_source: Path, tmp_path: Path, capsys) -> None:
+    from jobs.cli import main
+
+    out = tmp_path / "cli"
+    profile = Path(__file__).resolve().parents[2] / "slurm" / "clusters" / "local.yaml"
+    argv = ["prep", "convert", str(synthetic_source), "--out", str(out), "--samples-per-shard", "60"]
+    assert main([*argv, "--submit", str(profile)]) == 0
+    assert "converted" in capsys.readouterr().out
+    assert (out / "dataset.json").is_file()
+    assert len(list((out / ".prep" / "slurm").glob("*/*_log.err"))) == len(
+        json.loads((out / "dataset.json").read_text())["shards"]
+    )
 
 
 @pytest.mark.timeout(300)

@@ -1,0 +1,298 @@
+"""`igfiqa prep inspect`: counts, class-size histogram, shard sizes and consistency checks.
+
+Works on a converted dataset (dataset.json), a folder of converted verification
+sets, an unfinished conversion, or a RecordIO source. Problems in the data become
+failed checks in the report (exit status 1), not exceptions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from data_prep.atomic import sha256_file
+from data_prep.dataset import DATASET_FILE, DatasetInfo, load_dataset_info
+from data_prep.errors import DataError
+from data_prep.manifest import CLASSES_SCHEMA, read_manifest, read_table
+from data_prep.shards import read_index_file
+
+CLASS_SIZE_BUCKETS = ((1, 1), (2, 5), (6, 10), (11, 20), (21, 50), (51, 100), (101, 1000), (1001, None))
+
+
+@dataclass
+class Check:
+    """One consistency check and what it found."""
+
+    name: str
+    ok: bool
+    detail: str
+
+
+@dataclass
+class InspectReport:
+    """What `inspect_path` found; `ok` is False when any check (here or in a child) failed."""
+
+    path: Path
+    kind: str
+    counts: dict[str, int] = field(default_factory=dict)
+    class_sizes: dict[str, Any] = field(default_factory=dict)
+    shards: list[dict[str, Any]] = field(default_factory=list)
+    checks: list[Check] = field(default_factory=list)
+    children: list[InspectReport] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks) and all(child.ok for child in self.children)
+
+    def check(self, name: str, ok: bool, detail: str) -> bool:
+        self.checks.append(Check(name, bool(ok), detail))
+        return bool(ok)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready view."""
+        return {
+            "path": str(self.path),
+            "kind": self.kind,
+            "ok": self.ok,
+            "counts": self.counts,
+            "class_sizes": self.class_sizes,
+            "shards": self.shards,
+            "checks": [asdict(c) for c in self.checks],
+            "children": [child.to_dict() for child in self.children],
+        }
+
+    def format(self) -> str:
+        """A human-readable report."""
+        lines = [f"{self.path}: {self.kind}" + "".join(f", {v} {k}" for k, v in self.counts.items())]
+        if self.class_sizes:
+            cs = self.class_sizes
+            lines.append(f"class sizes: min {cs['min']}, median {cs['median']}, max {cs['max']}")
+            lines.append("  " + " | ".join(f"{bucket}: {n}" for bucket, n in cs["histogram"].items()))
+        if self.shards:
+            sizes = [s["bytes"] for s in self.shards]
+            counts = [s["count"] for s in self.shards]
+            lines.append(
+                f"shards: {len(self.shards)}, images per shard {min(counts)}–{max(counts)}, "
+                f"size {_human(min(sizes))}–{_human(max(sizes))}, total {_human(sum(sizes))}"
+            )
+        for c in self.checks:
+            lines.append(f"  {'ok  ' if c.ok else 'FAIL'} {c.name}: {c.detail}")
+        for child in self.children:
+            lines += ["", child.format()]
+        if not self.children:
+            lines.append("all checks passed" if self.ok else "SOME CHECKS FAILED")
+        return "\n".join(lines)
+
+
+def _human(nbytes: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if nbytes < 1000 or unit == "GB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1000
+    return f"{nbytes} B"
+
+
+def class_size_summary(labels: np.ndarray, num_classes: int) -> dict[str, Any]:
+    """min/median/max images per class and a histogram over CLASS_SIZE_BUCKETS (empty classes counted as 0)."""
+    sizes = np.bincount(labels, minlength=num_classes)
+    histogram = {"0": int((sizes == 0).sum())}
+    for low, high in CLASS_SIZE_BUCKETS:
+        name = f"{low}" if low == high else (f"{low}-{high}" if high else f">{low - 1}")
+        histogram[name] = int(((sizes >= low) & (sizes <= (high or sizes.max(initial=0)))).sum())
+    return {
+        "min": int(sizes.min()) if len(sizes) else 0,
+        "median": float(np.median(sizes)) if len(sizes) else 0.0,
+        "max": int(sizes.max(initial=0)),
+        "histogram": histogram,
+    }
+
+
+def inspect_path(path: Path, *, verify: bool = False) -> InspectReport:
+    """Inspect whatever PATH holds (see the module docstring)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError("does not exist", path=path)
+    if (path / DATASET_FILE).is_file():
+        return inspect_dataset(path, verify=verify)
+    if (path / ".prep" / "plan.json").is_file():
+        return _inspect_unfinished(path)
+    children = sorted(p for p in path.iterdir() if (p / DATASET_FILE).is_file()) if path.is_dir() else []
+    if children:
+        report = InspectReport(path=path, kind="folder of datasets", counts={"datasets": len(children)})
+        report.children = [inspect_dataset(child, verify=verify) for child in children]
+        return report
+    return _inspect_source(path)
+
+
+def inspect_dataset(directory: Path, *, verify: bool = False) -> InspectReport:
+    """Checks of one converted dataset (train or verification)."""
+    report = InspectReport(path=Path(directory), kind="dataset")
+    try:
+        info = load_dataset_info(directory)
+    except DataError as exc:
+        report.check("dataset.json", False, str(exc))
+        return report
+    report.kind = f"{info.kind} dataset"
+    report.counts = {"images": info.num_images, "classes": info.num_classes, "shards": len(info.shards)}
+    report.check("dataset.json", True, f"format {info.format_version}, made by {info.created_by}")
+    if not _check_shard_files(report, info):
+        return report
+    manifest = _check_manifest(report, info)
+    if manifest is None:
+        return report
+    if info.kind == "train":
+        report.class_sizes = class_size_summary(manifest["label"].to_numpy(), info.num_classes)
+        _check_classes(report, info, manifest)
+    else:
+        _check_pairs(report, info, manifest)
+    if verify:
+        _verify_checksums(report, info, manifest)
+    return report
+
+
+def _check_shard_files(report: InspectReport, info: DatasetInfo) -> bool:
+    problems = []
+    for shard, tar, index in zip(info.shards, info.tar_paths, info.index_paths):
+        if not tar.is_file() or not index.is_file():
+            problems.append(f"{shard.tar if not tar.is_file() else shard.index} is missing")
+            continue
+        size = tar.stat().st_size
+        report.shards.append({"name": Path(shard.tar).stem, "count": shard.count, "bytes": size})
+        try:
+            samples = read_index_file(index)
+        except DataError as exc:
+            problems.append(str(exc))
+            continue
+        if len(samples) != shard.count:
+            problems.append(f"{shard.index} lists {len(samples)} samples, dataset.json says {shard.count}")
+        ends = [offset + nbytes for sample in samples for offset, nbytes, _ in sample.values()]
+        if ends and max(ends) > size:
+            problems.append(f"{shard.index} points past the end of {shard.tar} ({size} bytes): truncated tar")
+    ok = report.check(
+        "shards",
+        not problems,
+        "; ".join(problems[:3]) or f"{len(info.shards)} tars and indexes present and consistent",
+    )
+    return ok
+
+
+def _check_manifest(report: InspectReport, info: DatasetInfo) -> pd.DataFrame | None:
+    try:
+        manifest = read_manifest(info.root)
+    except DataError as exc:
+        report.check("manifest", False, str(exc))
+        return None
+    problems = []
+    if len(manifest) != info.num_images:
+        problems.append(f"{len(manifest)} rows for {info.num_images} images")
+    if not manifest["key"].is_unique:
+        problems.append("keys are not unique")
+    label = manifest["label"] if "label" in manifest else manifest["index"]
+    if len(label) and (label.min() < 0 or label.max() >= info.num_classes):
+        problems.append(f"labels outside [0, {info.num_classes})")
+    indexed = {}
+    for shard_number, index in enumerate(info.index_paths):
+        for sample in read_index_file(index):
+            offset, nbytes, name = sample["jpg"]
+            indexed[name.rsplit(".", 1)[0]] = (shard_number, offset, nbytes)
+    mismatched = [
+        row.key
+        for row in manifest.itertuples()
+        if indexed.get(row.key) != (row.shard, row.offset, row.nbytes)
+    ]
+    if mismatched:
+        problems.append(
+            f"{len(mismatched)} manifest rows disagree with the shard indexes (first: {mismatched[0]})"
+        )
+    report.check(
+        "manifest", not problems, "; ".join(problems) or f"{len(manifest)} rows agree with the shards"
+    )
+    return manifest
+
+
+def _check_classes(report: InspectReport, info: DatasetInfo, manifest: pd.DataFrame) -> None:
+    try:
+        classes = read_table(info.classes_path, CLASSES_SCHEMA).to_pandas()
+    except DataError as exc:
+        report.check("classes", False, str(exc))
+        return
+    expected = np.bincount(manifest["label"].to_numpy(), minlength=info.num_classes)
+    counts = np.zeros(len(expected), dtype=np.int64)
+    counts[classes["label"].to_numpy()] = classes["count"].to_numpy()
+    ok = np.array_equal(counts, expected)
+    empty = int((expected == 0).sum())
+    detail = (
+        f"{len(classes)} classes, counts agree with the manifest"
+        if ok
+        else "counts disagree with the manifest"
+    )
+    report.check("classes", ok, detail + (f" ({empty} classes have no image)" if empty else ""))
+
+
+def _check_pairs(report: InspectReport, info: DatasetInfo, manifest: pd.DataFrame) -> None:
+    try:
+        pairs = pd.read_parquet(info.pairs_path)
+    except (OSError, ValueError) as exc:
+        report.check("pairs", False, f"{info.pairs_path}: {exc}")
+        return
+    keys = set(manifest["key"])
+    unknown = (~pairs["left"].isin(keys) | ~pairs["right"].isin(keys)).sum()
+    ok = len(pairs) * 2 == info.num_images and unknown == 0
+    report.counts["pairs"] = len(pairs)
+    report.counts["mated"] = int(pairs["issame"].sum())
+    report.check("pairs", ok, f"{len(pairs)} pairs, {unknown} with unknown keys")
+
+
+def _verify_checksums(report: InspectReport, info: DatasetInfo, manifest: pd.DataFrame) -> None:
+    bad_shards = [s.tar for s, tar in zip(info.shards, info.tar_paths) if sha256_file(tar) != s.sha256]
+    report.check("shard sha256", not bad_shards, f"{len(bad_shards)} of {len(info.shards)} shards differ")
+    bad_images = 0
+    for shard_number, tar in enumerate(info.tar_paths):
+        blob = tar.read_bytes()
+        rows = manifest[manifest["shard"] == shard_number]
+        for offset, nbytes, digest in zip(rows["offset"], rows["nbytes"], rows["sha256"]):
+            bad_images += hashlib.sha256(blob[offset : offset + nbytes]).hexdigest() != digest
+    report.check("image sha256", bad_images == 0, f"{bad_images} of {len(manifest)} images differ")
+
+
+def _inspect_unfinished(directory: Path) -> InspectReport:
+    plan = json.loads((directory / ".prep" / "plan.json").read_text())
+    done = len(list((directory / ".prep").glob("shard-*.json")))
+    report = InspectReport(
+        path=directory,
+        kind="unfinished conversion",
+        counts={"images": plan["num_images"], "classes": plan["num_classes"], "shards": plan["num_shards"]},
+    )
+    report.check(
+        "complete",
+        False,
+        f"{done} of {plan['num_shards']} shards written; run `igfiqa prep convert` again to finish",
+    )
+    return report
+
+
+def _inspect_source(path: Path) -> InspectReport:
+    from data_prep.source import locate_source, read_source
+
+    files = locate_source(path)
+    report = InspectReport(path=path, kind="RecordIO source")
+    report.counts = {"bytes": files.rec.stat().st_size}
+    report.check(
+        "index", files.idx is not None, "train.idx present" if files.idx else "no .idx: records scanned"
+    )
+    try:
+        source = read_source(path)
+    except DataError as exc:
+        report.check("records", False, str(exc))
+        return report
+    report.kind = f"RecordIO source ({source.layout} layout)"
+    report.counts = {"images": source.num_images, "classes": source.num_classes, **report.counts}
+    report.class_sizes = class_size_summary(source.labels, source.num_classes)
+    report.check("records", True, f"{source.num_images} image records valid, images {source.image_size}")
+    return report

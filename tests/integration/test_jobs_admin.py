@@ -1,0 +1,70 @@
+"""`igfiqa jobs status|logs|cancel` against real jobs on the local cluster."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from jobs.cli import main
+from jobs.cluster import make_executor
+from jobs.commands.jobs_admin import sacct_rows
+
+pytestmark = pytest.mark.slurm
+
+
+def say_hello(word: str) -> str:
+    print(f"hello from the job: {word}", flush=True)
+    return word
+
+
+@pytest.mark.timeout(120)
+def test_status_and_logs_of_a_finished_job(slurm_cluster, submitit_folder, capsys) -> None:
+    folder = submitit_folder()
+    executor = make_executor(
+        slurm_cluster.profile, folder, job_name="test-admin", timeout_min=5, array_task=True
+    )
+    job = executor.submit(say_hello, "tulip")
+    assert job.result() == "tulip"
+    job_id = str(job.job_id)
+    # the result file appears before SLURM has closed the job: wait for accounting to catch up
+    deadline = time.monotonic() + 30
+    while not any(r["State"] == "COMPLETED" for r in sacct_rows(job_id) if r["JobID"] == job_id):
+        assert time.monotonic() < deadline, "sacct never reported the job COMPLETED"
+        time.sleep(0.5)
+
+    assert main(["jobs", "status", job_id]) == 0
+    out = capsys.readouterr().out
+    # (the JobName column may still read "allocation": slurmdbd fills it in a moment later)
+    assert "State" in out and f"{job_id}.0" in out and "COMPLETED" in out
+    assert f"log: {folder / f'{job_id}_0_log.out'}" in out  # folder found through scontrol
+
+    assert main(["jobs", "logs", job_id, "--folder", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "hello from the job: tulip" in out
+    assert f"==> {folder / f'{job_id}_0_log.err'}" in out
+
+    assert main(["jobs", "logs", job_id, "--tail", "1"]) == 0  # without --folder: from scontrol
+    assert "last 1 of" in capsys.readouterr().out
+
+
+@pytest.mark.timeout(120)
+def test_cancel_reports_cancelled(slurm_cluster, submitit_folder, capsys) -> None:
+    executor = make_executor(
+        slurm_cluster.profile, submitit_folder(), job_name="test-admin-cancel", timeout_min=5, array_task=True
+    )
+    job = executor.submit(time.sleep, 600)
+    assert main(["jobs", "cancel", str(job.job_id)]) == 0
+    assert f"job {job.job_id}: CANCELLED" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [["jobs", "status", "12x"], ["jobs", "status", "999999999"]])
+def test_bad_or_unknown_job_ids_are_clear_errors(slurm_cluster, capsys, argv) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("igfiqa: error:") and argv[-1] in err
+
+
+def test_logs_of_a_forgotten_job_ask_for_the_folder(slurm_cluster, capsys) -> None:
+    assert main(["jobs", "logs", "999999999"]) == 2
+    assert "pass --folder" in capsys.readouterr().err

@@ -43,6 +43,61 @@ Table 2 layout: methods × dataset/FMR), quality_<dataset>.png (every method's E
 """
 
 
+EVAL_DESCRIPTION = """\
+Evaluate a trained checkpoint on every converted verification set under --data
+(the output of `igfiqa prep bins`; --data may also be one set's folder):
+  * the quality of every image (the model's quality head),
+  * 10-fold verification accuracy (InsightFace's protocol),
+  * EDC / ERC of the quality scores, as `igfiqa erc` computes them (see its --help).
+
+Embeddings for the comparisons come from the checkpoint's own backbone or, cross-model
+as the paper evaluates, from an independent face recognition model:
+  --fr-model MODEL.onnx       run with onnxruntime; input [N, 3, H, W] float32,
+                              (pixel - 127.5) / 127.5, RGB (--fr-bgr for BGR models)
+  --fr-embeddings FILE.npz    precomputed: arrays `keys` [N] ("<set>/<key>" or the
+                              manifest key) and `embeddings` [N, D]
+The own backbone's accuracy is reported beside the FR model's.
+
+The results go to MLflow as an "eval" run, a child of the checkpoint's training run
+(experiment and tracking URI from the checkpoint's config unless --tracking-uri).
+
+example:
+  igfiqa eval runs/igfiqa/checkpoints/last.ckpt --data work/val --out work/eval
+"""
+
+EVAL_EXTRA_OUTPUTS = """\
+also: verification.csv, and per set pairs_<set>.parquet + scores_<set>.parquet, ready for
+`igfiqa erc` (e.g. to put other FIQA methods' scores beside ours)
+"""
+
+SCORE_DESCRIPTION = """\
+Score aligned 112×112 face images with a trained checkpoint (other sizes are resized
+to 112×112 and flagged). PATHs are image files or folders, searched recursively for
+.jpg/.jpeg/.png. An unreadable file stays in the output with NaN quality and its
+error, is listed at the end, and does not stop the run.
+
+Output (parquet, or CSV when --out ends in .csv), one row per file:
+  image (path), quality (or --column), height, width (before resizing), resized, error
+It is a SCORES table for `igfiqa erc` when the image column matches the pairs' keys.
+
+example:
+  igfiqa score runs/igfiqa/checkpoints/last.ckpt photos/ extra.jpg --out scores.parquet
+"""
+
+EXPORT_DESCRIPTION = """\
+Export the checkpoint's backbone + quality head to ONNX and check it against torch
+with onnxruntime.
+
+The ONNX model: input `images` [batch, 3, 112, 112] float32, RGB, (pixel - 127.5) / 127.5,
+dynamic batch; output `quality` [batch] and, with --with-embedding, `embedding` [batch, D].
+The command prints the largest absolute difference between onnxruntime and torch on
+random images (batches of 1 and 3) and fails when it exceeds --tolerance.
+
+example:
+  igfiqa export runs/igfiqa/checkpoints/last.ckpt --onnx quality.onnx --with-embedding
+"""
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the evaluation commands to the `igfiqa` parser."""
     formatter = argparse.RawDescriptionHelpFormatter
@@ -70,6 +125,80 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--methods", nargs="+", default=None, help="quality columns to evaluate (default: all numeric)"
     )
     erc.set_defaults(func=run_erc)
+
+    evaluate = subparsers.add_parser(
+        "eval",
+        help="evaluate a checkpoint on converted verification sets",
+        description=EVAL_DESCRIPTION + "\n" + OUTPUTS + EVAL_EXTRA_OUTPUTS,
+        formatter_class=formatter,
+    )
+    evaluate.add_argument("checkpoint", type=Path, help="training checkpoint (.ckpt)")
+    evaluate.add_argument("--data", required=True, type=Path, help="folder of converted verification sets")
+    evaluate.add_argument("--out", required=True, type=Path, help="output directory (created)")
+    source = evaluate.add_mutually_exclusive_group()
+    source.add_argument(
+        "--fr-model", type=Path, default=None, help="ONNX face recognition model for the comparisons"
+    )
+    source.add_argument(
+        "--fr-embeddings", type=Path, default=None, help=".npz of precomputed embeddings (see above)"
+    )
+    evaluate.add_argument("--fr-bgr", action="store_true", help="the ONNX FR model expects BGR channel order")
+    evaluate.add_argument(
+        "--name", default=None, help="method name in tables and plots (default: the run name)"
+    )
+    evaluate.add_argument(
+        "--flip", action="store_true", help="embedding = embedding(image) + embedding(mirror)"
+    )
+    _add_inference_options(evaluate)
+    _add_quality_options(evaluate)
+    evaluate.add_argument(
+        "--tracking-uri", default="", help="MLflow tracking URI (default: the run's, or sqlite)"
+    )
+    evaluate.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    evaluate.set_defaults(func=run_eval)
+
+    score = subparsers.add_parser(
+        "score",
+        help="quality score of every face image under some paths",
+        description=SCORE_DESCRIPTION,
+        formatter_class=formatter,
+    )
+    score.add_argument("checkpoint", type=Path, help="training checkpoint (.ckpt)")
+    score.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="image files or folders")
+    score.add_argument("--out", required=True, type=Path, help="output table (.parquet or .csv)")
+    score.add_argument("--column", default="quality", help="name of the quality column (default: quality)")
+    score.add_argument("--embeddings", type=Path, default=None, help="also write the embeddings to this .npz")
+    score.add_argument("--flip", action="store_true", help="embeddings: add the mirror image's embedding")
+    score.add_argument("--workers", type=int, default=2, help="image decoding threads (default: 2)")
+    _add_inference_options(score)
+    score.set_defaults(func=run_score)
+
+    export = subparsers.add_parser(
+        "export",
+        help="export backbone + quality head to ONNX (checked with onnxruntime)",
+        description=EXPORT_DESCRIPTION,
+        formatter_class=formatter,
+    )
+    export.add_argument("checkpoint", type=Path, help="training checkpoint (.ckpt)")
+    export.add_argument("--onnx", required=True, type=Path, help="output .onnx file")
+    export.add_argument("--with-embedding", action="store_true", help="also output the embedding")
+    export.add_argument("--opset", type=int, default=18, help="ONNX opset (default: 18)")
+    export.add_argument(
+        "--exporter",
+        choices=("auto", "dynamo", "torchscript"),
+        default="auto",
+        help="torch exporter: dynamo (torch.export), torchscript (legacy) or auto (dynamo, then torchscript)",
+    )
+    export.add_argument(
+        "--tolerance", type=float, default=1e-3, help="largest allowed |onnx - torch| (default: 1e-3)"
+    )
+    export.set_defaults(func=run_export)
+
+
+def _add_inference_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _add_quality_options(parser: argparse.ArgumentParser) -> None:
@@ -140,6 +269,182 @@ def run_erc(args: argparse.Namespace) -> int:
         metadata={"command": "erc", "pairs": str(args.pairs), "scores": str(args.scores)},
     )
     _print_outcome(files, [evaluation])
+    return 0
+
+
+def _load_model(checkpoint: Path, device_name: str) -> tuple[Any, Any, Any]:
+    """(model, config, device) from a checkpoint; bad checkpoints become one clear error line."""
+    from jobs.cli import UserError
+    from pipeline.checkpoint import CheckpointError, load_inference_model
+    from pipeline.scoring import resolve_device
+
+    device = resolve_device(device_name)
+    try:
+        model, config = load_inference_model(checkpoint, device)
+    except CheckpointError as exc:
+        raise UserError(str(exc)) from exc
+    return model, config, device
+
+
+def _checkpoint_lineage(checkpoint: Path) -> tuple[str, int]:
+    """(MLflow run id of the training run, global step) stored in the checkpoint (memory-mapped read)."""
+    import torch
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    return str(state.get("mlflow_run_id") or ""), int(state.get("global_step") or 0)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """Handler of `igfiqa eval`."""
+    from pipeline.embeddings import OnnxEmbedder, load_embeddings_npz
+    from pipeline.evaluation import evaluate_checkpoint
+
+    model, config, device = _load_model(args.checkpoint, args.device)
+    fr_model = fr_embeddings = None
+    with _user_errors():
+        if args.fr_model is not None:
+            fr_model = OnnxEmbedder(args.fr_model, channel_order="bgr" if args.fr_bgr else "rgb")
+        if args.fr_embeddings is not None:
+            fr_embeddings = load_embeddings_npz(args.fr_embeddings)
+        train_run_id, step = _checkpoint_lineage(args.checkpoint)
+        outcome = evaluate_checkpoint(
+            model,
+            args.data,
+            args.out,
+            method=args.name or config.run.name,
+            device=device,
+            fr_model=fr_model,
+            fr_embeddings=fr_embeddings,
+            batch_size=args.batch_size,
+            flip=args.flip,
+            fmrs=args.fmr,
+            discard_limit=args.discard_limit,
+            crfiqa_refit=args.crfiqa_refit,
+            metadata={
+                "checkpoint": str(args.checkpoint),
+                "global_step": step,
+                "train_run_id": train_run_id,
+                "fr_model": str(args.fr_model or ""),
+                "fr_embeddings": str(args.fr_embeddings or ""),
+            },
+            progress=not args.no_progress,
+        )
+    _print_outcome(outcome.files, [s.quality for s in outcome.sets])
+    if not args.no_mlflow:
+        run_id = log_evaluation(outcome, args=args, config=config, train_run_id=train_run_id, step=step)
+        if run_id:
+            print(
+                f"MLflow run: {run_id}" + (f" (child of training run {train_run_id})" if train_run_id else "")
+            )
+    return 0
+
+
+def log_evaluation(
+    outcome: Any, *, args: argparse.Namespace, config: Any, train_run_id: str, step: int
+) -> str | None:
+    """Log an evaluation to MLflow through `pipeline.tracking`; returns the eval run id (None without tracking)."""
+    try:
+        from pipeline import tracking
+    except ImportError:  # tracking not part of this installation
+        log.info("pipeline.tracking is not available: results not logged to MLflow")
+        return None
+    uri = tracking.resolve_tracking_uri(args.tracking_uri or config.run.tracking_uri)
+    tags = {"stage": "eval", "checkpoint": str(args.checkpoint.resolve())}
+    if train_run_id:
+        tags |= {"mlflow.parentRunId": train_run_id, "train_run_id": train_run_id}
+    tracker = tracking.RunTracker.start(
+        tracking_uri=uri, experiment=config.run.experiment, run_name=f"eval {args.checkpoint.name}", tags=tags
+    )
+    try:
+        tracker.log_params(
+            {
+                "checkpoint": args.checkpoint,
+                "data": args.data,
+                "fr_model": args.fr_model or "",
+                "fr_embeddings": args.fr_embeddings or "",
+                "flip": args.flip,
+                "fmr": " ".join(f"{f:g}" for f in args.fmr),
+                "discard_limit": args.discard_limit,
+            }
+        )
+        tracker.log_metrics(outcome.metrics, step=step)
+        for path in outcome.files.all_files():
+            tracker.log_artifact(path, "eval")
+    except Exception:
+        tracker.finish("FAILED")
+        raise
+    tracker.finish()
+    return tracker.run_id
+
+
+def run_score(args: argparse.Namespace) -> int:
+    """Handler of `igfiqa score`."""
+    from jobs.cli import UserError
+    from pipeline.embeddings import save_embeddings_npz
+    from pipeline.image_io import find_image_files
+    from pipeline.scoring import score_files
+
+    files = find_image_files(args.paths)
+    if not files:
+        raise UserError(f"no .jpg/.jpeg/.png images under {', '.join(map(str, args.paths))}")
+    if args.out.suffix.lower() not in (".parquet", ".pq", ".csv"):
+        raise UserError(f"{args.out}: the output must end in .parquet or .csv")
+    model, _config, device = _load_model(args.checkpoint, args.device)
+    scored = score_files(
+        model,
+        files,
+        device=device,
+        batch_size=args.batch_size,
+        flip=args.flip,
+        workers=args.workers,
+        progress=not args.no_progress,
+    )
+    table = scored.table.rename(columns={"quality": args.column})
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.out.suffix.lower() == ".csv":
+        table.to_csv(args.out, index=False)
+    else:
+        table.to_parquet(args.out, index=False)
+    if args.embeddings is not None and len(scored.embeddings):
+        readable = table["error"].isna().to_numpy()
+        save_embeddings_npz(args.embeddings, table["image"][readable].tolist(), scored.embeddings)
+        print(f"embeddings: {args.embeddings}")
+    failed = scored.failed
+    print(f"scored {len(table) - len(failed)} of {len(table)} images → {args.out}")
+    resized = int(table["resized"].sum())
+    if resized:
+        print(f"{resized} image(s) were not 112×112 and were resized (column resized)")
+    if len(failed):
+        print(f"{len(failed)} unreadable file(s), kept in the output with their error:")
+        for _, row in failed.head(20).iterrows():
+            print(f"  {row['error']}")
+        if len(failed) > 20:
+            print(f"  … and {len(failed) - 20} more")
+    return 0 if len(failed) < len(table) else 1
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """Handler of `igfiqa export`."""
+    from jobs.cli import UserError
+    from pipeline.export import ExportError, check_parity, export_onnx
+
+    model, _config, _device = _load_model(args.checkpoint, "cpu")
+    try:
+        exporter = export_onnx(
+            model, args.onnx, with_embedding=args.with_embedding, opset=args.opset, exporter=args.exporter
+        )
+    except ExportError as exc:
+        raise UserError(str(exc)) from exc
+    report = check_parity(args.onnx, model, exporter=exporter)
+    print(f"exported {args.onnx} ({exporter} exporter, opset {args.opset}, dynamic batch)")
+    print(
+        f"onnxruntime vs torch, batches {report.batch_sizes}: max |diff| quality {report.max_abs_diff_quality:.3g}"
+    )
+    if report.max_abs_diff_embedding is not None:
+        print(f"onnxruntime vs torch: max |diff| embedding {report.max_abs_diff_embedding:.3g}")
+    if not report.passed(args.tolerance):
+        print(f"igfiqa: error: the ONNX model differs from torch by more than {args.tolerance:g}")
+        return 1
     return 0
 
 

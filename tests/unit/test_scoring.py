@@ -1,0 +1,104 @@
+"""Image decoding to the contract's layout and batched scoring with unreadable files reported."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.image_io import ImageDecodeError, decode_image, find_image_files, read_image_file
+from pipeline.scoring import infer_batch, score_files
+from tests.eval_fixtures import face_image, jpeg_bytes, make_checkpoint
+
+
+def _png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_decode_gives_rgb_chw_float_in_minus_one_one():
+    rgb = np.zeros((112, 112, 3), np.uint8)
+    rgb[0, 0] = (255, 0, 127)
+    rgb[5, 7] = (10, 20, 30)
+    decoded = decode_image(_png(rgb), source="mem")
+    assert decoded.tensor.dtype == np.float32 and decoded.tensor.shape == (3, 112, 112)
+    np.testing.assert_allclose(decoded.tensor[:, 0, 0], [1.0, -1.0, (127 - 127.5) / 127.5])
+    np.testing.assert_allclose(decoded.tensor[:, 5, 7], (np.array([10, 20, 30]) - 127.5) / 127.5)
+    assert not decoded.resized
+
+
+def test_grayscale_and_other_sizes_are_converted_and_flagged():
+    gray = np.full((100, 90), 200, np.uint8)
+    decoded = decode_image(_png(gray), source="mem")
+    assert decoded.tensor.shape == (3, 112, 112) and decoded.resized and decoded.original_size == (100, 90)
+    np.testing.assert_allclose(decoded.tensor, (200 - 127.5) / 127.5)
+
+
+def test_unreadable_bytes_name_their_source(tmp_path):
+    with pytest.raises(ImageDecodeError, match=r"photo\.jpg: not a readable image"):
+        decode_image(b"not an image", source="photo.jpg")
+    with pytest.raises(ImageDecodeError, match=r"missing\.png: cannot read the file"):
+        read_image_file(tmp_path / "missing.png")
+
+
+def test_find_image_files_recurses_and_keeps_explicit_files(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    for name in ("a/x.jpg", "a/b/y.PNG", "a/b/z.jpeg", "a/notes.txt", "explicit.bmp"):
+        (tmp_path / name).write_bytes(b"")
+    found = find_image_files([tmp_path / "a", tmp_path / "explicit.bmp"])
+    assert [p.relative_to(tmp_path).as_posix() for p in found] == [
+        "a/b/y.PNG",
+        "a/b/z.jpeg",
+        "a/x.jpg",
+        "explicit.bmp",
+    ]
+    with pytest.raises(FileNotFoundError, match="nope: no such file or folder"):
+        find_image_files([tmp_path / "nope"])
+
+
+def test_score_files_reports_broken_files_and_goes_on(tmp_path):
+    _, model = make_checkpoint(tmp_path / "m.ckpt")
+    folder = tmp_path / "faces"
+    (folder / "sub").mkdir(parents=True)
+    good = {
+        folder / "a.jpg": face_image(1),
+        folder / "sub" / "b.png": face_image(2),
+        folder / "c.jpg": face_image(3),
+    }
+    for path, image in good.items():
+        image.save(path)
+    (folder / "broken.jpg").write_bytes(jpeg_bytes(face_image(4))[:300])  # truncated JPEG
+    (folder / "text.png").write_text("hello")
+    files = find_image_files([folder])
+    scored = score_files(model, files, device=torch.device("cpu"), batch_size=2, progress=False)
+
+    table = scored.table.set_index("image")
+    assert len(table) == 5 and len(scored.failed) == 2
+    for broken in ("broken.jpg", "text.png"):
+        row = table.loc[str(folder / broken)]
+        assert np.isnan(row["quality"]) and f"{broken}: not a readable image" in row["error"]
+    # the scores are the model's own outputs on the decoded tensors
+    readable = [p for p in files if p in good]
+    tensors = np.stack([read_image_file(p).tensor for p in readable])
+    expected = infer_batch(model, tensors, torch.device("cpu"))
+    np.testing.assert_allclose(
+        table.loc[[str(p) for p in readable], "quality"], expected.quality, rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(scored.embeddings, expected.embeddings, rtol=1e-5, atol=1e-5)
+    assert table["height"].loc[str(folder / "a.jpg")] == 112 and not table["resized"].any()
+
+
+def test_flip_adds_the_mirror_embedding_and_keeps_the_unflipped_quality(tmp_path):
+    _, model = make_checkpoint(tmp_path / "m.ckpt")
+    images = np.stack([decode_image(jpeg_bytes(face_image(i)), source="x").tensor for i in range(3)])
+    plain = infer_batch(model, images, torch.device("cpu"))
+    mirrored = infer_batch(model, np.ascontiguousarray(images[..., ::-1]), torch.device("cpu"))
+    flipped = infer_batch(model, images, torch.device("cpu"), flip=True)
+    np.testing.assert_allclose(
+        flipped.embeddings, plain.embeddings + mirrored.embeddings, rtol=1e-5, atol=1e-5
+    )
+    np.testing.assert_allclose(flipped.quality, plain.quality)

@@ -195,6 +195,12 @@ fi
 
 # ----------------------------------------------------------------------------- slurm configuration
 
+# Never clobber a configuration this script did not write (a real cluster's, say).
+for f in /etc/slurm/slurm.conf /etc/slurm/slurmdbd.conf; do
+    if [[ -s $f ]] && ! grep -q '^# Rendered by slurm/local/start.sh' "$f" && [[ -z ${IGFIQA_SLURM_OVERWRITE:-} ]]; then
+        die "$f holds a configuration start.sh did not write; move it away or set IGFIQA_SLURM_OVERWRITE=1"
+    fi
+done
 changed=0
 install_if_changed "$(render_slurmdbd_conf)" /etc/slurm/slurmdbd.conf 0600 && changed=1
 install_if_changed "$(render_slurm_conf)" /etc/slurm/slurm.conf 0644 && changed=1

@@ -48,9 +48,8 @@ def slurm_cluster() -> SlurmCluster:
     if result.returncode != 0:
         output = (result.stdout + result.stderr).strip()
         if os.geteuid() != 0:
-            pytest.skip(
-                f"the local SLURM cluster is not up and starting it needs root: {output.splitlines()[-1]}"
-            )
+            last_line = output.splitlines()[-1] if output else "(no output)"
+            pytest.skip(f"the local SLURM cluster is not up and starting it needs root: {last_line}")
         if shutil.which("apt-get") is None and shutil.which("slurmctld", path="/usr/sbin:/usr/bin") is None:
             pytest.skip("the local SLURM cluster needs Debian's slurm packages and apt-get is not available")
         pytest.fail(f"slurm/local/start.sh failed (exit {result.returncode}):\n{output}", pytrace=False)

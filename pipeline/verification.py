@@ -103,9 +103,15 @@ def fold_slices(num_pairs: int, num_folds: int = DEFAULT_FOLDS) -> list[np.ndarr
 
 
 def _accuracies(distance: np.ndarray, issame: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
-    """Accuracy of `distance < t` against `issame` for every threshold t (vectorised)."""
-    predicted = distance[None, :] < thresholds[:, None]
-    return np.mean(predicted == issame[None, :], axis=1)
+    """Accuracy of `distance < t` against `issame` for every threshold t.
+
+    Counted with sorted distances (O((n + T) log n)) rather than an n × T comparison matrix.
+    """
+    same = np.sort(distance[issame])
+    different = np.sort(distance[~issame])
+    true_accepts = np.searchsorted(same, thresholds, side="left")  # same pairs with d < t
+    true_rejects = different.size - np.searchsorted(different, thresholds, side="left")  # different, d >= t
+    return (true_accepts + true_rejects) / distance.size
 
 
 def ten_fold_accuracy(

@@ -102,3 +102,13 @@ def test_flip_adds_the_mirror_embedding_and_keeps_the_unflipped_quality(tmp_path
         flipped.embeddings, plain.embeddings + mirrored.embeddings, rtol=1e-5, atol=1e-5
     )
     np.testing.assert_allclose(flipped.quality, plain.quality)
+
+
+@pytest.mark.gpu
+def test_scoring_on_cuda_matches_cpu(tmp_path):
+    _, model = make_checkpoint(tmp_path / "m.ckpt")
+    images = np.stack([decode_image(jpeg_bytes(face_image(i)), source="x").tensor for i in range(4)])
+    on_cpu = infer_batch(model, images, torch.device("cpu"), flip=True)
+    on_gpu = infer_batch(model.to("cuda"), images, torch.device("cuda"), flip=True)
+    np.testing.assert_allclose(on_gpu.quality, on_cpu.quality, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(on_gpu.embeddings, on_cpu.embeddings, rtol=1e-3, atol=1e-3)

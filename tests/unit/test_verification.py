@@ -86,3 +86,13 @@ def test_mismatched_embedding_dimensions_are_an_error():
         cosine_similarity(np.full((3, 2), np.nan), np.ones((3, 2)))
     with pytest.raises(EmbeddingError, match="cannot be split into 10 folds"):
         ten_fold_accuracy(np.zeros(5), np.ones(5, bool))
+
+
+def test_threshold_search_matches_a_brute_force_count():
+    from pipeline.verification import DEFAULT_THRESHOLDS, _accuracies
+
+    rng = np.random.default_rng(1)
+    distance = np.round(rng.uniform(0, 4, 500), 2)  # many ties with the 0.01 grid
+    issame = rng.random(500) < 0.5
+    brute = np.array([np.mean((distance < t) == issame) for t in DEFAULT_THRESHOLDS])
+    np.testing.assert_allclose(_accuracies(distance, issame, DEFAULT_THRESHOLDS), brute)

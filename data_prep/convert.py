@@ -57,7 +57,7 @@ from data_prep.dataset import (
 )
 from data_prep.errors import DataError
 from data_prep.manifest import CLASSES_SCHEMA, TRAIN_MANIFEST_SCHEMA, write_table
-from data_prep.recordio import IR_HEADER_SIZE, RecordIOReader, image_kind, unpack_header
+from data_prep.recordio import RecordIOReader, image_kind, unpack_header
 from data_prep.shards import shard_stem, write_webdataset_shard
 from data_prep.source import read_source
 
@@ -70,7 +70,14 @@ CREATED_BY = "igfiqa data_prep.convert"
 DEFAULT_SAMPLES_PER_SHARD = 5000
 MIN_KEY_WIDTH = 9
 _PLAN_SCHEMA = pa.schema(
-    [("position", pa.int64()), ("record", pa.int64()), ("offset", pa.int64()), ("label", pa.int64())]
+    [
+        ("position", pa.int64()),
+        ("record", pa.int64()),
+        ("offset", pa.int64()),  # of the record in the .rec
+        ("label", pa.int64()),
+        ("image_offset", pa.int64()),  # of the image bytes in the .rec; -1 for a split record
+        ("image_nbytes", pa.int64()),
+    ]
 )
 
 
@@ -230,6 +237,8 @@ def prepare_conversion(
             "record": source_dataset.records[order],
             "offset": source_dataset.offsets[order],
             "label": source_dataset.labels[order],
+            "image_offset": source_dataset.image_offsets[order],
+            "image_nbytes": source_dataset.image_nbytes[order],
         },
         schema=_PLAN_SCHEMA,
     )
@@ -322,8 +331,10 @@ def write_shard(out: Path, shard_index: int) -> None:
                 path=plan.rec_path,
             )
         images = [
-            _image_bytes(reader, record, offset, label)
-            for record, offset, label in zip(rows["record"], rows["offset"], rows["label"])
+            _image_bytes(reader, record, offset, label, image_offset, image_nbytes)
+            for record, offset, label, image_offset, image_nbytes in zip(
+                rows["record"], rows["offset"], rows["label"], rows["image_offset"], rows["image_nbytes"]
+            )
         ]
         written = write_webdataset_shard(paths["tar"], paths["index"], keys, images, rows["label"])
         del images
@@ -351,22 +362,29 @@ def write_shard(out: Path, shard_index: int) -> None:
     atomic_write(paths["done"], lambda tmp: tmp.write_bytes(canonical_json(done)), durable=False)
 
 
-def _image_bytes(reader: RecordIOReader, record: int, offset: int, label: int) -> memoryview | bytes:
-    """The image bytes of one planned record, re-checked (zero-copy for unsplit records)."""
-    start, length, _ = reader.record_span(offset, record)
-    payload = (
-        reader.view[start : start + length] if start >= 0 else memoryview(reader.read_at(offset, record))
-    )
-    header, data_start = unpack_header(payload, path=reader.path, record=record)
-    image = payload[data_start:]
-    if int(header.labels[0]) != label or image_kind(image) is None:
+def _image_bytes(
+    reader: RecordIOReader, record: int, offset: int, label: int, image_offset: int, image_nbytes: int
+) -> memoryview | bytes:
+    """The image bytes of one planned record: a zero-copy slice of the file when the record is whole.
+
+    Planning validated every record; here only the image magic is re-checked, which catches a
+    source replaced since planning (its size is checked once per shard).
+    """
+    if image_offset >= 0:
+        image = reader.view[image_offset : image_offset + image_nbytes]
+    else:  # a split record: join its parts
+        payload = reader.read_at(offset, record)
+        header, data_start = unpack_header(payload, path=reader.path, record=record)
+        image = memoryview(payload)[data_start:]
+        if int(header.labels[0]) != label:
+            image = memoryview(b"")
+    if len(image) != image_nbytes or image_kind(image) is None:
         raise DataError(
             "record no longer matches the plan (the source changed since planning): convert into a new --out",
             path=reader.path,
             record=record,
             offset=offset,
         )
-    assert data_start >= IR_HEADER_SIZE
     return image
 
 

@@ -15,9 +15,9 @@ offset = start of the member's data), produced here from the offsets we know.
 from __future__ import annotations
 
 import hashlib
-import os
 import tarfile
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +31,6 @@ RECORD_SIZE = tarfile.RECORDSIZE  # 20 blocks: tarfile pads the archive end to t
 INDEX_VERSION = "v1.2"
 IMAGE_EXT = "jpg"
 LABEL_EXT = "cls"
-_IOV_BATCH = 1024  # os.writev takes at most IOV_MAX (1024 on Linux) buffers
 
 
 def shard_stem(shard_index: int) -> str:
@@ -95,73 +94,56 @@ def write_webdataset_shard(
     images: Sequence[bytes | memoryview],
     labels: Sequence[int],
 ) -> WrittenShard:
-    """Write one shard tar and its DALI index, each atomically (temp + rename; tar first)."""
+    """Write one shard tar and its DALI index, each atomically (temp + rename; tar first).
+
+    The tar is assembled in one buffer (a single copy of the image bytes), then written
+    while two threads compute its sha256 and the images' (hashlib releases the GIL).
+    """
     if not (len(keys) == len(images) == len(labels)) or not keys:
         raise ValueError("a shard needs the same positive number of keys, images and labels")
-    chunks: list[bytes | memoryview] = []
-    offsets = np.empty(len(keys), dtype=np.int64)
-    nbytes = np.empty(len(keys), dtype=np.int64)
-    index_lines = [f"{INDEX_VERSION} {len(keys)}\n"]
+    count = len(keys)
+    label_texts = [b"%d" % label for label in labels]
+    offsets = np.empty(count, dtype=np.int64)
+    nbytes = np.fromiter((len(image) for image in images), dtype=np.int64, count=count)
+    # member layout: [header][image, padded][header][label, padded] per sample, then two zero blocks
     position = 0
-    for i, (key, image, label) in enumerate(zip(keys, images, labels)):
-        image_size = len(image)
-        label_bytes = b"%d" % label
-        image_name, label_name = f"{key}.{IMAGE_EXT}", f"{key}.{LABEL_EXT}"
-        image_offset = position + BLOCK
+    for i in range(count):
+        offsets[i] = position + BLOCK
+        position += 3 * BLOCK + int(nbytes[i]) + (-int(nbytes[i]) % BLOCK)
+    end = position + 2 * BLOCK
+    total = end + (-end % RECORD_SIZE)
+    buffer = bytearray(total)  # zero-filled: padding and the end blocks are already in place
+    view = memoryview(buffer)
+    index_lines = [f"{INDEX_VERSION} {count}\n"]
+    for i, (key, image, label_text) in enumerate(zip(keys, images, label_texts)):
+        image_offset, image_size = int(offsets[i]), int(nbytes[i])
         label_offset = image_offset + image_size + (-image_size % BLOCK) + BLOCK
-        chunks += (
-            ustar_header(image_name, image_size),
-            image,
-            bytes(-image_size % BLOCK),
-            ustar_header(label_name, len(label_bytes)),
-            label_bytes.ljust(BLOCK, b"\0"),
-        )
-        offsets[i], nbytes[i] = image_offset, image_size
+        image_name, label_name = f"{key}.{IMAGE_EXT}", f"{key}.{LABEL_EXT}"
+        view[image_offset - BLOCK : image_offset] = ustar_header(image_name, image_size)
+        view[image_offset : image_offset + image_size] = image
+        view[label_offset - BLOCK : label_offset] = ustar_header(label_name, len(label_text))
+        view[label_offset : label_offset + len(label_text)] = label_text
         index_lines.append(
             f"{IMAGE_EXT} {image_offset} {image_size} {image_name} "
-            f"{LABEL_EXT} {label_offset} {len(label_bytes)} {label_name}\n"
+            f"{LABEL_EXT} {label_offset} {len(label_text)} {label_name}\n"
         )
-        position = label_offset + BLOCK
-    end = position + 2 * BLOCK
-    chunks.append(bytes(2 * BLOCK + (-end % RECORD_SIZE)))
-    image_sha256 = [hashlib.sha256(image).hexdigest() for image in images]
-    tar_digest = hashlib.sha256()
-    for chunk in chunks:
-        tar_digest.update(chunk)
-
-    def write_tar(tmp: Path) -> None:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            for start in range(0, len(chunks), _IOV_BATCH):
-                _writev_all(fd, chunks[start : start + _IOV_BATCH])
-        finally:
-            os.close(fd)
-
-    atomic_write(tar_path, write_tar, durable=False)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        tar_digest = pool.submit(lambda: hashlib.sha256(view).hexdigest())
+        image_digests = pool.submit(lambda: [hashlib.sha256(image).hexdigest() for image in images])
+        atomic_write(tar_path, lambda tmp: tmp.write_bytes(view), durable=False)
+        tar_sha256, image_sha256 = tar_digest.result(), image_digests.result()
+    view.release()
     index_bytes = "".join(index_lines).encode("ascii")
     atomic_write_bytes(index_path, index_bytes, durable=False)
     return WrittenShard(
-        count=len(keys),
-        size=end + (-end % RECORD_SIZE),
-        sha256=tar_digest.hexdigest(),
+        count=count,
+        size=total,
+        sha256=tar_sha256,
         index_sha256=hashlib.sha256(index_bytes).hexdigest(),
         image_offsets=offsets,
         image_nbytes=nbytes,
         image_sha256=image_sha256,
     )
-
-
-def _writev_all(fd: int, buffers: list[bytes | memoryview]) -> None:
-    """os.writev until every byte of `buffers` is written (writev may write less)."""
-    pending = [memoryview(b).cast("B") for b in buffers]
-    first = 0
-    while first < len(pending):
-        written = os.writev(fd, pending[first:])
-        while first < len(pending) and written >= len(pending[first]):
-            written -= len(pending[first])
-            first += 1
-        if written:
-            pending[first] = pending[first][written:]
 
 
 def read_index_file(index_path: Path) -> list[dict[str, tuple[int, int, str]]]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,8 @@ class SourceDataset:
     records: np.ndarray  # int64 key of each image record
     offsets: np.ndarray  # int64 byte offset of each image record in the .rec
     labels: np.ndarray  # int64 class of each image record
+    image_offsets: np.ndarray  # int64 byte offset of the image bytes in the .rec (-1: split record)
+    image_nbytes: np.ndarray  # int64 size of the image bytes
     num_classes: int
     image_size: tuple[int, int]  # (height, width)
     layout: str  # "insightface" | "plain"
@@ -203,6 +206,8 @@ def read_source(source: Path, *, progress: bool = False) -> SourceDataset:
         records = np.asarray(image_keys, dtype=np.int64)
         offsets = np.empty(len(records), dtype=np.int64)
         labels = np.empty(len(records), dtype=np.int64)
+        image_offsets = np.empty(len(records), dtype=np.int64)
+        image_nbytes = np.empty(len(records), dtype=np.int64)
         why = "the image range of record 0 needs" if is_insightface else "the index lists"
         with tqdm(
             image_keys, desc="validate records", unit="rec", disable=not progress, mininterval=1.0
@@ -210,7 +215,9 @@ def read_source(source: Path, *, progress: bool = False) -> SourceDataset:
             for i, key in enumerate(keys):
                 offset = _offset_of(index, key, files, why)
                 offsets[i] = offset
-                labels[i] = _validate_image_record(reader, files.rec, key, offset)
+                labels[i], image_offsets[i], image_nbytes[i] = _validate_image_record(
+                    reader, files.rec, key, offset
+                )
         if expected is not None:
             bad = np.nonzero(labels != expected[records])[0]
             if len(bad):
@@ -244,14 +251,20 @@ def read_source(source: Path, *, progress: bool = False) -> SourceDataset:
         records=records,
         offsets=offsets,
         labels=labels,
+        image_offsets=image_offsets,
+        image_nbytes=image_nbytes,
         num_classes=num_classes,
         image_size=image_size,
         layout="insightface" if is_insightface else "plain",
     )
 
 
-def _validate_image_record(reader: RecordIOReader, rec: Path, key: int, offset: int) -> int:
-    """Check one image record's structure, header and image magic; returns its class."""
+def _validate_image_record(reader: RecordIOReader, rec: Path, key: int, offset: int) -> tuple[int, int, int]:
+    """Check one image record's structure, header and image magic.
+
+    Returns (class, byte offset of the image in the file, image size); the offset is -1
+    for a split record, whose image bytes are not contiguous in the file.
+    """
     start, length, _ = reader.record_span(offset, key)
     if start >= 0 and length >= IR_HEADER_SIZE:
         flag, label = _IR_FLAG_LABEL.unpack_from(reader.view, start)
@@ -266,11 +279,13 @@ def _validate_image_record(reader: RecordIOReader, rec: Path, key: int, offset: 
                 )
             (label,) = struct.unpack_from("<f", reader.view, start + IR_HEADER_SIZE)
         head = reader.view[data_start : min(data_start + 8, start + length)]
+        image_start, image_nbytes = data_start, start + length - data_start
     else:  # a split record, or too short for a header: take the slow, fully checked path
         payload = reader.read_at(offset, key)
         header, data_start = unpack_header(payload, path=rec, record=key)
         label = header.labels[0]
         head = payload[data_start : data_start + 8]
+        image_start, image_nbytes = -1, len(payload) - data_start
     if image_kind(head) is None:
         raise DataError(
             f"payload after the IRHeader is not an image (starts with {bytes(head[:8]).hex() or 'nothing'}; "
@@ -279,11 +294,11 @@ def _validate_image_record(reader: RecordIOReader, rec: Path, key: int, offset: 
             record=key,
             offset=offset,
         )
-    if not (label == int(label)) or label < 0:
+    if not math.isfinite(label) or label != int(label) or label < 0:
         raise DataError(
             f"label {label} is not a non-negative whole number", path=rec, record=key, offset=offset
         )
-    return int(label)
+    return int(label), image_start, image_nbytes
 
 
 def _first_image_size(reader: RecordIOReader, files: SourceFiles, key: int, offset: int) -> tuple[int, int]:

@@ -437,27 +437,41 @@ def _write_train(out: Path, settings: SynthSettings, progress: bool) -> int:
     per_identity = []
     for identity in tqdm(range(settings.identities), desc="synth train", unit="id", disable=not progress):
         per_identity.append(_identity_images(identity, settings, bool(low_variance[identity])))
-    num_images = sum(len(images) for images, _ in per_identity)
-    first_identity_record = num_images + 1
+    write_insightface_recordio(out, [images for images, _ in per_identity], image_size=settings.image_size)
     rows: dict[str, list] = {
         k: [] for k in ("record", "identity", "image", "degradation", "strength", "low_variance")
     }
+    record = 1  # images are records 1..N, in identity order
+    for identity, (_, truth) in enumerate(per_identity):
+        for image_number, (degradation, strength) in enumerate(truth):
+            values = (record, identity, image_number, degradation, strength, bool(low_variance[identity]))
+            for name, value in zip(rows, values):
+                rows[name].append(value)
+            record += 1
+    write_table(out / "ground_truth.parquet", _truth_table(rows), durable=False)
+    return record - 1
+
+
+def write_insightface_recordio(out: Path, images_per_identity: list[list[bytes]], *, image_size: int) -> None:
+    """OUT/train.rec + train.idx + property in the InsightFace layout; class c = images_per_identity[c].
+
+    Records: 0 = header ([first identity record, end)), 1..N = images in class order,
+    then one identity record per class ([first image record, end)).
+    """
+    num_images = sum(len(images) for images in images_per_identity)
+    first_identity_record = num_images + 1
+    num_classes = len(images_per_identity)
 
     def write_rec(tmp_rec: Path) -> None:
         tmp_idx = tmp_rec.with_name(tmp_rec.name + ".idx")
         with RecordIOWriter(tmp_rec, tmp_idx) as writer:
-            writer.write(0, pack_header([first_identity_record, first_identity_record + settings.identities]))
+            writer.write(0, pack_header([first_identity_record, first_identity_record + num_classes]))
             key = 1
             ranges = []
-            for identity, (images, truth) in enumerate(per_identity):
+            for identity, images in enumerate(images_per_identity):
                 start = key
-                for image_number, (jpeg, (degradation, strength)) in enumerate(zip(images, truth)):
+                for jpeg in images:
                     writer.write(key, pack_header(float(identity), id=key) + jpeg)
-                    for name, value in zip(
-                        rows,
-                        (key, identity, image_number, degradation, strength, bool(low_variance[identity])),
-                    ):
-                        rows[name].append(value)
                     key += 1
                 ranges.append((start, key))
             for identity, (start, stop) in enumerate(ranges):
@@ -465,13 +479,7 @@ def _write_train(out: Path, settings: SynthSettings, progress: bool) -> int:
         tmp_idx.replace(out / "train.idx")
 
     atomic_write(out / "train.rec", write_rec, durable=False)
-    atomic_write_bytes(
-        out / "property",
-        f"{settings.identities},{settings.image_size},{settings.image_size}\n".encode(),
-        durable=False,
-    )
-    write_table(out / "ground_truth.parquet", _truth_table(rows), durable=False)
-    return num_images
+    atomic_write_bytes(out / "property", f"{num_classes},{image_size},{image_size}\n".encode(), durable=False)
 
 
 def _truth_table(rows: dict[str, list]) -> pa.Table:

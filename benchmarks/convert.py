@@ -1,0 +1,220 @@
+"""Benchmark `prep convert` against a plain byte copy of the same `.rec`.
+
+Builds (once, cached under the temp dir) a synthetic InsightFace dataset of a few
+hundred MB: faces from data_prep.synth, upscaled and noised so each JPEG is large,
+which makes the run about bytes rather than per-record overhead. Then, with the page
+cache warm, alternates `shutil.copyfile(train.rec)` and a 1-worker conversion, then
+2-worker conversions, and takes medians. A second, smaller dataset of real-sized
+112×112 images reports images per second, where per-record overhead dominates.
+
+Logs go to stderr; the last stdout line is one JSON object:
+ratio_vs_copy = conversion throughput (source bytes/s, 1 worker) ÷ copy throughput.
+
+    .venv/bin/python benchmarks/convert.py [--mb 300] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data_prep.convert import convert
+from data_prep.synth import draw_traits, draw_variation, render_face, synthesize, write_insightface_recordio
+
+log = logging.getLogger("bench.convert")
+
+
+def big_face_jpegs(count: int, seed: int) -> list[bytes]:
+    """Large (448×448, noisy, q95) face JPEGs: ~0.3 MB each."""
+    rng = np.random.default_rng(seed)
+    traits = draw_traits(rng)
+    images = []
+    for _ in range(count):
+        face = Image.fromarray(render_face(traits, draw_variation(rng))).resize((448, 448), Image.BICUBIC)
+        noisy = np.asarray(face, dtype=np.float32) + rng.normal(0, 14, (448, 448, 3)).astype(np.float32)
+        buffer = io.BytesIO()
+        Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(buffer, format="JPEG", quality=95)
+        images.append(buffer.getvalue())
+    return images
+
+
+def build_big_source(folder: Path, target_mb: int) -> Path:
+    """A cached InsightFace dataset of about `target_mb` MB of large images (100 identities)."""
+    stamp = folder / "built.json"
+    if stamp.is_file() and json.loads(stamp.read_text()).get("target_mb") == target_mb:
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    sample = big_face_jpegs(8, seed=0)
+    per_image = sum(map(len, sample)) / len(sample)
+    identities = 100
+    per_identity = max(1, round(target_mb * 1e6 / per_image / identities))
+    log.info(
+        "building a %d MB source: %d identities × %d images of ~%.0f kB",
+        target_mb,
+        identities,
+        per_identity,
+        per_image / 1e3,
+    )
+    started = time.perf_counter()
+    classes = [big_face_jpegs(per_identity, seed=1 + c) for c in range(identities)]
+    write_insightface_recordio(folder, classes, image_size=448)
+    stamp.write_text(json.dumps({"target_mb": target_mb}))
+    log.info("built in %.1f s", time.perf_counter() - started)
+    return folder
+
+
+def build_small_source(folder: Path, repeats: int) -> Path:
+    """Real-sized 112×112 synthetic images (the demo's), each identity's images repeated `repeats` times."""
+    stamp = folder / "built.json"
+    if stamp.is_file() and json.loads(stamp.read_text()).get("repeats") == repeats:
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    synth = folder / "synth"
+    synthesize(synth, identities=200, images_per_identity=12, verification_pairs=2, seed=0)
+    from data_prep.recordio import RecordIOReader, unpack_header
+    from data_prep.source import read_source
+
+    source = read_source(synth)
+    classes: list[list[bytes]] = [[] for _ in range(source.num_classes)]
+    with RecordIOReader(source.files.rec) as reader:
+        for record, offset, label in zip(source.records, source.offsets, source.labels):
+            payload = reader.read_at(int(offset), int(record))
+            classes[label].append(payload[unpack_header(payload)[1] :])
+    write_insightface_recordio(folder, [images * repeats for images in classes], image_size=112)
+    shutil.rmtree(synth)
+    stamp.write_text(json.dumps({"repeats": repeats}))
+    return folder
+
+
+def warm(path: Path) -> None:
+    with open(path, "rb") as f:
+        while f.read(16 << 20):
+            pass
+
+
+def time_copy(rec: Path, scratch: Path) -> float:
+    target = scratch / "copy.rec"
+    started = time.perf_counter()
+    shutil.copyfile(rec, target)
+    elapsed = time.perf_counter() - started
+    target.unlink()
+    return elapsed
+
+
+def time_convert(source: Path, scratch: Path, *, workers: int, samples_per_shard: int) -> float:
+    out = scratch / f"out-{workers}"
+    shutil.rmtree(out, ignore_errors=True)
+    started = time.perf_counter()
+    convert(source, out, samples_per_shard=samples_per_shard, workers=workers, seed=0, progress=False)
+    elapsed = time.perf_counter() - started
+    shutil.rmtree(out)
+    return elapsed
+
+
+def git_revision() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).parent,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--mb", type=int, default=300, help="size of the large-image source (default 300)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each contender (default 3)")
+    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "igfiqa-bench-convert")
+    args = parser.parse_args()
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s", datefmt="%H:%M:%S"
+    )
+
+    big = build_big_source(args.cache / "big", args.mb)
+    small = build_small_source(args.cache / "small", repeats=8)
+    scratch = Path(tempfile.mkdtemp(prefix="bench-convert-", dir=args.cache))
+    try:
+        rec = big / "train.rec"
+        size_mb = rec.stat().st_size / 1e6
+        warm(rec)
+        warm(big / "train.idx")
+        time_copy(rec, scratch)  # warm-up of both paths
+        time_convert(big, scratch, workers=1, samples_per_shard=100)
+        copies, singles, doubles = [], [], []
+        for repeat in range(args.repeats):
+            copies.append(time_copy(rec, scratch))
+            singles.append(time_convert(big, scratch, workers=1, samples_per_shard=100))
+            doubles.append(time_convert(big, scratch, workers=2, samples_per_shard=100))
+            log.info(
+                "run %d: copy %.3f s, convert 1 worker %.3f s, 2 workers %.3f s",
+                repeat,
+                copies[-1],
+                singles[-1],
+                doubles[-1],
+            )
+        copy_s, one_s, two_s = (statistics.median(x) for x in (copies, singles, doubles))
+
+        small_rec = small / "train.rec"
+        warm(small_rec)
+        small_images = int((small / "train.idx").read_text().count("\n")) - 1 - 200
+        small_copy = statistics.median(time_copy(small_rec, scratch) for _ in range(args.repeats))
+        small_one = statistics.median(
+            time_convert(small, scratch, workers=1, samples_per_shard=5000) for _ in range(args.repeats)
+        )
+        small_two = statistics.median(
+            time_convert(small, scratch, workers=2, samples_per_shard=5000) for _ in range(args.repeats)
+        )
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    result = {
+        "bench": "convert",
+        "source_mb": round(size_mb, 1),
+        "images": int((big / "train.idx").read_text().count("\n")) - 1 - 100,
+        "cpus": os.cpu_count(),
+        "copy_s": round(copy_s, 3),
+        "copy_mb_per_s": round(size_mb / copy_s, 1),
+        "convert_s": round(one_s, 3),
+        "convert_mb_per_s": round(size_mb / one_s, 1),
+        "ratio_vs_copy": round(copy_s / one_s, 3),
+        "workers": {
+            "1": {"s": round(one_s, 3), "mb_per_s": round(size_mb / one_s, 1)},
+            "2": {"s": round(two_s, 3), "mb_per_s": round(size_mb / two_s, 1)},
+        },
+        "speedup_2_workers": round(one_s / two_s, 2),
+        "small_112px": {
+            "images": small_images,
+            "source_mb": round(small_rec.stat().st_size / 1e6, 1),
+            "img_per_s_1_worker": round(small_images / small_one),
+            "img_per_s_2_workers": round(small_images / small_two),
+            "ratio_vs_copy": round(small_copy / small_one, 3),
+        },
+        "git": git_revision(),
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

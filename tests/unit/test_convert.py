@@ -378,3 +378,33 @@ def test_out_dir_holding_another_dataset(synth_source, tmp_path, capsys):
     code, err = run_cli(synth_source, tmp_path / "out", capsys)
     assert code == 2 and "another source" in err and str(tmp_path / "out") in err
     assert all_files(tmp_path / "out") == before
+
+
+@pytest.mark.parametrize("label", [float("nan"), -1.0, 1.5])
+def test_labels_that_are_not_class_numbers(tmp_path, capsys, label):
+    classes = [[jpeg(i) for i in range(2)] for _ in range(2)]
+    offsets = ref.write_insightface_dataset(tmp_path / "src", classes, image_size=(32, 32))
+    rec = tmp_path / "src" / "train.rec"
+    blob = bytearray(rec.read_bytes())
+    struct.pack_into("<f", blob, offsets[3] + 8 + 4, label)
+    rec.write_bytes(bytes(blob))
+    assert_refused(
+        tmp_path / "src", tmp_path / "out", capsys, "record 3", f"byte offset {offsets[3]}", "label"
+    )
+
+
+def test_cli_synth_convert_inspect_and_help(tmp_path, capsys):
+    synth = ["prep", "synth", "--out", str(tmp_path / "s"), "--identities", "5", "--images-per-identity", "3"]
+    assert cli_main([*synth, "--verification-pairs", "4"]) == 0
+    assert (
+        cli_main(["prep", "convert", str(tmp_path / "s"), "--out", str(tmp_path / "c"), "--workers", "2"])
+        == 0
+    )
+    assert cli_main(["prep", "inspect", str(tmp_path / "c"), "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert "converted" in out and "all checks passed" in out
+    with pytest.raises(SystemExit):
+        cli_main(["prep", "convert", "--help"])
+    text = capsys.readouterr().out
+    for fragment in ("dataset.json", "--submit PROFILE", "resumes", "manifest.parquet", "examples:"):
+        assert fragment in text

@@ -1,0 +1,111 @@
+"""The one DALI graph of training: decode, degrade the regression rows, flip, normalise.
+
+A batch mixes FR rows and regression rows; what happens to each row is decided by
+the per-sample inputs fed through `fn.external_source` (see `pipeline.augment_plan`):
+
+    encoded bytes ─ decode ─┬─ if rescale: resize to (h, w), then back to size × size
+                            ├─ if color:   color_twist(brightness, contrast, saturation)
+                            ├─ if erase:   rectangle set to pixel value ERASE_FILL
+                            └─ crop_mirror_normalize: mirror if flip, (x − 127.5) / 127.5, CHW float32
+
+The three `if`s are DALI conditionals (`enable_conditionals=True`): a row whose flag is
+off skips the operator entirely, so it is pixel-identical to decode + flip + normalise
+(the FR rows have every flag off), and each degradation costs only for the ~p of rows
+that get it. Erase comes last so the rectangle stays exactly at ERASE_FILL (pixel 0,
+i.e. −1 after normalisation, as the paper sets the pixels to 0).
+
+The device is chosen at build time: `device_id=None` gives a CPU-only pipeline
+(decoder "cpu", CPU operators); an integer gives decoder "mixed" and GPU operators,
+with the images delivered on that GPU. The graph is the same. Per-sample arguments,
+predicates and pass-through outputs (rows, flip, flags) stay on the CPU either way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.pipeline import Pipeline
+
+from pipeline.augment_plan import AugmentParams
+
+# Image tensor format shared by the loader, scoring, evaluation and export (docs/contracts.md).
+PIXEL_MEAN = 127.5
+PIXEL_STD = 127.5
+# Pixel value of an erased rectangle before normalisation: the paper "set its pixel values to 0" (§4.1).
+ERASE_FILL = 0.0
+# Outputs of the graph, in order (names used by the torch iterator).
+OUTPUT_NAMES = ("images", "rows", "flip", "flags")
+
+
+@dataclass(frozen=True)
+class GraphBatch:
+    """What the graph is fed for one batch: encoded images, their manifest rows and their augmentation."""
+
+    encoded: Sequence[np.ndarray]  # uint8 views of the encoded bytes
+    rows: np.ndarray  # int64 [n] manifest rows, passed through unchanged
+    params: AugmentParams
+
+    def as_inputs(self) -> tuple:
+        """The external_source outputs, in the order the graph unpacks them."""
+        p = self.params
+        return (
+            list(self.encoded),
+            np.ascontiguousarray(self.rows, dtype=np.int64),
+            p.flip.astype(np.int32),
+            np.ascontiguousarray(p.flags, dtype=bool),
+            np.ascontiguousarray(p.rescale_size, dtype=np.float32),
+            np.ascontiguousarray(p.erase_anchor, dtype=np.float32),
+            np.ascontiguousarray(p.erase_shape, dtype=np.float32),
+            np.ascontiguousarray(p.color, dtype=np.float32),
+        )
+
+
+@pipeline_def(enable_conditionals=True)
+def _training_graph(source: Callable[[], tuple], image_size: int, on_gpu: bool):
+    encoded, rows, flip, flags, rescale_size, erase_anchor, erase_shape, color = fn.external_source(
+        source=source, num_outputs=8, batch=True
+    )
+    images = fn.decoders.image(encoded, device="mixed" if on_gpu else "cpu", output_type=types.RGB)
+    if flags[0]:
+        images = fn.resize(fn.resize(images, size=rescale_size), size=[image_size, image_size])
+    if flags[2]:
+        images = fn.color_twist(images, brightness=color[0], contrast=color[1], saturation=color[2])
+    if flags[1]:
+        images = fn.erase(
+            images, anchor=erase_anchor, shape=erase_shape, axis_names="HW", fill_value=ERASE_FILL
+        )
+    images = fn.crop_mirror_normalize(
+        images,
+        mirror=flip,
+        mean=[PIXEL_MEAN] * 3,
+        std=[PIXEL_STD] * 3,
+        output_layout="CHW",
+        dtype=types.FLOAT,
+    )
+    return images, rows, flip, flags
+
+
+def build_pipeline(
+    source: Callable[[], tuple],
+    *,
+    batch_size: int,
+    image_size: int,
+    device_id: int | None,
+    num_threads: int,
+    prefetch: int,
+) -> Pipeline:
+    """The training graph fed by `source` (called once per batch, returns `GraphBatch.as_inputs()`,
+    raises StopIteration at the end of an epoch); GPU variant when `device_id` is an int."""
+    return _training_graph(
+        source,
+        image_size,
+        device_id is not None,
+        batch_size=batch_size,
+        num_threads=num_threads,
+        device_id=device_id,
+        prefetch_queue_depth=prefetch,
+        exec_dynamic=True,
+    )

@@ -1,0 +1,244 @@
+"""The torch-facing training loader: per step and per rank, a clean FR half and a degraded regression half.
+
+    loader = TrainLoader(config.data, rank=rank, world_size=world, device="cuda:0")
+    for epoch in range(start_epoch, epochs):
+        loader.set_epoch(epoch, start_step=step_in_epoch if epoch == start_epoch else 0)
+        for batch in loader:          # StepBatch, batch.step counts from start_step
+            batch.fr.images, batch.fr.labels          # ArcFace
+            batch.reg.images, batch.reg.labels        # CR / IG regression
+            batch.reg.flags                           # [n, 3] bool: rescale, erase, color
+
+Order and augmentation are pure functions of (data.seed, epoch, step) (see
+`pipeline.sampler` and `pipeline.augment_plan`), fed to the DALI graph of
+`pipeline.dali_pipeline` through `fn.external_source`; the tensors come out of DALI's
+PyTorch plugin (`DALIGenericIterator`). The two halves are different images of the
+same global step; concatenating the halves of ranks 0..W−1 gives the global batch
+of a 1-rank run, and `set_epoch(e, k)` continues exactly where an uninterrupted
+epoch e would be at step k.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+from pipeline.augment_plan import step_params
+from pipeline.config import ConfigError, DataConfig
+from pipeline.dali_pipeline import OUTPUT_NAMES, GraphBatch, build_pipeline
+from pipeline.image_store import ImageStore
+from pipeline.sampler import EpochSampler
+
+
+@dataclass(frozen=True)
+class Half:
+    """One half of a step on one rank. Tensors live on the loader's device."""
+
+    images: torch.Tensor  # float32 [n, 3, H, W], (pixel − 127.5) / 127.5
+    labels: torch.Tensor  # int64 [n], class ids from the manifest
+    keys: list[str]  # manifest keys, in row order
+    flags: torch.Tensor  # bool [n, 3]: rescale, erase, color received (all False in the FR half)
+    flipped: torch.Tensor  # bool [n]: mirrored horizontally
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    """What one rank trains on at one step."""
+
+    epoch: int
+    step: int
+    fr: Half  # clean: decode + optional flip + normalise
+    reg: Half  # flip, then rescale / erase / color each with its probability
+
+
+class _StepFeeder:
+    """The external_source callback: returns the graph inputs of successive steps of the current plan."""
+
+    def __init__(self, loader: TrainLoader) -> None:
+        self._loader = loader
+        self.epoch = 0
+        self.next_step = 0
+
+    def start(self, epoch: int, step: int) -> None:
+        self.epoch, self.next_step = epoch, step
+
+    def __call__(self) -> tuple:
+        if self.next_step >= self._loader.steps_per_epoch:
+            raise StopIteration
+        batch = self._loader.graph_batch(self.epoch, self.next_step)
+        self.next_step += 1
+        return batch.as_inputs()
+
+
+def resolve_device(device: str | torch.device) -> tuple[torch.device, int | None]:
+    """(torch device of the tensors, DALI device_id): None for CPU, the CUDA index for a GPU."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return device, None
+    if device.type != "cuda":
+        raise ConfigError(f"device {device}: the DALI loader runs on 'cpu' or 'cuda[:N]'")
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.device("cuda", index), index
+
+
+class TrainLoader:
+    """Batches of one rank: `steps_per_epoch` steps per epoch, each a `StepBatch`."""
+
+    def __init__(
+        self, data: DataConfig, *, rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu"
+    ) -> None:
+        if data.fr_batch % world_size or data.reg_batch % world_size:
+            raise ConfigError(
+                f"data.fr_batch {data.fr_batch} and data.reg_batch {data.reg_batch} must divide by the "
+                f"world size {world_size}"
+            )
+        self.data = data
+        self.store = ImageStore(data.dataset)
+        height, width = self.store.image_size
+        if (height, width) != (data.image_size, data.image_size):
+            raise ConfigError(
+                f"data.image_size {data.image_size} but the images of {data.dataset} are {height}×{width}"
+            )
+        if data.num_classes and data.num_classes != self.store.num_classes:
+            raise ConfigError(
+                f"data.num_classes {data.num_classes} disagrees with {data.dataset} ({self.store.num_classes} classes)"
+            )
+        try:
+            self.sampler = EpochSampler(
+                len(self.store),
+                data.fr_batch,
+                data.reg_batch,
+                world_size=world_size,
+                rank=rank,
+                seed=data.seed,
+            )
+        except ValueError as exc:
+            raise ConfigError(f"data: {exc} (dataset {data.dataset})") from None
+        self.device, self._device_id = resolve_device(device)
+        self.rank, self.world_size = rank, world_size
+        self.fr_per_rank = data.fr_batch // world_size
+        self.reg_per_rank = data.reg_batch // world_size
+        self._positions = self.sampler.rank_positions()
+        self._feeder = _StepFeeder(self)
+        self._iterator: DALIGenericIterator | None = None
+        self._state = "unbuilt"  # unbuilt | fresh (built, nothing scheduled) | running | exhausted
+        self.epoch, self.start_step = 0, 0
+
+    # ------------------------------------------------------------------ plan
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Steps of every epoch, the same on every rank (the last partial global step is dropped)."""
+        return self.sampler.steps_per_epoch
+
+    @property
+    def num_classes(self) -> int:
+        return self.store.num_classes
+
+    def __len__(self) -> int:
+        """Batches the next iteration yields: from `start_step` to the end of the epoch."""
+        return self.steps_per_epoch - self.start_step
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Make the next iteration yield steps `start_step`.. of `epoch` (the resume point of a checkpoint)."""
+        if epoch < 0:
+            raise ValueError(f"epoch {epoch} must be >= 0")
+        if not 0 <= start_step <= self.steps_per_epoch:
+            raise ValueError(f"start_step {start_step} is outside [0, {self.steps_per_epoch}]")
+        self.epoch, self.start_step = int(epoch), int(start_step)
+
+    def graph_batch(self, epoch: int, step: int) -> GraphBatch:
+        """This rank's graph inputs for (epoch, step): FR rows first, then regression rows."""
+        rows = self.sampler.rank_rows(epoch, step)
+        params = step_params(
+            self.data.augment,
+            self.data.image_size,
+            seed=self.data.seed,
+            epoch=epoch,
+            step=step,
+            fr_batch=self.data.fr_batch,
+            reg_batch=self.data.reg_batch,
+        ).take(self._positions)
+        all_rows = np.concatenate([rows.fr, rows.reg])
+        return GraphBatch(encoded=self.store.encoded(all_rows), rows=all_rows, params=params)
+
+    # ------------------------------------------------------------------ DALI
+
+    def _build(self) -> None:
+        pipe = build_pipeline(
+            self._feeder,
+            batch_size=self.fr_per_rank + self.reg_per_rank,
+            image_size=self.data.image_size,
+            device_id=self._device_id,
+            num_threads=self.data.num_threads,
+            prefetch=self.data.prefetch,
+        )
+        # No size: an epoch ends when the feeder raises StopIteration. No first batch at
+        # construction: the feeder's plan is set just before the first run is scheduled.
+        self._iterator = DALIGenericIterator([pipe], list(OUTPUT_NAMES), prepare_first_batch=False)
+        self._state = "fresh"
+
+    def _position_pipeline(self) -> DALIGenericIterator:
+        """A pipeline whose next output is (self.epoch, self.start_step)."""
+        if self._state == "running":
+            # interrupted mid-epoch: outputs of the old plan are already queued, so start over
+            self.close()
+        if self._state == "unbuilt":
+            self._build()
+        self._feeder.start(self.epoch, self.start_step)
+        assert self._iterator is not None
+        if self._state == "exhausted":
+            self._iterator.reset()  # schedules the first runs with the plan just set
+        self._state = "running"
+        return self._iterator
+
+    def __iter__(self) -> Iterator[StepBatch]:
+        epoch, start = self.epoch, self.start_step
+        if start >= self.steps_per_epoch:
+            return
+        iterator = self._position_pipeline()
+        for step in range(start, self.steps_per_epoch):
+            (outputs,) = next(iterator)
+            yield self._to_batch(epoch, step, outputs)
+        try:
+            next(iterator)
+        except StopIteration:
+            self._state = "exhausted"
+        else:  # pragma: no cover - the feeder ends exactly after the last step
+            raise RuntimeError("DALI produced more batches than steps in the epoch")
+
+    def _to_batch(self, epoch: int, step: int, outputs: dict[str, torch.Tensor]) -> StepBatch:
+        rows = outputs["rows"].numpy()  # pass-through outputs stay on the CPU
+        expected = self.sampler.rank_rows(epoch, step)
+        if not np.array_equal(rows, np.concatenate([expected.fr, expected.reg])):
+            raise RuntimeError(f"DALI output of epoch {epoch} step {step} holds other samples than planned")
+        images = outputs["images"]
+        if images.device != self.device:
+            images = images.to(self.device, non_blocking=True)
+        labels = torch.from_numpy(self.store.labels[rows]).to(self.device, non_blocking=True)
+        flags = outputs["flags"].to(self.device, torch.bool)
+        flipped = outputs["flip"].to(self.device).bool()
+        keys = self.store.keys_of(rows)
+        n = self.fr_per_rank
+
+        def half(part: slice) -> Half:
+            return Half(
+                images=images[part],
+                labels=labels[part],
+                keys=keys[part],
+                flags=flags[part],
+                flipped=flipped[part],
+            )
+
+        return StepBatch(epoch=epoch, step=step, fr=half(slice(0, n)), reg=half(slice(n, None)))
+
+    def close(self) -> None:
+        """Release the DALI pipeline (it is rebuilt on the next iteration)."""
+        self._iterator = None  # the pipeline and its queued outputs go with it
+        self._state = "unbuilt"

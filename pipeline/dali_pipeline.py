@@ -88,6 +88,32 @@ def _training_graph(source: Callable[[], tuple], image_size: int, on_gpu: bool):
     return images, rows, flip, flags
 
 
+def run_graph(
+    batch: GraphBatch, *, image_size: int, device_id: int | None = None, num_threads: int = 1
+) -> dict[str, np.ndarray]:
+    """Run the graph once on one hand-made batch (preview, tests); outputs as host numpy arrays."""
+    fed = []
+
+    def source() -> tuple:
+        if fed:
+            raise StopIteration
+        fed.append(True)
+        return batch.as_inputs()
+
+    pipe = build_pipeline(
+        source,
+        batch_size=len(batch.rows),
+        image_size=image_size,
+        device_id=device_id,
+        num_threads=num_threads,
+        prefetch=1,
+    )
+    pipe.build()
+    outputs = pipe.run()
+    host = [out.as_cpu() if hasattr(out, "as_cpu") else out for out in outputs]
+    return {name: out.as_array() for name, out in zip(OUTPUT_NAMES, host)}
+
+
 def build_pipeline(
     source: Callable[[], tuple],
     *,

@@ -80,10 +80,13 @@ class LossConfig:
     arc_margin: float = 0.5
     cos_margin: float = 0.35
     lambda_ig: float = 10.0
-    smooth_l1_beta: float = 1.0
+    # The paper gives no β; CR-FIQA's published train script uses SmoothL1Loss(beta=0.5).
+    smooth_l1_beta: float = 0.5
     # CR-FIQA lets the regression loss reach the backbone; False detaches the embedding for R
     ig_grad_to_backbone: bool = True
     cr_eps: float = 1e-9
+    # mean: Σ w·smoothL1 / (global regression batch), as CR-FIQA's code; sum: as the paper's eqs. 4 and 10
+    ig_reduction: Literal["mean", "sum"] = "mean"
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,8 @@ class VarianceConfig:
     update_from: Literal["fr", "reg"] = "fr"  # which half's CCS feeds the table
     fold: Literal["sequential", "mean"] = "sequential"  # several samples of one class in a step
     init_value: float = 1.0
+    # within a step: fold this step's CCS into the table, then weigh (eqs. 8 → 9 → 10), or the reverse
+    order: Literal["update_then_weigh", "weigh_then_update"] = "update_then_weigh"
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,284 @@
+"""Model-parallel margin classifier: class-sharded prototypes, ArcFace/CosFace, distributed softmax.
+
+Rank r owns prototypes W[start:start+count] (`pipeline.class_shards.class_range`).
+Every rank all-gathers the embeddings (with autograd) and labels of the whole global
+batch in rank order, computes cosines against its own prototypes only, and the
+softmax cross-entropy is assembled across shards by an all-reduce of the row
+maximum and then of the exp-sum (`DistributedSoftmaxCrossEntropy`), as InsightFace's
+model-parallel PartialFC does (sample rate 1). With no process group it is the
+ordinary dense ArcFace head.
+
+Gradient convention: the loss returned is the mean over the GLOBAL batch and is the
+same number on every rank. Each rank's backward gives its prototype shard the exact
+gradient of that loss (no averaging needed or wanted: keep the classifier out of DDP),
+and gives its LOCAL embeddings the exact d(loss)/d(embedding) (the all-gather's
+backward sums the contributions of every class shard). DDP then divides backbone
+gradients by W; `pipeline.objective.IGFIQAObjective` compensates with
+`scale_grad(·, W)` on the embeddings, so the averaged gradient equals the
+one-process gradient.
+
+`similarity_stats` gives, with no gradient, CCS (cosine to the own prototype, found
+on the owner rank, all-reduce SUM) and NNCCS (the largest cosine to any other class:
+local max with the positive masked to −inf, all-reduce MAX). NNCCS is the true
+maximum of paper eq. (1), so it is negative when every negative cosine is; the
+CR-FIQA code masks the positive with −1e-12 instead, which floors NNCCS at ~0.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.class_shards import class_range
+from pipeline.config import LossConfig
+from pipeline.distributed import (
+    ProcessGroup,
+    all_gather_no_grad,
+    all_gather_with_grad,
+    all_reduce_,
+    rank,
+    world_size,
+)
+from pipeline.sharded_state import gather_class_rows, slice_class_rows
+
+_INIT_BLOCK = 4096  # prototypes are drawn in blocks of classes, each from its own seed
+
+
+@dataclass
+class MarginOutput:
+    """ArcFace loss of the global batch plus what the variance table needs."""
+
+    loss: torch.Tensor  # scalar: mean softmax cross-entropy over the global batch (same on all ranks)
+    ccs: torch.Tensor  # [B_global], no grad: cosine to the own prototype, before the margin
+    labels: torch.Tensor  # [B_global]: the gathered labels, in global batch order
+
+
+@dataclass
+class SimilarityStats:
+    """CCS / NNCCS of every sample of the global batch (rank order), no grad."""
+
+    ccs: torch.Tensor  # [B_global]
+    nnccs: torch.Tensor  # [B_global]
+    labels: torch.Tensor  # [B_global]
+
+
+class DistributedSoftmaxCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of logits split by class over ranks: [B, C_local] per rank.
+
+    `local_target` holds the class index within this rank's shard, or −1 where
+    another rank owns the sample's class. Forward: all-reduce MAX of row maxima, SUM
+    of exp-sums and SUM of the (shifted) target logit; loss_i = log Σ exp − target.
+    Backward needs no communication: d loss / d logits = (softmax − one-hot) / B.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, local_target: torch.Tensor, group: ProcessGroup) -> torch.Tensor:  # type: ignore[override]
+        batch = logits.shape[0]
+        row_max = all_reduce_(logits.detach().amax(dim=1), "max", group)
+        shifted = logits.detach() - row_max[:, None]
+        exp = shifted.exp()
+        exp_sum = all_reduce_(exp.sum(dim=1), "sum", group)
+        rows = torch.nonzero(local_target >= 0).squeeze(1)
+        cols = local_target[rows]
+        target = torch.zeros(batch, dtype=logits.dtype, device=logits.device)
+        target[rows] = shifted[rows, cols]
+        all_reduce_(target, "sum", group)
+        probs = exp.div_(exp_sum[:, None])
+        ctx.save_for_backward(probs, rows, cols)
+        return (exp_sum.log() - target).mean()
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+        probs, rows, cols = ctx.saved_tensors
+        grad = probs.clone()
+        grad[rows, cols] -= 1.0
+        return grad.mul_(grad_loss / probs.shape[0]), None, None
+
+
+class ParallelMarginClassifier(nn.Module):
+    """Class-sharded prototypes with an ArcFace (or CosFace) margin softmax.
+
+    `forward(local_embeddings, local_labels) -> MarginOutput` (collective: every rank
+    calls it with the same local batch size). `similarity_stats(...)` gives CCS and
+    NNCCS without gradient. `full_state` / `load_full_state` move the prototypes and
+    their SGD momentum in and out as unsharded [C, D] tensors by global class id.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        embedding_size: int,
+        *,
+        margin: Literal["arcface", "cosface"] = "arcface",
+        scale: float = 64.0,
+        arc_margin: float = 0.5,
+        cos_margin: float = 0.35,
+        group: ProcessGroup = None,
+        init_std: float = 0.01,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        size = world_size(group)
+        if num_classes < max(2, size):
+            raise ValueError(
+                f"the classifier needs at least max(2, world size {size}) classes, got {num_classes}"
+            )
+        if margin not in ("arcface", "cosface"):
+            raise ValueError(f"unknown margin {margin!r} (loss.margin): use 'arcface' or 'cosface'")
+        self.num_classes = num_classes
+        self.embedding_size = embedding_size
+        self.margin = margin
+        self.scale = scale
+        self.arc_margin = arc_margin
+        self.cos_margin = cos_margin
+        self.group = group
+        self.class_start, self.num_local = class_range(num_classes, rank(group), size)
+        self.weight = nn.Parameter(
+            _init_rows(self.class_start, self.num_local, embedding_size, init_std, seed)
+        )
+
+    @classmethod
+    def from_config(
+        cls,
+        num_classes: int,
+        embedding_size: int,
+        loss_cfg: LossConfig,
+        *,
+        group: ProcessGroup = None,
+        seed: int = 0,
+    ) -> ParallelMarginClassifier:
+        """Built from `LossConfig` (margin kind, scale s, ArcFace m, CosFace m)."""
+        return cls(
+            num_classes,
+            embedding_size,
+            margin=loss_cfg.margin,
+            scale=loss_cfg.scale,
+            arc_margin=loss_cfg.arc_margin,
+            cos_margin=loss_cfg.cos_margin,
+            group=group,
+            seed=seed,
+        )
+
+    # ------------------------------------------------------------------ forward
+
+    def _local_targets(self, labels: torch.Tensor) -> torch.Tensor:
+        """Index of each label inside this shard, −1 where another rank owns it."""
+        if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
+            raise ValueError(
+                f"labels must lie in [0, {self.num_classes}), got min {labels.min().item()} max {labels.max().item()}"
+            )
+        local = labels - self.class_start
+        owned = (local >= 0) & (local < self.num_local)
+        return torch.where(owned, local, torch.full_like(local, -1))
+
+    def _cosines(self, embeddings: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.to(embeddings.dtype)
+        return F.linear(F.normalize(embeddings, dim=1), F.normalize(weight, dim=1)).clamp(-1.0, 1.0)
+
+    def _with_margin(self, target_cos: torch.Tensor) -> torch.Tensor:
+        """The margin-adjusted target cosine (before the scale)."""
+        if self.margin == "cosface":
+            return target_cos - self.cos_margin
+        m = self.arc_margin
+        # Clamped so that cos = ±1 gives a zero (not infinite) gradient through the sine.
+        sin = (1.0 - target_cos * target_cos).clamp_min(1e-12).sqrt()
+        cos_theta_plus_m = target_cos * math.cos(m) - sin * math.sin(m)
+        # Past θ = π − m, cos(θ + m) would rise again: use the linear fallback of arcface_torch.
+        return torch.where(
+            target_cos > math.cos(math.pi - m), cos_theta_plus_m, target_cos - math.sin(math.pi - m) * m
+        )
+
+    def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> MarginOutput:
+        """Margin-softmax loss of the global batch; collective."""
+        embeddings = all_gather_with_grad(local_embeddings, self.group)
+        labels = all_gather_no_grad(local_labels.long(), self.group)
+        local_target = self._local_targets(labels)
+        cos = self._cosines(embeddings)
+        rows = torch.nonzero(local_target >= 0).squeeze(1)
+        cols = local_target[rows]
+        target_cos = cos[rows, cols]
+        logits = cos.index_put((rows, cols), self._with_margin(target_cos)) * self.scale
+        loss = DistributedSoftmaxCrossEntropy.apply(logits, local_target, self.group)
+        ccs = torch.zeros(labels.shape[0], dtype=cos.dtype, device=cos.device)
+        ccs[rows] = target_cos.detach()
+        all_reduce_(ccs, "sum", self.group)
+        return MarginOutput(loss=loss, ccs=ccs, labels=labels)
+
+    @torch.no_grad()
+    def similarity_stats(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> SimilarityStats:
+        """CCS and NNCCS (paper eq. 1) of the global batch, no gradient; collective."""
+        embeddings = all_gather_no_grad(local_embeddings.detach(), self.group)
+        labels = all_gather_no_grad(local_labels.long(), self.group)
+        local_target = self._local_targets(labels)
+        cos = self._cosines(embeddings)
+        rows = torch.nonzero(local_target >= 0).squeeze(1)
+        cols = local_target[rows]
+        ccs = torch.zeros(labels.shape[0], dtype=cos.dtype, device=cos.device)
+        ccs[rows] = cos[rows, cols]
+        all_reduce_(ccs, "sum", self.group)
+        cos[rows, cols] = -math.inf  # mask the positive: NNCCS is the best OTHER class
+        nnccs = all_reduce_(cos.amax(dim=1), "max", self.group)
+        return SimilarityStats(ccs=ccs, nnccs=nnccs, labels=labels)
+
+    # ------------------------------------------------------------------ state
+
+    def full_state(
+        self, optimizer: torch.optim.Optimizer | None = None, dst: int | None = 0
+    ) -> dict[str, torch.Tensor]:
+        """{"classifier": [C, D], "classifier_momentum": [C, D] if the optimizer has one} on `dst`.
+
+        Collective (call on every rank); other ranks get {}. `dst=None` gives it to all.
+        """
+        out: dict[str, torch.Tensor] = {}
+        weight = gather_class_rows(self.weight.detach(), self.num_classes, self.group, dst)
+        if weight is not None:
+            out["classifier"] = weight
+        momentum = _momentum_buffer(optimizer, self.weight)
+        if momentum is not None:
+            full = gather_class_rows(momentum, self.num_classes, self.group, dst)
+            if full is not None:
+                out["classifier_momentum"] = full
+        return out
+
+    @torch.no_grad()
+    def load_full_state(
+        self, state: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer | None = None
+    ) -> None:
+        """Take this rank's rows of an unsharded state (saved on any world size)."""
+        full = state["classifier"]
+        if full.shape != (self.num_classes, self.embedding_size):
+            raise ValueError(
+                f"classifier state has shape {tuple(full.shape)}, expected ({self.num_classes}, {self.embedding_size})"
+            )
+        self.weight.copy_(slice_class_rows(full, self.num_classes, self.group))
+        if optimizer is not None and "classifier_momentum" in state:
+            rows = slice_class_rows(state["classifier_momentum"], self.num_classes, self.group)
+            optimizer.state[self.weight]["momentum_buffer"] = rows.to(self.weight.device, self.weight.dtype)
+
+
+def _momentum_buffer(optimizer: torch.optim.Optimizer | None, param: torch.Tensor) -> torch.Tensor | None:
+    if optimizer is None:
+        return None
+    return optimizer.state.get(param, {}).get("momentum_buffer")
+
+
+def _init_rows(start: int, count: int, embedding_size: int, std: float, seed: int) -> torch.Tensor:
+    """Rows [start, start+count) of a N(0, std) prototype matrix that does not depend on the world size.
+
+    Hand-written because torch has no counter-based RNG: each block of `_INIT_BLOCK`
+    classes is drawn from its own seeded generator, so any shard can be built alone.
+    """
+    rows = torch.empty(count, embedding_size)
+    first_block, last_block = start // _INIT_BLOCK, (start + count - 1) // _INIT_BLOCK
+    for block in range(first_block, last_block + 1 if count else first_block):
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + block)
+        values = torch.randn(_INIT_BLOCK, embedding_size, generator=generator) * std
+        lo = max(start, block * _INIT_BLOCK)
+        hi = min(start + count, (block + 1) * _INIT_BLOCK)
+        rows[lo - start : hi - start] = values[lo - block * _INIT_BLOCK : hi - block * _INIT_BLOCK]
+    return rows

@@ -11,7 +11,6 @@ from typing import Literal
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 
 ProcessGroup = dist.ProcessGroup | None
 
@@ -38,6 +37,36 @@ def global_rank_of(group_rank: int, group: ProcessGroup = None) -> int:
     return dist.get_global_rank(group, group_rank)
 
 
+class _AllGatherWithGrad(torch.autograd.Function):
+    """all_gather forward; backward sums the gradient over ranks and keeps this rank's rows.
+
+    Hand-written because `torch.distributed.nn.functional.all_gather` is deprecated in
+    torch 2.13 (a FutureWarning per call) and its replacement is private API. gloo has
+    no reduce-scatter, so the backward all-reduces the [B_global, ...] gradient and
+    slices it; NCCL uses reduce_scatter_tensor.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group: ProcessGroup) -> torch.Tensor:  # type: ignore[override]
+        ctx.group = group
+        ctx.rows = tensor.shape[0]
+        parts = [torch.empty_like(tensor) for _ in range(world_size(group))]
+        dist.all_gather(parts, tensor.contiguous(), group=group)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        grad = grad.contiguous()
+        if dist.get_backend(ctx.group) == "nccl":
+            mine = grad.new_empty((ctx.rows, *grad.shape[1:]))
+            dist.reduce_scatter_tensor(mine, grad, group=ctx.group)
+            return mine, None
+        total = grad.clone()
+        dist.all_reduce(total, group=ctx.group)
+        me = rank(ctx.group)
+        return total[me * ctx.rows : (me + 1) * ctx.rows], None
+
+
 def all_gather_with_grad(tensor: torch.Tensor, group: ProcessGroup = None) -> torch.Tensor:
     """Concatenate every rank's `tensor` along dim 0 (rank order); gradients flow back to the owner.
 
@@ -46,7 +75,7 @@ def all_gather_with_grad(tensor: torch.Tensor, group: ProcessGroup = None) -> to
     """
     if world_size(group) == 1:
         return tensor
-    return torch.cat(dist_fn.all_gather(tensor, group=group if group is not None else dist.group.WORLD))
+    return _AllGatherWithGrad.apply(tensor, group)
 
 
 @torch.no_grad()

@@ -135,3 +135,18 @@ def test_mismatched_regression_half_is_refused() -> None:
     fr_emb, fr_y, reg_emb, reg_q, reg_y = _batch(0)
     with pytest.raises(ValueError, match="regression half"):
         objective(fr_emb, fr_y, reg_emb, reg_q[:5], reg_y, 0.0)
+
+
+@pytest.mark.gpu
+def test_cuda_step_matches_cpu() -> None:
+    cpu = IGFIQAObjective(NUM_CLASSES, DIM, LossConfig(), VarianceConfig(), seed=2).train()
+    gpu = IGFIQAObjective(NUM_CLASSES, DIM, LossConfig(), VarianceConfig(), seed=2).train().cuda()
+    for step in range(2):
+        batch = _batch(step)
+        out_cpu = cpu(*batch, progress=0.5)
+        out_gpu = gpu(*(t.cuda() for t in batch), progress=0.5)
+        for name in ("loss_arc", "loss_ig", "cr", "weights"):
+            torch.testing.assert_close(
+                getattr(out_gpu, name).cpu(), getattr(out_cpu, name), rtol=1e-4, atol=1e-5
+            )
+    torch.testing.assert_close(gpu.variance.values.cpu(), cpu.variance.values, rtol=1e-5, atol=1e-6)

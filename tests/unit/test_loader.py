@@ -195,6 +195,10 @@ def test_resuming_at_step_k_continues_the_uninterrupted_epoch(train_dataset: Pat
         if batch.step == 2:
             break
     assert len(interrupted) == len(full)
+    interrupted.set_epoch(4, k)
+    assert len(interrupted) == len(full) - k
+    with pytest.raises(ValueError, match="start_step"):
+        interrupted.set_epoch(4, len(full) + 1)
     repositioned = epoch_batches(interrupted, 4, start_step=k)
     for run in (resumed, repositioned):
         assert [b.step for b in run] == list(range(k, len(full)))

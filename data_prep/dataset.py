@@ -129,3 +129,14 @@ def load_dataset_info(directory: Path) -> DatasetInfo:
             path=path,
         )
     return info
+
+
+def dataset_fingerprint(directory: Path) -> str:
+    """A short content id of a converted dataset: SHA-256 of its `dataset.json` (which lists every
+    shard's SHA-256), so training and evaluation runs can name exactly which data fed them."""
+    import hashlib
+
+    path = Path(directory) / DATASET_FILE
+    if not path.is_file():
+        raise DataError(f"no {DATASET_FILE}: not a converted dataset", path=Path(directory))
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]

@@ -385,7 +385,6 @@ def validate_for_launch(config: TrainConfig, world_size: int) -> None:
     evenly over `world_size` processes and one step must fit in an epoch.
     """
     from data_prep.dataset import load_dataset_info  # pipeline → data_prep, lazily
-
     from data_prep.errors import DataError
 
     validate_ranges(config)
@@ -405,3 +404,13 @@ def validate_for_launch(config: TrainConfig, world_size: int) -> None:
             f"data.fr_batch + data.reg_batch = {per_step} exceeds the {info.num_images} images of "
             f"{config.data.dataset}: not even one step per epoch"
         )
+
+
+def replace_section(config: TrainConfig, **sections: dict[str, Any]) -> TrainConfig:
+    """A copy of `config` with some fields of some sections replaced, re-checked."""
+    tree = config_to_dict(config)
+    for section, values in sections.items():
+        if section not in tree:
+            raise ConfigError(f"unknown config section {section}")
+        tree[section].update(values)
+    return config_from_dict(tree)

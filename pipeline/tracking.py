@@ -140,6 +140,11 @@ class RunTracker:
         """Store a small text artifact (the resolved config, a table)."""
         _retry(lambda: self._client.log_text(self.run_id, text, artifact_file), "log_text")
 
+    def metric_history(self, key: str) -> list[tuple[int, float]]:
+        """[(step, value)] of one metric over the whole run (all attempts of a requeued job)."""
+        history = _retry(lambda: self._client.get_metric_history(self.run_id, key), "get_metric_history")
+        return [(m.step, m.value) for m in history]
+
     def finish(self, status: str = "FINISHED") -> None:
         """Mark the run FINISHED / FAILED / KILLED."""
         _retry(lambda: self._client.set_terminated(self.run_id, status=status), "set_terminated")

@@ -1,0 +1,50 @@
+"""Run training on this machine: in-process for one process, spawned workers for several."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from jobs.signals import StopSignals
+from pipeline.config import TrainConfig
+from pipeline.dist_env import DistEnv, free_port
+
+log = logging.getLogger(__name__)
+
+
+def _worker(
+    rank: int, config: TrainConfig, world_size: int, port: int, mlflow_run_id: str, results: Any
+) -> None:
+    from pipeline.train import train
+
+    logging.basicConfig(
+        level=logging.INFO, format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s"
+    )
+    env = DistEnv(rank=rank, local_rank=rank, world_size=world_size, master_port=port)
+    signals = StopSignals(catch_interrupt=True)
+    result = train(config, env, stop_requested=signals.code, mlflow_run_id=mlflow_run_id)
+    if rank == 0:
+        results.put(result.as_dict())
+
+
+def launch_local(config: TrainConfig, *, nproc: int = 1, mlflow_run_id: str = "") -> dict[str, Any]:
+    """Train with `nproc` local processes (gloo on CPU); returns rank 0's result as a dict."""
+    if nproc == 1:
+        from pipeline.train import train
+
+        signals = StopSignals(catch_interrupt=True)
+        return train(
+            config, DistEnv.single(), stop_requested=signals.code, mlflow_run_id=mlflow_run_id
+        ).as_dict()
+    import torch.multiprocessing as mp
+
+    context = mp.get_context("spawn")
+    results = context.SimpleQueue()
+    mp.start_processes(
+        _worker,
+        args=(config, nproc, free_port(), mlflow_run_id, results),
+        nprocs=nproc,
+        start_method="spawn",
+        join=True,
+    )
+    return results.get()

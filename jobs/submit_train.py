@@ -1,0 +1,114 @@
+"""Submit a training run to SLURM and follow it."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import submitit
+
+from jobs.cluster import ClusterProfile, make_executor
+from jobs.train_job import TrainJob
+from pipeline.config import TrainConfig, flatten_config, validate_for_launch
+from pipeline.tracking import RunTracker
+
+TERMINAL_STATES = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "OUT_OF_MEMORY",
+    "NODE_FAIL",
+    "DEADLINE",
+    "BOOT_FAIL",
+}
+
+
+@dataclass(frozen=True)
+class Submission:
+    """What `igfiqa submit` prints and `--wait` follows."""
+
+    job: submitit.Job
+    job_id: str
+    folder: Path
+    stdout: Path
+    stderr: Path
+    nodes: int
+    world_size: int
+    mlflow_run_id: str
+
+
+def _training_run_tags(
+    config: TrainConfig, profile: ClusterProfile, nodes: int, world: int
+) -> dict[str, str]:
+    from pipeline.checkpoint import code_version
+
+    return {
+        "kind": "train",
+        "code_version": code_version(),
+        "cluster": profile.name,
+        "nodes": str(nodes),
+        "world_size": str(world),
+        "run_dir": config.run.dir,
+        "dataset": config.data.dataset,
+    }
+
+
+def submit_training(config: TrainConfig, profile: ClusterProfile, *, nodes: int | None = None) -> Submission:
+    """Validate everything, create the MLflow run, submit one task per GPU/process; nothing runs if invalid."""
+    nodes = nodes or profile.nodes
+    world = nodes * profile.tasks_per_node
+    validate_for_launch(config, world)
+    run_dir = Path(config.run.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    from pipeline.checkpoint import find_resume_checkpoint, load_checkpoint
+
+    # A resubmission of an existing run continues its MLflow run, like a requeue does.
+    resume_from = find_resume_checkpoint(run_dir)
+    run_id = load_checkpoint(resume_from)["mlflow_run_id"] if resume_from else ""
+    tracker = RunTracker.start(
+        tracking_uri=config.run.tracking_uri,
+        experiment=config.run.experiment,
+        run_name=config.run.name,
+        run_id=run_id,
+        tags=_training_run_tags(config, profile, nodes, world),
+    )
+    if not run_id:
+        tracker.log_params(flatten_config(config))
+
+    folder = run_dir / "submitit" / time.strftime("%Y%m%d-%H%M%S")
+    executor = make_executor(profile, folder, nodes=nodes, job_name=config.run.name)
+    job = executor.submit(TrainJob(config, tracker.run_id))
+    tracker.set_tags({"slurm_job_id": job.job_id, "submitit_folder": str(folder)})
+    return Submission(
+        job=job,
+        job_id=str(job.job_id),
+        folder=folder,
+        stdout=Path(job.paths.stdout),
+        stderr=Path(job.paths.stderr),
+        nodes=nodes,
+        world_size=world,
+        mlflow_run_id=tracker.run_id,
+    )
+
+
+def follow_job(submission: Submission, *, out: TextIO, poll_s: float = 2.0) -> str:
+    """Print rank 0's new log lines until the job ends (requeues included); return the final state."""
+    printed = {submission.stdout: 0, submission.stderr: 0}
+    state = "PENDING"
+    while True:
+        for path in (submission.stdout, submission.stderr):
+            if path.exists():
+                text = path.read_text(errors="replace")
+                if len(text) < printed[path]:  # a requeued attempt starts a new log
+                    printed[path] = 0
+                out.write(text[printed[path] :])
+                out.flush()
+                printed[path] = len(text)
+        state = submission.job.state.split()[0] if submission.job.state else "UNKNOWN"
+        if state in TERMINAL_STATES:
+            return state
+        time.sleep(poll_s)

@@ -1,0 +1,304 @@
+"""What a training run reports: step metrics, a progress bar, MLflow run, plots.
+
+Every rank calls the same methods at the same steps (some gather sharded state);
+only rank 0 talks to MLflow, draws the bar and writes plots. A tracking hiccup
+after MLflow's own retries costs a log line, never the job.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from pipeline.config import TrainConfig, dump_config, flatten_config
+from pipeline.dist_env import DistEnv
+from pipeline.objective import IGFIQAObjective, ObjectiveOutput
+from pipeline.variance_table import z_score_weights
+
+if TYPE_CHECKING:
+    from pipeline.train import _Trainer
+
+log = logging.getLogger(__name__)
+
+# metrics drawn in training_curves.png, in panel order
+CURVE_METRICS = (
+    "loss_arc",
+    "loss_ig",
+    "cr_mean",
+    "quality_mean",
+    "class_weight_mean",
+    "class_weight_zero_frac",
+    "variance_mean",
+    "alpha",
+    "lr",
+    "images_per_s",
+    "data_wait_frac",
+)
+
+
+class StepMeter:
+    """Sums of one rank's step outputs between two log points, kept on the device (no sync per step)."""
+
+    # [loss_arc, loss_ig, loss_total, Σcr, Σquality, Σŵ, Σfr_ccs, n_reg, n_fr, steps]
+    _FIELDS = 10
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._reset()
+
+    def _reset(self) -> None:
+        self.sums = torch.zeros(self._FIELDS, dtype=torch.float64, device=self.device)
+        self.alpha = 0.0
+        self.wait_s = 0.0
+        self.images = 0
+        self.started = time.perf_counter()
+
+    def data_wait(self, seconds: float) -> None:
+        """Time this rank spent waiting for the next batch."""
+        self.wait_s += seconds
+
+    @torch.no_grad()
+    def add(self, out: ObjectiveOutput, reg_quality: torch.Tensor, images_per_step: int) -> None:
+        """Accumulate one step's (detached) outputs and the regression half's predicted quality."""
+        values = torch.stack(
+            [
+                out.loss_arc.detach().double(),
+                out.loss_ig.detach().double(),
+                out.total.detach().double(),
+                out.cr.detach().double().sum(),
+                reg_quality.detach().double().sum(),
+                out.weights.detach().double().sum(),
+                out.fr_ccs.detach().double().sum(),
+                torch.tensor(float(out.cr.numel()), dtype=torch.float64, device=self.device),
+                torch.tensor(float(out.fr_ccs.numel()), dtype=torch.float64, device=self.device),
+                torch.ones((), dtype=torch.float64, device=self.device),
+            ]
+        )
+        self.sums += values
+        self.alpha = float(out.alpha)
+        self.images += images_per_step
+
+    def collect(self) -> dict[str, float]:
+        """Averages since the last call over all ranks (collective), then reset."""
+        wall = max(time.perf_counter() - self.started, 1e-9)
+        vector = torch.cat(
+            [self.sums, torch.tensor([self.wait_s, wall], dtype=torch.float64, device=self.device)]
+        )
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        if world > 1:
+            dist.all_reduce(vector)
+        (arc, ig, total, cr, quality, weights, fr_ccs, n_reg, n_fr, steps, wait, wall_sum) = vector.tolist()
+        steps_per_rank = steps / world
+        out = {
+            "loss_arc": arc / steps,
+            "loss_ig": ig / steps,
+            "loss_total": total / steps,
+            "cr_mean": cr / max(n_reg, 1.0),
+            "quality_mean": quality / max(n_reg, 1.0),
+            "sample_weight_mean": weights / max(n_reg, 1.0),
+            "fr_ccs_mean": fr_ccs / max(n_fr, 1.0),
+            "alpha": self.alpha,
+            "images_per_s": self.images / wall,
+            "data_wait_frac": wait / wall_sum,
+            "seconds_per_step": wall / max(steps_per_rank, 1.0),
+        }
+        self._reset()
+        return out
+
+
+def _full_class_weights(objective: IGFIQAObjective) -> np.ndarray | None:
+    """ŵ of every class from the unsharded variance table on rank 0 (collective; None elsewhere)."""
+    full = objective.variance.full_state(dst=0)
+    if full is None:
+        return None
+    values = full.double().cpu()
+    mean, std = float(values.mean()), float(values.std(unbiased=False))
+    return z_score_weights(values, mean, std).numpy()
+
+
+def class_weight_stats(objective: IGFIQAObjective) -> dict[str, float]:
+    """Summary of the class weights (paper Fig. 1b) on rank 0; {} elsewhere. Collective."""
+    weights = _full_class_weights(objective)
+    if weights is None:
+        return {}
+    p10, p50, p90 = np.percentile(weights, [10, 50, 90])
+    return {
+        "class_weight_mean": float(weights.mean()),
+        "class_weight_zero_frac": float(np.mean(weights <= 1e-6)),
+        "class_weight_p10": float(p10),
+        "class_weight_p50": float(p50),
+        "class_weight_p90": float(p90),
+    }
+
+
+def _hosts(env: DistEnv) -> list[str]:
+    name = env.hostname or socket.gethostname()
+    if not dist.is_initialized():
+        return [name]
+    names: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(names, name)
+    return sorted(set(map(str, names)))
+
+
+class TrainingMonitor:
+    """Rank 0's MLflow run, log lines and progress bar for one call of `train()`."""
+
+    def __init__(
+        self, config: TrainConfig, env: DistEnv, *, total_steps: int, run_id: str, start_step: int
+    ) -> None:
+        self.config, self.env, self.total = config, env, total_steps
+        self.last_metrics: dict[str, float] = {}
+        self.plots_dir = Path(config.run.dir) / "plots"
+        hosts = _hosts(env)  # collective
+        self.tracker = None
+        self.run_id = run_id
+        self._bar = None
+        if not env.is_main:
+            return
+        from pipeline.tracking import RunTracker, resolve_tracking_uri
+
+        uri = resolve_tracking_uri(config.run.tracking_uri)
+        self.tracker = RunTracker.start(
+            tracking_uri=uri,
+            experiment=config.run.experiment,
+            run_name=config.run.name,
+            run_id=run_id,
+            tags={"kind": "train"},
+        )
+        self.run_id = self.tracker.run_id
+        self.tracker.set_tags(self._tags(hosts, start_step))
+        self._log_params()
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(
+                total=total_steps, initial=start_step, desc=config.run.name, unit="step", dynamic_ncols=True
+            )
+        log.info("MLflow run %s at %s (%s)", self.run_id, uri, "continued" if run_id else "new")
+
+    def _tags(self, hosts: list[str], start_step: int) -> dict[str, Any]:
+        from data_prep.dataset import dataset_fingerprint
+        from pipeline.checkpoint import code_version
+
+        tags: dict[str, Any] = {
+            "code_version": code_version(),
+            "world_size": self.env.world_size,
+            "hosts": ",".join(hosts),
+            "device": "cuda" if torch.cuda.is_available() and self.config.run.device != "cpu" else "cpu",
+            "dataset": self.config.data.dataset,
+            "dataset_fingerprint": dataset_fingerprint(Path(self.config.data.dataset)),
+            "run_dir": self.config.run.dir,
+            "loss_mode": self.config.loss.mode,
+            f"attempt_started_at_step_{start_step}": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        if self.env.job_id:
+            tags["slurm_job_id"] = self.env.job_id
+        return tags
+
+    def _log_params(self) -> None:
+        assert self.tracker is not None
+        try:
+            self.tracker.log_params(flatten_config(self.config))
+        except Exception as exc:  # MLflow refuses to change a param of an existing run
+            log.warning("config differs from the run's logged params (%s); stored as an artifact", exc)
+            self.tracker.log_text(dump_config(self.config), f"config-changed-{int(time.time())}.yaml")
+
+    # ------------------------------------------------------------------ per step
+
+    def advance(self, step: int) -> None:
+        if self._bar is not None:
+            self._bar.update(step - self._bar.n)
+
+    def log_step(
+        self, step: int, epoch: int, lr: float, meter: dict[str, float], weights: dict[str, float]
+    ) -> None:
+        """Log one point of every metric (rank 0; the arguments were computed collectively)."""
+        if not self.env.is_main:
+            return
+        metrics = {**meter, **weights, "lr": lr, "epoch": float(epoch)}
+        self.last_metrics = metrics
+        line = (
+            f"step {step}/{self.total} epoch {epoch} loss_arc {metrics['loss_arc']:.4f} "
+            f"loss_ig {metrics['loss_ig']:.5f} cr {metrics['cr_mean']:.3f} "
+            f"w0 {metrics.get('class_weight_zero_frac', 0.0):.1%} alpha {metrics['alpha']:.4f} lr {lr:.4g} "
+            f"{metrics['images_per_s']:.1f} img/s data-wait {metrics['data_wait_frac']:.1%}"
+        )
+        if self._bar is not None:
+            self._bar.set_postfix_str(
+                f"arc {metrics['loss_arc']:.3f} ig {metrics['loss_ig']:.4f} {metrics['images_per_s']:.0f} img/s"
+            )
+        else:
+            log.info(line)
+        self._safely(lambda: self.tracker.log_metrics(metrics, step), "log_metrics")
+
+    def _safely(self, action: Any, what: str) -> None:
+        try:
+            action()
+        except Exception as exc:
+            log.warning("MLflow %s failed after retries: %s", what, exc)
+
+    # ------------------------------------------------------------------ milestones
+
+    def epoch_end(self, epoch: int, objective: IGFIQAObjective) -> None:
+        """Histogram of the class weights after each epoch (collective)."""
+        weights = _full_class_weights(objective)
+        if weights is None or self.tracker is None:
+            return
+        from pipeline.training_plots import plot_weight_histogram
+
+        path = plot_weight_histogram(
+            weights,
+            self.plots_dir / f"weights-epoch-{epoch:03d}.png",
+            title=f"class weights after epoch {epoch}",
+        )
+        self._safely(lambda: self.tracker.log_artifact(path, "weights"), "log_artifact")
+
+    def finish(self, trainer: _Trainer, *, completed: bool) -> None:
+        """Final artifacts (collective): config, checkpoint reference, weight histogram, training curves."""
+        weights = _full_class_weights(trainer.objective)
+        if self.tracker is None or weights is None:
+            return
+        from pipeline.training_plots import plot_training_curves, plot_weight_histogram
+
+        tracker = self.tracker
+        tracker.log_text(dump_config(self.config), "config.yaml")
+        if trainer.last_checkpoint:
+            tracker.log_text(f"{trainer.last_checkpoint}\n", "checkpoint.txt")
+            tracker.set_tags({"checkpoint": trainer.last_checkpoint})
+        hist = plot_weight_histogram(
+            weights, self.plots_dir / "class_weights.png", title="class weights (final)"
+        )
+        tracker.log_artifact(hist)
+        np.save(self.plots_dir / "class_weights.npy", weights)
+        tracker.log_artifact(self.plots_dir / "class_weights.npy")
+        history = {name: tracker.metric_history(name) for name in CURVE_METRICS}
+        if any(history.values()):
+            curves = plot_training_curves(
+                history, self.plots_dir / "training_curves.png", title=self.config.run.name
+            )
+            tracker.log_artifact(curves)
+        tracker.finish("FINISHED" if completed else "KILLED")
+
+    def interrupted(self, step: int) -> None:
+        """A signal stopped the run after a checkpoint: the run is continued by the next attempt."""
+        if self.tracker is None:
+            return
+        self._safely(lambda: self.tracker.set_tags({"last_interruption_step": step}), "set_tags")
+        self._safely(self.tracker.pause, "pause")
+
+    def failed(self) -> None:
+        if self.tracker is not None:
+            self._safely(lambda: self.tracker.finish("FAILED"), "finish")
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

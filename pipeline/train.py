@@ -187,6 +187,9 @@ class _Trainer:
             self.objective.parameters(), lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay
         )
         self.autocast = device.type == "cuda" and config.model.fp16
+        self.control_group = None  # the default group is gloo already on CPU
+        if env.world_size > 1 and device.type == "cuda":
+            self.control_group = dist.new_group(backend="gloo")
 
         self.position = _Position()
         self.last_checkpoint = ""
@@ -330,9 +333,10 @@ class _Trainer:
         """(stop code, time-based save due), the same on every rank (one tiny all-reduce)."""
         minutes = self.config.run.checkpoint_every_minutes
         due = bool(self.env.is_main and minutes > 0 and since_save_s >= minutes * 60.0)
-        flags = torch.tensor([int(self.stop_requested()), int(due)], dtype=torch.int64, device=self.device)
+        flags = torch.tensor([int(self.stop_requested()), int(due)], dtype=torch.int64)
         if self.env.world_size > 1:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            # a CPU (gloo) group: polling every step must not synchronise the GPU stream
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.control_group)
         return int(flags[0]), bool(flags[1])
 
     # ------------------------------------------------------------------ the loop

@@ -25,7 +25,10 @@ slurm-up:
 slurm-down:
 	bash slurm/local/stop.sh
 
-test: setup slurm-up
+# A cluster that cannot start here (not root, no Debian packages) does not stop the run:
+# the slurm tests then skip with the reason, or fail with start.sh's output when it should have worked.
+test: setup
+	-bash slurm/local/start.sh || echo "local SLURM could not start: tests marked slurm will say why"
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Unit tests only: no cluster, no slow end-to-end runs.

@@ -10,16 +10,25 @@ cache warm, alternates `shutil.copyfile(train.rec)` and a 1-worker conversion, t
 Logs go to stderr; the last stdout line is one JSON object:
 ratio_vs_copy = conversion throughput (source bytes/s, 1 worker) ÷ copy throughput.
 
+A worker is a process (`--workers`); one worker process also uses threads (hashing in
+one thread while validating in another, two shards written at once), so "1 worker"
+may keep two cores busy. `cpu_s` is the conversion's CPU time (user + system, all
+threads), less sensitive to other load than wall time; `floor_s` is what hashing every
+byte three times (source, image, shard) costs at the SHA-256 speed measured here,
+spread over the machine's cores: the conversion cannot be faster than that.
+
     .venv/bin/python benchmarks/convert.py [--mb 300] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import logging
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -117,14 +126,34 @@ def time_copy(rec: Path, scratch: Path) -> float:
     return elapsed
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process (all threads) and of its finished children."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+CPU_SECONDS: dict[int, list[float]] = {}
+
+
 def time_convert(source: Path, scratch: Path, *, workers: int, samples_per_shard: int) -> float:
     out = scratch / f"out-{workers}"
     shutil.rmtree(out, ignore_errors=True)
+    cpu_before = cpu_seconds()
     started = time.perf_counter()
     convert(source, out, samples_per_shard=samples_per_shard, workers=workers, seed=0, progress=False)
     elapsed = time.perf_counter() - started
+    CPU_SECONDS.setdefault(workers, []).append(cpu_seconds() - cpu_before)
     shutil.rmtree(out)
     return elapsed
+
+
+def sha256_seconds(path: Path) -> float:
+    """Seconds one core takes to SHA-256 the file (from the page cache)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    started = time.perf_counter()
+    hashlib.sha256(data).digest()
+    return time.perf_counter() - started
 
 
 def git_revision() -> str:
@@ -175,6 +204,8 @@ def main() -> None:
                 doubles[-1],
             )
         copy_s, one_s, two_s = (statistics.median(x) for x in (copies, singles, doubles))
+        one_cpu_s, two_cpu_s = (statistics.median(CPU_SECONDS[w][-args.repeats :]) for w in (1, 2))
+        hash_s = min(sha256_seconds(rec) for _ in range(3))
 
         small_rec = small / "train.rec"
         warm(small_rec)
@@ -199,9 +230,12 @@ def main() -> None:
         "convert_s": round(one_s, 3),
         "convert_mb_per_s": round(size_mb / one_s, 1),
         "ratio_vs_copy": round(copy_s / one_s, 3),
+        "sha256_mb_per_s": round(size_mb / hash_s, 1),
+        "floor_s": round(3 * hash_s / (os.cpu_count() or 1), 3),
+        "ratio_vs_copy_at_floor": round(copy_s / (3 * hash_s / (os.cpu_count() or 1)), 3),
         "workers": {
-            "1": {"s": round(one_s, 3), "mb_per_s": round(size_mb / one_s, 1)},
-            "2": {"s": round(two_s, 3), "mb_per_s": round(size_mb / two_s, 1)},
+            "1": {"s": round(one_s, 3), "mb_per_s": round(size_mb / one_s, 1), "cpu_s": round(one_cpu_s, 3)},
+            "2": {"s": round(two_s, 3), "mb_per_s": round(size_mb / two_s, 1), "cpu_s": round(two_cpu_s, 3)},
         },
         "speedup_2_workers": round(one_s / two_s, 2),
         "small_112px": {

@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -206,6 +207,30 @@ def test_damaged_shards_are_rewritten(synth_source, tmp_path):
     (out / "shards" / "shard-00003.tar.tmp-12345").write_bytes(b"half a shard")
     convert(synth_source, out, samples_per_shard=20, progress=False)
     assert all_files(out) == all_files(reference)
+
+
+def test_source_touched_after_planning_is_refused_until_planned_again(synth_source, tmp_path):
+    source = tmp_path / "src"
+    shutil.copytree(synth_source, source)
+    out = tmp_path / "out"
+    plan = prepare_conversion(source, out, samples_per_shard=25, seed=0)
+    write_shard(out, 0)
+    rec = source / "train.rec"
+    stat = rec.stat()
+    os.utime(rec, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # same bytes, newer mtime
+    with pytest.raises(DataError, match="changed since the conversion was planned"):
+        write_shard(out, 1)
+    # planning again re-checks the bytes (same checksum: the plan and the written shard still hold)
+    assert prepare_conversion(source, out, samples_per_shard=25, seed=0).plan_id == plan.plan_id
+    info = convert(source, out, samples_per_shard=25, seed=0, progress=False)
+    reference = convert(source, tmp_path / "reference", samples_per_shard=25, seed=0, progress=False)
+    assert all_files(out) == all_files(tmp_path / "reference")
+    manifest = pd.read_parquet(out / "manifest.parquet")
+    for row in manifest.itertuples():
+        blob = (out / info.shards[row.shard].tar).read_bytes()
+        assert hashlib.sha256(blob[row.offset : row.offset + row.nbytes]).hexdigest() == row.sha256
+    assert reference.source == info.source
+    assert info.source[0].sha256 == hashlib.sha256(rec.read_bytes()).hexdigest()
 
 
 @pytest.mark.timeout(120)

@@ -1,0 +1,192 @@
+"""`igfiqa demo` end to end: synthetic data → shards → training (local SLURM, or here) → evaluation → MLflow.
+
+The slow tests run the real command line on a small dataset and check what a user is told to
+look at: the PNGs, the results table, the MLflow training run and its eval child run; a second
+run must reuse every stage (no new job, no retraining).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from jobs.cli import main
+from jobs.cluster import profile_from_dict
+from jobs.commands.demo import slurm_unavailable_reason
+
+IDENTITIES = "40"
+STEPS = "8"
+
+
+def run_demo(out: Path, *extra: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """The real `igfiqa demo` in a subprocess (as `make demo` runs it)."""
+    command = [
+        sys.executable,
+        "-m",
+        "jobs.cli",
+        "demo",
+        "--out",
+        str(out),
+        "--identities",
+        IDENTITIES,
+        *extra,
+    ]
+    return subprocess.run(
+        command, capture_output=True, text=True, cwd=cwd, timeout=600, stdin=subprocess.DEVNULL
+    )
+
+
+def mlflow_runs(out: Path) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("igfiqa")
+    assert experiment is not None, "the demo logged no MLflow experiment 'igfiqa'"
+    return client.search_runs([experiment.experiment_id])
+
+
+def stage_lines(stdout: str) -> dict[str, str]:
+    """{stage: its closing line} from the `[demo i/6] stage: done|reused in ...` lines."""
+    found = re.findall(r"^\[demo \d/6\] (\w+): ((?:done|reused) in .*)$", stdout, flags=re.MULTILINE)
+    return dict(found)
+
+
+def check_outputs(out: Path, stdout: str) -> tuple[str, str]:
+    """Everything the summary points at exists; returns (training run id, eval run id)."""
+    pngs = [
+        out / "augmentation_preview.png",
+        out / "eval" / "quality_clean.png",
+        out / "eval" / "quality_mixed.png",
+        out / "run" / "plots" / "class_weights.png",
+        out / "run" / "plots" / "training_curves.png",
+    ]
+    for png in pngs:
+        assert png.is_file() and png.stat().st_size > 1000, f"{png} missing or empty"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{png} is not a PNG"
+        assert str(png.relative_to(out)) in stdout, f"the summary does not point at {png}"
+    table = (out / "eval" / "table.md").read_text()
+    rows = re.findall(
+        r"^\| IG-FIQA \| (\d\.\d{4}) \| (\d\.\d{4}) \| (\d\.\d{4}) \| (\d\.\d{4}) \|$", table, re.M
+    )
+    assert len(rows) == 2, f"expected ERC and EDC rows with 4 numbers each:\n{table}"
+    assert all(0.0 <= float(v) <= 1.0 for row in rows for v in row)
+    assert "| IG-FIQA |" in stdout, "the summary does not print the table"
+    assert f"mlflow ui --backend-store-uri sqlite:///{out / 'mlflow.db'}" in stdout
+
+    runs = mlflow_runs(out)
+    train_runs = [r for r in runs if r.data.tags.get("kind") == "train"]
+    assert len(train_runs) == 1, [r.data.tags for r in runs]
+    train = train_runs[0]
+    assert train.info.status == "FINISHED"
+    assert train.data.metrics["loss_arc"] > 0
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == train.info.run_id]
+    assert len(children) == 1 and children[0].data.tags.get("stage") == "eval"
+    child = children[0]
+    assert child.info.status == "FINISHED"
+    assert 0.0 <= child.data.metrics["clean.accuracy"] <= 1.0
+    assert "clean.IG-FIQA.erc_auc.fmr_1e-3" in child.data.metrics
+    assert train.info.run_id in stdout and child.info.run_id in stdout
+    return train.info.run_id, child.info.run_id
+
+
+def check_second_run_reuses(out: Path, first_stdout: str, cwd: Path) -> None:
+    """Run again: every stage reused, no new job or checkpoint or MLflow run, and quick."""
+    checkpoints = sorted((out / "run" / "checkpoints").glob("*.ckpt"))
+    stamps = {p: p.stat().st_mtime_ns for p in checkpoints}
+    submitit_folders = sorted((out / "run").glob("submitit/*"))
+    runs_before = len(mlflow_runs(out))
+    start = time.monotonic()
+    again = run_demo(out, "--steps", STEPS, cwd=cwd)
+    elapsed = time.monotonic() - start
+    assert again.returncode == 0, again.stdout + again.stderr
+    stages = stage_lines(again.stdout)
+    assert set(stages) == {"synth", "convert", "bins", "preview", "train", "evaluate"}, again.stdout
+    assert all(line.startswith("reused") for line in stages.values()), stages
+    assert elapsed < 60, f"a second run took {elapsed:.0f} s"
+    assert {p: p.stat().st_mtime_ns for p in sorted((out / "run" / "checkpoints").glob("*.ckpt"))} == stamps
+    assert sorted((out / "run").glob("submitit/*")) == submitit_folders
+    assert len(mlflow_runs(out)) == runs_before
+    # the same table is printed again
+    table_line = next(line for line in first_stdout.splitlines() if line.startswith("| IG-FIQA |"))
+    assert table_line in again.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_demo_on_the_local_cluster_then_reused(slurm_cluster, tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    first = run_demo(out, "--steps", STEPS, cwd=tmp_path)
+    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
+    assert re.search(r"trained 8 steps on SLURM \(job \d+, 2 tasks, cluster profile local\)", first.stdout)
+    assert "training HERE" not in first.stdout
+    assert all(line.startswith("done") for line in stage_lines(first.stdout).values())
+    assert re.search(r"^\s+\| .*step 8/8", first.stdout, re.M), "the job's log was not followed"
+    train_marker = json.loads((out / "run" / "demo-train.json").read_text())
+    assert train_marker["global_step"] == 8 and Path(train_marker["checkpoint"]).is_file()
+    check_outputs(out, first.stdout)
+    assert (out / "SUMMARY.txt").read_text().strip() in first.stdout
+    check_second_run_reuses(out, first.stdout, tmp_path)
+
+
+@pytest.mark.slow
+def test_demo_trains_here_with_local_and_says_why(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    first = run_demo(out, "--steps", "4", "--local", "--nproc", "1", cwd=tmp_path)
+    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
+    assert "training HERE, not on SLURM, because --local was given" in first.stdout
+    assert "trained 4 steps here with 1 process, not on SLURM because --local was given" in first.stdout
+    check_outputs(out, first.stdout)
+
+
+def test_demo_refuses_a_folder_synthesized_with_other_settings(tmp_path: Path, capsys) -> None:
+    synth = tmp_path / "demo" / "synth"
+    synth.mkdir(parents=True)
+    (synth / "synth.json").write_text(json.dumps({"identities": 200, "images_per_identity": 12, "seed": 0}))
+    status = main(["demo", "--out", str(tmp_path / "demo"), "--identities", "40", "--local"])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert f"{synth} was synthesized with other settings: identities 200 (asked 40)" in err
+    assert not (tmp_path / "demo" / "train").exists()
+
+
+def test_demo_rejects_bad_sizes(tmp_path: Path, capsys) -> None:
+    assert main(["demo", "--out", str(tmp_path / "d"), "--steps", "-1"]) == 2
+    assert "--steps must be >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
+
+
+def test_no_slurm_on_path_is_a_reason_to_train_here(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sinfo, sbatch or sacct here
+    profile = profile_from_dict({"name": "local", "tasks_per_node": 2}, path="local.yaml")
+    reason = slurm_unavailable_reason(profile)
+    assert reason is not None and reason.startswith(
+        "SLURM is not installed here (sinfo, sbatch, sacct not on PATH)"
+    )
+
+
+def test_a_fake_sinfo_down_node_is_reported(tmp_path: Path, monkeypatch) -> None:
+    for tool, script in {
+        "sinfo": "#!/bin/sh\necho 'down* 2'\n",
+        "sbatch": "#!/bin/sh\nexit 1\n",
+        "sacct": "#!/bin/sh\nexit 0\n",
+    }.items():
+        (tmp_path / tool).write_text(script)
+        (tmp_path / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    profile = profile_from_dict({"name": "local", "partition": "debug", "tasks_per_node": 2}, path="x.yaml")
+    reason = slurm_unavailable_reason(profile)
+    assert reason is not None and reason.startswith(
+        "no usable SLURM node in partition debug (node states: down*)"
+    )
+    (tmp_path / "sinfo").write_text("#!/bin/sh\necho 'idle 1'\n")
+    assert "asks for 2 CPUs per node, the largest node of partition debug has 1" in slurm_unavailable_reason(
+        profile
+    )
+    (tmp_path / "sinfo").write_text("#!/bin/sh\necho 'idle 2'\n")
+    assert slurm_unavailable_reason(profile) is None

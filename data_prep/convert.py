@@ -68,7 +68,7 @@ from data_prep.dataset import (
 )
 from data_prep.errors import DataError
 from data_prep.manifest import CLASSES_SCHEMA, TRAIN_MANIFEST_SCHEMA, write_table
-from data_prep.recordio import RecordIOReader, image_kind, unpack_header
+from data_prep.recordio import JPEG_MAGIC, RecordIOReader, image_kind, unpack_header
 from data_prep.shards import shard_stem, write_webdataset_shard
 from data_prep.source import SourceDataset, locate_source, read_source
 
@@ -438,12 +438,22 @@ def write_shard(out: Path, shard_index: int) -> None:
         raise DataError(
             f"plan table row group {shard_index} has the wrong length", path=_prep_dir(out) / PLAN_TABLE
         )
-    keys = [f"{p:0{plan.key_width}d}" for p in rows["position"]]
+    key_width = plan.key_width
+    keys = [f"{position:0{key_width}d}" for position in rows["position"]]
     with RecordIOReader(plan.rec_path) as reader:
+        view = reader.view
+        jpeg = _starts_with_jpeg_magic(reader, np.asarray(rows["image_offset"], dtype=np.int64))
         images = [
-            _image_bytes(reader, record, offset, label, image_offset, image_nbytes)
-            for record, offset, label, image_offset, image_nbytes in zip(
-                rows["record"], rows["offset"], rows["label"], rows["image_offset"], rows["image_nbytes"]
+            view[image_offset : image_offset + image_nbytes]
+            if is_jpeg
+            else _image_bytes(reader, record, offset, label, image_offset, image_nbytes)
+            for record, offset, label, image_offset, image_nbytes, is_jpeg in zip(
+                rows["record"],
+                rows["offset"],
+                rows["label"],
+                rows["image_offset"],
+                rows["image_nbytes"],
+                jpeg.tolist(),
             )
         ]
         written = write_webdataset_shard(
@@ -488,6 +498,17 @@ def _check_source_unchanged(plan: ConversionPlan) -> None:
             "to re-check it, or convert into a new --out",
             path=plan.rec_path,
         )
+
+
+def _starts_with_jpeg_magic(reader: RecordIOReader, image_offsets: np.ndarray) -> np.ndarray:
+    """Whether the bytes at each offset (>= 0) start a JPEG, checked for all at once."""
+    whole = (image_offsets >= 0) & (image_offsets + len(JPEG_MAGIC) <= reader.size)
+    if reader.size < len(JPEG_MAGIC):
+        return whole
+    data = np.frombuffer(reader.view, dtype=np.uint8)
+    heads = data[np.where(whole, image_offsets, 0)[:, None] + np.arange(len(JPEG_MAGIC))]
+    del data  # release the export of the memory map
+    return whole & (heads == np.frombuffer(JPEG_MAGIC, dtype=np.uint8)).all(axis=1)
 
 
 def _image_bytes(

@@ -90,46 +90,109 @@ class WrittenShard:
     image_sha256: list[str]
 
 
+_SIZE_DIGITS = 3 * np.arange(10, -1, -1)  # 11 octal digits, most significant first
+_CHKSUM_DIGITS = 3 * np.arange(5, -1, -1)  # 6 octal digits
+
+
+def _blank_header() -> np.ndarray:
+    """The template header with name and size zeroed and the checksum field read as spaces."""
+    header = np.frombuffer(_TEMPLATE, dtype=np.uint8).copy()
+    header[:_NAME_END] = 0
+    header[_SIZE_START:_SIZE_END] = 0
+    header[_CHKSUM_START:_CHKSUM_END] = ord(" ")
+    return header
+
+
+_BLANK_HEADER = _blank_header()
+
+
+def _octal(values: np.ndarray, digit_shifts: np.ndarray) -> np.ndarray:
+    """ASCII octal digits (rows) of non-negative ints, zero-padded to len(digit_shifts)."""
+    return ((values[:, None] >> digit_shifts) & 7).astype(np.uint8) + ord("0")
+
+
+def ustar_headers(names: Sequence[str], sizes: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """`ustar_header(names[i], sizes[i])` for every i, as rows of a (count, 512) uint8 array.
+
+    Vectorised with numpy: building headers one by one in Python cost ~3 µs per member.
+    """
+    count = len(names)
+    encoded = np.array(names, dtype=np.bytes_) if count else np.zeros(0, dtype="S1")
+    if encoded.dtype.itemsize >= _NAME_END:
+        longest = max(names, key=len)
+        raise ValueError(f"tar member name too long for ustar: {longest!r}")
+    sizes = np.asarray(sizes, dtype=np.int64)
+    if count and (sizes.min() < 0 or sizes.max() >= 8**11):
+        raise ValueError("tar member sizes must be in [0, 8**11) for ustar")
+    headers = np.empty((count, BLOCK), dtype=np.uint8) if out is None else out
+    headers[:] = _BLANK_HEADER
+    width = encoded.dtype.itemsize
+    headers[:, :width] = encoded.view(np.uint8).reshape(count, width)  # NUL-padded, like ljust
+    headers[:, _SIZE_START : _SIZE_END - 1] = _octal(sizes, _SIZE_DIGITS)
+    headers[:, _SIZE_END - 1] = 0
+    checksums = headers.sum(axis=1, dtype=np.int64)
+    headers[:, _CHKSUM_START : _CHKSUM_START + 6] = _octal(checksums, _CHKSUM_DIGITS)
+    headers[:, _CHKSUM_START + 6] = 0  # then the template's space, as tarfile writes it
+    return headers
+
+
+_GLUE = 4 * BLOCK  # per sample: [image padding, at most one block][label header][label][next header]
+
+
 def _tar_pieces(
     keys: Sequence[str], images: Sequence[bytes | memoryview], labels: Sequence[int]
 ) -> tuple[list[bytes | memoryview], np.ndarray, np.ndarray, int, list[str]]:
-    """The tar as a list of buffers (small header runs alternating with the images, uncopied).
+    """The tar as a list of buffers: the images, uncopied, alternating with slices of one
+    array holding every header, label and padding block.
 
     Returns (pieces, image data offsets, image sizes, tar size, index lines).
     """
     count = len(keys)
     nbytes = np.fromiter(map(len, images), dtype=np.int64, count=count)
+    padding = -nbytes % BLOCK
     # per sample: [header][image, padded][header][label, padded to one block]; labels are < 512 bytes
-    spans = 3 * BLOCK + nbytes + (-nbytes % BLOCK)
+    spans = 3 * BLOCK + nbytes + padding
     offsets = np.cumsum(spans) - spans + BLOCK
     end = int(spans.sum()) + 2 * BLOCK
     total = end + (-end % RECORD_SIZE)
-    pieces: list[bytes | memoryview] = []
+    label_texts = np.asarray(labels, dtype=np.int64).astype(np.bytes_)
+    label_nbytes = np.char.str_len(label_texts).astype(np.int64)
+    image_names = [f"{key}.{IMAGE_EXT}" for key in keys]
+    label_names = [f"{key}.{LABEL_EXT}" for key in keys]
+    # glue row i = the bytes from the end of image i to the start of image i+1's data, right-aligned
+    # after a block of zeros so that its padding is a slice: row[BLOCK - padding[i]:]
+    glue = np.zeros((count + 1, _GLUE), dtype=np.uint8)
+    ustar_headers(image_names, nbytes, out=glue[:, 3 * BLOCK :][:count])
+    glue[:, 3 * BLOCK :] = np.roll(glue[:, 3 * BLOCK :], -1, axis=0)  # row i holds header i+1
+    ustar_headers(label_names, label_nbytes, out=glue[:count, BLOCK : 2 * BLOCK])
+    width = label_texts.dtype.itemsize
+    glue[:count, 2 * BLOCK : 2 * BLOCK + width] = label_texts.view(np.uint8).reshape(count, width)
+    flat = memoryview(glue.reshape(-1))
+    first = flat[(count + 1) * _GLUE - BLOCK :]  # image header 0 (rolled into the spare last row)
+    starts = (np.arange(count) * _GLUE + BLOCK - padding).tolist()
+    stops = (np.arange(1, count + 1) * _GLUE).tolist()
+    pieces: list[bytes | memoryview] = [first]
+    for image, start, stop in zip(images, starts, stops):
+        pieces += (image, flat[start:stop])
+    # the last row's "next header" is all zeros: the first of the two end blocks
+    pieces.append(bytes(total - end + BLOCK))
+    label_offsets = offsets + nbytes + padding + BLOCK
     index_lines = [f"{INDEX_VERSION} {count}\n"]
-    between = b""  # the bytes between the previous image and this one's data
-    for key, image, label, image_offset, image_size in zip(
-        keys, images, labels, offsets.tolist(), nbytes.tolist()
-    ):
-        image_name, label_name = f"{key}.{IMAGE_EXT}", f"{key}.{LABEL_EXT}"
-        label_text = b"%d" % label
-        pieces += (between + ustar_header(image_name, image_size), image)
-        between = b"".join(
-            (
-                _ZEROS[: -image_size % BLOCK],
-                ustar_header(label_name, len(label_text)),
-                label_text.ljust(BLOCK, b"\0"),
-            )
+    index_lines += [
+        f"{IMAGE_EXT} {image_offset} {image_size} {image_name} "
+        f"{LABEL_EXT} {label_offset} {label_size} {label_name}\n"
+        for image_offset, image_size, image_name, label_offset, label_size, label_name in zip(
+            offsets.tolist(),
+            nbytes.tolist(),
+            image_names,
+            label_offsets.tolist(),
+            label_nbytes.tolist(),
+            label_names,
         )
-        label_offset = image_offset + image_size + (-image_size % BLOCK) + BLOCK
-        index_lines.append(
-            f"{IMAGE_EXT} {image_offset} {image_size} {image_name} "
-            f"{LABEL_EXT} {label_offset} {len(label_text)} {label_name}\n"
-        )
-    pieces.append(between + bytes(total - end + 2 * BLOCK))
+    ]
     return pieces, offsets, nbytes, total, index_lines
 
 
-_ZEROS = bytes(BLOCK)
 _MAX_IOVECS = 1024  # IOV_MAX on Linux
 
 

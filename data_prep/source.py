@@ -22,7 +22,15 @@ import numpy as np
 from tqdm import tqdm
 
 from data_prep.errors import DataError
-from data_prep.recordio import IR_HEADER_SIZE, RecordIOReader, image_kind, read_index, unpack_header
+from data_prep.recordio import (
+    IR_HEADER_SIZE,
+    JPEG_MAGIC,
+    MAGIC,
+    RecordIOReader,
+    image_kind,
+    read_index,
+    unpack_header,
+)
 
 log = logging.getLogger(__name__)
 
@@ -204,20 +212,13 @@ def read_source(source: Path, *, progress: bool = False) -> SourceDataset:
             num_classes = prop[0]
 
         records = np.asarray(image_keys, dtype=np.int64)
-        offsets = np.empty(len(records), dtype=np.int64)
-        labels = np.empty(len(records), dtype=np.int64)
-        image_offsets = np.empty(len(records), dtype=np.int64)
-        image_nbytes = np.empty(len(records), dtype=np.int64)
-        why = "the image range of record 0 needs" if is_insightface else "the index lists"
-        with tqdm(
-            image_keys, desc="validate records", unit="rec", disable=not progress, mininterval=1.0
-        ) as keys:
-            for i, key in enumerate(keys):
-                offset = _offset_of(index, key, files, why)
-                offsets[i] = offset
-                labels[i], image_offsets[i], image_nbytes[i] = _validate_image_record(
-                    reader, files.rec, key, offset
-                )
+        offsets = np.fromiter((index.get(key, -1) for key in image_keys), dtype=np.int64, count=len(records))
+        if (offsets < 0).any():
+            why = "the image range of record 0 needs" if is_insightface else "the index lists"
+            _offset_of(index, int(records[np.argmax(offsets < 0)]), files, why)
+        labels, image_offsets, image_nbytes = _validate_image_records(
+            reader, files.rec, records, offsets, progress=progress
+        )
         if expected is not None:
             bad = np.nonzero(labels != expected[records])[0]
             if len(bad):
@@ -257,6 +258,74 @@ def read_source(source: Path, *, progress: bool = False) -> SourceDataset:
         image_size=image_size,
         layout="insightface" if is_insightface else "plain",
     )
+
+
+def _validate_image_records(
+    reader: RecordIOReader, rec: Path, records: np.ndarray, offsets: np.ndarray, *, progress: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`_validate_image_record` for every record: (labels, image offsets, image sizes).
+
+    The common case (a whole, 4-byte aligned record with a sane header and an image magic)
+    is checked for all records at once with numpy; every other record (split, or bad: the
+    per-record check then raises the DataError naming it) goes through the per-record check.
+    """
+    count = len(records)
+    size = reader.size
+    if size < 64:  # too small for the vectorised reads below: check record by record
+        return _validate_one_by_one(reader, rec, records, offsets, np.zeros(count, dtype=bool), progress)
+    words = np.frombuffer(reader.view, dtype="<u4", count=size // 4)
+    floats = words.view("<f4")
+    data = np.frombuffer(reader.view, dtype=np.uint8)
+    fast = (offsets % 4 == 0) & (offsets + 8 + IR_HEADER_SIZE <= size)
+    word = np.where(fast, offsets // 4, 0)
+    lrecord = words[word + 1].astype(np.int64)
+    length = lrecord & ((1 << 29) - 1)
+    fast &= (words[word] == MAGIC) & (lrecord >> 29 == 0) & (length >= IR_HEADER_SIZE)
+    fast &= offsets + 8 + length <= size
+    flag = np.where(fast, words[word + 2], 0).astype(np.int64)
+    data_start = offsets + 8 + IR_HEADER_SIZE + 4 * flag
+    record_end = offsets + 8 + length
+    fast &= data_start + len(JPEG_MAGIC) <= record_end
+    label = np.where(flag > 0, floats[np.where(fast, word + 8, 0)], floats[word + 3]).astype(np.float64)
+    head = np.where(fast, data_start, 0)
+    is_jpeg = (
+        (data[head] == JPEG_MAGIC[0]) & (data[head + 1] == JPEG_MAGIC[1]) & (data[head + 2] == JPEG_MAGIC[2])
+    )
+    fast &= is_jpeg & np.isfinite(label) & (label >= 0) & (label < 2**53) & (label == np.floor(label))
+    labels = np.where(fast, label, 0).astype(np.int64)
+    image_offsets = np.where(fast, data_start, -1)
+    image_nbytes = np.where(fast, record_end - data_start, 0)
+    del words, floats, data  # release the exports of the memory map
+    return _validate_one_by_one(
+        reader, rec, records, offsets, fast, progress, labels, image_offsets, image_nbytes
+    )
+
+
+def _validate_one_by_one(
+    reader: RecordIOReader,
+    rec: Path,
+    records: np.ndarray,
+    offsets: np.ndarray,
+    checked: np.ndarray,
+    progress: bool,
+    labels: np.ndarray | None = None,
+    image_offsets: np.ndarray | None = None,
+    image_nbytes: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`_validate_image_record` for the records not `checked` yet, filling the three arrays."""
+    count = len(records)
+    labels = np.zeros(count, dtype=np.int64) if labels is None else labels
+    image_offsets = np.full(count, -1, dtype=np.int64) if image_offsets is None else image_offsets
+    image_nbytes = np.zeros(count, dtype=np.int64) if image_nbytes is None else image_nbytes
+    remaining = np.nonzero(~checked)[0].tolist()
+    with tqdm(total=count, desc="validate records", unit="rec", disable=not progress, mininterval=1.0) as bar:
+        bar.update(count - len(remaining))
+        for i in remaining:  # split records, PNGs and everything bad
+            labels[i], image_offsets[i], image_nbytes[i] = _validate_image_record(
+                reader, rec, int(records[i]), int(offsets[i])
+            )
+            bar.update()
+    return labels, image_offsets, image_nbytes
 
 
 def _validate_image_record(reader: RecordIOReader, rec: Path, key: int, offset: int) -> tuple[int, int, int]:

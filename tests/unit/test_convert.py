@@ -166,6 +166,27 @@ def test_reference_dataset_with_flag_labels_split_records_and_no_index(tmp_path)
         assert row.label == label
 
 
+@pytest.mark.parametrize("flag_labels", [False, True])
+def test_vectorised_validation_agrees_with_the_per_record_check(tmp_path, flag_labels):
+    from data_prep.source import _validate_image_record, read_source
+
+    png = io.BytesIO()
+    Image.new("RGB", (32, 32), (9, 8, 7)).save(png, format="PNG")
+    classes = [[jpeg(10 * c + i) for i in range(3)] for c in range(3)]
+    classes[0][1] = jpeg_with_aligned_magic(97)  # split on disk
+    classes[2][2] = png.getvalue()
+    ref.write_insightface_dataset(tmp_path / "src", classes, flag_labels=flag_labels, image_size=(32, 32))
+    source = read_source(tmp_path / "src")
+    with RecordIOReader(source.files.rec) as reader:
+        one_by_one = [
+            _validate_image_record(reader, source.files.rec, int(key), int(offset))
+            for key, offset in zip(source.records, source.offsets)
+        ]
+    assert [tuple(x) for x in zip(source.labels, source.image_offsets, source.image_nbytes)] == one_by_one
+    assert source.labels.tolist() == [c for c in range(3) for _ in range(3)]
+    assert (source.image_offsets == -1).sum() == 1
+
+
 def test_rec_path_source_and_load_dataset_info_errors(synth_source, tmp_path):
     info = convert(synth_source / "train.rec", tmp_path / "out", samples_per_shard=50, progress=False)
     assert info.num_classes == 12

@@ -13,7 +13,7 @@ from PIL import Image
 
 from data_prep.convert import convert
 from data_prep.dataset import load_dataset_info
-from data_prep.shards import read_index_file, ustar_header, write_webdataset_shard
+from data_prep.shards import read_index_file, ustar_header, ustar_headers, write_webdataset_shard
 from data_prep.synth import synthesize
 
 
@@ -34,6 +34,17 @@ def test_ustar_header_equals_tarfile(name, size):
     assert ustar_header(name, size) == info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
 
 
+def test_vectorised_headers_equal_one_by_one():
+    names = ["000000001.jpg", "7.cls", "k" * 99, "a.b", "x" * 50 + ".cls"]
+    sizes = np.array([5000, 1, 8**11 - 1, 0, 123456789])
+    headers = ustar_headers(names, sizes)
+    assert [bytes(row) for row in headers] == [ustar_header(n, int(s)) for n, s in zip(names, sizes)]
+    with pytest.raises(ValueError, match="too long"):
+        ustar_headers(["k" * 100], np.array([1]))
+    with pytest.raises(ValueError, match="sizes"):
+        ustar_headers(["k"], np.array([8**11]))
+
+
 def sample_images(count: int) -> list[bytes]:
     rng = np.random.default_rng(0)
     sizes = [1, 511, 512, 513, 3000]
@@ -45,7 +56,7 @@ def test_shard_equals_tarfile_archive_and_wds2idx_index(tmp_path):
 
     images = sample_images(11)
     keys = [f"{i:09d}" for i in range(11)]
-    labels = [i * 7 for i in range(11)]
+    labels = [i * 7 for i in range(10)] + [123456789]
     written = write_webdataset_shard(tmp_path / "s.tar", tmp_path / "s.idx", keys, images, labels)
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:

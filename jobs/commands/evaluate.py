@@ -349,7 +349,14 @@ def log_evaluation(
         log.info("pipeline.tracking is not available: results not logged to MLflow")
         return None
     uri = tracking.resolve_tracking_uri(args.tracking_uri or config.run.tracking_uri)
+    from data_prep.dataset import dataset_fingerprint
+    from pipeline.evaluation import find_verification_sets
+
     tags = {"stage": "eval", "checkpoint": str(args.checkpoint.resolve())}
+    # lineage: the same `dataset_fingerprint.<set>` tags `igfiqa prep bins` gives its run
+    tags |= {
+        f"dataset_fingerprint.{d.name}": dataset_fingerprint(d) for d in find_verification_sets(args.data)
+    }
     if train_run_id:
         tags |= {"mlflow.parentRunId": train_run_id, "train_run_id": train_run_id}
     tracker = tracking.RunTracker.start(

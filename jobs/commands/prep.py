@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import time
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -19,6 +21,10 @@ Offline data stages: turn InsightFace-style data into DALI-readable shards.
 
 Every stage is idempotent: run it again after a failure or a kill and it resumes.
 Bad input stops with one line naming the file, the record and the byte offset.
+
+synth, convert and bins each log an MLflow run (experiment igfiqa-<stage>) with the
+output's dataset_fingerprint and the source files' SHA-256: the lineage that training
+and evaluation runs point back to (their dataset_fingerprint tags). --no-track skips it.
 """
 
 CONVERT_DESCRIPTION = """\
@@ -119,6 +125,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="PROFILE",
         help="run the shard writing as a SLURM array job on this cluster profile (e.g. slurm/clusters/local.yaml)",
     )
+    _add_tracking_options(convert)
     convert.set_defaults(func=_run_convert)
 
     bins = sub.add_parser(
@@ -130,6 +137,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     bins.add_argument(
         "--out", type=Path, required=True, metavar="DIR", help="output folder (one subfolder per set)"
     )
+    _add_tracking_options(bins)
     bins.set_defaults(func=_run_bins)
 
     synth = sub.add_parser(
@@ -165,6 +173,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     synth.add_argument("--verification-pairs", type=int, default=None, metavar="N", help="pairs per .bin set")
     synth.add_argument("--seed", type=int, default=0, help="everything is a function of it (default: 0)")
+    _add_tracking_options(synth)
     synth.set_defaults(func=_run_synth)
 
     inspect = sub.add_parser(
@@ -176,17 +185,42 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     inspect.set_defaults(func=_run_inspect)
 
 
-def _run_convert(args: argparse.Namespace) -> int:
-    if args.submit:
-        from jobs.prep_job import submit_conversion
+def _add_tracking_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tracking-uri",
+        default="",
+        metavar="URI",
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)",
+    )
+    parser.add_argument("--no-track", action="store_true", help="do not log this stage to MLflow")
 
-        info = submit_conversion(
+
+def _track(args: argparse.Namespace, stage: str, **run: Any) -> None:
+    """Log the finished stage to MLflow unless --no-track (a failure only warns: the data stays)."""
+    if args.no_track:
+        return
+    from jobs.prep_tracking import log_stage_run
+
+    run_id = log_stage_run(stage, tracking_uri=args.tracking_uri, **run)
+    if run_id:
+        print(f"MLflow run: {run_id} (experiment igfiqa-{stage})")
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    tags: dict[str, str] = {}
+    if args.submit:
+        from jobs.prep_job import start_conversion
+
+        array = start_conversion(
             args.source,
             args.out,
             profile=args.submit,
             samples_per_shard=args.samples_per_shard,
             seed=args.seed,
         )
+        info = array.wait()
+        tags["slurm_array_job_id"] = array.array_id
     else:
         from data_prep.convert import convert
 
@@ -197,24 +231,61 @@ def _run_convert(args: argparse.Namespace) -> int:
             workers=args.workers,
             seed=args.seed,
         )
+    seconds = time.monotonic() - started
     print(
         f"converted {info.num_images} images of {info.num_classes} classes into "
         f"{len(info.shards)} shards: {info.root}"
     )
+    if not args.no_track:
+        from jobs.prep_tracking import lineage_tags, stage_metrics
+
+        _track(
+            args,
+            "convert",
+            params={
+                "source": args.source.resolve(),
+                "out": args.out.resolve(),
+                "samples_per_shard": args.samples_per_shard,
+                "workers": args.workers,
+                "seed": args.seed,
+                "submit": args.submit or "",
+                "shards": len(info.shards),
+            },
+            tags=lineage_tags([info], per_set=False) | tags,
+            metrics=stage_metrics([info], seconds),
+        )
     return 0
 
 
 def _run_bins(args: argparse.Namespace) -> int:
     from data_prep.bins import convert_bins
 
-    for info in convert_bins(args.files, args.out, progress=True):
+    started = time.monotonic()
+    infos = convert_bins(args.files, args.out, progress=True)
+    seconds = time.monotonic() - started
+    for info in infos:
         print(f"{info.root.name}: {info.num_images} images, {info.num_images // 2} pairs -> {info.root}")
+    if not args.no_track:
+        from jobs.prep_tracking import lineage_tags, stage_metrics
+
+        _track(
+            args,
+            "bins",
+            params={
+                "source": " ".join(str(p.resolve()) for p in args.files),
+                "out": args.out.resolve(),
+                "sets": " ".join(info.root.name for info in infos),
+            },
+            tags=lineage_tags(infos, per_set=True),
+            metrics=stage_metrics(infos, seconds) | {"pairs": float(sum(i.num_images // 2 for i in infos))},
+        )
     return 0
 
 
 def _run_synth(args: argparse.Namespace) -> int:
     from data_prep.synth import synthesize
 
+    started = time.monotonic()
     result = synthesize(
         args.out,
         identities=args.identities,
@@ -226,10 +297,36 @@ def _run_synth(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=True,
     )
+    seconds = time.monotonic() - started
     sets = ", ".join(p.name for p in result.verification_bins.values())
     print(
         f"synthesized {result.num_images} images of {result.num_identities} identities + {sets}: {result.out}"
     )
+    if not args.no_track:
+        from data_prep.atomic import sha256_file
+
+        # the written files' checksums: `prep convert` and `prep bins` record the same ones as source_sha256.*
+        written = [result.out / "train.rec", *result.verification_bins.values()]
+        _track(
+            args,
+            "synth",
+            params={
+                "out": args.out.resolve(),
+                "identities": args.identities,
+                "images_per_identity": args.images_per_identity,
+                "low_variance_fraction": args.low_variance_fraction,
+                "clean_fraction": args.clean_fraction,
+                "verification_identities": args.verification_identities or "",
+                "verification_pairs": args.verification_pairs or "",
+                "seed": args.seed,
+            },
+            tags={f"output_sha256.{path.name}": sha256_file(path) for path in written},
+            metrics={
+                "images": float(result.num_images),
+                "classes": float(result.num_identities),
+                "seconds": seconds,
+            },
+        )
     return 0
 
 

@@ -1,0 +1,279 @@
+"""Training step throughput: images/s and the share of step time spent waiting for data.
+
+Prints logs to stderr and ONE JSON object as the last stdout line:
+
+- cpu: the small backbone (configs/tiny_cpu.yaml's sizes: iresnet_mini, embedding 128,
+  32 + 32 images per step) on a synthetic dataset made in a temporary folder. The real
+  DALI loader feeding the real train step (`pipeline.train`'s step: forward of both
+  halves, objective, backward, clip, SGD) is timed side by side with the same step on
+  one cached batch (no data loading): `ratio_vs_cached` = loader img/s ÷ cached img/s.
+  The blocks alternate (loader, cached, loader, cached) and each figure is the median
+  block, because the machine is shared and noisy.
+- gpu: when CUDA is available, iResNet-50 at a global batch of 512 (256 FR + 256
+  regression) on one GPU with bf16 autocast, the same two measurements, plus the
+  backbone's FLOPs per step (forward + backward, counted by
+  `torch.utils.flop_counter.FlopCounterMode`), the achieved TFLOP/s and the MFU
+  against this card's bf16 matmul peak measured in the same run (a large `torch.matmul`).
+  Without CUDA: {"gpu": "not available"}.
+
+    .venv/bin/python benchmarks/train_step.py [--steps 10] [--identities 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from data_prep.convert import convert
+from data_prep.synth import synthesize
+from pipeline.config import TrainConfig, load_config, replace_section
+from pipeline.dist_env import DistEnv
+from pipeline.loader import StepBatch
+from pipeline.train import _Trainer  # the loop's own step, not a copy of it
+
+log = logging.getLogger("bench.train_step")
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _git() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+        )
+        return out.stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_dataset(root: Path, identities: int, images_per_identity: int) -> Path:
+    """A converted synthetic dataset under `root` (made once per folder)."""
+    train = root / "train"
+    if not (train / "dataset.json").is_file():
+        log.info("synthesizing %d × %d images in %s", identities, images_per_identity, root)
+        synthesize(root / "synth", identities=identities, images_per_identity=images_per_identity, seed=0)
+        convert(root / "synth", train, progress=False)
+    return train
+
+
+def _batches(trainer: _Trainer) -> Iterator[StepBatch]:
+    """The loader's batches across epochs, as the loop reads them."""
+    epoch = 0
+    while True:
+        trainer.loader.set_epoch(epoch, 0)
+        yield from trainer.loader
+        epoch += 1
+
+
+def _loader_block(trainer: _Trainer, batches: Iterator[StepBatch], steps: int) -> tuple[float, float]:
+    """(images/s, fraction of the time spent in `next(batches)`) over `steps` loader-fed steps."""
+    device = trainer.device
+    _sync(device)
+    wait = 0.0
+    start = time.perf_counter()
+    for _ in range(steps):
+        before = time.perf_counter()
+        batch = next(batches)
+        wait += time.perf_counter() - before
+        trainer.step(batch.fr.images, batch.fr.labels, batch.reg.images, batch.reg.labels)
+    _sync(device)
+    elapsed = time.perf_counter() - start
+    return steps * trainer.images_per_step / elapsed, wait / elapsed
+
+
+def _cached_block(trainer: _Trainer, batch: StepBatch, steps: int) -> float:
+    """Images/s of the same step on one batch kept in memory (no data loading)."""
+    _sync(trainer.device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        trainer.step(batch.fr.images, batch.fr.labels, batch.reg.images, batch.reg.labels)
+    _sync(trainer.device)
+    return steps * trainer.images_per_step / (time.perf_counter() - start)
+
+
+def measure_steps(config: TrainConfig, *, steps: int, warmup: int, rounds: int) -> dict[str, Any]:
+    """Loader-fed vs cached-batch steps of `config` on one process, alternating blocks."""
+    device = torch.device("cuda", 0) if config.run.device == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    trainer = _Trainer(config, DistEnv.single(), device, lambda: 0, "")
+    trainer.ddp_model.train()
+    trainer.objective.train()
+    try:
+        batches = _batches(trainer)
+        for _ in range(warmup):  # DALI start-up, allocator, autocast caches
+            batch = next(batches)
+            trainer.step(batch.fr.images, batch.fr.labels, batch.reg.images, batch.reg.labels)
+        cached = next(batches)
+        loader_rates, wait_fracs, cached_rates = [], [], []
+        for round_index in range(rounds):
+            rate, wait = _loader_block(trainer, batches, steps)
+            loader_rates.append(rate)
+            wait_fracs.append(wait)
+            cached_rates.append(_cached_block(trainer, cached, steps))
+            log.info(
+                "round %d: loader %.1f img/s (data wait %.1f%%), cached %.1f img/s",
+                round_index,
+                rate,
+                100 * wait,
+                cached_rates[-1],
+            )
+        loader_rate, cached_rate = statistics.median(loader_rates), statistics.median(cached_rates)
+        return {
+            "device": str(device),
+            "backbone": config.model.backbone,
+            "batch": trainer.images_per_step,
+            "steps_per_block": steps,
+            "rounds": rounds,
+            "img_per_s": round(loader_rate, 2),
+            "data_wait_frac": round(statistics.median(wait_fracs), 4),
+            "cached_img_per_s": round(cached_rate, 2),
+            "ratio_vs_cached": round(loader_rate / cached_rate, 3),
+            "trainer": trainer,
+            "cached_batch": cached,
+        }
+    finally:
+        trainer.loader.close()
+        trainer.monitor.close()
+
+
+def _config(base: Path, dataset: Path, work: Path, overrides: list[str]) -> TrainConfig:
+    config = load_config(base, overrides)
+    return replace_section(
+        config,
+        data={"dataset": str(dataset)},
+        run={
+            "dir": str(work / "run"),
+            "tracking_uri": f"sqlite:///{work / 'mlflow.db'}",
+            "experiment": "bench-train-step",
+            "log_every": 1_000_000,
+            "checkpoint_every_steps": 0,
+            "checkpoint_every_minutes": 0.0,
+        },
+    )
+
+
+def step_flops(trainer: _Trainer, batch: StepBatch) -> int:
+    """FLOPs of one forward + backward of backbone and head on the step's images (bf16 autocast)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    images = torch.cat([batch.fr.images, batch.reg.images])
+    counter = FlopCounterMode(display=False)
+    with counter:
+        with torch.autocast(device_type=trainer.device.type, dtype=torch.bfloat16, enabled=trainer.autocast):
+            embeddings, quality = trainer.model(images)
+        (embeddings.float().square().mean() + quality.float().mean()).backward()
+    trainer.model.zero_grad(set_to_none=True)
+    return int(counter.get_total_flops())
+
+
+def matmul_peak_tflops(device: torch.device, size: int = 8192, iters: int = 50) -> float:
+    """Measured bf16 dense matmul throughput of this card (TFLOP/s)."""
+    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    for _ in range(5):
+        torch.matmul(a, b)
+    torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        torch.matmul(a, b)
+    torch.cuda.synchronize(device)
+    return 2 * size**3 * iters / (time.perf_counter() - start) / 1e12
+
+
+def gpu_benchmark(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """iResNet-50, 256 + 256 images per step, bf16 autocast, on GPU 0."""
+    dataset = make_dataset(work / "gpu-data", args.gpu_identities, args.images_per_identity)
+    config = _config(
+        REPO / "configs" / "protocol_s.yaml",
+        dataset,
+        work / "gpu",
+        [
+            "data.num_classes=0",
+            "data.fr_batch=256",
+            "data.reg_batch=256",
+            f"data.num_threads={args.gpu_threads}",
+            "model.fp16=true",
+            "run.device=cuda",
+        ],
+    )
+    result = measure_steps(config, steps=args.gpu_steps, warmup=args.warmup, rounds=args.rounds)
+    trainer, batch = result.pop("trainer"), result.pop("cached_batch")
+    device = trainer.device
+    flops = step_flops(trainer, batch)
+    peak = matmul_peak_tflops(device)
+    achieved = flops * result["cached_img_per_s"] / result["batch"] / 1e12
+    achieved_loader = flops * result["img_per_s"] / result["batch"] / 1e12
+    result.update(
+        {
+            "gpu_name": torch.cuda.get_device_name(device),
+            "autocast": "bf16",
+            "backbone_flops_per_step": flops,
+            "tflops": round(achieved_loader, 1),
+            "tflops_cached": round(achieved, 1),
+            "matmul_peak_tflops": round(peak, 1),
+            "mfu": round(achieved_loader / peak, 4),
+            "mfu_cached": round(achieved / peak, 4),
+        }
+    )
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--steps", type=int, default=8, help="steps per timed block on CPU")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2, help="loader/cached block pairs")
+    parser.add_argument("--identities", type=int, default=100, help="synthetic identities (CPU part)")
+    parser.add_argument("--images-per-identity", type=int, default=12)
+    parser.add_argument("--gpu-identities", type=int, default=200)
+    parser.add_argument("--gpu-steps", type=int, default=20)
+    parser.add_argument("--gpu-threads", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument(
+        "--work", type=Path, default=None, help="keep data and runs here (default: a temp dir)"
+    )
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+    logging.getLogger("pipeline").setLevel(logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    with tempfile.TemporaryDirectory(prefix="bench-train-step-") as temp:
+        work = args.work or Path(temp)
+        dataset = make_dataset(work / "cpu-data", args.identities, args.images_per_identity)
+        config = _config(
+            REPO / "configs" / "tiny_cpu.yaml",
+            dataset,
+            work / "cpu",
+            ["run.device=cpu", "data.num_classes=0"],
+        )
+        cpu = measure_steps(config, steps=args.steps, warmup=args.warmup, rounds=args.rounds)
+        cpu.pop("trainer")
+        cpu.pop("cached_batch")
+        cpu["torch_threads"] = torch.get_num_threads()
+        gpu: dict[str, Any] = {"gpu": "not available"}
+        if torch.cuda.is_available():
+            gpu = gpu_benchmark(args, work)
+    print(json.dumps({"bench": "train_step", "cpu": cpu, "gpu": gpu, "git": _git()}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""Several jobs logging to one real `mlflow server` at once lose nothing.
+
+The test starts `mlflow server` (sqlite backend, local artifact root, 2 workers) on
+loopback, then runs at the same time two tiny trainings (`igfiqa train ...
+--tracking-uri http://127.0.0.1:PORT`) and a few writer processes that each log
+hundreds of metric points through `pipeline.tracking.RunTracker`; every metric
+point, param, tag and artifact must arrive. Start-up of the server measured here:
+~18 s on 2 busy cores (each worker imports MLflow).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline.config import dump_config, flatten_config
+from pipeline.dist_env import free_port
+from tests.train_fixtures import tiny_config, tiny_dataset
+
+pytest.importorskip("nvidia.dali")
+
+BIN = Path(sys.executable).parent
+SERVER_START_TIMEOUT_S = 180.0
+WRITERS, WRITER_STEPS, WRITER_PARAMS = 3, 300, 40
+TRAININGS, TRAIN_STEPS = 2, 6
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path) -> Iterator[str]:
+    """A real `mlflow server` on a free loopback port; its URL. Stopped (process group) at the end."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_path = tmp_path / "server.log"
+    command = [
+        str(BIN / "mlflow"),
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{tmp_path / 'server.db'}",
+        "--default-artifact-root",
+        str(tmp_path / "artifacts"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "2",
+    ]
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        while not _healthy(url):
+            if server.poll() is not None:
+                pytest.fail(f"mlflow server exited with {server.returncode}:\n{log_path.read_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"mlflow server not healthy after {SERVER_START_TIMEOUT_S:.0f} s")
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=30)
+
+
+def write_points(url: str, index: int, results: Any) -> None:
+    """One writer process: a run with params, WRITER_STEPS batches of 2 metrics, a text artifact."""
+    from pipeline.tracking import RunTracker
+
+    tracker = RunTracker.start(tracking_uri=url, experiment="writers", run_name=f"writer-{index}")
+    tracker.log_params({f"param_{j:02d}": f"{index}-{j}" for j in range(WRITER_PARAMS)})
+    for step in range(WRITER_STEPS):
+        tracker.log_metrics({"value": index * 10_000 + step, "square": float(step * step)}, step)
+    tracker.log_text(f"writer {index}\n", "notes/writer.txt")
+    tracker.finish()
+    results.put((index, tracker.run_id))
+
+
+def _igfiqa_train(config_path: Path, run_dir: Path, url: str, log_path: Path) -> subprocess.Popen[str]:
+    environment = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    args = [
+        str(BIN / "igfiqa"),
+        "train",
+        str(config_path),
+        "--set",
+        f"optim.max_steps={TRAIN_STEPS}",
+        "--set",
+        f"run.dir={run_dir}",
+        "--tracking-uri",
+        url,
+    ]
+    with open(log_path, "w") as log:
+        return subprocess.Popen(
+            args, cwd=run_dir.parent, stdout=subprocess.PIPE, stderr=log, text=True, env=environment
+        )
+
+
+@pytest.mark.mlflow_server
+@pytest.mark.slow
+def test_concurrent_trainings_and_writers_lose_nothing(mlflow_server: str, tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    url = mlflow_server
+    dataset = tiny_dataset(tmp_path / "data")
+    config = tiny_config(dataset, tmp_path / "unused", url)
+    config_path = tmp_path / "tiny.yaml"
+    config_path.write_text(dump_config(config))
+
+    trainings = []
+    for i in range(TRAININGS):
+        run_dir = tmp_path / f"train-{i}"
+        trainings.append(_igfiqa_train(config_path, run_dir, url, tmp_path / f"train-{i}.log"))
+    context = multiprocessing.get_context("spawn")
+    results = context.SimpleQueue()
+    writers = [context.Process(target=write_points, args=(url, i, results)) for i in range(WRITERS)]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join(timeout=600)
+        assert writer.exitcode == 0, f"writer exited with {writer.exitcode}"
+    outputs = [training.communicate(timeout=600)[0] for training in trainings]
+    for i, training in enumerate(trainings):
+        assert training.returncode == 0, (tmp_path / f"train-{i}.log").read_text()[-3000:]
+
+    client = MlflowClient(tracking_uri=url)
+    writer_runs = dict(results.get() for _ in range(WRITERS))
+    assert sorted(writer_runs) == list(range(WRITERS))
+    for index, run_id in writer_runs.items():
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED"
+        assert run.data.params == {f"param_{j:02d}": f"{index}-{j}" for j in range(WRITER_PARAMS)}
+        values = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "value"))
+        assert values == [(step, float(index * 10_000 + step)) for step in range(WRITER_STEPS)]
+        squares = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "square"))
+        assert squares == [(step, float(step * step)) for step in range(WRITER_STEPS)]
+        text = client.download_artifacts(run_id, "notes/writer.txt", str(tmp_path / f"dl-{index}"))
+        assert Path(text).read_text() == f"writer {index}\n"
+
+    logged_steps = list(range(config.run.log_every, TRAIN_STEPS + 1, config.run.log_every))
+    for i, output in enumerate(outputs):
+        run_line = next(line for line in output.splitlines() if line.startswith("MLflow run "))
+        run = client.get_run(run_line.split()[2])
+        assert run.info.status == "FINISHED"
+        assert run.data.params["run.dir"] == str(tmp_path / f"train-{i}")
+        assert len(run.data.params) == len(flatten_config(config))
+        assert run.data.tags["world_size"] == "1" and run.data.tags["checkpoint"].endswith(
+            f"step-{TRAIN_STEPS:08d}.ckpt"
+        )
+        assert len(run.data.metrics) == 18
+        for key in run.data.metrics:
+            steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
+            assert steps == logged_steps, key
+        artifacts = {entry.path for entry in client.list_artifacts(run.info.run_id)}
+        assert {"config.yaml", "checkpoint.txt", "class_weights.png", "class_weights.npy"} <= artifacts
+        assert "training_curves.png" in artifacts

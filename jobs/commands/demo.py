@@ -288,6 +288,7 @@ def stage_synth(paths: DemoPaths, args: argparse.Namespace, record: StageRecord)
             f"{paths.train} holds a converted dataset but {paths.synth}/synth.json is missing: "
             f"the demo folder is from something else; use another --out or remove {paths.out}"
         )
+    started = time.monotonic()
     result = synthesize(
         paths.synth,
         identities=args.identities,
@@ -296,6 +297,17 @@ def stage_synth(paths: DemoPaths, args: argparse.Namespace, record: StageRecord)
         progress=True,
     )
     record.note = f"{result.num_images} images of {result.num_identities} identities"
+    _log_prep_run(
+        "synth",
+        paths,
+        params={"out": paths.synth, **wanted},
+        tags={},
+        metrics={
+            "images": float(result.num_images),
+            "classes": float(result.num_identities),
+            "seconds": time.monotonic() - started,
+        },
+    )
 
 
 def stage_convert(paths: DemoPaths, record: StageRecord) -> None:
@@ -305,8 +317,18 @@ def stage_convert(paths: DemoPaths, record: StageRecord) -> None:
     if (paths.train / "dataset.json").is_file():
         record.reused, record.note = True, "dataset.json exists"
         return
+    from jobs.prep_tracking import lineage_tags, stage_metrics
+
+    started = time.monotonic()
     info = convert(paths.synth, paths.train, progress=True)
     record.note = f"{info.num_images} images, {info.num_classes} classes, {len(info.shards)} shard(s)"
+    _log_prep_run(
+        "convert",
+        paths,
+        params={"source": paths.synth, "out": paths.train},
+        tags=lineage_tags([info], per_set=False),
+        metrics=stage_metrics([info], time.monotonic() - started),
+    )
 
 
 def stage_bins(paths: DemoPaths, record: StageRecord) -> None:
@@ -323,8 +345,27 @@ def stage_bins(paths: DemoPaths, record: StageRecord) -> None:
     if not todo:
         record.reused, record.note = True, f"{', '.join(b.stem for b in bins)}: dataset.json exist"
         return
+    from jobs.prep_tracking import lineage_tags, stage_metrics
+
+    started = time.monotonic()
     infos = convert_bins(todo, paths.val, progress=True)
     record.note = ", ".join(f"{i.root.name} {i.num_images // 2} pairs" for i in infos)
+    _log_prep_run(
+        "bins",
+        paths,
+        params={"source": " ".join(str(b) for b in todo), "out": paths.val},
+        tags=lineage_tags(infos, per_set=True),
+        metrics=stage_metrics(infos, time.monotonic() - started),
+    )
+
+
+def _log_prep_run(
+    stage: str, paths: DemoPaths, *, params: dict[str, Any], tags: dict[str, str], metrics: dict[str, float]
+) -> None:
+    """The data stage's lineage run in the demo's MLflow store, as `igfiqa prep STAGE` logs it."""
+    from jobs.prep_tracking import log_stage_run
+
+    log_stage_run(stage, params=params, tags=tags, metrics=metrics, tracking_uri=paths.tracking_uri)
 
 
 def stage_preview(paths: DemoPaths, config: Any, record: StageRecord) -> None:
@@ -499,16 +540,19 @@ def follow_until_done(submission: Any) -> str:
     pending_since = time.monotonic()
     last_note = pending_since
     while True:
+        state = _slurm_state(submission.job)
+        finished = state in TERMINAL_STATES
         for path in printed:
             if path.exists():
                 text = path.read_text(errors="replace")
                 if len(text) < printed[path]:  # a requeued attempt starts its log again
                     printed[path] = 0
-                for line in text[printed[path] :].splitlines():
+                # whole lines only while the job writes; the rest once it has ended
+                end = len(text) if finished else text.rfind("\n", printed[path]) + 1
+                for line in text[printed[path] : max(end, printed[path])].splitlines():
                     print(f"  | {line}", flush=True)
-                printed[path] = len(text)
-        state = _slurm_state(submission.job)
-        if state in TERMINAL_STATES:
+                printed[path] = max(end, printed[path])
+        if finished:
             return state
         now = time.monotonic()
         if state == "PENDING" and now - last_note >= PENDING_NOTE_EVERY_S:
@@ -520,12 +564,23 @@ def follow_until_done(submission: Any) -> str:
         time.sleep(POLL_S)
 
 
-def train_on_slurm(config: Any, profile: Any) -> TrainOutcome:
-    """Submit the training (2 tasks on the local profile), follow its log, return rank 0's result."""
-    from jobs.cli import UserError
+def submit_or_reason(config: Any, profile: Any) -> Any:
+    """The `Submission` of the training job, or why sbatch refused it (a reason to train here)."""
+    from submitit.core.utils import FailedJobError, FailedSubmissionError
+
     from jobs.submit_train import submit_training
 
-    submission = submit_training(config, profile)
+    try:
+        return submit_training(config, profile)
+    except (FailedJobError, FailedSubmissionError, OSError) as exc:  # sbatch failed or is missing
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return f"the submission to SLURM failed ({first_line})"
+
+
+def follow_training(submission: Any, config: Any, profile: Any) -> TrainOutcome:
+    """Follow the submitted job's log until it ends; rank 0's result, or a clear error."""
+    from jobs.cli import UserError
+
     _write_json(
         Path(config.run.dir) / JOB_MARKER, {"job_id": submission.job_id, "folder": str(submission.folder)}
     )
@@ -613,12 +668,11 @@ def stage_train(config: Any, args: argparse.Namespace, record: StageRecord) -> T
         why_here = slurm_unavailable_reason(profile)
     outcome = None
     if why_here is None and profile is not None:
-        import submitit
-
-        try:
-            outcome = train_on_slurm(config, profile)
-        except (submitit.core.utils.FailedSubmissionError, subprocess.SubprocessError, OSError) as exc:
-            why_here = f"the submission to SLURM failed ({str(exc).strip().splitlines()[0]})"
+        submitted = submit_or_reason(config, profile)
+        if isinstance(submitted, str):
+            why_here = submitted
+        else:
+            outcome = follow_training(submitted, config, profile)
     if outcome is None:
         say(f"  training HERE, not on SLURM, because {why_here}")
         outcome = train_here(config, args.nproc, str(why_here))

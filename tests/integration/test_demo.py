@@ -51,6 +51,15 @@ def mlflow_runs(out: Path) -> list:
     return client.search_runs([experiment.experiment_id])
 
 
+def run_count(out: Path) -> int:
+    """MLflow runs of every experiment in the demo's store (training, eval, data stages)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    ids = [e.experiment_id for e in client.search_experiments()]
+    return len(client.search_runs(ids))
+
+
 def stage_lines(stdout: str) -> dict[str, str]:
     """{stage: its closing line} from the `[demo i/6] stage: done|reused in ...` lines."""
     found = re.findall(r"^\[demo \d/6\] (\w+): ((?:done|reused) in .*)$", stdout, flags=re.MULTILINE)
@@ -92,7 +101,27 @@ def check_outputs(out: Path, stdout: str) -> tuple[str, str]:
     assert 0.0 <= child.data.metrics["clean.accuracy"] <= 1.0
     assert "clean.IG-FIQA.erc_auc.fmr_1e-3" in child.data.metrics
     assert train.info.run_id in stdout and child.info.run_id in stdout
+    check_prep_lineage(out, train.data.tags["dataset_fingerprint"], child.data.tags)
     return train.info.run_id, child.info.run_id
+
+
+def check_prep_lineage(out: Path, train_fingerprint: str, eval_tags: dict[str, str]) -> None:
+    """The data stages' runs carry the fingerprints the training and eval runs name."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    runs = {}
+    for stage in ("synth", "convert", "bins"):
+        experiment = client.get_experiment_by_name(f"igfiqa-{stage}")
+        assert experiment is not None, f"no {stage} run was logged"
+        found = client.search_runs([experiment.experiment_id])
+        assert len(found) == 1 and found[0].info.status == "FINISHED"
+        runs[stage] = found[0]
+    assert runs["convert"].data.tags["dataset_fingerprint"] == train_fingerprint
+    for name in ("clean", "mixed"):
+        key = f"dataset_fingerprint.{name}"
+        assert runs["bins"].data.tags[key] == eval_tags[key]
+    assert runs["synth"].data.params["identities"] == IDENTITIES
 
 
 def check_second_run_reuses(out: Path, first_stdout: str, cwd: Path) -> None:
@@ -100,7 +129,7 @@ def check_second_run_reuses(out: Path, first_stdout: str, cwd: Path) -> None:
     checkpoints = sorted((out / "run" / "checkpoints").glob("*.ckpt"))
     stamps = {p: p.stat().st_mtime_ns for p in checkpoints}
     submitit_folders = sorted((out / "run").glob("submitit/*"))
-    runs_before = len(mlflow_runs(out))
+    runs_before = run_count(out)
     start = time.monotonic()
     again = run_demo(out, "--steps", STEPS, cwd=cwd)
     elapsed = time.monotonic() - start
@@ -111,7 +140,7 @@ def check_second_run_reuses(out: Path, first_stdout: str, cwd: Path) -> None:
     assert elapsed < 60, f"a second run took {elapsed:.0f} s"
     assert {p: p.stat().st_mtime_ns for p in sorted((out / "run" / "checkpoints").glob("*.ckpt"))} == stamps
     assert sorted((out / "run").glob("submitit/*")) == submitit_folders
-    assert len(mlflow_runs(out)) == runs_before
+    assert run_count(out) == runs_before
     # the same table is printed again
     table_line = next(line for line in first_stdout.splitlines() if line.startswith("| IG-FIQA |"))
     assert table_line in again.stdout

@@ -37,6 +37,7 @@ import logging
 import multiprocessing
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -344,7 +345,7 @@ def _hash_images(
     pool: ThreadPoolExecutor,
     *,
     threads: int,
-    on_progress: Any,
+    on_progress: Callable[[int], object],
 ) -> list[str]:
     """Hex sha256 of every image's bytes, in file order (split records are joined here)."""
     whole = source_dataset.image_offsets >= 0

@@ -254,6 +254,25 @@ def test_source_touched_after_planning_is_refused_until_planned_again(synth_sour
     assert info.source[0].sha256 == hashlib.sha256(rec.read_bytes()).hexdigest()
 
 
+def test_plan_of_an_older_version_is_made_again_and_its_shards_kept(synth_source, tmp_path):
+    out = tmp_path / "out"
+    convert(synth_source, out, samples_per_shard=25, progress=False)
+    reference = all_files(out)
+    (out / "dataset.json").unlink()
+    plan_file = out / ".prep" / "plan.json"
+    old = json.loads(plan_file.read_text())
+    del old["plan_version"], old["rec_mtime_ns"]
+    plan_file.write_text(json.dumps(old))
+    tar0 = out / "shards" / "shard-00000.tar"
+    os.utime(tar0, ns=(0, 0))  # a kept shard is not rewritten
+    (out / ".prep" / "shard-00001.json").unlink()  # shard 1 is not finished
+    with pytest.raises(DataError, match="older version"):
+        write_shard(out, 1)
+    convert(synth_source, out, samples_per_shard=25, progress=False)
+    assert all_files(out) == reference
+    assert tar0.stat().st_mtime_ns == 0
+
+
 @pytest.mark.timeout(120)
 def test_sigkill_then_resume_is_byte_identical(tmp_path):
     source = tmp_path / "src"

@@ -3,7 +3,8 @@
 The test starts `mlflow server` (sqlite backend, local artifact root, 2 workers) on
 loopback, then runs at the same time two tiny trainings (`igfiqa train ...
 --tracking-uri http://127.0.0.1:PORT`) and a few writer processes that each log
-hundreds of metric points through `pipeline.tracking.RunTracker`; every metric
+hundreds of metric points through `pipeline.tracking.RunTracker` (from the moment
+both trainings have logged their first point, so all of them write together); every metric
 point, param, tag and artifact must arrive. Start-up of the server measured here:
 ~18 s on 2 busy cores (each worker imports MLflow).
 """
@@ -32,7 +33,7 @@ pytest.importorskip("nvidia.dali")
 BIN = Path(sys.executable).parent
 SERVER_START_TIMEOUT_S = 180.0
 WRITERS, WRITER_STEPS, WRITER_PARAMS = 3, 300, 40
-TRAININGS, TRAIN_STEPS = 2, 6
+TRAININGS, TRAIN_STEPS = 2, 10
 
 
 def _healthy(url: str) -> bool:
@@ -83,11 +84,28 @@ def mlflow_server(tmp_path: Path) -> Iterator[str]:
             server.wait(timeout=30)
 
 
-def write_points(url: str, index: int, results: Any) -> None:
-    """One writer process: a run with params, WRITER_STEPS batches of 2 metrics, a text artifact."""
+def _wait_until_logging(client: Any, experiment: str, trainings: list[subprocess.Popen[str]]) -> None:
+    """Block until every training has logged its first metric point (so the writers overlap them)."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        assert all(t.poll() is None for t in trainings), "a training ended before logging anything"
+        found = client.get_experiment_by_name(experiment)
+        if found is not None:
+            runs = client.search_runs([found.experiment_id])
+            if sum(1 for run in runs if run.data.metrics) == len(trainings):
+                return
+        time.sleep(0.5)
+    pytest.fail("the trainings logged no metric within 300 s")
+
+
+def write_points(url: str, index: int, go: Any, results: Any) -> None:
+    """One writer process: a run with params, WRITER_STEPS batches of 2 metrics, a text artifact.
+
+    It creates its run at once, then waits for `go` before logging the rest."""
     from pipeline.tracking import RunTracker
 
     tracker = RunTracker.start(tracking_uri=url, experiment="writers", run_name=f"writer-{index}")
+    go.wait(timeout=600)
     tracker.log_params({f"param_{j:02d}": f"{index}-{j}" for j in range(WRITER_PARAMS)})
     for step in range(WRITER_STEPS):
         tracker.log_metrics({"value": index * 10_000 + step, "square": float(step * step)}, step)
@@ -131,10 +149,18 @@ def test_concurrent_trainings_and_writers_lose_nothing(mlflow_server: str, tmp_p
         run_dir = tmp_path / f"train-{i}"
         trainings.append(_igfiqa_train(config_path, run_dir, url, tmp_path / f"train-{i}.log"))
     context = multiprocessing.get_context("spawn")
-    results = context.SimpleQueue()
-    writers = [context.Process(target=write_points, args=(url, i, results)) for i in range(WRITERS)]
+    go, results = context.Event(), context.SimpleQueue()
+    writers = [context.Process(target=write_points, args=(url, i, go, results)) for i in range(WRITERS)]
     for writer in writers:
         writer.start()
+    client = MlflowClient(tracking_uri=url)
+    try:
+        _wait_until_logging(client, config.run.experiment, trainings)
+    except BaseException:
+        for process in [*trainings, *writers]:
+            process.kill()
+        raise
+    go.set()
     for writer in writers:
         writer.join(timeout=600)
         assert writer.exitcode == 0, f"writer exited with {writer.exitcode}"
@@ -142,7 +168,6 @@ def test_concurrent_trainings_and_writers_lose_nothing(mlflow_server: str, tmp_p
     for i, training in enumerate(trainings):
         assert training.returncode == 0, (tmp_path / f"train-{i}.log").read_text()[-3000:]
 
-    client = MlflowClient(tracking_uri=url)
     writer_runs = dict(results.get() for _ in range(WRITERS))
     assert sorted(writer_runs) == list(range(WRITERS))
     for index, run_id in writer_runs.items():
@@ -156,6 +181,10 @@ def test_concurrent_trainings_and_writers_lose_nothing(mlflow_server: str, tmp_p
         text = client.download_artifacts(run_id, "notes/writer.txt", str(tmp_path / f"dl-{index}"))
         assert Path(text).read_text() == f"writer {index}\n"
 
+    writer_start = min(
+        min(m.timestamp for m in client.get_metric_history(run_id, "value"))
+        for run_id in writer_runs.values()
+    )
     logged_steps = list(range(config.run.log_every, TRAIN_STEPS + 1, config.run.log_every))
     for i, output in enumerate(outputs):
         run_line = next(line for line in output.splitlines() if line.startswith("MLflow run "))
@@ -170,6 +199,8 @@ def test_concurrent_trainings_and_writers_lose_nothing(mlflow_server: str, tmp_p
         for key in run.data.metrics:
             steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
             assert steps == logged_steps, key
+        last_point = max(m.timestamp for m in client.get_metric_history(run.info.run_id, "loss_arc"))
+        assert last_point > writer_start  # the training logged while the writers were writing
         artifacts = {entry.path for entry in client.list_artifacts(run.info.run_id)}
         assert {"config.yaml", "checkpoint.txt", "class_weights.png", "class_weights.npy"} <= artifacts
         assert "training_curves.png" in artifacts

@@ -1,0 +1,113 @@
+"""pipeline.training_monitor on one process: step averages, class-weight summary, the MLflow run's life."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import LossConfig, VarianceConfig, replace_section
+from pipeline.dist_env import DistEnv
+from pipeline.objective import IGFIQAObjective, ObjectiveOutput
+from pipeline.training_monitor import StepMeter, TrainingMonitor, class_weight_stats
+from tests.train_fixtures import tiny_config, tiny_dataset
+
+
+def _output(
+    loss_arc: float, loss_ig: float, cr: list[float], weights: list[float], fr_ccs: list[float]
+) -> ObjectiveOutput:
+    scalar = torch.tensor
+    return ObjectiveOutput(
+        loss_arc=scalar(loss_arc),
+        loss_ig=scalar(loss_ig),
+        total=scalar(loss_arc + loss_ig),
+        cr=scalar(cr),
+        ccs=torch.zeros(len(cr)),
+        nnccs=torch.zeros(len(cr)),
+        weights=scalar(weights),
+        alpha=scalar(0.5 + loss_ig),
+        fr_ccs=scalar(fr_ccs),
+        variance_mean=scalar(0.0),
+        variance_std=scalar(0.0),
+    )
+
+
+def test_step_meter_averages_over_steps_and_samples_then_resets() -> None:
+    meter = StepMeter(torch.device("cpu"))
+    meter.data_wait(0.02)
+    meter.add(_output(10.0, 0.25, [0.1, 0.3], [1.0, 0.5], [0.2]), torch.tensor([0.0, 0.4]), images_per_step=4)
+    meter.data_wait(0.03)
+    meter.add(_output(20.0, 0.75, [0.5, 0.7], [0.0, 0.5], [0.6]), torch.tensor([0.2, 0.2]), images_per_step=4)
+    time.sleep(0.1)
+    out = meter.collect()
+    assert out["loss_arc"] == pytest.approx(15.0)
+    assert out["loss_ig"] == pytest.approx(0.5)
+    assert out["loss_total"] == pytest.approx(15.5)
+    assert out["cr_mean"] == pytest.approx(0.4)  # per sample: (0.1 + 0.3 + 0.5 + 0.7) / 4
+    assert out["quality_mean"] == pytest.approx(0.2)
+    assert out["sample_weight_mean"] == pytest.approx(0.5)
+    assert out["fr_ccs_mean"] == pytest.approx(0.4)
+    assert out["alpha"] == pytest.approx(1.25)  # the last step's α
+    wall = out["seconds_per_step"] * 2
+    assert wall >= 0.1
+    assert out["images_per_s"] == pytest.approx(8 / wall, rel=0.05)
+    assert out["data_wait_frac"] == pytest.approx(0.05 / wall, rel=0.05)
+    meter.add(_output(1.0, 0.0, [0.0], [1.0], [0.0]), torch.tensor([0.0]), images_per_step=2)
+    assert meter.collect()["loss_arc"] == pytest.approx(1.0)  # sums were reset
+
+
+def test_class_weight_stats_follow_the_z_score_weights() -> None:
+    objective = IGFIQAObjective(10, 4, LossConfig(), VarianceConfig(), seed=0)
+    values = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
+    objective.variance.values.copy_(values)
+    stats = class_weight_stats(objective)
+    mean, std = float(values.mean()), float(values.std(unbiased=False))
+    expected = 1.0 + np.clip((values.numpy() - mean) / std, -1.0, 0.0)
+    assert stats["class_weight_mean"] == pytest.approx(expected.mean())
+    assert stats["class_weight_zero_frac"] == pytest.approx(0.2)  # 0.1, 0.2 lie ≥ 1 σ (0.287) below 0.55
+    assert [stats[f"class_weight_p{p}"] for p in (10, 50, 90)] == pytest.approx(
+        list(np.percentile(expected, [10, 50, 90]))
+    )
+
+
+def test_monitor_run_is_paused_continued_and_marked_failed(tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = tiny_config(tiny_dataset(tmp_path / "data"), tmp_path / "run", uri)
+    client = MlflowClient(tracking_uri=uri)
+
+    first = TrainingMonitor(config, DistEnv.single(), total_steps=10, run_id="", start_step=0)
+    first.log_step(
+        2,
+        0,
+        0.05,
+        {
+            "loss_arc": 3.0,
+            "loss_ig": 0.1,
+            "cr_mean": 0.2,
+            "alpha": 0.9,
+            "images_per_s": 5.0,
+            "data_wait_frac": 0.1,
+        },
+        {"class_weight_zero_frac": 0.25},
+    )
+    first.interrupted(2)
+    run = client.get_run(first.run_id)
+    assert run.info.status == "KILLED" and run.data.tags["last_interruption_step"] == "2"
+    assert run.data.metrics["loss_arc"] == 3.0 and run.data.metrics["lr"] == 0.05
+    assert run.data.tags["attempt_started_at_step_0"]
+
+    # the next attempt continues the same run; a changed config is kept as an artifact
+    changed = replace_section(config, optim={"lr": 0.01})
+    second = TrainingMonitor(changed, DistEnv.single(), total_steps=10, run_id=first.run_id, start_step=2)
+    assert second.run_id == first.run_id
+    run = client.get_run(first.run_id)
+    assert run.info.status == "RUNNING" and run.data.tags["attempt_started_at_step_2"]
+    assert run.data.params["optim.lr"] == "0.05"  # MLflow params are immutable
+    assert any(a.path.startswith("config-changed-") for a in client.list_artifacts(first.run_id))
+    second.failed()
+    assert client.get_run(first.run_id).info.status == "FAILED"

@@ -403,3 +403,14 @@ def test_igfiqa_train_refuses_invalid_configs_before_anything_runs(
     assert "Traceback" not in result.stderr
     assert not run_dir.exists() and not db.exists()  # nothing ran, no MLflow run was created
     assert result.stdout == ""
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="jobs/commands/train.py raises ValueError for --nproc < 1: a traceback and exit 1, not exit 2",
+)
+def test_igfiqa_train_refuses_zero_processes(dataset: Path, tmp_path: Path) -> None:
+    config_path = _write_config(tmp_path / "tiny.yaml", tiny_config(dataset, tmp_path / "run", ""))
+    result = _igfiqa(["train", str(config_path), "--nproc", "0"], cwd=tmp_path, timeout=120)
+    assert result.returncode == 2 and "igfiqa: error:" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()

@@ -5,13 +5,19 @@ plan (flip, then rescale / erase / color each with p = 0.3, drawn once in numpy)
 same batch size and the same number of threads/workers, and deliver torch tensors:
 
 - dali_regression:        the training graph (pipeline.dali_pipeline), every row a regression row
-- dali_decode_only:       the same feeder (reader) + fn.decoders.image, uint8 HWC out
+- dali_decode_only:       the same feeder (reader) + fn.decoders.image, uint8 HWC out as decoded
 - dali_decode_normalise:  decode + crop_mirror_normalize (the tensor format, no augmentation)
-- pil_dataloader:         PIL decode, resize down/up (bilinear, antialiased), ImageEnhance
-                          brightness/contrast/color, zeroed rectangle, flip, normalise, in a
+- pil_dataloader:         PIL decode, resize down (nearest) / up (bilinear), the same color
+                          jitter (ImageEnhance.Color for saturation, one lookup table for
+                          contrast and brightness), zeroed rectangle, flip, normalise, in a
                           torch DataLoader with the same number of workers
 
+All DALI variants use the same executor settings (threads, prefetch, exec_dynamic).
 Rounds alternate the variants; each reports its best round (the machine is shared).
+
+--profile times instead the training graph with one degradation at p = 1 and the others
+off, against all off, and reports each degradation's cost in µs per image (wall and
+process CPU; the CPU figure is steadier on a loaded machine).
 Without --dataset a dataset is synthesised: data_prep.synth faces with mild sensor noise
 so the JPEGs (~6 kB) are about as large as real 112×112 face crops.
 
@@ -20,7 +26,7 @@ ratio_vs_pil = dali_regression ÷ pil_dataloader (target ≥ 1.5) and
 ratio_vs_decode_only = dali_regression ÷ dali_decode_only (target ≥ 0.4).
 On a machine with a CUDA GPU it also reports the GPU variant's images/s.
 
-    .venv/bin/python benchmarks/dali_pipeline.py [--dataset DIR] [--batch 256] [--rounds 5]
+    .venv/bin/python benchmarks/dali_pipeline.py [--dataset DIR] [--batch 256] [--rounds 5] [--profile]
 """
 
 from __future__ import annotations
@@ -46,7 +52,14 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from pipeline.augment_plan import AugmentParams, draw_params
 from pipeline.config import AugmentConfig, DataConfig
-from pipeline.dali_pipeline import OUTPUT_NAMES, PIXEL_MEAN, PIXEL_STD, GraphBatch, build_pipeline
+from pipeline.dali_pipeline import (
+    CONTRAST_CENTER,
+    OUTPUT_NAMES,
+    PIXEL_MEAN,
+    PIXEL_STD,
+    GraphBatch,
+    build_pipeline,
+)
 from pipeline.image_store import ImageStore
 from pipeline.sampler import stream_rng
 
@@ -163,7 +176,12 @@ def dali_runner(kind: str, store: ImageStore, plan: Plan, threads: int, device_i
         pipe = build_pipeline(feeder, image_size=SIZE, prefetch=2, **common)
         return DaliRunner(feeder, pipe, list(OUTPUT_NAMES))
     pipe = _decode_graph(
-        feeder, kind == "decode_normalise", device_id is not None, prefetch_queue_depth=2, **common
+        feeder,
+        kind == "decode_normalise",
+        device_id is not None,
+        prefetch_queue_depth=2,
+        exec_dynamic=True,  # as build_pipeline
+        **common,
     )
     return DaliRunner(feeder, pipe, ["images", "rows"])
 
@@ -192,12 +210,13 @@ class PilDataset(torch.utils.data.Dataset):
         image = Image.open(io.BytesIO(data.tobytes())).convert("RGB")
         if p.flags[i, 0]:
             side = int(p.rescale_size[i, 0])
-            image = image.resize((side, side), Image.BILINEAR).resize((SIZE, SIZE), Image.BILINEAR)
+            image = image.resize((side, side), Image.NEAREST).resize((SIZE, SIZE), Image.BILINEAR)
         if p.flags[i, 2]:
             brightness, contrast, saturation = (float(v) for v in p.color[i])
-            image = ImageEnhance.Brightness(image).enhance(brightness)
-            image = ImageEnhance.Contrast(image).enhance(contrast)
             image = ImageEnhance.Color(image).enhance(saturation)
+            levels = np.arange(256, dtype=np.float64)
+            table = brightness * (contrast * (levels - CONTRAST_CENTER) + CONTRAST_CENTER)
+            image = image.point(np.clip(np.rint(table), 0, 255).astype(np.uint8).tolist() * 3)
         pixels = np.asarray(image)
         if p.flags[i, 1]:
             pixels = pixels.copy()
@@ -226,18 +245,62 @@ class PilRunner:
 # ----------------------------------------------------------------------------- main
 
 
-def measure(runners: dict, rounds: int) -> dict[str, list[float]]:
+def measure(
+    runners: dict, rounds: int, cpu_us: dict[str, list[float]] | None = None
+) -> dict[str, list[float]]:
+    """Images/s of each runner per round; with `cpu_us`, also this process's CPU µs per image."""
     rates: dict[str, list[float]] = {name: [] for name in runners}
     for name, runner in runners.items():  # warm-up: pipelines built, workers started, pages cached
         runner.run_round()
         log.info("warmed up %s", name)
     for r in range(rounds):
         for name, runner in runners.items():
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             count = runner.run_round()
             rates[name].append(count / (time.perf_counter() - started))
+            if cpu_us is not None:
+                cpu_us.setdefault(name, []).append((time.process_time() - cpu_started) / count * 1e6)
         log.info("round %d: %s", r + 1, {name: round(v[-1]) for name, v in rates.items()})
     return rates
+
+
+PROFILE_CONFIGS = {
+    "none": AugmentConfig(p_rescale=0.0, p_erase=0.0, p_color=0.0),
+    "rescale": AugmentConfig(p_rescale=1.0, p_erase=0.0, p_color=0.0),
+    "erase": AugmentConfig(p_rescale=0.0, p_erase=1.0, p_color=0.0),
+    "color": AugmentConfig(p_rescale=0.0, p_erase=0.0, p_color=1.0),
+    "default": AugmentConfig(),
+}
+
+
+def profile(store: ImageStore, args: argparse.Namespace) -> dict:
+    """Cost of each degradation at p = 1 over the graph with every flag off, µs per image."""
+    base_plan = Plan(store, args.images, args.batch, AugmentConfig())
+    runners = {
+        "decode_only": dali_runner("decode_only", store, base_plan, args.threads, None),
+        "decode_normalise": dali_runner("decode_normalise", store, base_plan, args.threads, None),
+    }
+    for name, augment in PROFILE_CONFIGS.items():
+        plan = Plan(store, args.images, args.batch, augment)
+        runners[f"graph_{name}"] = dali_runner("regression", store, plan, args.threads, None)
+    cpu: dict[str, list[float]] = {}
+    rates = measure(runners, args.rounds, cpu)
+    wall_us = {name: 1e6 / max(v) for name, v in rates.items()}
+    cpu_us = {name: float(np.median(v)) for name, v in cpu.items()}
+
+    def over_none(table: dict[str, float]) -> dict[str, float]:
+        return {k: round(table[f"graph_{k}"] - table["graph_none"], 1) for k in ("rescale", "erase", "color")}
+
+    return {
+        "benchmark": "dali_pipeline_profile",
+        "threads": args.threads,
+        "batch": args.batch,
+        "rounds": args.rounds,
+        "wall_us_per_image": {k: round(v, 1) for k, v in wall_us.items()},
+        "cpu_us_per_image": {k: round(v, 1) for k, v in cpu_us.items()},
+        "degradation_at_p1_wall_us": over_none(wall_us),
+        "degradation_at_p1_cpu_us": over_none(cpu_us),
+    }
 
 
 def main() -> int:
@@ -253,6 +316,9 @@ def main() -> int:
     parser.add_argument(
         "--threads", type=int, default=DataConfig().num_threads, help="DALI threads = PIL workers"
     )
+    parser.add_argument(
+        "--profile", action="store_true", help="cost of each degradation at p = 1 instead of the ratios"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(1)  # the main process only collects batches; the work is in DALI threads / workers
@@ -261,6 +327,9 @@ def main() -> int:
         dataset = args.dataset or build_dataset(Path(scratch))
         store = ImageStore(dataset)
         log.info("dataset %s: %d images, mean JPEG %.1f kB", dataset, len(store), store.nbytes.mean() / 1e3)
+        if args.profile:
+            print(json.dumps(profile(store, args)))
+            return 0
         plan = Plan(store, args.images, args.batch, AugmentConfig())
         runners = {
             "dali_regression": dali_runner("regression", store, plan, args.threads, None),

@@ -124,3 +124,15 @@ def test_all_degradations_together_stay_in_range_with_the_rectangle_on_top(store
     assert images.min() >= -1.0 and images.max() <= 1.0
     for i in range(N):
         assert (images[i][:, erase_mask(batch.params, i)] == -1.0).all()
+
+
+def test_color_is_the_documented_affine_map_of_pixel_and_grey_clipped(store: ImageStore) -> None:
+    factors = {"brightness": 1.3, "contrast": 0.7, "saturation": 1.4}
+    batch = make_batch(store, (False, False, True), **factors)
+    out = run(batch)["images"]
+    clean = to_pixels(clean_reference(store, batch.rows, batch.params.flip)).astype(np.float64)
+    grey = np.rint(np.tensordot(np.array([0.299, 0.587, 0.114]), clean, axes=(0, 1)))[:, None]
+    b, c, s = factors["brightness"], factors["contrast"], factors["saturation"]
+    expected = np.clip(b * (c * (grey + s * (clean - grey) - 128.0) + 128.0), 0, 255)
+    assert np.abs(out * 127.5 + 127.5 - expected).max() <= 1.0  # csc's grey rounding
+    assert (expected == 255).any()  # the clip was exercised

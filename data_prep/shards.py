@@ -21,6 +21,7 @@ import os
 import tarfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -244,11 +245,11 @@ def write_webdataset_shard(
     if image_sha256 is not None and len(image_sha256) != len(images):
         raise ValueError("image_sha256 needs one digest per image")
     pieces, offsets, nbytes, total, index_lines = _tar_pieces(keys, images, labels)
-    with ThreadPoolExecutor(max_workers=1) as pool:
+    with ThreadPoolExecutor(max_workers=1) if image_sha256 is None else nullcontext() as pool:
         image_digests = (
-            None
-            if image_sha256 is not None
-            else pool.submit(lambda: [hashlib.sha256(image).hexdigest() for image in images])
+            pool.submit(lambda: [hashlib.sha256(image).hexdigest() for image in images])
+            if pool is not None
+            else None
         )
         # hash first, write second: hashing touches a memory-mapped source's pages in user mode,
         # which costs far less than the kernel faulting them in during the write

@@ -69,6 +69,15 @@ def test_shard_equals_tarfile_archive_and_wds2idx_index(tmp_path):
     assert ours == buffer.getvalue()
     assert written.size == len(ours) and written.sha256 == hashlib.sha256(ours).hexdigest()
     assert written.image_sha256 == [hashlib.sha256(b).hexdigest() for b in images]
+    known = written.image_sha256  # digests the caller already has are used, not recomputed
+    again = write_webdataset_shard(
+        tmp_path / "t.tar", tmp_path / "t.idx", keys, images, labels, image_sha256=known
+    )
+    assert (tmp_path / "t.tar").read_bytes() == ours and again.image_sha256 == known
+    with pytest.raises(ValueError, match="one digest per image"):
+        write_webdataset_shard(
+            tmp_path / "u.tar", tmp_path / "u.idx", keys, images, labels, image_sha256=known[:3]
+        )
     for offset, nbytes, image in zip(written.image_offsets, written.image_nbytes, images):
         assert ours[offset : offset + nbytes] == image
     with IndexCreator(str(tmp_path / "s.tar"), str(tmp_path / "dali.idx"), verbose=False) as creator:

@@ -7,8 +7,8 @@ Prints logs to stderr and ONE JSON object as the last stdout line:
   DALI loader feeding the real train step (`pipeline.train`'s step: forward of both
   halves, objective, backward, clip, SGD) is timed side by side with the same step on
   one cached batch (no data loading): `ratio_vs_cached` = loader img/s ÷ cached img/s.
-  The blocks alternate (loader, cached, loader, cached) and each figure is the median
-  block, because the machine is shared and noisy.
+  Loader-fed and cached steps alternate one by one and the figures are medians of
+  step times, because the machine is shared and noisy.
 - gpu: when CUDA is available, iResNet-50 at a global batch of 512 (256 FR + 256
   regression) on one GPU with bf16 autocast, the same two measurements, plus the
   backbone's FLOPs per step (forward + backward, counted by
@@ -80,34 +80,26 @@ def _batches(trainer: _Trainer) -> Iterator[StepBatch]:
         epoch += 1
 
 
-def _loader_block(trainer: _Trainer, batches: Iterator[StepBatch], steps: int) -> tuple[float, float]:
-    """(images/s, fraction of the time spent in `next(batches)`) over `steps` loader-fed steps."""
-    device = trainer.device
-    _sync(device)
-    wait = 0.0
-    start = time.perf_counter()
-    for _ in range(steps):
-        before = time.perf_counter()
-        batch = next(batches)
-        wait += time.perf_counter() - before
-        trainer.step(batch.fr.images, batch.fr.labels, batch.reg.images, batch.reg.labels)
-    _sync(device)
-    elapsed = time.perf_counter() - start
-    return steps * trainer.images_per_step / elapsed, wait / elapsed
-
-
-def _cached_block(trainer: _Trainer, batch: StepBatch, steps: int) -> float:
-    """Images/s of the same step on one batch kept in memory (no data loading)."""
+def _timed_step(
+    trainer: _Trainer, batches: Iterator[StepBatch] | None, cached: StepBatch
+) -> tuple[float, float]:
+    """(seconds waiting for the batch, seconds of the whole step) of one step; from the loader when
+    `batches` is given, else on the cached batch."""
     _sync(trainer.device)
     start = time.perf_counter()
-    for _ in range(steps):
-        trainer.step(batch.fr.images, batch.fr.labels, batch.reg.images, batch.reg.labels)
+    batch = next(batches) if batches is not None else cached
+    waited = time.perf_counter() - start
+    trainer.step(batch.fr.images, batch.fr.labels, batch.reg.images, batch.reg.labels)
     _sync(trainer.device)
-    return steps * trainer.images_per_step / (time.perf_counter() - start)
+    return waited, time.perf_counter() - start
 
 
-def measure_steps(config: TrainConfig, *, steps: int, warmup: int, rounds: int) -> dict[str, Any]:
-    """Loader-fed vs cached-batch steps of `config` on one process, alternating blocks."""
+def measure_steps(config: TrainConfig, *, steps: int, warmup: int) -> dict[str, Any]:
+    """Loader-fed vs cached-batch steps of `config` on one process, alternating step by step.
+
+    Alternating single steps (rather than blocks) pairs each loader-fed step with a cached one
+    taken moments later, so the load of a shared machine hits both alike; figures are medians.
+    """
     device = torch.device("cuda", 0) if config.run.device == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -116,34 +108,33 @@ def measure_steps(config: TrainConfig, *, steps: int, warmup: int, rounds: int) 
     trainer.objective.train()
     try:
         batches = _batches(trainer)
-        for _ in range(warmup):  # DALI start-up, allocator, autocast caches
-            batch = next(batches)
-            trainer.step(batch.fr.images, batch.fr.labels, batch.reg.images, batch.reg.labels)
         cached = next(batches)
-        loader_rates, wait_fracs, cached_rates = [], [], []
-        for round_index in range(rounds):
-            rate, wait = _loader_block(trainer, batches, steps)
-            loader_rates.append(rate)
-            wait_fracs.append(wait)
-            cached_rates.append(_cached_block(trainer, cached, steps))
+        for _ in range(warmup):  # DALI start-up, allocator, autocast and cuDNN caches
+            _timed_step(trainer, batches, cached)
+            _timed_step(trainer, None, cached)
+        waits, loader_times, cached_times = [], [], []
+        for index in range(steps):
+            waited, seconds = _timed_step(trainer, batches, cached)
+            waits.append(waited)
+            loader_times.append(seconds)
+            cached_times.append(_timed_step(trainer, None, cached)[1])
             log.info(
-                "round %d: loader %.1f img/s (data wait %.1f%%), cached %.1f img/s",
-                round_index,
-                rate,
-                100 * wait,
-                cached_rates[-1],
+                "step %d: loader-fed %.3f s (waited %.3f s), cached %.3f s",
+                index,
+                seconds,
+                waited,
+                cached_times[-1],
             )
-        loader_rate, cached_rate = statistics.median(loader_rates), statistics.median(cached_rates)
+        loader_step, cached_step = statistics.median(loader_times), statistics.median(cached_times)
         return {
             "device": str(device),
             "backbone": config.model.backbone,
             "batch": trainer.images_per_step,
-            "steps_per_block": steps,
-            "rounds": rounds,
-            "img_per_s": round(loader_rate, 2),
-            "data_wait_frac": round(statistics.median(wait_fracs), 4),
-            "cached_img_per_s": round(cached_rate, 2),
-            "ratio_vs_cached": round(loader_rate / cached_rate, 3),
+            "steps": steps,
+            "img_per_s": round(trainer.images_per_step / loader_step, 2),
+            "data_wait_frac": round(sum(waits) / sum(loader_times), 4),
+            "cached_img_per_s": round(trainer.images_per_step / cached_step, 2),
+            "ratio_vs_cached": round(cached_step / loader_step, 3),
             "trainer": trainer,
             "cached_batch": cached,
         }
@@ -212,7 +203,7 @@ def gpu_benchmark(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "run.device=cuda",
         ],
     )
-    result = measure_steps(config, steps=args.gpu_steps, warmup=args.warmup, rounds=args.rounds)
+    result = measure_steps(config, steps=args.gpu_steps, warmup=args.warmup)
     trainer, batch = result.pop("trainer"), result.pop("cached_batch")
     device = trainer.device
     flops = step_flops(trainer, batch)
@@ -238,9 +229,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--steps", type=int, default=8, help="steps per timed block on CPU")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=2, help="loader/cached block pairs")
+    parser.add_argument("--steps", type=int, default=16, help="timed (loader-fed, cached) step pairs on CPU")
+    parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--identities", type=int, default=100, help="synthetic identities (CPU part)")
     parser.add_argument("--images-per-identity", type=int, default=12)
     parser.add_argument("--gpu-identities", type=int, default=200)
@@ -265,7 +255,7 @@ def main() -> None:
             work / "cpu",
             ["run.device=cpu", "data.num_classes=0"],
         )
-        cpu = measure_steps(config, steps=args.steps, warmup=args.warmup, rounds=args.rounds)
+        cpu = measure_steps(config, steps=args.steps, warmup=args.warmup)
         cpu.pop("trainer")
         cpu.pop("cached_batch")
         cpu["torch_threads"] = torch.get_num_threads()

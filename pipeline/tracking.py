@@ -43,7 +43,7 @@ def _artifact_root_for(uri: str) -> str | None:
     return None
 
 
-def _retry(fn: Callable[[], T], what: str, attempts: int = 8) -> T:
+def _retry(fn: Callable[[], T], what: str, attempts: int = 6) -> T:
     """Retry transient store errors (sqlite 'database is locked', a server restarting)."""
     delay = 0.2
     for attempt in range(1, attempts + 1):
@@ -63,11 +63,21 @@ def _retry(fn: Callable[[], T], what: str, attempts: int = 8) -> T:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+def _bound_http_retries() -> None:
+    """MLflow's HTTP client retries 7 times with backoff factor 2 (minutes against a dead server),
+    and `_retry` retries on top of it: keep MLflow's own layer short unless the user set it."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+
+
 class RunTracker:
     """A thin, retrying wrapper around one MLflow run (MlflowClient, no global state)."""
 
     def __init__(self, tracking_uri: str, run_id: str):
         from mlflow.tracking import MlflowClient
+
+        _bound_http_retries()
 
         self.tracking_uri = tracking_uri
         self.run_id = run_id
@@ -86,6 +96,7 @@ class RunTracker:
         """Continue run `run_id` when given (a requeued or resumed job), else create a new run."""
         from mlflow.tracking import MlflowClient
 
+        _bound_http_retries()
         client = MlflowClient(tracking_uri=tracking_uri)
         if run_id:
             run = _retry(lambda: client.get_run(run_id), "get_run")

@@ -41,7 +41,14 @@ from pipeline.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from pipeline.config import TrainConfig, config_from_dict, config_to_dict, validate_for_world, validate_ranges
+from pipeline.config import (
+    ConfigError,
+    TrainConfig,
+    config_from_dict,
+    config_to_dict,
+    validate_for_world,
+    validate_ranges,
+)
 from pipeline.dist_env import DistEnv
 from pipeline.loader import TrainLoader
 from pipeline.model import build_model
@@ -84,7 +91,7 @@ def select_device(requested: str, local_rank: int) -> torch.device:
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError("run.device is 'cuda' but CUDA is not available on this machine")
+        raise ConfigError("run.device: 'cuda' but CUDA is not available on this machine (use auto or cpu)")
     torch.cuda.set_device(local_rank)
     return torch.device("cuda", local_rank)
 

@@ -94,12 +94,19 @@ def resolve_config(args: argparse.Namespace) -> Any:
 
 def run_train(args: argparse.Namespace) -> int:
     """Handler of `igfiqa train`."""
-    from pipeline.config import validate_for_launch
+    from pipeline.config import ConfigError, validate_for_launch
 
-    config = resolve_config(args)
     if args.nproc < 1:
-        raise ValueError("--nproc must be >= 1")
+        raise ConfigError(f"--nproc {args.nproc}: need at least one process")
+    config = resolve_config(args)
     validate_for_launch(config, args.nproc)
+    if config.run.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                "run.device: 'cuda' but CUDA is not available on this machine (use auto or cpu)"
+            )
     from jobs.local_launch import launch_local
 
     result = launch_local(config, nproc=args.nproc)

@@ -194,3 +194,20 @@ def start_stage_run(
     )
     tracker.log_params(params)
     return tracker
+
+
+def close_runs_of_job(job_id: str, tracking_uri: str = "", status: str = "KILLED") -> list[str]:
+    """Mark the still-RUNNING runs tagged `slurm_job_id=JOB_ID` as `status` (after a cancellation,
+    a job that never started cannot close its own run); returns their ids."""
+    from mlflow.tracking import MlflowClient
+
+    _bound_http_retries()
+    client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
+    experiments = [e.experiment_id for e in _retry(client.search_experiments, "search_experiments")]
+    if not experiments:
+        return []
+    query = f"tags.slurm_job_id = '{job_id}' and attributes.status = 'RUNNING'"
+    runs = _retry(lambda: client.search_runs(experiments, filter_string=query), "search_runs")
+    for run in runs:
+        _retry(lambda r=run: client.set_terminated(r.info.run_id, status=status), "set_terminated")
+    return [run.info.run_id for run in runs]

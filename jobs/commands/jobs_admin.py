@@ -12,6 +12,7 @@ import argparse
 import re
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -55,6 +56,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     cancel = actions.add_parser("cancel", help="scancel the job and report its final state")
     cancel.add_argument("job_id", metavar="JOB_ID")
+    cancel.add_argument(
+        "--tracking-uri",
+        default="",
+        help="MLflow store whose RUNNING runs of this job are marked KILLED "
+        "(default: $MLFLOW_TRACKING_URI or sqlite:///./mlflow.db; '' with --no-track skips)",
+    )
+    cancel.add_argument("--no-track", action="store_true", help="leave MLflow runs alone")
     cancel.set_defaults(func=run_cancel)
 
 
@@ -180,7 +188,23 @@ def run_cancel(args: argparse.Namespace, *, wait_s: float = 30.0) -> int:
             and not states & {"PENDING", "RUNNING", "REQUEUED", "COMPLETING"}
         ):
             print(f"job {job_id}: {state}")
+            _close_mlflow_runs(args, job_id)
             return 0
         time.sleep(0.5)
     print(f"job {job_id}: cancel requested, still {state or 'unknown'} after {wait_s:.0f} s")
     return 1
+
+
+def _close_mlflow_runs(args: argparse.Namespace, job_id: str) -> None:
+    """A job cancelled before it ran cannot close the MLflow run made at submission: do it here."""
+    if getattr(args, "no_track", False):
+        return
+    from pipeline.tracking import close_runs_of_job
+
+    try:
+        closed = close_runs_of_job(job_id, getattr(args, "tracking_uri", ""))
+    except Exception as exc:  # the cancellation itself succeeded; tracking is secondary
+        print(f"job {job_id}: could not update its MLflow runs ({exc})", file=sys.stderr)
+        return
+    for run_id in closed:
+        print(f"job {job_id}: MLflow run {run_id} marked KILLED")

@@ -54,8 +54,34 @@ def test_cancel_reports_cancelled(slurm_cluster, submitit_folder, capsys) -> Non
         slurm_cluster.profile, submitit_folder(), job_name="test-admin-cancel", timeout_min=5, array_task=True
     )
     job = executor.submit(time.sleep, 600)
-    assert main(["jobs", "cancel", str(job.job_id)]) == 0
+    assert main(["jobs", "cancel", str(job.job_id), "--no-track"]) == 0
     assert f"job {job.job_id}: CANCELLED" in capsys.readouterr().out
+
+
+def test_cancel_closes_the_jobs_running_mlflow_run(slurm_cluster, submitit_folder, tmp_path, capsys) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import RunTracker
+
+    executor = make_executor(
+        slurm_cluster.profile,
+        submitit_folder(),
+        job_name="test-admin-cancel-run",
+        timeout_min=5,
+        array_task=True,
+    )
+    job = executor.submit(time.sleep, 600)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # what `igfiqa submit` does at submission: a RUNNING run tagged with the job id
+    run = RunTracker.start(
+        tracking_uri=uri, experiment="t", run_name="r", tags={"slurm_job_id": str(job.job_id)}
+    )
+    other = RunTracker.start(tracking_uri=uri, experiment="t", run_name="o", tags={"slurm_job_id": "1"})
+    assert main(["jobs", "cancel", str(job.job_id), "--tracking-uri", uri]) == 0
+    assert f"MLflow run {run.run_id} marked KILLED" in capsys.readouterr().out
+    client = MlflowClient(tracking_uri=uri)
+    assert client.get_run(run.run_id).info.status == "KILLED"
+    assert client.get_run(other.run_id).info.status == "RUNNING"
 
 
 @pytest.mark.parametrize("argv", [["jobs", "status", "12x"], ["jobs", "status", "999999999"]])

@@ -94,7 +94,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=DEFAULT_STEPS,
         metavar="N",
-        help="training steps (default: 0 = the config's full epochs, 148 steps for tiny_cpu)",
+        help="stop training after N steps (default: 0 = the config's full schedule, 4 epochs = 148 steps "
+        "at 200 identities); N beyond the schedule needs --set optim.epochs=E",
     )
     p.add_argument(
         "--fmr",

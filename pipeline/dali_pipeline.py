@@ -3,30 +3,28 @@
 A batch mixes FR rows and regression rows; what happens to each row is decided by
 the per-sample inputs fed through `fn.external_source` (see `pipeline.augment_plan`):
 
-    encoded bytes ─ decode ─ if rescale: resize down to (h, w), back up to size × size   (uint8)
-                           ─ if color:   gain·x + grey_gain·grey(x) + offset, clipped   (float32)
-                                         if erase: rectangle set to ERASE_FILL
-                                         crop_mirror_normalize (float in)
-                             else:       if erase: rectangle set to ERASE_FILL         (uint8)
-                                         crop_mirror_normalize (uint8 in)
-                           ─ mirror if flip, (x − 127.5) / 127.5, CHW float32
+    encoded bytes ─ decode ─┬─ if rescale: shrink to (h, w) (nearest), back to size × size (linear)
+                            ├─ if color:   grey + s·(x − grey), then brightness_contrast(b, c) → uint8
+                            ├─ if erase:   rectangle set to pixel value ERASE_FILL
+                            └─ crop_mirror_normalize: mirror if flip, (x − 127.5) / 127.5, CHW float32
 
-The `if`s are DALI conditionals (`enable_conditionals=True`): a row whose flag is off
-skips the operator entirely, so it is pixel-identical to decode + flip + normalise (the
-FR rows have every flag off), and each degradation costs only for the ~p of rows that
-get it. Erase comes last so the rectangle stays exactly at ERASE_FILL (pixel 0, i.e. −1
-after normalisation, as the paper sets the pixels to 0).
+The three `if`s are DALI conditionals (`enable_conditionals=True`): a row whose flag is
+off skips the operator entirely, so it is pixel-identical to decode + flip + normalise
+(the FR rows have every flag off), and each degradation costs only for the ~p of rows
+that get it. Erase comes last so the rectangle stays exactly at ERASE_FILL (pixel 0,
+i.e. −1 after normalisation, as the paper sets the pixels to 0).
 
-Why the graph looks like this (DALI 2.4 CPU operators, measured with
-benchmarks/dali_pipeline.py --profile on 112×112 faces): every DALI CPU path that turns
-float pixels back into uint8 (fn.cast, color_twist/hsv with uint8 output, arithmetic
-clamp) costs about as much as the JPEG decode itself, while uint8 → float and
-brightness_contrast are cheap. So the color jitter is written as one affine map of the
-pixel and its grey value (brightness, contrast and saturation folded into three
-per-sample numbers, `color_coefficients`), the colored rows stay float to the end and
-are normalised from float, and every other row stays uint8. The rescale shrinks with
-nearest-neighbour sampling (RESCALE_DOWN_INTERP) and restores with linear
-interpolation: DALI's antialiased shrink alone costs more than a third of the decode.
+Why these operators (DALI 2.4 on the CPU, measured with `benchmarks/dali_pipeline.py
+--profile` and single-operator timings on 112×112 faces): float → uint8 conversion is
+the dear step (fn.cast, color_twist/hsv with uint8 out, arithmetic clamp: each about a
+decode's worth per image), brightness_contrast converts with a cheaper kernel, and a
+conditional's merge copies the whole batch (a float32 merge costs four times a uint8
+one). So the pixels stay uint8 between the conditionals; the color jitter is one
+arithmetic blend with the grey image (saturation) plus one brightness_contrast
+(brightness and contrast, rounding and clipping to uint8) instead of color_twist + cast;
+the rescale shrinks by nearest-neighbour sampling (RESCALE_DOWN_INTERP), because DALI's
+antialiased CPU shrink costs about half of a decode, and restores with linear
+interpolation (the blur).
 
 The device is chosen at build time: `device_id=None` gives a CPU-only pipeline
 (decoder "cpu", CPU operators); an integer gives decoder "mixed" and GPU operators,
@@ -40,7 +38,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import nvidia.dali.math as dmath
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.pipeline import Pipeline
 
@@ -53,25 +50,10 @@ PIXEL_STD = 127.5
 ERASE_FILL = 0.0
 # Contrast is stretched about this pixel value, as DALI's color_twist does.
 CONTRAST_CENTER = 128.0
-# Shrinking filter of the rescale degradation (restoring is linear). Nearest neighbour: DALI's
-# antialiased CPU resize costs ~60 µs per image more; see the module docstring.
+# Shrinking filter of the rescale degradation (restoring is linear); see the module docstring.
 RESCALE_DOWN_INTERP = types.INTERP_NN
 # Outputs of the graph, in order (names used by the torch iterator).
 OUTPUT_NAMES = ("images", "rows", "flip", "flags")
-
-
-def color_coefficients(color: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-sample (gain, grey_gain, offset) of the color jitter as one affine map of pixel x and its grey g.
-
-    With brightness b, contrast c and saturation s (the columns of `color`) the jittered pixel is
-    b · (c · (g + s · (x − g) − CONTRAST_CENTER) + CONTRAST_CENTER), DALI's color_twist order, i.e.
-    gain · x + grey_gain · g + offset; the graph then clips it to [0, 255].
-    """
-    b, c, s = (np.asarray(color[:, k], dtype=np.float64) for k in range(3))
-    gain = b * c * s
-    grey_gain = b * c * (1.0 - s)
-    offset = b * (1.0 - c) * CONTRAST_CENTER
-    return tuple(np.ascontiguousarray(v, dtype=np.float32) for v in (gain, grey_gain, offset))
 
 
 @dataclass(frozen=True)
@@ -86,6 +68,7 @@ class GraphBatch:
         """The external_source outputs, in the order the graph unpacks them."""
         p = self.params
         flags = np.ascontiguousarray(p.flags, dtype=bool)
+        color = np.asarray(p.color, dtype=np.float32)
         return (
             list(self.encoded),
             np.ascontiguousarray(self.rows, dtype=np.int64),
@@ -97,7 +80,7 @@ class GraphBatch:
             np.ascontiguousarray(p.rescale_size, dtype=np.float32),
             np.ascontiguousarray(p.erase_anchor, dtype=np.float32),
             np.ascontiguousarray(p.erase_shape, dtype=np.float32),
-            *color_coefficients(p.color),
+            *(np.ascontiguousarray(color[:, k]) for k in range(3)),
         )
 
 
@@ -132,34 +115,31 @@ def _training_graph(source: Callable[[], tuple], image_size: int, on_gpu: bool):
         rescale_size,
         erase_anchor,
         erase_shape,
-        color_gain,
-        grey_gain,
-        color_offset,
+        brightness,
+        contrast,
+        saturation,
     ) = fn.external_source(source=source, num_outputs=13, batch=True)
     images = fn.decoders.image(encoded, device="mixed" if on_gpu else "cpu", output_type=types.RGB)
     if do_rescale:
         small = fn.resize(images, size=rescale_size, interp_type=RESCALE_DOWN_INTERP)
         images = fn.resize(small, size=[image_size, image_size], interp_type=types.INTERP_LINEAR)
     if do_color:
-        # uint8 → float is cheap (brightness_contrast does gain · x); float → uint8 is not, so these
-        # rows stay float: jitter, clip with min/max (cheaper than dmath.clamp), erase, normalise
-        scaled = fn.brightness_contrast(images, brightness=color_gain, dtype=types.FLOAT)
-        grey = _grey_rgb(images)
-        if on_gpu:
-            grey_gain, color_offset = grey_gain.gpu(), color_offset.gpu()
-        jittered = dmath.min(dmath.max(scaled + grey * grey_gain + color_offset, 0.0), 255.0)
-        if do_erase:
-            jittered = fn.erase(
-                jittered, anchor=erase_anchor, shape=erase_shape, axis_names="HW", fill_value=ERASE_FILL
-            )
-        normalised = _normalise(jittered, flip)
-    else:
-        if do_erase:
-            images = fn.erase(
-                images, anchor=erase_anchor, shape=erase_shape, axis_names="HW", fill_value=int(ERASE_FILL)
-            )
-        normalised = _normalise(images, flip)
-    return normalised, rows, flip, flags
+        grey_weight = 1.0 - saturation
+        if on_gpu:  # arithmetic takes its per-sample scalars on the images' device
+            saturation, grey_weight = saturation.gpu(), grey_weight.gpu()
+        saturated = images * saturation + _grey_rgb(images) * grey_weight  # float32
+        images = fn.brightness_contrast(
+            saturated,
+            brightness=brightness,
+            contrast=contrast,
+            contrast_center=CONTRAST_CENTER,
+            dtype=types.UINT8,
+        )
+    if do_erase:
+        images = fn.erase(
+            images, anchor=erase_anchor, shape=erase_shape, axis_names="HW", fill_value=int(ERASE_FILL)
+        )
+    return _normalise(images, flip), rows, flip, flags
 
 
 def run_graph(

@@ -62,6 +62,17 @@ class StopSignals:
         else:
             log.warning("no submitit handler for %s: nothing requeues this job", self._requeue_signal)
 
+    def ignore_late_signals(self) -> None:
+        """Training has ended: ignore a time-limit warning (SIGUSR2) that arrives from now on.
+
+        SLURM sends the warning at its own 30-s ticks, possibly while a finished task is still
+        writing its result or shutting down. At interpreter exit CPython puts every signal that
+        has a Python handler back to SIG_DFL, and SIGUSR2's default action kills the process, so
+        a late warning turned a completed job into FAILED (seen on the local cluster). SIG_IGN
+        is kept through interpreter exit.
+        """
+        signal.signal(self._requeue_signal, signal.SIG_IGN)
+
     def wait_for_slurm(
         self, *, is_main: bool, limit_s: float = 600.0, sleep: Callable[[float], None] = time.sleep
     ) -> None:

@@ -95,20 +95,43 @@ def submit_training(config: TrainConfig, profile: ClusterProfile, *, nodes: int 
     )
 
 
-def follow_job(submission: Submission, *, out: TextIO, poll_s: float = 2.0) -> str:
-    """Print rank 0's new log lines until the job ends (requeues included); return the final state."""
+def _job_state(job: submitit.Job, *, refresh: bool) -> str:
+    """SLURM's state of the job's latest attempt; `refresh` asks sacct now instead of submitit's cache."""
+    info = job.get_info(mode="force" if refresh else "standard")
+    state = info.get("State") or job.state or "UNKNOWN"
+    return state.split()[0]
+
+
+def follow_job(
+    submission: Submission, *, out: TextIO, poll_s: float = 2.0, refresh_every_s: float = 15.0
+) -> str:
+    """Print rank 0's new log lines until the job ends (requeues included); return the final state.
+
+    submitit's own state cache is refreshed less and less often as a job ages (up to every
+    10 minutes), so the state is asked from sacct every `refresh_every_s` and as soon as every
+    task has written its result.
+    """
     printed = {submission.stdout: 0, submission.stderr: 0}
-    state = "PENDING"
+    last_refresh = time.monotonic()
     while True:
         for path in (submission.stdout, submission.stderr):
             if path.exists():
                 text = path.read_text(errors="replace")
-                if len(text) < printed[path]:  # a requeued attempt starts a new log
+                if len(text) < printed[path]:  # a log that was replaced: print it from the start
                     printed[path] = 0
                 out.write(text[printed[path] :])
                 out.flush()
                 printed[path] = len(text)
-        state = submission.job.state.split()[0] if submission.job.state else "UNKNOWN"
+        results_written = all(Path(task.paths.result_pickle).exists() for task in _tasks(submission.job))
+        refresh = results_written or time.monotonic() - last_refresh >= refresh_every_s
+        if refresh:
+            last_refresh = time.monotonic()
+        state = _job_state(submission.job, refresh=refresh)
         if state in TERMINAL_STATES:
             return state
         time.sleep(poll_s)
+
+
+def _tasks(job: submitit.Job) -> list[submitit.Job]:
+    """One job per task (a multi-task job keeps them as sub-jobs)."""
+    return list(job._sub_jobs) or [job]

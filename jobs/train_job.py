@@ -15,7 +15,7 @@ from typing import Any
 
 import submitit
 
-from jobs.signals import SAVE_AND_EXIT, SAVE_AND_REQUEUE, StopSignals
+from jobs.signals import SAVE_AND_REQUEUE, StopSignals
 from pipeline.config import TrainConfig
 from pipeline.dist_env import DistEnv
 
@@ -54,8 +54,12 @@ class TrainJob:
         if result.status == "interrupted":
             if signals.code() == SAVE_AND_REQUEUE and env.is_main:
                 signals.requeue_via_submitit()  # calls self.checkpoint(), requeues, exits
-            elif signals.code() == SAVE_AND_EXIT:
-                signals.wait_for_slurm(is_main=env.is_main)
+            # Every other rank (and rank 0 after a SIGTERM) waits for SLURM to end or requeue the
+            # job: returning would leave a result file saying "interrupted" that submitit takes
+            # for this task's final result.
+            signals.wait_for_slurm(is_main=env.is_main)
+        else:
+            signals.ignore_late_signals()
         return result.as_dict()
 
     def checkpoint(self) -> submitit.helpers.DelayedSubmission:

@@ -266,9 +266,15 @@ class TrainingMonitor:
         weights = _full_class_weights(trainer.objective)
         if self.tracker is None or weights is None:
             return
+        tracker = self.tracker
+        self._safely(lambda: self._final_artifacts(trainer, weights), "final artifacts")
+        self._safely(lambda: tracker.finish("FINISHED" if completed else "KILLED"), "finish")
+
+    def _final_artifacts(self, trainer: _Trainer, weights: np.ndarray) -> None:
         from pipeline.training_plots import plot_training_curves, plot_weight_histogram
 
         tracker = self.tracker
+        assert tracker is not None
         tracker.log_text(dump_config(self.config), "config.yaml")
         if trainer.last_checkpoint:
             tracker.log_text(f"{trainer.last_checkpoint}\n", "checkpoint.txt")
@@ -285,7 +291,6 @@ class TrainingMonitor:
                 history, self.plots_dir / "training_curves.png", title=self.config.run.name
             )
             tracker.log_artifact(curves)
-        tracker.finish("FINISHED" if completed else "KILLED")
 
     def interrupted(self, step: int) -> None:
         """A signal stopped the run after a checkpoint: the run is continued by the next attempt."""

@@ -1,0 +1,443 @@
+"""The small-scale reproduction study of IG-FIQA on the synthetic data (issue 7).
+
+    .venv/bin/python -m experiments.study --out work/study --epochs 3 --seeds 0 1 [--worker 0/2]
+
+Trains the small backbone (configs/tiny_cpu.yaml) in three modes with every seed —
+CR (loss.mode=cr), IG without augmentation (the paper's S−), IG with augmentation
+(α linear 0.9 → 1.0) — plus the α ablation (fixed 0.9, fixed 0.99; first seed only),
+saving a checkpoint at every epoch end. Then measures each run against the synthetic
+ground truth (experiments/study_measure.py) and writes the tables and plots
+(experiments/study_report.py) under OUT/report, logs them as an MLflow run
+"study-summary" (each training run is logged by the trainer itself).
+
+Resumable: a finished training (OUT/runs/NAME/study-train.json) and a finished measurement
+(OUT/runs/NAME/measurements.json) are reused; an interrupted training resumes from its
+last checkpoint. `--worker I/N` takes every N-th run starting at I, so N processes can share
+the runs; the report is written by whichever call finds every run measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("experiments.study")
+
+REPO = Path(__file__).resolve().parents[1]
+BASE_CONFIG = REPO / "configs" / "tiny_cpu.yaml"
+NO_AUGMENTATION = ("data.augment.p_rescale=0", "data.augment.p_erase=0", "data.augment.p_color=0")
+TRAIN_MARKER = "study-train.json"
+MEASUREMENT_FILE = "measurements.json"
+MAIN_GROUPS = ("CR", "IG S- (no aug)", "IG (aug)")
+ALPHA_GROUPS = ("IG α fixed 0.9", "IG α fixed 0.99", "IG (aug)")  # the last is α linear 0.9 → 1.0
+
+
+@dataclass(frozen=True)
+class StudyRun:
+    """One training of the study: its folder name, its group in the tables, seed and config overrides."""
+
+    name: str
+    group: str
+    seed: int
+    overrides: tuple[str, ...] = field(default_factory=tuple)
+
+
+def study_runs(seeds: list[int]) -> list[StudyRun]:
+    """Every mode with every seed, then the α ablation's fixed schedules with the first seed."""
+    runs = []
+    for seed in seeds:
+        runs += [
+            StudyRun(f"cr-s{seed}", "CR", seed, ("loss.mode=cr",)),
+            StudyRun(f"ig-noaug-s{seed}", "IG S- (no aug)", seed, NO_AUGMENTATION),
+            StudyRun(f"ig-aug-s{seed}", "IG (aug)", seed),
+        ]
+    for alpha in (0.9, 0.99):
+        runs.append(
+            StudyRun(
+                f"ig-alpha{alpha}-s{seeds[0]}",
+                f"IG α fixed {alpha}",
+                seeds[0],
+                ("variance.alpha_schedule=fixed", f"variance.alpha_start={alpha}"),
+            )
+        )
+    return runs
+
+
+@dataclass(frozen=True)
+class StudyPaths:
+    """Where the study writes, all under --out."""
+
+    out: Path
+
+    @property
+    def synth(self) -> Path:
+        return self.out / "synth"
+
+    @property
+    def train(self) -> Path:
+        return self.out / "train"
+
+    @property
+    def val(self) -> Path:
+        return self.out / "val"
+
+    @property
+    def runs(self) -> Path:
+        return self.out / "runs"
+
+    @property
+    def report(self) -> Path:
+        return self.out / "report"
+
+    @property
+    def tracking_uri(self) -> str:
+        return f"sqlite:///{self.out.resolve() / 'mlflow.db'}"
+
+
+def prepare_data(paths: StudyPaths, *, identities: int, images_per_identity: int, seed: int) -> None:
+    """Synthesize, convert the training set and the verification sets, each unless already done."""
+    from data_prep.bins import convert_bins
+    from data_prep.convert import convert
+    from data_prep.synth import synthesize
+
+    if not (paths.synth / "synth.json").is_file():
+        synthesize(
+            paths.synth,
+            identities=identities,
+            images_per_identity=images_per_identity,
+            seed=seed,
+            progress=True,
+        )
+    if not (paths.train / "dataset.json").is_file():
+        convert(paths.synth, paths.train, progress=True)
+    todo = [
+        b for b in sorted(paths.synth.glob("*.bin")) if not (paths.val / b.stem / "dataset.json").is_file()
+    ]
+    if todo:
+        convert_bins(todo, paths.val, progress=True)
+
+
+def steps_per_epoch(paths: StudyPaths, config: Any) -> int:
+    """Steps of one epoch: images // (fr_batch + reg_batch), as pipeline.sampler counts them."""
+    info = json.loads((paths.train / "dataset.json").read_text())
+    return int(info["num_images"]) // (config.data.fr_batch + config.data.reg_batch)
+
+
+def run_config(run: StudyRun, paths: StudyPaths, args: argparse.Namespace) -> Any:
+    """The base config with the study's data, run folder, schedule and per-epoch checkpoints, then the run's."""
+    from pipeline.config import load_config
+
+    probe = load_config(args.config, [f"data.dataset={paths.train}"])
+    per_epoch = steps_per_epoch(paths, probe)
+    milestone = max(1, round(0.75 * args.epochs))
+    overrides = [
+        f"data.dataset={paths.train.resolve()}",
+        "data.num_threads=1",
+        f"run.dir={(paths.runs / run.name).resolve()}",
+        f"run.tracking_uri={paths.tracking_uri}",
+        "run.experiment=igfiqa-study",
+        f"run.name=study-{run.name}",
+        f"run.seed={run.seed}",
+        f"data.seed={run.seed}",
+        f"optim.epochs={args.epochs}",
+        f"optim.milestones=[{milestone}]",
+        f"run.checkpoint_every_steps={per_epoch}",
+        "run.checkpoint_every_minutes=0",
+        "run.keep_checkpoints=1000",
+        *run.overrides,
+        *args.overrides,
+    ]
+    return load_config(args.config, overrides)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _write_json(path: Path, value: Any) -> None:
+    from data_prep.atomic import atomic_write_json
+
+    atomic_write_json(path, value)
+
+
+def train_run(run: StudyRun, config: Any) -> dict[str, Any]:
+    """Train one run in this process (launch_local, 1 process) unless it finished before."""
+    from jobs.local_launch import launch_local
+
+    run_dir = Path(config.run.dir)
+    done = _read_json(run_dir / TRAIN_MARKER)
+    if done is not None:
+        log.info("%s: training finished before (step %s), reused", run.name, done["global_step"])
+        return done
+    started = time.monotonic()
+    result = launch_local(config, nproc=1)
+    if result["status"] != "completed":
+        raise RuntimeError(
+            f"{run.name}: training stopped at step {result['global_step']} ({result['status']})"
+        )
+    record = {
+        "global_step": int(result["global_step"]),
+        "mlflow_run_id": str(result["mlflow_run_id"]),
+        "checkpoint": str(result["checkpoint"]),
+        "seconds": time.monotonic() - started,
+        "seconds_per_step": float(result["metrics"].get("seconds_per_step", float("nan"))),
+    }
+    _write_json(run_dir / TRAIN_MARKER, record)
+    log.info("%s: trained %d steps in %.0f s", run.name, record["global_step"], record["seconds"])
+    return record
+
+
+def measure(run: StudyRun, config: Any, paths: StudyPaths, images: Any, fmrs: tuple[float, ...]) -> dict:
+    """The run's measurements (experiments/study_measure.py), cached in its folder."""
+    from experiments.study_measure import measure_run
+
+    run_dir = Path(config.run.dir)
+    cached = _read_json(run_dir / MEASUREMENT_FILE)
+    if cached is not None:
+        return cached
+    started = time.monotonic()
+    measured = measure_run(run_dir, steps_per_epoch(paths, config), images, paths.val, paths.synth, fmrs)
+    measured["seconds"] = time.monotonic() - started
+    _write_json(run_dir / MEASUREMENT_FILE, measured)
+    log.info("%s: measured in %.0f s", run.name, measured["seconds"])
+    return measured
+
+
+def _fmr_key(fmr: float) -> str:
+    from pipeline.eval_report import fmr_label
+
+    return f"fmr_{fmr_label(fmr)}"
+
+
+def write_report(
+    paths: StudyPaths, runs: list[StudyRun], args: argparse.Namespace, images: Any
+) -> dict[str, Any]:
+    """Tables (markdown, CSV), plots and summary.json under OUT/report; copies plots to --docs-img."""
+    from experiments import study_report as report
+
+    results = []
+    for run in runs:
+        run_dir = paths.runs / run.name
+        results.append(
+            {
+                **asdict(run),
+                "measurements": _read_json(run_dir / MEASUREMENT_FILE),
+                "training": _read_json(run_dir / TRAIN_MARKER),
+                "low_variance_class": images.low_variance_class.tolist(),
+            }
+        )
+    out = paths.report
+    out.mkdir(parents=True, exist_ok=True)
+    per_run = report.run_rows(results)
+    per_epoch = report.epoch_rows(results)
+    per_run["train_seconds"] = [r["training"]["seconds"] for r in results]
+    per_run["mlflow_run_id"] = [r["training"]["mlflow_run_id"] for r in results]
+    per_run.to_csv(out / "runs.csv", index=False)
+    per_epoch.to_csv(out / "epochs.csv", index=False)
+    eval_columns = []
+    for name in ("clean", "mixed"):
+        for fmr in args.fmr:
+            eval_columns += [
+                f"{name}.IG-FIQA.edc_pauc.{_fmr_key(fmr)}",
+                f"{name}.IG-FIQA.erc_auc.{_fmr_key(fmr)}",
+            ]
+    eval_columns += ["mixed.quality_spearman", "clean.accuracy", "mixed.accuracy"]
+    eval_columns = [c for c in eval_columns if c in per_run.columns]
+    ground_truth_columns = [
+        "table_pearson",
+        "weight_zero_frac",
+        "lowvar_weight_mean",
+        "other_weight_mean",
+        "lowvar_auc_table",
+        "train_quality_spearman",
+    ]
+    main = per_run[per_run["group"].isin(MAIN_GROUPS)]
+    alpha = per_run[per_run["group"].isin(ALPHA_GROUPS) & (per_run["seed"] == runs[0].seed)]
+    epoch_table = per_epoch[per_epoch["group"].isin(MAIN_GROUPS)].pivot_table(
+        index="group", columns="epoch", values="table_pearson", aggfunc=["mean", "std"], sort=False
+    )
+    tables = {
+        "evaluation": report.mean_spread(main, eval_columns),
+        "ground_truth": report.mean_spread(main, ground_truth_columns),
+        "alpha_ablation": report.mean_spread(alpha, [*ground_truth_columns, *eval_columns]),
+        "alpha_ablation_epochs": report.mean_spread(
+            per_epoch[per_epoch["group"].isin(ALPHA_GROUPS) & (per_epoch["seed"] == runs[0].seed)].assign(
+                group_epoch=lambda f: f["group"] + " / epoch " + f["epoch"].astype(str)
+            ),
+            ["table_pearson", "weight_zero_frac", "lowvar_auc_table"],
+            by="group_epoch",
+        ),
+    }
+    lines = [f"# Study report ({args.epochs} epochs, seeds {args.seeds})", ""]
+    for name, table in tables.items():
+        table.to_csv(out / f"table_{name}.csv")
+        lines += [f"## {name}", "", report.to_markdown(table), ""]
+    lines += [
+        "## table_pearson per epoch (mean, std over seeds)",
+        "",
+        report.to_markdown(epoch_table.round(4)),
+        "",
+    ]
+    (out / "tables.md").write_text("\n".join(lines))
+    plots = [
+        report.plot_weight_histograms(results, list(MAIN_GROUPS), out / "study_weight_histograms.png"),
+        report.plot_weight_histograms(
+            results, list(ALPHA_GROUPS[:2]), out / "study_alpha_weight_histograms.png"
+        ),
+        report.plot_epoch_curves(
+            per_epoch[per_epoch["group"].isin(MAIN_GROUPS)], MAIN_GROUPS, out / "study_epochs.png"
+        ),
+        report.plot_epoch_curves(
+            per_epoch[per_epoch["group"].isin(ALPHA_GROUPS) & (per_epoch["seed"] == runs[0].seed)],
+            ALPHA_GROUPS,
+            out / "study_alpha_epochs.png",
+        ),
+    ]
+    if args.docs_img is not None:
+        args.docs_img.mkdir(parents=True, exist_ok=True)
+        for plot in plots:
+            shutil.copy2(plot, args.docs_img / plot.name)
+    summary = {
+        "epochs": args.epochs,
+        "seeds": args.seeds,
+        "fmrs": args.fmr,
+        "runs": per_run.to_dict(orient="records"),
+        "train_seconds_total": float(per_run["train_seconds"].sum()),
+    }
+    _write_json(out / "summary.json", summary)
+    return summary
+
+
+def log_summary_run(paths: StudyPaths, args: argparse.Namespace, summary: dict[str, Any]) -> str:
+    """The study's own MLflow run: params, per-group mean metrics, the report folder as artifacts."""
+    import mlflow
+    import pandas as pd
+
+    from pipeline.tracking import resolve_tracking_uri
+
+    mlflow.set_tracking_uri(resolve_tracking_uri(paths.tracking_uri))
+    mlflow.set_experiment("igfiqa-study")
+    frame = pd.DataFrame(summary["runs"])
+    numeric = frame.select_dtypes("number").drop(columns=["seed"], errors="ignore")
+    with mlflow.start_run(run_name="study-summary") as active:
+        mlflow.log_params({"epochs": args.epochs, "seeds": str(args.seeds), "fmrs": str(args.fmr)})
+        mlflow.set_tags({f"run.{n}": i for n, i in zip(frame["run"], frame["mlflow_run_id"])})
+        metrics = {}
+        for group, rows in numeric.groupby(frame["group"]):
+            slug = group.replace(" ", "_").replace("(", "").replace(")", "").replace("α", "alpha")
+            for column, value in rows.mean().items():
+                if pd.notna(value):
+                    metrics[f"{slug}.{column}"[:250]] = float(value)
+        mlflow.log_metrics(metrics)
+        mlflow.log_artifacts(str(paths.report), artifact_path="report")
+        return active.info.run_id
+
+
+@contextlib.contextmanager
+def _study_lock(paths: StudyPaths) -> Iterator[None]:
+    """An exclusive lock on OUT/.study.lock (released when the process ends, even killed)."""
+    paths.out.mkdir(parents=True, exist_ok=True)
+    with open(paths.out / ".study.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _init_tracking_store(paths: StudyPaths) -> None:
+    """Create the sqlite MLflow store once: two processes migrating a new database at once collide."""
+    import mlflow
+
+    mlflow.MlflowClient(paths.tracking_uri).search_experiments(max_results=1)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.study",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--out", type=Path, default=Path("work/study"))
+    parser.add_argument("--config", type=Path, default=BASE_CONFIG)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--identities", type=int, default=200)
+    parser.add_argument("--images-per-identity", type=int, default=12)
+    parser.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic data (default 0)")
+    parser.add_argument("--fmr", type=float, nargs="+", default=[1e-3, 1e-4])
+    parser.add_argument(
+        "--worker", default="0/1", help="I/N: take every N-th run starting at I (default 0/1)"
+    )
+    parser.add_argument("--docs-img", type=Path, default=None, help="also copy the plots here (docs/img)")
+    parser.add_argument("--no-mlflow", action="store_true", help="do not log the summary run")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra config override")
+    args = parser.parse_args(argv)
+    index, _, count = args.worker.partition("/")
+    args.worker_index, args.worker_count = int(index), int(count or 1)
+    if not 0 <= args.worker_index < args.worker_count:
+        parser.error(f"--worker {args.worker}: need 0 <= I < N")
+    if args.epochs < 1 or not args.seeds:
+        parser.error("need --epochs >= 1 and at least one seed")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Prepare, train and measure this worker's runs; write the report once every run is measured."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    from experiments.study_measure import load_training_images
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    paths = StudyPaths(args.out)
+    started = time.monotonic()
+    with _study_lock(paths):  # workers started together: one prepares the data and the MLflow store
+        prepare_data(
+            paths,
+            identities=args.identities,
+            images_per_identity=args.images_per_identity,
+            seed=args.data_seed,
+        )
+        _init_tracking_store(paths)
+    runs = study_runs(args.seeds)
+    mine = runs[args.worker_index :: args.worker_count]
+    images = load_training_images(paths.train, paths.synth, progress=False)
+    fmrs = tuple(args.fmr)
+    for run in mine:
+        config = run_config(run, paths, args)
+        train_run(run, config)
+        measure(run, config, paths, images, fmrs)
+    missing = [r.name for r in runs if not (paths.runs / r.name / MEASUREMENT_FILE).is_file()]
+    if missing:
+        log.info(
+            "worker %s done in %.0f s; waiting for runs %s before the report",
+            args.worker,
+            time.monotonic() - started,
+            missing,
+        )
+        return 0
+    summary = write_report(paths, runs, args, images)
+    if not args.no_mlflow:
+        run_id = log_summary_run(paths, args, summary)
+        log.info("summary logged to MLflow run %s (%s)", run_id, paths.tracking_uri)
+    log.info("report in %s (%.0f s in this call)", paths.report, time.monotonic() - started)
+    print(json.dumps({"report": str(paths.report), "seconds": time.monotonic() - started}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -81,7 +81,12 @@ def submit_training(config: TrainConfig, profile: ClusterProfile, *, nodes: int 
 
     folder = run_dir / "submitit" / time.strftime("%Y%m%d-%H%M%S")
     executor = make_executor(profile, folder, nodes=nodes, job_name=config.run.name)
-    job = executor.submit(TrainJob(config, tracker.run_id))
+    try:
+        job = executor.submit(TrainJob(config, tracker.run_id))
+    except Exception:  # sbatch refused the job: no attempt will ever close this run
+        if not run_id:
+            tracker.finish("FAILED")
+        raise
     tracker.set_tags({"slurm_job_id": job.job_id, "submitit_folder": str(folder)})
     return Submission(
         job=job,

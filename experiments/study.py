@@ -205,6 +205,11 @@ def measure(run: StudyRun, config: Any, paths: StudyPaths, images: Any, fmrs: tu
     run_dir = Path(config.run.dir)
     cached = _read_json(run_dir / MEASUREMENT_FILE)
     if cached is not None:
+        if "table_pearson_final_backbone" not in cached["epochs"][0]:  # measured by an earlier version
+            from experiments.study_measure import add_final_backbone_correlations
+
+            add_final_backbone_correlations(cached["epochs"], run_dir, steps_per_epoch(paths, config), images)
+            _write_json(run_dir / MEASUREMENT_FILE, cached)
         return cached
     started = time.monotonic()
     measured = measure_run(run_dir, steps_per_epoch(paths, config), images, paths.val, paths.synth, fmrs)
@@ -264,9 +269,6 @@ def write_report(
     ]
     main = per_run[per_run["group"].isin(MAIN_GROUPS)]
     alpha = per_run[per_run["group"].isin(ALPHA_GROUPS) & (per_run["seed"] == runs[0].seed)]
-    epoch_table = per_epoch[per_epoch["group"].isin(MAIN_GROUPS)].pivot_table(
-        index="group", columns="epoch", values="table_pearson", aggfunc=["mean", "std"], sort=False
-    )
     tables = {
         "evaluation": report.mean_spread(main, eval_columns),
         "ground_truth": report.mean_spread(main, ground_truth_columns),
@@ -283,12 +285,11 @@ def write_report(
     for name, table in tables.items():
         table.to_csv(out / f"table_{name}.csv")
         lines += [f"## {name}", "", report.to_markdown(table), ""]
-    lines += [
-        "## table_pearson per epoch (mean, std over seeds)",
-        "",
-        report.to_markdown(epoch_table.round(4)),
-        "",
-    ]
+    main_epochs = per_epoch[per_epoch["group"].isin(MAIN_GROUPS)]
+    for column in ("table_pearson", "table_pearson_final_backbone", "weight_zero_frac", "lowvar_auc_table"):
+        table = report.per_epoch_table(main_epochs, column)
+        table.to_csv(out / f"table_epochs_{column}.csv")
+        lines += [f"## {column} per epoch (mean ± std over seeds)", "", report.to_markdown(table), ""]
     (out / "tables.md").write_text("\n".join(lines))
     plots = [
         report.plot_weight_histograms(results, list(MAIN_GROUPS), out / "study_weight_histograms.png"),

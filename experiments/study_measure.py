@@ -126,7 +126,7 @@ def measure_checkpoint(path: Path, images: TrainingImages) -> dict[str, Any]:
     if table.numel() != images.num_classes:
         raise ValueError(f"{path}: variance table has {table.numel()} classes, dataset {images.num_classes}")
     true_variance, counts = intra_class_variance(
-        torch.from_numpy(out.embeddings), torch.from_numpy(images.labels), images.num_classes
+        torch.from_numpy(out.embeddings.copy()), torch.from_numpy(images.labels), images.num_classes
     )
     keep = counts >= 2
     weights = class_weights(table)
@@ -159,6 +159,27 @@ def _epoch_checkpoints(run_dir: Path, steps_per_epoch: int) -> list[Path]:
         if step > 0 and step % steps_per_epoch == 0:
             found.append(path)
     return found
+
+
+def final_backbone_correlations(run_dir: Path, steps_per_epoch: int, images: TrainingImages) -> list[float]:
+    """Per epoch: Pearson r between that epoch's table and the true variance under the FINAL backbone.
+
+    The paper (Fig. 4b) measures the true variance with a fixed, pretrained FR model; no such
+    model exists for the synthetic faces, so the run's own last backbone stands in for it.
+    """
+    checkpoints = _epoch_checkpoints(run_dir, steps_per_epoch)
+    model = model_from_state(load_checkpoint(checkpoints[-1]))
+    batches = (images.pixels[i : i + EMBED_BATCH] for i in range(0, len(images.pixels), EMBED_BATCH))
+    with torch.inference_mode():
+        out = infer(model, batches, torch.device("cpu"))
+    true_variance, counts = intra_class_variance(
+        torch.from_numpy(out.embeddings.copy()), torch.from_numpy(images.labels), images.num_classes
+    )
+    keep = counts >= 2
+    return [
+        pearson_correlation(load_checkpoint(path)["variance"].double().reshape(-1)[keep], true_variance[keep])
+        for path in checkpoints
+    ]
 
 
 def evaluate_final(
@@ -200,4 +221,13 @@ def measure_run(
         raise ValueError(f"{run_dir}: no epoch-end checkpoints (step multiples of {steps_per_epoch})")
     epochs = [measure_checkpoint(path, images) for path in checkpoints]
     final = evaluate_final(checkpoints[-1], val_dir, synth_dir, run_dir / "eval", fmrs)
+    add_final_backbone_correlations(epochs, run_dir, steps_per_epoch, images)
     return {"epochs": epochs, "final": final}
+
+
+def add_final_backbone_correlations(
+    epochs: list[dict[str, Any]], run_dir: Path, steps_per_epoch: int, images: TrainingImages
+) -> None:
+    """Set `table_pearson_final_backbone` in every epoch's measurements (see final_backbone_correlations)."""
+    for epoch, r in zip(epochs, final_backbone_correlations(run_dir, steps_per_epoch, images), strict=True):
+        epoch["table_pearson_final_backbone"] = r

@@ -61,6 +61,14 @@ def mean_spread(frame: pd.DataFrame, columns: Sequence[str], by: str = "group") 
     return table
 
 
+def per_epoch_table(epochs: pd.DataFrame, column: str) -> pd.DataFrame:
+    """Groups × 'epoch k' of `column` as 'mean ± std' over seeds."""
+    table = pd.DataFrame(index=list(dict.fromkeys(epochs["group"])))
+    for epoch, frame in epochs.groupby("epoch"):
+        table[f"epoch {epoch}"] = mean_spread(frame, [column])[column]
+    return table
+
+
 def to_markdown(table: pd.DataFrame) -> str:
     """A pipe table (hand-written: pandas' to_markdown needs the tabulate package)."""
     header = ["", *map(str, table.columns)]
@@ -109,11 +117,12 @@ def plot_weight_histograms(results: Sequence[dict[str, Any]], groups: Sequence[s
 def plot_epoch_curves(epochs: pd.DataFrame, groups: Sequence[str], path: Path) -> Path:
     """Per-epoch table-vs-truth Pearson r, weight-0 fraction and low-variance AUC, one line per run."""
     metrics = [
-        ("table_pearson", "Pearson r: table vs true variance"),
+        ("table_pearson", "Pearson r: table vs true variance\n(that epoch's backbone)"),
+        ("table_pearson_final_backbone", "Pearson r: table vs true variance\n(final backbone)"),
         ("weight_zero_frac", "fraction of classes at weight 0"),
         ("lowvar_auc_table", "AUC: low-variance classes have lower table value"),
     ]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.4 * len(metrics), 3.4))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.0 * len(metrics), 3.6))
     colours = dict(zip(groups, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     for ax, (column, title) in zip(axes, metrics):
         for _run, frame in epochs.groupby("run", sort=False):
@@ -123,7 +132,7 @@ def plot_epoch_curves(epochs: pd.DataFrame, groups: Sequence[str], path: Path) -
             ax.plot(frame["epoch"], frame[column], marker="o", color=colours[group], label=group, alpha=0.8)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("epoch")
-        if column == "table_pearson":
+        if column.startswith("table_pearson"):
             ax.axhline(0.71, ls="--", color="grey", lw=0.8)
     handles, labels = axes[0].get_legend_handles_labels()
     unique = dict(zip(labels, handles))

@@ -39,6 +39,7 @@ BASE_CONFIG = REPO / "configs" / "tiny_cpu.yaml"
 NO_AUGMENTATION = ("data.augment.p_rescale=0", "data.augment.p_erase=0", "data.augment.p_color=0")
 TRAIN_MARKER = "study-train.json"
 MEASUREMENT_FILE = "measurements.json"
+RANDOM_DRAWS = 20
 MAIN_GROUPS = ("CR", "IG S- (no aug)", "IG (aug)")
 ALPHA_GROUPS = ("IG α fixed 0.9", "IG α fixed 0.99", "IG (aug)")  # the last is α linear 0.9 → 1.0
 
@@ -225,10 +226,46 @@ def _fmr_key(fmr: float) -> str:
     return f"fmr_{fmr_label(fmr)}"
 
 
+def reference_metrics(eval_dir: Path, fmr: float, draws: int = RANDOM_DRAWS) -> dict[str, float]:
+    """EDC pAUC / ERC AUC at an FMR the small sets resolve, for the model's quality and for random quality.
+
+    Read from the final evaluation's pairs_<set>.parquet / scores_<set>.parquet; "random" is the
+    mean over `draws` random permutations of the scores (what no quality information gives).
+    """
+    import numpy as np
+    import pandas as pd
+
+    from pipeline.quality_eval import evaluate_quality
+
+    rng = np.random.default_rng(0)
+    label = _fmr_key(fmr)
+    metrics: dict[str, float] = {}
+    for pairs_path in sorted(eval_dir.glob("pairs_*.parquet")):
+        name = pairs_path.stem.removeprefix("pairs_")
+        pairs = pd.read_parquet(pairs_path)
+        scores = pd.read_parquet(eval_dir / f"scores_{name}.parquet")
+        method = next(c for c in scores.columns if c != "image")
+        for k in range(draws):
+            scores[f"random{k}"] = rng.permutation(scores[method].to_numpy())
+        evaluation = evaluate_quality(pairs, scores, dataset=name, fmrs=[fmr])
+        by_method = {r.method: r for r in evaluation.results}
+        metrics[f"{name}.{method}.edc_pauc.{label}"] = by_method[method].edc_pauc
+        metrics[f"{name}.{method}.erc_auc.{label}"] = by_method[method].erc.auc
+        metrics[f"{name}.random.edc_pauc.{label}"] = float(
+            np.mean([by_method[f"random{k}"].edc_pauc for k in range(draws)])
+        )
+        metrics[f"{name}.random.erc_auc.{label}"] = float(
+            np.mean([by_method[f"random{k}"].erc.auc for k in range(draws)])
+        )
+    return metrics
+
+
 def write_report(
     paths: StudyPaths, runs: list[StudyRun], args: argparse.Namespace, images: Any
 ) -> dict[str, Any]:
     """Tables (markdown, CSV), plots and summary.json under OUT/report; copies plots to --docs-img."""
+    import pandas as pd
+
     from experiments import study_report as report
 
     results = []
@@ -248,35 +285,57 @@ def write_report(
     per_epoch = report.epoch_rows(results)
     per_run["train_seconds"] = [r["training"]["seconds"] for r in results]
     per_run["mlflow_run_id"] = [r["training"]["mlflow_run_id"] for r in results]
+    extra = pd.DataFrame(
+        [reference_metrics(paths.runs / r["name"] / "eval", args.extra_fmr) for r in results]
+    )
+    per_run = pd.concat([per_run, extra.drop(columns=[c for c in extra if c in per_run])], axis=1)
     per_run.to_csv(out / "runs.csv", index=False)
     per_epoch.to_csv(out / "epochs.csv", index=False)
-    eval_columns = []
-    for name in ("clean", "mixed"):
-        for fmr in args.fmr:
-            eval_columns += [
-                f"{name}.IG-FIQA.edc_pauc.{_fmr_key(fmr)}",
-                f"{name}.IG-FIQA.erc_auc.{_fmr_key(fmr)}",
-            ]
-    eval_columns += ["mixed.quality_spearman", "clean.accuracy", "mixed.accuracy"]
-    eval_columns = [c for c in eval_columns if c in per_run.columns]
-    ground_truth_columns = [
+
+    def present(columns: list[str]) -> list[str]:
+        return [c for c in dict.fromkeys(columns) if c in per_run.columns]
+
+    paper_fmr_columns = present(
+        [
+            f"{name}.IG-FIQA.{metric}.{_fmr_key(fmr)}"
+            for name in ("clean", "mixed")
+            for fmr in args.fmr
+            for metric in ("edc_pauc", "erc_auc")
+        ]
+    )
+    resolvable_columns = present(
+        [
+            f"{name}.{method}.{metric}.{_fmr_key(args.extra_fmr)}"
+            for name in ("clean", "mixed")
+            for method in ("IG-FIQA", "random")
+            for metric in ("edc_pauc", "erc_auc")
+        ]
+    )
+    quality_columns = present(
+        ["train_quality_spearman", "mixed.quality_spearman", "clean.accuracy", "mixed.accuracy"]
+    )
+    variance_columns = [
         "table_pearson",
         "weight_zero_frac",
         "lowvar_weight_mean",
         "other_weight_mean",
         "lowvar_auc_table",
-        "train_quality_spearman",
+        "lowvar_auc_true_variance",
     ]
     main = per_run[per_run["group"].isin(MAIN_GROUPS)]
     alpha = per_run[per_run["group"].isin(ALPHA_GROUPS) & (per_run["seed"] == runs[0].seed)]
+    alpha_epochs = per_epoch[per_epoch["group"].isin(ALPHA_GROUPS) & (per_epoch["seed"] == runs[0].seed)]
     tables = {
-        "evaluation": report.mean_spread(main, eval_columns),
-        "ground_truth": report.mean_spread(main, ground_truth_columns),
-        "alpha_ablation": report.mean_spread(alpha, [*ground_truth_columns, *eval_columns]),
+        "edc_erc_paper_fmrs": report.mean_spread(main, paper_fmr_columns),
+        f"edc_erc_{_fmr_key(args.extra_fmr)}_vs_random": report.mean_spread(main, resolvable_columns),
+        "quality_vs_ground_truth": report.mean_spread(main, quality_columns),
+        "variance_table": report.mean_spread(main, variance_columns),
+        "alpha_ablation_variance": report.mean_spread(alpha, variance_columns),
+        "alpha_ablation_quality": report.mean_spread(
+            alpha, present([*quality_columns[:2], *paper_fmr_columns, *resolvable_columns])
+        ),
         "alpha_ablation_epochs": report.mean_spread(
-            per_epoch[per_epoch["group"].isin(ALPHA_GROUPS) & (per_epoch["seed"] == runs[0].seed)].assign(
-                group_epoch=lambda f: f["group"] + " / epoch " + f["epoch"].astype(str)
-            ),
+            alpha_epochs.assign(group_epoch=lambda f: f["group"] + " / epoch " + f["epoch"].astype(str)),
             ["table_pearson", "weight_zero_frac", "lowvar_auc_table"],
             by="group_epoch",
         ),
@@ -313,6 +372,7 @@ def write_report(
         "epochs": args.epochs,
         "seeds": args.seeds,
         "fmrs": args.fmr,
+        "extra_fmr": args.extra_fmr,
         "runs": per_run.to_dict(orient="records"),
         "train_seconds_total": float(per_run["train_seconds"].sum()),
     }
@@ -378,6 +438,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--images-per-identity", type=int, default=12)
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic data (default 0)")
     parser.add_argument("--fmr", type=float, nargs="+", default=[1e-3, 1e-4])
+    parser.add_argument(
+        "--extra-fmr",
+        type=float,
+        default=0.1,
+        help="also report this FMR (one the small synthetic sets resolve) with a random-quality baseline",
+    )
     parser.add_argument(
         "--worker", default="0/1", help="I/N: take every N-th run starting at I (default 0/1)"
     )

@@ -15,10 +15,12 @@ import pandas as pd
 
 FINAL_COLUMNS = (
     "table_pearson",
+    "table_pearson_final_backbone",
     "weight_zero_frac",
     "lowvar_weight_mean",
     "other_weight_mean",
     "lowvar_auc_table",
+    "lowvar_auc_true_variance",
     "train_quality_spearman",
 )
 
@@ -132,6 +134,7 @@ def plot_epoch_curves(epochs: pd.DataFrame, groups: Sequence[str], path: Path) -
             ax.plot(frame["epoch"], frame[column], marker="o", color=colours[group], label=group, alpha=0.8)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         if column.startswith("table_pearson"):
             ax.axhline(0.71, ls="--", color="grey", lw=0.8)
     handles, labels = axes[0].get_legend_handles_labels()

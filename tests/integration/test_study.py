@@ -66,6 +66,9 @@ def test_study_reports_every_number_and_reuses_finished_runs(tmp_path: Path) -> 
                 assert math.isfinite(row[f"{dataset}.IG-FIQA.edc_pauc.fmr_{fmr}"])
                 assert math.isfinite(row[f"{dataset}.IG-FIQA.erc_auc.fmr_{fmr}"])
         assert -1.0 <= row["mixed.quality_spearman"] <= 1.0
+        assert -1.0 <= row["table_pearson_final_backbone"] <= 1.0
+        # the random-quality reference at the resolvable FMR (default 1e-1)
+        assert math.isfinite(row["mixed.random.erc_auc.fmr_1e-1"])
 
     epochs = pd.read_csv(out / "report" / "epochs.csv")
     assert sorted(epochs.groupby("run")["epoch"].apply(list).explode().unique()) == [1, 2]

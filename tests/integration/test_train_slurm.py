@@ -6,8 +6,10 @@ All runs use one tiny dataset (tests/train_fixtures.py: 15 steps per epoch at 8 
 one of two configs, each with its uninterrupted baseline run shared by the module:
 - SHORT (45 steps): the `igfiqa submit --wait` run, and the baseline of the preemption and the
   `scontrol requeue` tests, which interrupt their job after its first periodic checkpoint.
-- LONG (150 steps, ~60 s on 2 quiet cores): the `submit_training` run, and the baseline of the
-  timeout test, whose job must still be training when SLURM's time-limit warning comes.
+- LONG (375 steps, ~75 s of training at ~0.2 s/step on 2 quiet cores, so one 1-minute attempt
+  can never finish it): the `submit_training` run, and the baseline of the timeout test, whose
+  job must still be training when SLURM's time-limit warning comes. (150 steps was too short:
+  on a quiet machine the job finished before the warning and nothing was requeued.)
 
 Time-limit warnings on this cluster (measured): slurmctld looks at time limits every 30 s and
 sends `--signal=USR2@S` at the first look where `now + S + 30 s >= end`. With a 1-minute limit
@@ -61,7 +63,7 @@ class Plan:
 
 
 SHORT = Plan(epochs=3, milestone=2, checkpoint_every=5)
-LONG = Plan(epochs=10, milestone=5, checkpoint_every=10)
+LONG = Plan(epochs=25, milestone=12, checkpoint_every=10)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -396,9 +398,9 @@ def test_scontrol_requeued_job_resumes_into_the_same_run_and_weights(
 def test_timed_out_job_requeues_and_resumes_into_the_same_run_and_weights(
     slurm_cluster, dataset: Path, tmp_path: Path, api_run: ApiRun
 ) -> None:
-    # 1-minute limit, USR2 10 s before it (see the module docstring for why not 30 s); more
-    # requeues than the profile's 3 in case a warning comes before an attempt has trained
-    profile = dataclasses.replace(slurm_cluster.profile, time_min=1, signal_delay_s=10, max_requeues=6)
+    # 1-minute limit, USR2 10 s before it (see the module docstring for why not 30 s); many more
+    # requeues than the profile's 3: a loaded machine needs several ~25 s attempts for LONG
+    profile = dataclasses.replace(slurm_cluster.profile, time_min=1, signal_delay_s=10, max_requeues=12)
     config = _config(dataset, tmp_path, "timed-out", LONG)
     submission = submit_training(config, profile)
     script = (submission.folder / f"{submission.job_id}_submission.sh").read_text()

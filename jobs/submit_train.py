@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -108,10 +109,18 @@ def _job_state(job: submitit.Job, *, refresh: bool) -> str:
 
 
 def follow_job(
-    submission: Submission, *, out: TextIO, poll_s: float = 2.0, refresh_every_s: float = 15.0
+    submission: Submission,
+    *,
+    out: TextIO,
+    poll_s: float = 2.0,
+    refresh_every_s: float = 15.0,
+    line_prefix: str = "",
+    on_poll: Callable[[str], None] | None = None,
 ) -> str:
     """Print rank 0's new log lines until the job ends (requeues included); return the final state.
 
+    Whole lines only while the job writes, the rest once it has ended; each line starts with
+    `line_prefix`. `on_poll(state)` runs after every poll (e.g. to explain a long PENDING).
     submitit's own state cache is refreshed less and less often as a job ages (up to every
     10 minutes), so the state is asked from sacct every `refresh_every_s` and as soon as every
     task has written its result.
@@ -119,21 +128,26 @@ def follow_job(
     printed = {submission.stdout: 0, submission.stderr: 0}
     last_refresh = time.monotonic()
     while True:
-        for path in (submission.stdout, submission.stderr):
-            if path.exists():
-                text = path.read_text(errors="replace")
-                if len(text) < printed[path]:  # a log that was replaced: print it from the start
-                    printed[path] = 0
-                out.write(text[printed[path] :])
-                out.flush()
-                printed[path] = len(text)
         results_written = all(Path(task.paths.result_pickle).exists() for task in _tasks(submission.job))
         refresh = results_written or time.monotonic() - last_refresh >= refresh_every_s
         if refresh:
             last_refresh = time.monotonic()
         state = _job_state(submission.job, refresh=refresh)
-        if state in TERMINAL_STATES:
+        finished = state in TERMINAL_STATES
+        for path in printed:
+            if path.exists():
+                text = path.read_text(errors="replace")
+                if len(text) < printed[path]:  # a log that was replaced: print it from the start
+                    printed[path] = 0
+                end = len(text) if finished else text.rfind("\n", printed[path]) + 1
+                for line in text[printed[path] : max(end, printed[path])].splitlines():
+                    out.write(f"{line_prefix}{line}\n")
+                out.flush()
+                printed[path] = max(end, printed[path])
+        if finished:
             return state
+        if on_poll is not None:
+            on_poll(state)
         time.sleep(poll_s)
 
 

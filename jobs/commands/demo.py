@@ -512,12 +512,6 @@ def _job_still_active(run_dir: Path) -> tuple[str, str, str] | None:
     return None
 
 
-def _slurm_state(job: Any) -> str:
-    """The job's state from sacct now: submitit's cached state lags up to 60 s behind."""
-    state = job.watcher.get_state(job.job_id, mode="force")
-    return str(state).split()[0] if state else "UNKNOWN"
-
-
 def _pending_reason(job_id: str) -> str:
     result = subprocess.run(
         ["squeue", "--noheader", "--jobs", job_id, "--format=%r"],
@@ -530,31 +524,14 @@ def _pending_reason(job_id: str) -> str:
 
 
 def follow_until_done(submission: Any) -> str:
-    """Print rank 0's log as it grows until the job ends (requeues included); its final state.
+    """Print rank 0's log as it grows until the job ends (requeues included); its final state."""
+    from jobs.submit_train import follow_job
 
-    Hand-written rather than jobs.submit_train.follow_job because that one asks submitit's
-    cached state, which refreshes every 60 s: the demo would wait a minute after the job ended.
-    """
-    from jobs.submit_train import TERMINAL_STATES
-
-    printed = {submission.stdout: 0, submission.stderr: 0}
     pending_since = time.monotonic()
     last_note = pending_since
-    while True:
-        state = _slurm_state(submission.job)
-        finished = state in TERMINAL_STATES
-        for path in printed:
-            if path.exists():
-                text = path.read_text(errors="replace")
-                if len(text) < printed[path]:  # a requeued attempt starts its log again
-                    printed[path] = 0
-                # whole lines only while the job writes; the rest once it has ended
-                end = len(text) if finished else text.rfind("\n", printed[path]) + 1
-                for line in text[printed[path] : max(end, printed[path])].splitlines():
-                    print(f"  | {line}", flush=True)
-                printed[path] = max(end, printed[path])
-        if finished:
-            return state
+
+    def explain_pending(state: str) -> None:
+        nonlocal last_note
         now = time.monotonic()
         if state == "PENDING" and now - last_note >= PENDING_NOTE_EVERY_S:
             say(
@@ -562,7 +539,8 @@ def follow_until_done(submission: Any) -> str:
                 f"(reason: {_pending_reason(submission.job_id)}); other jobs may hold the cluster"
             )
             last_note = now
-        time.sleep(POLL_S)
+
+    return follow_job(submission, out=sys.stdout, poll_s=POLL_S, line_prefix="  | ", on_poll=explain_pending)
 
 
 def submit_or_reason(config: Any, profile: Any) -> Any:

@@ -1,4 +1,4 @@
-"""Stage bookkeeping: atomic file writes (temp + rename) and checksums.
+"""Stage bookkeeping: atomic file writes (temp + rename).
 
 A reader never sees a half-written file under its final name: everything is
 written to `NAME.tmp-<pid>` beside it and renamed over the final path. Small
@@ -9,14 +9,11 @@ checked by checksums when a stage resumes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-_HASH_CHUNK = 8 << 20
 
 
 def temp_path_for(path: Path) -> Path:
@@ -52,15 +49,6 @@ def canonical_json(obj: Any) -> bytes:
 def atomic_write_json(path: Path, obj: Any) -> None:
     """Write `obj` as canonical JSON, atomically and durably."""
     atomic_write_bytes(path, canonical_json(obj))
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def remove_temp_files_of(path: Path) -> None:

@@ -26,7 +26,8 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
-from data_prep.atomic import atomic_write_json, remove_temp_files_of, sha256_file
+from data_prep.atomic import atomic_write_json, remove_temp_files_of
+from data_prep.checksums import xxh128_file
 from data_prep.dataset import (
     DATASET_FILE,
     FORMAT_VERSION,
@@ -173,7 +174,7 @@ def convert_bin(path: Path, set_dir: Path) -> DatasetInfo:
     path, set_dir = Path(path), Path(set_dir)
     if not path.is_file():
         raise DataError("does not exist", path=path)
-    source = SourceFile(name=path.name, size=path.stat().st_size, sha256=sha256_file(path))
+    source = SourceFile(name=path.name, size=path.stat().st_size, xxh128=xxh128_file(path))
     if (set_dir / DATASET_FILE).is_file():
         existing = load_dataset_info(set_dir)
         if existing.kind == "verification" and existing.source == (source,):
@@ -226,7 +227,7 @@ def convert_bin(path: Path, set_dir: Path) -> DatasetInfo:
                 tar=f"{SHARDS_DIR}/{stem}.tar",
                 index=f"{SHARDS_DIR}/{stem}.idx",
                 count=count,
-                sha256=written.sha256,
+                xxh128=written.xxh128,
             ),
         ),
         source=(source,),

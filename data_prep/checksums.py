@@ -1,30 +1,55 @@
-"""SHA-256 of a memory-mapped file and of many byte spans inside it, spread over threads.
+"""Checksums: XXH3-128 for whole files, SHA-256 for each image, spread over threads.
 
-hashlib releases the GIL while it hashes a buffer of more than 2 KiB, so threads hash
-in parallel on separate cores; hashing slices of the file's memory map copies no byte.
-SHA-256 (SHA-NI) runs at ~1.7 GB/s per core, slower than copying a file from the page
-cache (~3.5 GB/s), so the conversion hashes every byte as few times as it can.
+Whole files (the source `.rec`/`.idx`/`.bin`, every shard tar and index) get XXH3-128
+(the `xxhash` library): an integrity checksum that runs at ~19 GB/s per core here, five
+times faster than copying the file, so checking what was read and written costs almost
+nothing. It detects corruption and changed files, which is what dataset.json's checksums
+are for; it is not a defence against someone forging a file (`xxhsum -H2 FILE` prints
+the same digest). Each image's bytes get SHA-256 (the manifest's content id): at
+~1.8 GB/s per core with SHA-NI this is the one pass that bounds the conversion's speed,
+so it is computed once, in threads (hashlib releases the GIL for buffers over 2 KiB),
+over zero-copy slices of the source's memory map.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Executor
+from pathlib import Path
 
 import numpy as np
+import xxhash
 
-HASH_CHUNK = 16 << 20  # bytes per hashlib update of a whole file: large, so the GIL stays released
+CHECKSUM_NAME = "xxh128"  # the field name of whole-file checksums in dataset.json and done records
+HASH_CHUNK = 16 << 20  # bytes per update when hashing a whole file: large, so the GIL stays released
 
 
-def sha256_of_view(view: memoryview, on_progress: Callable[[int], object] | None = None) -> str:
-    """Hex sha256 of a buffer (a whole memory-mapped file), hashed in chunks."""
-    digest = hashlib.sha256()
+def xxh128_of_view(view: memoryview, on_progress: Callable[[int], object] | None = None) -> str:
+    """Hex XXH3-128 of a buffer (a whole memory-mapped file), hashed in chunks."""
+    digest = xxhash.xxh3_128()
     for start in range(0, len(view), HASH_CHUNK):
         chunk = view[start : start + HASH_CHUNK]
         digest.update(chunk)
         if on_progress is not None:
             on_progress(len(chunk))
+    return digest.hexdigest()
+
+
+def xxh128_of_pieces(pieces: Iterable[bytes | memoryview]) -> str:
+    """Hex XXH3-128 of the concatenation of `pieces` (a file about to be written from them)."""
+    digest = xxhash.xxh3_128()
+    for piece in pieces:
+        digest.update(piece)
+    return digest.hexdigest()
+
+
+def xxh128_file(path: Path) -> str:
+    """Hex XXH3-128 of a file's bytes."""
+    digest = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            digest.update(chunk)
     return digest.hexdigest()
 
 

@@ -2,8 +2,9 @@
 
 Three stages, each idempotent, so the same code runs locally and as a SLURM array:
 
-1. `prepare_conversion(source, out, ...)` validates every source record, hashes the
-   source files and every image (one pass over the memory-mapped `.rec`, in threads),
+1. `prepare_conversion(source, out, ...)` validates every source record, checksums the
+   source files (XXH3-128) and hashes every image (SHA-256, over the memory-mapped `.rec`,
+   in threads),
    draws the global shuffle from the seed and writes the plan (`OUT/.prep/plan.parquet`
    with each image's sha256, then `OUT/.prep/plan.json` atomically). Re-running with the
    same source and settings reuses it; an OUT holding anything else is refused.
@@ -20,17 +21,18 @@ Three stages, each idempotent, so the same code runs locally and as a SLURM arra
 process also uses threads (hashing beside writing, two shards at a time), so one
 worker keeps two cores busy.
 
-Cost: SHA-256 runs at ~1.7 GB/s per core, half the speed of a page-cache file copy,
-and every byte is hashed three times (source file, its image, its shard tar); those
-three passes, not the copying, bound the conversion's speed.
+Cost: every image is SHA-256'd once (~1.8 GB/s per core, half the speed of a page-cache
+file copy): that pass, not the copying, bounds the conversion's speed. Whole files (the
+source, each shard) get XXH3-128 at ~19 GB/s (data_prep.checksums says why).
 
 Durability: shards are renamed into place without fsync (safe against killed
-processes; the sha256 in dataset.json lets `igfiqa prep inspect --verify` catch
+processes; the checksums in dataset.json let `igfiqa prep inspect --verify` catch
 storage that lost writes); plan.json and dataset.json are fsync'ed.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -39,6 +41,7 @@ import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,9 +56,8 @@ from data_prep.atomic import (
     atomic_write_json,
     canonical_json,
     remove_temp_files_of,
-    sha256_file,
 )
-from data_prep.checksums import sha256_of_spans, sha256_of_view
+from data_prep.checksums import sha256_of_spans, xxh128_file, xxh128_of_view
 from data_prep.dataset import (
     CLASSES_FILE,
     DATASET_FILE,
@@ -77,7 +79,7 @@ log = logging.getLogger(__name__)
 
 PREP_DIR = ".prep"
 PLAN_FILE = "plan.json"
-PLAN_VERSION = 2  # 2: plan.parquet holds each image's sha256; plan.json the source's mtime
+PLAN_VERSION = 3  # 2: plan.parquet holds each image's sha256; 3: file checksums are XXH3-128
 PLAN_TABLE = "plan.parquet"
 CREATED_BY = "igfiqa data_prep.convert"
 DEFAULT_SAMPLES_PER_SHARD = 5000
@@ -113,7 +115,7 @@ class ConversionPlan:
     rec_mtime_ns: int = 0  # of the .rec when planned: shard tasks check the source is unchanged
     plan_version: int = PLAN_VERSION
 
-    @property
+    @functools.cached_property  # the frozen dataclass keeps a __dict__ for it; asked once per shard
     def plan_id(self) -> str:
         """sha256 of what determines the output bytes (source checksums, seed, shard size)."""
         identity = {
@@ -163,6 +165,13 @@ def load_plan(out: Path) -> ConversionPlan:
         )
     try:
         raw = json.loads(path.read_text())
+        if any("xxh128" not in s for s in raw["source"]):
+            raise DataError(
+                f"plan made by an older igfiqa (plan version {raw.get('plan_version', 1)}, SHA-256 file "
+                "checksums) that this version cannot resume: delete the output folder or convert "
+                "into a new --out",
+                path=path,
+            )
         return ConversionPlan(
             out=Path(out),
             rec_path=Path(raw["rec_path"]),
@@ -215,10 +224,13 @@ def prepare_conversion(
     seed: int = 0,
     progress: bool = False,
     threads: int = 2,
+    reader: RecordIOReader | None = None,
 ) -> ConversionPlan:
     """Validate and hash SOURCE, draw the global shuffle and write OUT's plan (idempotent).
 
-    `threads` hash the images while one more hashes the whole source file.
+    `threads` hash the images while one more checksums the whole source file. `reader`, an
+    open reader of the source `.rec` the caller will also write shards from, is used
+    instead of mapping the file again.
     """
     if samples_per_shard < 1:
         raise DataError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
@@ -226,7 +238,7 @@ def prepare_conversion(
     existing = _check_out_dir(out)
     reusable = existing is not None and existing.plan_version == PLAN_VERSION
     source_dataset, source_files, rec_mtime_ns, image_sha256 = _read_and_checksum(
-        Path(source), progress=progress, hash_images=not reusable, threads=threads
+        Path(source), progress=progress, hash_images=not reusable, threads=threads, shared=reader
     )
     num_images = source_dataset.num_images
     plan = ConversionPlan(
@@ -247,7 +259,7 @@ def prepare_conversion(
             raise DataError(
                 "holds a conversion of another source or with other settings "
                 f"(seed {existing.seed}, samples_per_shard {existing.samples_per_shard}, source "
-                f"{', '.join(f'{s.name} sha256 {s.sha256[:12]}' for s in existing.source)}): choose another --out",
+                f"{', '.join(f'{s.name} xxh128 {s.xxh128[:12]}' for s in existing.source)}): choose another --out",
                 path=out,
             )
         if reusable:
@@ -286,7 +298,7 @@ def prepare_conversion(
 
 
 def _read_and_checksum(
-    source: Path, *, progress: bool, hash_images: bool, threads: int
+    source: Path, *, progress: bool, hash_images: bool, threads: int, shared: RecordIOReader | None
 ) -> tuple[SourceDataset, tuple[SourceFile, ...], int, list[str] | None]:
     """Validate the source, checksum its files and (if asked) hash every image, in one pass.
 
@@ -299,7 +311,7 @@ def _read_and_checksum(
     files = locate_source(source)
     before = files.rec.stat()
     with (
-        RecordIOReader(files.rec) as reader,
+        _reader_of(files.rec, shared) as reader,
         ThreadPoolExecutor(max_workers=1 + threads) as pool,
         tqdm(
             total=2 * before.st_size if hash_images else before.st_size,
@@ -317,8 +329,8 @@ def _read_and_checksum(
                 raise DataError("checksum abandoned", path=files.rec)
             bar.update(nbytes)
 
-        file_digests = {files.rec: pool.submit(sha256_of_view, reader.view, count_hashed)}
-        file_digests.update({path: pool.submit(sha256_file, path) for path in files.existing()[1:]})
+        file_digests = {files.rec: pool.submit(xxh128_of_view, reader.view, count_hashed)}
+        file_digests.update({path: pool.submit(xxh128_file, path) for path in files.existing()[1:]})
         try:
             source_dataset = read_source(source, progress=progress)
         except BaseException:
@@ -330,11 +342,14 @@ def _read_and_checksum(
             else None
         )
         entries = tuple(
-            SourceFile(name=path.name, size=path.stat().st_size, sha256=future.result())
+            SourceFile(name=path.name, size=path.stat().st_size, xxh128=future.result())
             for path, future in file_digests.items()
         )
     after = files.rec.stat()
-    if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+    if (after.st_size, after.st_mtime_ns) != (
+        before.st_size,
+        before.st_mtime_ns,
+    ) or reader.size != after.st_size:
         raise DataError("changed while it was being read: convert again once it is stable", path=files.rec)
     return source_dataset, entries, before.st_mtime_ns, image_sha256
 
@@ -407,14 +422,18 @@ def _shard_is_done(
     if paths["tar"].stat().st_size != done["size"]:
         return None
     if verify_checksums and (
-        sha256_file(paths["tar"]) != done["sha256"] or sha256_file(paths["index"]) != done["index_sha256"]
+        xxh128_file(paths["tar"]) != done["xxh128"] or xxh128_file(paths["index"]) != done["index_xxh128"]
     ):
         return None
     return done
 
 
-def write_shard(out: Path, shard_index: int) -> None:
-    """Write shard `shard_index` of OUT's plan; skips it when a verified finished copy exists."""
+def write_shard(out: Path, shard_index: int, *, reader: RecordIOReader | None = None) -> None:
+    """Write shard `shard_index` of OUT's plan; skips it when a verified finished copy exists.
+
+    `reader`: an open reader of the plan's source `.rec` to take the images from (one memory
+    map shared by the shards a process writes), else the file is mapped for this shard.
+    """
     out = Path(out)
     plan = load_plan(out)
     if not 0 <= shard_index < plan.num_shards:
@@ -441,7 +460,7 @@ def write_shard(out: Path, shard_index: int) -> None:
         )
     key_width = plan.key_width
     keys = [f"{position:0{key_width}d}" for position in rows["position"]]
-    with RecordIOReader(plan.rec_path) as reader:
+    with _reader_of(plan.rec_path, reader) as reader:
         view = reader.view
         jpeg = _starts_with_jpeg_magic(reader, np.asarray(rows["image_offset"], dtype=np.int64))
         images = [
@@ -479,8 +498,8 @@ def write_shard(out: Path, shard_index: int) -> None:
         "plan_id": plan.plan_id,
         "count": written.count,
         "size": written.size,
-        "sha256": written.sha256,
-        "index_sha256": written.index_sha256,
+        "xxh128": written.xxh128,
+        "index_xxh128": written.index_xxh128,
     }
     atomic_write(paths["done"], lambda tmp: tmp.write_bytes(canonical_json(done)), durable=False)
 
@@ -499,6 +518,17 @@ def _check_source_unchanged(plan: ConversionPlan) -> None:
             "to re-check it, or convert into a new --out",
             path=plan.rec_path,
         )
+
+
+def _reader_of(rec_path: Path, shared: RecordIOReader | None) -> AbstractContextManager[RecordIOReader]:
+    """`shared` when it maps `rec_path` (its pages are already faulted in), else a new reader.
+
+    Sharing one map saves faulting every page in again for each shard (~10 % of a local
+    conversion's time, measured by benchmarks/convert.py).
+    """
+    if shared is not None and Path(shared.path).resolve() == Path(rec_path).resolve():
+        return nullcontext(shared)
+    return RecordIOReader(rec_path)
 
 
 def _starts_with_jpeg_magic(reader: RecordIOReader, image_offsets: np.ndarray) -> np.ndarray:
@@ -560,7 +590,7 @@ def finalize_conversion(out: Path, *, verify_checksums: bool = False) -> Dataset
                 tar=paths["tar"].relative_to(out).as_posix(),
                 index=paths["index"].relative_to(out).as_posix(),
                 count=done["count"],
-                sha256=done["sha256"],
+                xxh128=done["xxh128"],
             )
         )
     if missing:
@@ -610,26 +640,17 @@ def convert(
     """Plan, write every shard (in `workers` processes) and finalise, all on this machine."""
     if workers < 1:
         raise DataError(f"workers must be >= 1, got {workers}")
-    plan = prepare_conversion(
-        source, out, samples_per_shard=samples_per_shard, seed=seed, progress=progress, threads=workers
-    )
-    with tqdm(total=plan.num_shards, desc="write shards", unit="shard", disable=not progress) as bar:
-        if workers == 1 or plan.num_shards == 1:
-            # threads: each shard's hashing and writing release the GIL, so two shards use two cores
-            pool: Executor = ThreadPoolExecutor(max_workers=SHARDS_IN_FLIGHT)
-        else:
-            # fork: data_prep holds no threads or locks here, and a forked worker starts in milliseconds
-            context = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
-            pool = ProcessPoolExecutor(max_workers=min(workers, plan.num_shards), mp_context=context)
-        with pool:
-            futures = [pool.submit(write_shard, plan.out, i) for i in range(plan.num_shards)]
-            try:
-                for future in as_completed(futures):
-                    future.result()
-                    bar.update()
-            except BaseException:
-                pool.shutdown(cancel_futures=True)  # do not start the other shards after a failure
-                raise
+    with RecordIOReader(locate_source(Path(source)).rec) as reader:
+        plan = prepare_conversion(
+            source,
+            out,
+            samples_per_shard=samples_per_shard,
+            seed=seed,
+            progress=progress,
+            threads=workers,
+            reader=reader,
+        )
+        _write_shards(plan, workers=workers, reader=reader, progress=progress)
     info = finalize_conversion(plan.out)
     if progress:
         log.info(
@@ -640,3 +661,26 @@ def convert(
             info.root,
         )
     return info
+
+
+def _write_shards(plan: ConversionPlan, *, workers: int, reader: RecordIOReader, progress: bool) -> None:
+    """Write every shard of `plan`: two at a time in threads of this process, or in `workers` processes."""
+    shared: RecordIOReader | None = reader
+    with tqdm(total=plan.num_shards, desc="write shards", unit="shard", disable=not progress) as bar:
+        if workers == 1 or plan.num_shards == 1:
+            # threads: each shard's hashing and writing release the GIL, so two shards use two cores
+            pool: Executor = ThreadPoolExecutor(max_workers=SHARDS_IN_FLIGHT)
+        else:
+            # fork: data_prep holds no threads or locks here, and a forked worker starts in milliseconds
+            context = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
+            pool = ProcessPoolExecutor(max_workers=min(workers, plan.num_shards), mp_context=context)
+            shared = None  # each process maps the source itself
+        with pool:
+            futures = [pool.submit(write_shard, plan.out, i, reader=shared) for i in range(plan.num_shards)]
+            try:
+                for future in as_completed(futures):
+                    future.result()
+                    bar.update()
+            except BaseException:
+                pool.shutdown(cancel_futures=True)  # do not start the other shards after a failure
+                raise

@@ -13,7 +13,7 @@ from typing import Any
 
 from data_prep.errors import DataError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: whole-file checksums are XXH3-128 (`xxh128`); 1 had SHA-256 (`sha256`)
 DATASET_FILE = "dataset.json"
 MANIFEST_FILE = "manifest.parquet"
 CLASSES_FILE = "classes.parquet"
@@ -29,7 +29,7 @@ class ShardInfo:
     tar: str
     index: str
     count: int
-    sha256: str
+    xxh128: str  # of the tar file
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ class SourceFile:
 
     name: str
     size: int
-    sha256: str
+    xxh128: str
 
 
 @dataclass(frozen=True)
@@ -102,6 +102,12 @@ def load_dataset_info(directory: Path) -> DatasetInfo:
         )
     try:
         raw = json.loads(path.read_text())
+        if raw.get("format_version") != FORMAT_VERSION:
+            raise DataError(
+                f"format_version {raw.get('format_version')}; this code reads version {FORMAT_VERSION} "
+                "(version 1 kept SHA-256 file checksums): convert the source again into a new folder",
+                path=path,
+            )
         info = DatasetInfo(
             root=directory,
             format_version=int(raw["format_version"]),
@@ -117,10 +123,6 @@ def load_dataset_info(directory: Path) -> DatasetInfo:
         )
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, IndexError) as exc:
         raise DataError(f"malformed {DATASET_FILE}: {exc!r}", path=path) from None
-    if info.format_version != FORMAT_VERSION:
-        raise DataError(
-            f"format_version {info.format_version}; this code reads version {FORMAT_VERSION}", path=path
-        )
     if info.kind not in KINDS:
         raise DataError(f"kind {info.kind!r} is not one of {KINDS}", path=path)
     if sum(s.count for s in info.shards) != info.num_images:
@@ -133,7 +135,7 @@ def load_dataset_info(directory: Path) -> DatasetInfo:
 
 def dataset_fingerprint(directory: Path) -> str:
     """A short content id of a converted dataset: SHA-256 of its `dataset.json` (which lists every
-    shard's SHA-256), so training and evaluation runs can name exactly which data fed them."""
+    shard's checksum), so training and evaluation runs can name exactly which data fed them."""
     import hashlib
 
     path = Path(directory) / DATASET_FILE

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from data_prep.atomic import sha256_file
+from data_prep.checksums import xxh128_file
 from data_prep.dataset import DATASET_FILE, DatasetInfo, load_dataset_info
 from data_prep.errors import DataError
 from data_prep.manifest import CLASSES_SCHEMA, read_manifest, read_table
@@ -250,8 +250,8 @@ def _check_pairs(report: InspectReport, info: DatasetInfo, manifest: pd.DataFram
 
 
 def _verify_checksums(report: InspectReport, info: DatasetInfo, manifest: pd.DataFrame) -> None:
-    bad_shards = [s.tar for s, tar in zip(info.shards, info.tar_paths) if sha256_file(tar) != s.sha256]
-    report.check("shard sha256", not bad_shards, f"{len(bad_shards)} of {len(info.shards)} shards differ")
+    bad_shards = [s.tar for s, tar in zip(info.shards, info.tar_paths) if xxh128_file(tar) != s.xxh128]
+    report.check("shard xxh128", not bad_shards, f"{len(bad_shards)} of {len(info.shards)} shards differ")
     bad_images = 0
     for shard_number, tar in enumerate(info.tar_paths):
         blob = tar.read_bytes()

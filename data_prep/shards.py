@@ -6,7 +6,7 @@ mode 0644, uid/gid 0, no user names and mtime 0, and the archive ends the way
 Python's `tarfile` ends it, so the same samples always give the same bytes.
 
 The tar is written straight from the image buffers (slices of the source's memory map)
-with `writev`, never assembled in memory, right after hashing the same buffers.
+with `writev`, never assembled in memory, right after checksumming the same buffers.
 The tar headers are hand-built from a template instead of `tarfile.TarInfo.tobuf`
 because that costs ~17 µs per member, which dominated the conversion time; the
 tests pin byte equality with `tarfile`. The index is the `v1.2` text format that
@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.atomic import atomic_write, atomic_write_bytes
+from data_prep.checksums import xxh128_of_pieces
 from data_prep.errors import DataError
 
 BLOCK = 512
@@ -84,8 +85,8 @@ class WrittenShard:
 
     count: int
     size: int
-    sha256: str
-    index_sha256: str
+    xxh128: str  # of the tar file
+    index_xxh128: str
     image_offsets: np.ndarray  # int64: start of each `.jpg` member's data in the tar
     image_nbytes: np.ndarray  # int64
     image_sha256: list[str]
@@ -217,13 +218,6 @@ def _write_pieces(path: Path, pieces: Sequence[bytes | memoryview]) -> None:
         os.close(fd)
 
 
-def _sha256_of_pieces(pieces: Sequence[bytes | memoryview]) -> str:
-    digest = hashlib.sha256()
-    for piece in pieces:
-        digest.update(piece)
-    return digest.hexdigest()
-
-
 def write_webdataset_shard(
     tar_path: Path,
     index_path: Path,
@@ -236,7 +230,7 @@ def write_webdataset_shard(
     """Write one shard tar and its DALI index, each atomically (temp + rename; tar first).
 
     The image buffers go to the file as they are (`writev`, no assembled copy) after the
-    tar's sha256 is computed over them; `image_sha256`, when the caller already knows the
+    tar's XXH3-128 is computed over them; `image_sha256`, when the caller already knows the
     images' digests, saves hashing every image again (else another thread hashes them).
     Callers write several shards at once (threads or processes) to use several cores.
     """
@@ -253,7 +247,7 @@ def write_webdataset_shard(
         )
         # hash first, write second: hashing touches a memory-mapped source's pages in user mode,
         # which costs far less than the kernel faulting them in during the write
-        tar_sha256 = _sha256_of_pieces(pieces)
+        tar_xxh128 = xxh128_of_pieces(pieces)
         atomic_write(tar_path, lambda tmp: _write_pieces(tmp, pieces), durable=False)
         digests = list(image_sha256) if image_digests is None else image_digests.result()
     index_bytes = "".join(index_lines).encode("ascii")
@@ -261,8 +255,8 @@ def write_webdataset_shard(
     return WrittenShard(
         count=len(keys),
         size=total,
-        sha256=tar_sha256,
-        index_sha256=hashlib.sha256(index_bytes).hexdigest(),
+        xxh128=tar_xxh128,
+        index_xxh128=xxh128_of_pieces([index_bytes]),
         image_offsets=offsets,
         image_nbytes=nbytes,
         image_sha256=digests,

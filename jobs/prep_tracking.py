@@ -2,8 +2,8 @@
 
 A stage run lives in experiment `igfiqa-<stage>` and records what was read and what was
 written: the output's `dataset_fingerprint` (the same tag training runs carry, so a
-training run can be traced to the conversion that made its data), the SHA-256 of every
-source file (from dataset.json), and images, classes, seconds and source MB/s.
+training run can be traced to the conversion that made its data), the XXH3-128 checksum
+of every source file (from dataset.json), and images, classes, seconds and source MB/s.
 
 A verification set from `prep bins` is tagged `dataset_fingerprint.<set>` (one tag per
 set), the same key `igfiqa eval` uses for the sets it evaluated.
@@ -29,8 +29,8 @@ MEGABYTE = 1e6
 def lineage_tags(infos: Sequence[DatasetInfo], *, per_set: bool) -> dict[str, str]:
     """Fingerprint and source-checksum tags of the written datasets.
 
-    One train dataset: `dataset_fingerprint`, `source_sha256.<file>`. Verification sets
-    (`per_set=True`): `dataset_fingerprint.<set>`, `source_sha256.<file>` for each set.
+    One train dataset: `dataset_fingerprint`, `source_xxh128.<file>`. Verification sets
+    (`per_set=True`): `dataset_fingerprint.<set>`, `source_xxh128.<file>` for each set.
     """
     tags: dict[str, str] = {}
     for info in infos:
@@ -38,7 +38,7 @@ def lineage_tags(infos: Sequence[DatasetInfo], *, per_set: bool) -> dict[str, st
         tags[f"dataset_fingerprint{suffix}"] = dataset_fingerprint(info.root)
         tags[f"dataset_dir{suffix}"] = str(Path(info.root).resolve())
         for source in info.source:
-            tags[f"source_sha256.{source.name}"] = source.sha256
+            tags[f"source_xxh128.{source.name}"] = source.xxh128
     return tags
 
 

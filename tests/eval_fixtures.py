@@ -15,8 +15,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import xxhash
 from PIL import Image
 
+from data_prep.dataset import FORMAT_VERSION as DATASET_FORMAT_VERSION
 from pipeline.checkpoint import FORMAT_VERSION, atomic_torch_save
 from pipeline.config import config_from_dict, config_to_dict
 from pipeline.model import build_model
@@ -108,7 +110,7 @@ def write_verification_set(root: Path, name: str, images: dict[str, bytes], pair
     pd.DataFrame(rows).astype({"shard": "int32"}).to_parquet(folder / "manifest.parquet", index=False)
     pairs[["left", "right", "issame"]].to_parquet(folder / "pairs.parquet", index=False)
     info = {
-        "format_version": 1,
+        "format_version": DATASET_FORMAT_VERSION,
         "kind": "verification",
         "num_images": len(images),
         "num_classes": len(images),
@@ -120,10 +122,10 @@ def write_verification_set(root: Path, name: str, images: dict[str, bytes], pair
                 "tar": "shards/shard-00000.tar",
                 "index": "shards/shard-00000.idx",
                 "count": len(images),
-                "sha256": hashlib.sha256(tar_path.read_bytes()).hexdigest(),
+                "xxh128": xxhash.xxh3_128(tar_path.read_bytes()).hexdigest(),
             }
         ],
-        "source": [{"name": f"{name}.bin", "size": 0, "sha256": ""}],
+        "source": [{"name": f"{name}.bin", "size": 0, "xxh128": ""}],
         "created_by": "tests/eval_fixtures.py",
     }
     (folder / "dataset.json").write_text(json.dumps(info))

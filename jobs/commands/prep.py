@@ -23,7 +23,7 @@ Every stage is idempotent: run it again after a failure or a kill and it resumes
 Bad input stops with one line naming the file, the record and the byte offset.
 
 synth, convert and bins each log an MLflow run (experiment igfiqa-<stage>) with the
-output's dataset_fingerprint and the source files' SHA-256: the lineage that training
+output's dataset_fingerprint and the source files' XXH3-128 checksums: the lineage that training
 and evaluation runs point back to (their dataset_fingerprint tags). --no-track skips it.
 """
 
@@ -303,9 +303,9 @@ def _run_synth(args: argparse.Namespace) -> int:
         f"synthesized {result.num_images} images of {result.num_identities} identities + {sets}: {result.out}"
     )
     if not args.no_track:
-        from data_prep.atomic import sha256_file
+        from data_prep.checksums import xxh128_file
 
-        # the written files' checksums: `prep convert` and `prep bins` record the same ones as source_sha256.*
+        # the written files' checksums: `prep convert` and `prep bins` record the same ones as source_xxh128.*
         written = [result.out / "train.rec", *result.verification_bins.values()]
         _track(
             args,
@@ -320,7 +320,7 @@ def _run_synth(args: argparse.Namespace) -> int:
                 "verification_pairs": args.verification_pairs or "",
                 "seed": args.seed,
             },
-            tags={f"output_sha256.{path.name}": sha256_file(path) for path in written},
+            tags={f"output_xxh128.{path.name}": xxh128_file(path) for path in written},
             metrics={
                 "images": float(result.num_images),
                 "classes": float(result.num_identities),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from mlflow.tracking import MlflowClient
 
-from data_prep.atomic import sha256_file
+from data_prep.checksums import xxh128_file
 from data_prep.dataset import dataset_fingerprint, load_dataset_info
 from jobs.cli import main
 from pipeline.dist_env import DistEnv
@@ -47,8 +47,8 @@ def test_convert_run_carries_the_fingerprint_and_source_checksums(lineage):
     assert run.info.status == "FINISHED"
     assert tags["stage"] == "convert"
     assert tags["dataset_fingerprint"] == dataset_fingerprint(lineage["train"])
-    assert tags["source_sha256.train.rec"] == sha256_file(lineage["synth"] / "train.rec")
-    assert tags["source_sha256.train.idx"] == sha256_file(lineage["synth"] / "train.idx")
+    assert tags["source_xxh128.train.rec"] == xxh128_file(lineage["synth"] / "train.rec")
+    assert tags["source_xxh128.train.idx"] == xxh128_file(lineage["synth"] / "train.idx")
     assert metrics["images"] == info.num_images == sum(s.count for s in info.shards)
     assert metrics["classes"] == info.num_classes == TINY_IDENTITIES
     assert metrics["seconds"] > 0 and metrics["mb_per_s"] > 0
@@ -61,8 +61,8 @@ def test_synth_and_bins_runs_chain_to_their_inputs_and_outputs(lineage):
     (convert_run,) = _runs(lineage["uri"], "igfiqa-convert")
     (bins_run,) = _runs(lineage["uri"], "igfiqa-bins")
     # what synth wrote is what convert and bins read
-    assert synth_run.data.tags["output_sha256.train.rec"] == convert_run.data.tags["source_sha256.train.rec"]
-    assert synth_run.data.tags["output_sha256.mixed.bin"] == bins_run.data.tags["source_sha256.mixed.bin"]
+    assert synth_run.data.tags["output_xxh128.train.rec"] == convert_run.data.tags["source_xxh128.train.rec"]
+    assert synth_run.data.tags["output_xxh128.mixed.bin"] == bins_run.data.tags["source_xxh128.mixed.bin"]
     for name in ("clean", "mixed"):
         assert bins_run.data.tags[f"dataset_fingerprint.{name}"] == dataset_fingerprint(lineage["val"] / name)
     assert bins_run.data.metrics["pairs"] == sum(

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import xxhash
 from PIL import Image
 
 from data_prep.convert import convert, finalize_conversion, prepare_conversion, write_shard
@@ -82,7 +83,7 @@ def check_output_matches_source(out: Path, source: Path) -> pd.DataFrame:
     assert manifest.key.is_unique
     for shard_index, (tar_path, shard) in enumerate(zip(info.tar_paths, info.shards)):
         blob = tar_path.read_bytes()
-        assert hashlib.sha256(blob).hexdigest() == shard.sha256
+        assert xxhash.xxh3_128(blob).hexdigest() == shard.xxh128
         rows = manifest[manifest.shard == shard_index]
         assert len(rows) == shard.count
         with tarfile.open(tar_path) as tar:
@@ -194,6 +195,14 @@ def test_rec_path_source_and_load_dataset_info_errors(synth_source, tmp_path):
         load_dataset_info(tmp_path)
     with pytest.raises(DataError, match="does not exist"):
         load_dataset_info(tmp_path / "nowhere")
+    described = tmp_path / "out" / "dataset.json"
+    old = json.loads(described.read_text())
+    old["format_version"] = 1
+    described.write_text(json.dumps(old))
+    with pytest.raises(
+        DataError, match=r"format_version 1; this code reads version 2 .*convert the source again"
+    ):
+        load_dataset_info(tmp_path / "out")
 
 
 def test_stages_separately_and_finalize_refuses_missing_shards(synth_source, tmp_path):
@@ -251,7 +260,7 @@ def test_source_touched_after_planning_is_refused_until_planned_again(synth_sour
         blob = (out / info.shards[row.shard].tar).read_bytes()
         assert hashlib.sha256(blob[row.offset : row.offset + row.nbytes]).hexdigest() == row.sha256
     assert reference.source == info.source
-    assert info.source[0].sha256 == hashlib.sha256(rec.read_bytes()).hexdigest()
+    assert info.source[0].xxh128 == xxhash.xxh3_128(rec.read_bytes()).hexdigest()
 
 
 def test_plan_of_an_older_version_is_made_again_and_its_shards_kept(synth_source, tmp_path):
@@ -271,6 +280,13 @@ def test_plan_of_an_older_version_is_made_again_and_its_shards_kept(synth_source
     convert(synth_source, out, samples_per_shard=25, progress=False)
     assert all_files(out) == reference
     assert tar0.stat().st_mtime_ns == 0
+    (out / "dataset.json").unlink()  # an unfinished conversion of version 2 (SHA-256 file checksums)
+    old = json.loads(plan_file.read_text())
+    old["plan_version"] = 2
+    old["source"] = [{"name": s["name"], "size": s["size"], "sha256": "0" * 64} for s in old["source"]]
+    plan_file.write_text(json.dumps(old))
+    with pytest.raises(DataError, match=r"plan\.json: plan made by an older igfiqa \(plan version 2"):
+        convert(synth_source, out, samples_per_shard=25, progress=False)
 
 
 @pytest.mark.timeout(120)
@@ -392,7 +408,7 @@ def test_missing_idx_falls_back_to_scanning(tmp_path, capsys):
     assert not (tmp_path / "without" / "train.idx").exists()
     a = convert(tmp_path / "with", tmp_path / "a", samples_per_shard=4, progress=False)
     b = convert(tmp_path / "without", tmp_path / "b", samples_per_shard=4, progress=False)
-    assert [s.sha256 for s in a.shards] == [s.sha256 for s in b.shards]
+    assert [s.xxh128 for s in a.shards] == [s.xxh128 for s in b.shards]
 
 
 def test_label_ranges_disagreeing_with_property(tmp_path, capsys):

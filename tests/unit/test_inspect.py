@@ -53,7 +53,7 @@ def test_report_of_a_good_dataset(converted, source):
         "shards",
         "manifest",
         "classes",
-        "shard sha256",
+        "shard xxh128",
         "image sha256",
     }
     assert "all checks passed" in report.format()
@@ -79,7 +79,7 @@ def test_flipped_byte_is_caught_only_by_verify(converted):
     problems = failed(inspect_path(converted, verify=True))
     shards = -(-len(manifest) // 9)
     assert problems == {
-        "shard sha256": f"1 of {shards} shards differ",
+        "shard xxh128": f"1 of {shards} shards differ",
         "image sha256": f"1 of {len(manifest)} images differ",
     }
 

@@ -4,7 +4,7 @@ A batch mixes FR rows and regression rows; what happens to each row is decided b
 the per-sample inputs fed through `fn.external_source` (see `pipeline.augment_plan`):
 
     encoded bytes ─ decode ─┬─ if rescale: shrink to (h, w) (nearest), back to size × size (linear)
-                            ├─ if color:   grey + s·(x − grey), then brightness_contrast(b, c) → uint8
+                            ├─ if color:   b·(c·(grey + s·(x − grey) − 128) + 128), clipped to uint8
                             ├─ if erase:   rectangle set to pixel value ERASE_FILL
                             └─ crop_mirror_normalize: mirror if flip, (x − 127.5) / 127.5, CHW float32
 
@@ -15,16 +15,21 @@ that get it. Erase comes last so the rectangle stays exactly at ERASE_FILL (pixe
 i.e. −1 after normalisation, as the paper sets the pixels to 0).
 
 Why these operators (DALI 2.4 on the CPU, measured with `benchmarks/dali_pipeline.py
---profile` and single-operator timings on 112×112 faces): float → uint8 conversion is
-the dear step (fn.cast, color_twist/hsv with uint8 out, arithmetic clamp: each about a
-decode's worth per image), brightness_contrast converts with a cheaper kernel, and a
+--profile` and single-operator timings on 112×112 faces): converting float pixels to an
+integer type is the dear step (fn.cast, brightness_contrast, color_twist, hsv or
+coord_transform from float: each about a decode's worth per image), while
+brightness_contrast from uint8 to an integer type and integer casts are cheap; a
 conditional's merge copies the whole batch (a float32 merge costs four times a uint8
-one). So the pixels stay uint8 between the conditionals; the color jitter is one
-arithmetic blend with the grey image (saturation) plus one brightness_contrast
-(brightness and contrast, rounding and clipping to uint8) instead of color_twist + cast;
-the rescale shrinks by nearest-neighbour sampling (RESCALE_DOWN_INTERP), because DALI's
-antialiased CPU shrink costs about half of a decode, and restores with linear
-interpolation (the blur).
+one). So the pixels stay uint8 between the conditionals and no float is ever turned
+back into an integer. The color jitter is an affine map of the pixel and its grey value,
+    b·(c·(grey + s·(x − grey) − 128) + 128) = pixel_gain·x + (grey_gain·grey + offset),
+computed as two uint8 → int16 brightness_contrast terms (each rounded to an integer, so
+the sum is within one grey level of the exact map), an int16 sum and a saturating cast
+to uint8 (the clip): about half the cost of blending in float (saturation) and converting
+back with brightness_contrast, which is what color_twist or hsv would do too. The gains
+are computed per sample on the host (`GraphBatch.as_inputs`). The rescale shrinks by
+nearest-neighbour sampling (RESCALE_DOWN_INTERP), because DALI's antialiased CPU shrink
+costs about half of a decode, and restores with linear interpolation (the blur).
 
 The device is chosen at build time: `device_id=None` gives a CPU-only pipeline
 (decoder "cpu", CPU operators); an integer gives decoder "mixed" and GPU operators,
@@ -50,6 +55,10 @@ PIXEL_STD = 127.5
 ERASE_FILL = 0.0
 # Contrast is stretched about this pixel value, as DALI's color_twist does.
 CONTRAST_CENTER = 128.0
+# brightness_contrast's brightness_shift is a fraction of the output type's largest value;
+# the color terms are int16 (see the module docstring).
+COLOR_TERM_TYPE = types.INT16
+COLOR_TERM_MAX = float(np.iinfo(np.int16).max)
 # Shrinking filter of the rescale degradation (restoring is linear); see the module docstring.
 RESCALE_DOWN_INTERP = types.INTERP_NN
 # Outputs of the graph, in order (names used by the torch iterator).
@@ -68,7 +77,6 @@ class GraphBatch:
         """The external_source outputs, in the order the graph unpacks them."""
         p = self.params
         flags = np.ascontiguousarray(p.flags, dtype=bool)
-        color = np.asarray(p.color, dtype=np.float32)
         return (
             list(self.encoded),
             np.ascontiguousarray(self.rows, dtype=np.int64),
@@ -80,8 +88,19 @@ class GraphBatch:
             np.ascontiguousarray(p.rescale_size, dtype=np.float32),
             np.ascontiguousarray(p.erase_anchor, dtype=np.float32),
             np.ascontiguousarray(p.erase_shape, dtype=np.float32),
-            *(np.ascontiguousarray(color[:, k]) for k in range(3)),
+            *color_gains(p.color),
         )
+
+
+def color_gains(color: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-sample (pixel_gain, grey_gain, offset shift) of the color map from [n, 3] factors (b, c, s).
+
+    b·(c·(grey + s·(x − grey) − C) + C) = b·c·s·x + b·c·(1 − s)·grey + b·C·(1 − c), C = CONTRAST_CENTER;
+    the offset is given as brightness_contrast's brightness_shift, a fraction of COLOR_TERM_MAX.
+    """
+    b, c, s = (np.asarray(color, dtype=np.float64)[:, k] for k in range(3))
+    gains = (b * c * s, b * c * (1.0 - s), b * CONTRAST_CENTER * (1.0 - c) / COLOR_TERM_MAX)
+    return tuple(np.ascontiguousarray(g, dtype=np.float32) for g in gains)
 
 
 def _normalise(images, flip):
@@ -115,26 +134,21 @@ def _training_graph(source: Callable[[], tuple], image_size: int, on_gpu: bool):
         rescale_size,
         erase_anchor,
         erase_shape,
-        brightness,
-        contrast,
-        saturation,
+        pixel_gain,
+        grey_gain,
+        color_shift,
     ) = fn.external_source(source=source, num_outputs=13, batch=True)
     images = fn.decoders.image(encoded, device="mixed" if on_gpu else "cpu", output_type=types.RGB)
     if do_rescale:
         small = fn.resize(images, size=rescale_size, interp_type=RESCALE_DOWN_INTERP)
         images = fn.resize(small, size=[image_size, image_size], interp_type=types.INTERP_LINEAR)
     if do_color:
-        grey_weight = 1.0 - saturation
-        if on_gpu:  # arithmetic takes its per-sample scalars on the images' device
-            saturation, grey_weight = saturation.gpu(), grey_weight.gpu()
-        saturated = images * saturation + _grey_rgb(images) * grey_weight  # float32
-        images = fn.brightness_contrast(
-            saturated,
-            brightness=brightness,
-            contrast=contrast,
-            contrast_center=CONTRAST_CENTER,
-            dtype=types.UINT8,
+        # pixel_gain·x + (grey_gain·grey + offset) as two rounded int16 terms; the cast clips to [0, 255]
+        pixel_term = fn.brightness_contrast(images, brightness=pixel_gain, dtype=COLOR_TERM_TYPE)
+        grey_term = fn.brightness_contrast(
+            _grey_rgb(images), brightness=grey_gain, brightness_shift=color_shift, dtype=COLOR_TERM_TYPE
         )
+        images = fn.cast(pixel_term + grey_term, dtype=types.UINT8)
     if do_erase:
         images = fn.erase(
             images, anchor=erase_anchor, shape=erase_shape, axis_names="HW", fill_value=int(ERASE_FILL)

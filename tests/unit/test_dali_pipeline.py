@@ -134,5 +134,18 @@ def test_color_is_the_documented_affine_map_of_pixel_and_grey_clipped(store: Ima
     grey = np.rint(np.tensordot(np.array([0.299, 0.587, 0.114]), clean, axes=(0, 1)))[:, None]
     b, c, s = factors["brightness"], factors["contrast"], factors["saturation"]
     expected = np.clip(b * (c * (grey + s * (clean - grey) - 128.0) + 128.0), 0, 255)
-    assert np.abs(out * 127.5 + 127.5 - expected).max() <= 1.0  # csc's grey rounding
+    # two integer terms, each rounded (see pipeline.dali_pipeline): within one grey level
+    assert np.abs(out * 127.5 + 127.5 - expected).max() <= 1.0
     assert (expected == 255).any()  # the clip was exercised
+
+
+def test_color_map_holds_for_factors_drawn_over_the_configured_ranges(store: ImageStore) -> None:
+    batch = make_batch(store, (False, False, True), seed=3)
+    factors = batch.params.color.astype(np.float64)
+    assert (factors.min(axis=0) < 0.9).all() and (factors.max(axis=0) > 1.1).all()  # both sides of 1
+    out = run(batch)["images"] * 127.5 + 127.5
+    clean = to_pixels(clean_reference(store, batch.rows, batch.params.flip)).astype(np.float64)
+    grey = np.rint(np.tensordot(np.array([0.299, 0.587, 0.114]), clean, axes=(0, 1)))[:, None]
+    b, c, s = (factors[:, k, None, None, None] for k in range(3))
+    expected = np.clip(b * (c * (grey + s * (clean - grey) - 128.0) + 128.0), 0, 255)
+    assert np.abs(out - expected).max() <= 1.0

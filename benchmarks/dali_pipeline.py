@@ -12,7 +12,8 @@ same batch size and the same number of threads/workers, and deliver torch tensor
                           contrast and brightness), zeroed rectangle, flip, normalise, in a
                           torch DataLoader with the same number of workers
 
-All DALI variants use the same executor settings (threads, prefetch, exec_dynamic).
+All DALI variants use the same executor settings (threads, prefetch, exec_dynamic) and so
+the same hand-off to torch (DALIGenericIterator: DLPack, no copy, under exec_dynamic).
 Rounds alternate the variants; each reports its best round (the machine is shared).
 
 --profile times instead the training graph with one degradation at p = 1 and the others

@@ -201,5 +201,9 @@ def build_pipeline(
         num_threads=num_threads,
         device_id=device_id,
         prefetch_queue_depth=prefetch,
+        # The dynamic executor gives every batch its own memory, so DALI's PyTorch plugin hands
+        # the outputs to torch through DLPack without a copy; the classic executor reuses its
+        # buffers, making the plugin copy every output (measured: the whole graph then takes about
+        # 160 instead of 128 µs per image).
         exec_dynamic=True,
     )

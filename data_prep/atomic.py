@@ -56,3 +56,18 @@ def remove_temp_files_of(path: Path) -> None:
     path = Path(path)
     for leftover in path.parent.glob(f"{path.name}.tmp-*"):
         leftover.unlink(missing_ok=True)
+
+
+def remove_temp_files_in(directory: Path) -> int:
+    """Delete every `*.tmp-*` leftover of killed writers in `directory` (one listing); returns how many.
+
+    Only call it when no writer is running there. One scan of the folder, where calling
+    `remove_temp_files_of` for each of its files would read the listing once per file.
+    """
+    removed = 0
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if ".tmp-" in entry.name and entry.is_file(follow_symlinks=False):
+                os.unlink(entry.path)
+                removed += 1
+    return removed

@@ -55,6 +55,7 @@ from data_prep.atomic import (
     atomic_write,
     atomic_write_json,
     canonical_json,
+    remove_temp_files_in,
     remove_temp_files_of,
 )
 from data_prep.checksums import sha256_of_spans, xxh128_file, xxh128_of_view
@@ -441,8 +442,9 @@ def write_shard(out: Path, shard_index: int, *, reader: RecordIOReader | None = 
             f"shard {shard_index} does not exist; the plan has {plan.num_shards} shards", path=out
         )
     paths = _shard_paths(out, shard_index)
-    for path in paths.values():  # leftovers of a writer of this shard that was killed
-        remove_temp_files_of(path)
+    # leftovers of a killed writer of this shard are harmless (each writer has its own temp
+    # names) and are swept by finalize_conversion in one listing: a glob here per shard
+    # would read a folder of thousands of files once per shard (~4 ms per glob at 7,000)
     if _shard_is_done(plan, shard_index, verify_checksums=True) is not None:
         log.debug("shard %d already written and verified: skipping", shard_index)
         return
@@ -572,11 +574,16 @@ def _image_bytes(
 
 
 def finalize_conversion(out: Path, *, verify_checksums: bool = False) -> DatasetInfo:
-    """Check every shard, write manifest.parquet and classes.parquet, then dataset.json last."""
+    """Check every shard, write manifest.parquet and classes.parquet, then dataset.json last.
+
+    Run it once every shard writer has stopped: it first deletes the temp files that killed
+    writers left behind.
+    """
     out = Path(out)
     plan = load_plan(out)
-    for name in (MANIFEST_FILE, CLASSES_FILE, DATASET_FILE):  # leftovers of a finalisation that was killed
-        remove_temp_files_of(out / name)
+    for folder in (out, out / SHARDS_DIR, _prep_dir(out)):  # leftovers of killed writers and finalisations
+        if folder.is_dir():
+            remove_temp_files_in(folder)
     shards = []
     missing = []
     for shard_index in range(plan.num_shards):

@@ -235,6 +235,8 @@ def test_damaged_shards_are_rewritten(synth_source, tmp_path):
     tar1.write_bytes(bytes(blob))
     (out / "shards" / "shard-00002.idx").unlink()
     (out / "shards" / "shard-00003.tar.tmp-12345").write_bytes(b"half a shard")
+    (out / ".prep" / "shard-00004.parquet.tmp-12345").write_bytes(b"half a manifest part")
+    (out / "manifest.parquet.tmp-12345").write_bytes(b"half a manifest")
     convert(synth_source, out, samples_per_shard=20, progress=False)
     assert all_files(out) == all_files(reference)
 

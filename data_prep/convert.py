@@ -293,7 +293,11 @@ def prepare_conversion(
         schema=_PLAN_SCHEMA,
     )
     plan_table = prep / PLAN_TABLE
-    atomic_write(plan_table, lambda tmp: pq.write_table(table, tmp, row_group_size=samples_per_shard))
+    # no dictionaries: every column but label is distinct per row (dictionary pages doubled the write)
+    atomic_write(
+        plan_table,
+        lambda tmp: pq.write_table(table, tmp, row_group_size=samples_per_shard, use_dictionary=["label"]),
+    )
     atomic_write_json(prep / PLAN_FILE, plan.to_json_dict())
     return plan
 

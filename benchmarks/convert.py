@@ -173,16 +173,14 @@ def leg_seconds(images: list[memoryview], scratch: Path) -> dict[str, float]:
     """Seconds one core takes to SHA-256 every image, XXH3-128 them and write them (best of 3)."""
     target = scratch / "leg.bin"
 
-    def xxh() -> None:
-        digest = xxhash.xxh3_128()
-        for image in images:
-            digest.update(image)
-
     def write() -> None:
         write_views(images, target)
         target.unlink()
 
-    legs = {"sha256": lambda: [hashlib.sha256(image).digest() for image in images], "xxh128": xxh}
+    legs = {
+        "sha256": lambda: [hashlib.sha256(image).digest() for image in images],
+        "xxh128": lambda: xxh128(images),
+    }
     legs["write"] = write
     best = {}
     for name, leg in legs.items():
@@ -195,7 +193,16 @@ def leg_seconds(images: list[memoryview], scratch: Path) -> dict[str, float]:
     return best
 
 
+def xxh128(images: list[memoryview]) -> bytes:
+    """XXH3-128 of the images' bytes one after the other (as of the file holding them)."""
+    digest = xxhash.xxh3_128()
+    for image in images:
+        digest.update(image)
+    return digest.digest()
+
+
 def write_views(images: list[memoryview], target: Path) -> None:
+    """Write the buffers one after the other into a new file (writev, as the conversion does)."""
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         for start in range(0, len(images), 1024):
@@ -226,9 +233,7 @@ def floor_once(images: list[memoryview], scratch: Path, threads: int) -> float:
     for helper in helpers:
         helper.start()
     for _ in range(2):  # the source's checksum, then the output's (over the same bytes)
-        digest = xxhash.xxh3_128()
-        for image in images:
-            digest.update(image)
+        xxh128(images)
     write_views(images, target)
     hash_chunks()  # then help with the hashing
     for helper in helpers:

@@ -293,7 +293,7 @@ def prepare_conversion(
         schema=_PLAN_SCHEMA,
     )
     plan_table = prep / PLAN_TABLE
-    # no dictionaries: every column but label is distinct per row (dictionary pages doubled the write)
+    # a dictionary for label only: the other columns are distinct per row (their pages doubled the write)
     atomic_write(
         plan_table,
         lambda tmp: pq.write_table(table, tmp, row_group_size=samples_per_shard, use_dictionary=["label"]),

@@ -24,8 +24,9 @@ every core busy: each image's SHA-256 (the manifest's content id; the images are
 between all cores), one XXH3-128 pass over the source and one over the written bytes
 (the checksums in dataset.json), and one write of the image bytes into a new file, and
 nothing else (no validation, no tar headers, no manifests). `ratio_vs_copy_at_floor` =
-floor_copy_s ÷ floor_s (copies timed beside the floor) is the best ratio a conversion can reach on this machine. The legs'
-single-core speeds are reported too (`sha256_mb_per_s` is OpenSSL's SHA-NI speed here).
+floor_copy_s ÷ floor_s (copies timed beside the floor) is the best ratio a conversion can
+reach on this machine. The legs' single-core speeds are reported too (`sha256_mb_per_s`
+is OpenSSL's SHA-NI speed here).
 
     .venv/bin/python benchmarks/convert.py [--mb 300] [--repeats 3]
 """
@@ -135,9 +136,14 @@ def warm(path: Path) -> None:
             pass
 
 
+def settle() -> None:
+    """Write back earlier runs' dirty pages now, so that it does not happen during a timing."""
+    os.sync()
+
+
 def time_copy(rec: Path, scratch: Path) -> float:
     target = scratch / "copy.rec"
-    os.sync()  # earlier runs' dirty pages: written back now, not during this timing
+    settle()
     started = time.perf_counter()
     shutil.copyfile(rec, target)
     elapsed = time.perf_counter() - started
@@ -157,7 +163,7 @@ CPU_SECONDS: dict[int, list[float]] = {}
 def time_convert(source: Path, scratch: Path, *, workers: int, samples_per_shard: int) -> float:
     out = scratch / f"out-{workers}"
     shutil.rmtree(out, ignore_errors=True)
-    os.sync()
+    settle()
     cpu_before = cpu_seconds()
     started = time.perf_counter()
     convert(source, out, samples_per_shard=samples_per_shard, workers=workers, seed=0, progress=False)
@@ -234,7 +240,7 @@ def floor_once(images: list[memoryview], scratch: Path, threads: int) -> float:
                 hashlib.sha256(image).digest()
 
     target = scratch / "floor.bin"
-    os.sync()
+    settle()
     started = time.perf_counter()
     helpers = [threading.Thread(target=hash_chunks) for _ in range(threads - 1)]
     for helper in helpers:

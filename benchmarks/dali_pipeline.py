@@ -4,7 +4,7 @@ All variants read the same samples of one converted dataset with the same augmen
 plan (flip, then rescale / erase / color each with p = 0.3, drawn once in numpy), the
 same batch size and the same number of threads/workers, and deliver torch tensors:
 
-- dali_regression:        the training graph (pipeline.dali_pipeline), every row a regression row
+- dali_regression:        the training graph (pipeline.data.dali_graph), every row a regression row
 - dali_decode_only:       the same feeder (reader) + fn.decoders.image, uint8 HWC out as decoded
 - dali_decode_normalise:  decode + crop_mirror_normalize (the tensor format, no augmentation)
 - pil_dataloader:         PIL decode, resize down (nearest) / up (bilinear), the same color
@@ -53,9 +53,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-from pipeline.augment_plan import AugmentParams, draw_params
 from pipeline.config import AugmentConfig, DataConfig
-from pipeline.dali_pipeline import (
+from pipeline.data.augment_plan import AugmentParams, draw_params
+from pipeline.data.dali_graph import (
     CONTRAST_CENTER,
     OUTPUT_NAMES,
     PIXEL_MEAN,
@@ -63,8 +63,8 @@ from pipeline.dali_pipeline import (
     GraphBatch,
     build_pipeline,
 )
-from pipeline.image_store import ImageStore
-from pipeline.sampler import stream_rng
+from pipeline.data.image_store import ImageStore
+from pipeline.data.sampler import stream_rng
 
 log = logging.getLogger("bench.dali_pipeline")
 SIZE = 112

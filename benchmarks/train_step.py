@@ -4,7 +4,7 @@ Prints logs to stderr and ONE JSON object as the last stdout line:
 
 - cpu: the small backbone (configs/tiny_cpu.yaml's sizes: iresnet_mini, embedding 128,
   32 + 32 images per step) on a synthetic dataset made in a temporary folder. The real
-  DALI loader feeding the real train step (`pipeline.train`'s step: forward of both
+  DALI loader feeding the real train step (`pipeline.training.trainer`'s step: forward of both
   halves, objective, backward, clip, SGD) is timed side by side with the same step on
   one cached batch (no data loading): `ratio_vs_cached` = loader img/s ÷ cached img/s.
   Loader-fed and cached steps alternate one by one and the figures are medians of
@@ -38,9 +38,9 @@ import torch
 from data_prep.convert import convert
 from data_prep.synth import synthesize
 from pipeline.config import TrainConfig, load_config, replace_section
-from pipeline.dist_env import DistEnv
-from pipeline.loader import StepBatch
-from pipeline.train import _Trainer  # the loop's own step, not a copy of it
+from pipeline.data.loader import StepBatch
+from pipeline.parallel.env import DistEnv
+from pipeline.training.trainer import _Trainer  # the loop's own step, not a copy of it
 
 log = logging.getLogger("bench.train_step")
 REPO = Path(__file__).resolve().parent.parent

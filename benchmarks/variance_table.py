@@ -29,13 +29,13 @@ from collections.abc import Callable
 
 import torch
 
-from pipeline.arcface_parallel import ParallelMarginClassifier
-from pipeline.class_shards import class_range
 from pipeline.config import LossConfig, ModelConfig, VarianceConfig
-from pipeline.intra_class import intra_class_variance
-from pipeline.model import build_model
-from pipeline.objective import IGFIQAObjective
-from pipeline.variance_table import VarianceTable
+from pipeline.evaluation.intra_class import intra_class_variance
+from pipeline.method.margin_classifier import ParallelMarginClassifier
+from pipeline.method.model import build_model
+from pipeline.method.objective import IGFIQAObjective
+from pipeline.method.variance_table import VarianceTable
+from pipeline.parallel.sharding import class_range
 
 log = logging.getLogger("bench.variance_table")
 MS1M_CLASSES = 85_742

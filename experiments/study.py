@@ -130,7 +130,7 @@ def prepare_data(paths: StudyPaths, *, identities: int, images_per_identity: int
 
 
 def steps_per_epoch(paths: StudyPaths, config: Any) -> int:
-    """Steps of one epoch: images // (fr_batch + reg_batch), as pipeline.sampler counts them."""
+    """Steps of one epoch: images // (fr_batch + reg_batch), as pipeline.data.sampler counts them."""
     info = json.loads((paths.train / "dataset.json").read_text())
     return int(info["num_images"]) // (config.data.fr_batch + config.data.reg_batch)
 
@@ -221,7 +221,7 @@ def measure(run: StudyRun, config: Any, paths: StudyPaths, images: Any, fmrs: tu
 
 
 def _fmr_key(fmr: float) -> str:
-    from pipeline.eval_report import fmr_label
+    from pipeline.evaluation.report import fmr_label
 
     return f"fmr_{fmr_label(fmr)}"
 
@@ -235,7 +235,7 @@ def reference_metrics(eval_dir: Path, fmr: float, draws: int = RANDOM_DRAWS) -> 
     import numpy as np
     import pandas as pd
 
-    from pipeline.quality_eval import evaluate_quality
+    from pipeline.evaluation.quality_metrics import evaluate_quality
 
     rng = np.random.default_rng(0)
     label = _fmr_key(fmr)
@@ -385,7 +385,7 @@ def log_summary_run(paths: StudyPaths, args: argparse.Namespace, summary: dict[s
     import mlflow
     import pandas as pd
 
-    from pipeline.tracking import resolve_tracking_uri
+    from pipeline.tracking.store import resolve_tracking_uri
 
     mlflow.set_tracking_uri(resolve_tracking_uri(paths.tracking_uri))
     mlflow.set_experiment("igfiqa-study")

@@ -6,7 +6,7 @@ Per checkpoint (one per epoch end):
 - the class weights of eq. 9 computed from that table: fraction at 0, and how the
   low-variance identities (synth ground truth) are singled out (mean weight, AUC);
 - Spearman's ρ between predicted quality and the known degradation strength (training images).
-For the final checkpoint also EDC/ERC on the verification sets (pipeline/evaluation.py, own
+For the final checkpoint also EDC/ERC on the verification sets (pipeline/evaluation/evaluate.py, own
 backbone's embeddings) and Spearman's ρ on the mixed verification set.
 """
 
@@ -25,11 +25,11 @@ from tqdm import tqdm
 from data_prep.manifest import read_manifest
 from pipeline.checkpoint import load_checkpoint
 from pipeline.config import config_from_dict
-from pipeline.image_io import decode_image
-from pipeline.intra_class import intra_class_variance, pearson_correlation
-from pipeline.model import build_model
-from pipeline.scoring import infer
-from pipeline.variance_table import z_score_weights
+from pipeline.data.image_io import decode_image
+from pipeline.evaluation.intra_class import intra_class_variance, pearson_correlation
+from pipeline.evaluation.scoring import infer
+from pipeline.method.model import build_model
+from pipeline.method.variance_table import z_score_weights
 
 EMBED_BATCH = 128
 
@@ -186,7 +186,7 @@ def evaluate_final(
     checkpoint: Path, val_dir: Path, synth_dir: Path, out_dir: Path, fmrs: tuple[float, ...]
 ) -> dict[str, float]:
     """EDC pAUC / ERC AUC per set and FMR (own backbone) and Spearman ρ(quality, strength) on each set."""
-    from pipeline.evaluation import evaluate_checkpoint
+    from pipeline.evaluation.evaluate import evaluate_checkpoint
 
     model = model_from_state(load_checkpoint(checkpoint))
     outcome = evaluate_checkpoint(

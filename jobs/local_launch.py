@@ -7,7 +7,7 @@ from typing import Any
 
 from jobs.signals import StopSignals
 from pipeline.config import TrainConfig
-from pipeline.dist_env import DistEnv, free_port
+from pipeline.parallel.env import DistEnv, free_port
 
 log = logging.getLogger(__name__)
 
@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 def _worker(
     rank: int, config: TrainConfig, world_size: int, port: int, mlflow_run_id: str, results: Any
 ) -> None:
-    from pipeline.train import train
+    from pipeline.training.trainer import train
 
     logging.basicConfig(
         level=logging.INFO, format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s"
@@ -30,7 +30,7 @@ def _worker(
 def launch_local(config: TrainConfig, *, nproc: int = 1, mlflow_run_id: str = "") -> dict[str, Any]:
     """Train with `nproc` local processes (gloo on CPU); returns rank 0's result as a dict."""
     if nproc == 1:
-        from pipeline.train import train
+        from pipeline.training.trainer import train
 
         signals = StopSignals(catch_interrupt=True)
         return train(

@@ -13,7 +13,7 @@ import submitit
 from jobs.cluster import ClusterProfile, make_executor
 from jobs.train_job import TrainJob
 from pipeline.config import TrainConfig, flatten_config, validate_for_launch
-from pipeline.tracking import RunTracker
+from pipeline.tracking.store import RunTracker
 
 TERMINAL_STATES = {
     "COMPLETED",

@@ -1,4 +1,4 @@
-"""The checkpointable submitit job that runs `pipeline.train.train` as one DDP task per GPU.
+"""The checkpointable submitit job that runs `pipeline.training.trainer.train` as one DDP task per GPU.
 
 `train()` resumes by itself from `RUN/checkpoints/last.ckpt`, so a requeued job needs
 no flags: `checkpoint()` just resubmits the same job (dinov2's pattern). The MLflow
@@ -17,7 +17,7 @@ import submitit
 
 from jobs.signals import SAVE_AND_REQUEUE, StopSignals
 from pipeline.config import TrainConfig
-from pipeline.dist_env import DistEnv
+from pipeline.parallel.env import DistEnv
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class TrainJob:
     mlflow_run_id: str = ""
 
     def __call__(self) -> dict[str, Any]:
-        from pipeline.train import train  # heavy imports on the node only
+        from pipeline.training.trainer import train  # heavy imports on the node only
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         env = dist_env_from_submitit()

@@ -143,7 +143,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 def load_inference_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Any, Any]:
     """(FIQAModel in eval mode on `device`, TrainConfig) from a training checkpoint."""
     from pipeline.config import config_from_dict
-    from pipeline.model import build_model
+    from pipeline.method.model import build_model
 
     state = load_checkpoint(path, map_location="cpu")
     config = config_from_dict(state["config"])

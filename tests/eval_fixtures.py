@@ -21,7 +21,7 @@ from PIL import Image
 from data_prep.dataset import FORMAT_VERSION as DATASET_FORMAT_VERSION
 from pipeline.checkpoint import FORMAT_VERSION, atomic_torch_save
 from pipeline.config import config_from_dict, config_to_dict
-from pipeline.model import build_model
+from pipeline.method.model import build_model
 
 SMALL_MODEL = {"backbone": "iresnet_mini", "embedding_size": 32}
 

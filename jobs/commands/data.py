@@ -51,7 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_preview(args: argparse.Namespace) -> int:
     from jobs.cli import UserError
     from pipeline.config import load_config
-    from pipeline.preview import write_preview
+    from pipeline.data.preview import write_preview
 
     if args.identities < 1 or args.versions < 1 or args.seed < 0:
         raise UserError("--identities and --versions must be >= 1 and --seed >= 0")

@@ -318,7 +318,7 @@ def stage_convert(paths: DemoPaths, record: StageRecord) -> None:
     if (paths.train / "dataset.json").is_file():
         record.reused, record.note = True, "dataset.json exists"
         return
-    from jobs.prep_tracking import lineage_tags, stage_metrics
+    from pipeline.tracking.lineage import lineage_tags, stage_metrics
 
     started = time.monotonic()
     info = convert(paths.synth, paths.train, progress=True)
@@ -346,7 +346,7 @@ def stage_bins(paths: DemoPaths, record: StageRecord) -> None:
     if not todo:
         record.reused, record.note = True, f"{', '.join(b.stem for b in bins)}: dataset.json exist"
         return
-    from jobs.prep_tracking import lineage_tags, stage_metrics
+    from pipeline.tracking.lineage import lineage_tags, stage_metrics
 
     started = time.monotonic()
     infos = convert_bins(todo, paths.val, progress=True)
@@ -364,14 +364,14 @@ def _log_prep_run(
     stage: str, paths: DemoPaths, *, params: dict[str, Any], tags: dict[str, str], metrics: dict[str, float]
 ) -> None:
     """The data stage's lineage run in the demo's MLflow store, as `igfiqa prep STAGE` logs it."""
-    from jobs.prep_tracking import log_stage_run
+    from pipeline.tracking.lineage import log_stage_run
 
     log_stage_run(stage, params=params, tags=tags, metrics=metrics, tracking_uri=paths.tracking_uri)
 
 
 def stage_preview(paths: DemoPaths, config: Any, record: StageRecord) -> None:
     """The augmentation grid through the training graph, with the training config's settings."""
-    from pipeline.preview import write_preview
+    from pipeline.data.preview import write_preview
 
     if paths.preview.is_file() and paths.preview.stat().st_size > 0:
         record.reused, record.note = True, "the PNG exists"
@@ -678,8 +678,8 @@ def stage_evaluate(
     """Evaluate the final checkpoint on the verification sets and log it as a child MLflow run."""
     from jobs.commands.evaluate import log_evaluation
     from pipeline.checkpoint import load_inference_model
-    from pipeline.evaluation import evaluate_checkpoint
-    from pipeline.scoring import resolve_device
+    from pipeline.evaluation.evaluate import evaluate_checkpoint
+    from pipeline.evaluation.scoring import resolve_device
 
     recorded = _read_json(paths.eval / EVAL_MARKER)
     table_md = paths.eval / "table.md"

@@ -26,7 +26,7 @@ SCORES a CSV or parquet table, one row per image:
 """
 
 WHAT_IS_COMPUTED = """\
-what is computed (see pipeline/quality_eval.py for the exact definitions):
+what is computed (see pipeline/evaluation/evaluate/quality_metrics.py for the exact definitions):
   pair quality   min of the two images' qualities
   threshold      fixed once on ALL pairs at each --fmr: a pair matches when similarity > threshold
   EDC            ISO/IEC 29794-1: mated pairs discarded lowest quality first, equal qualities together;
@@ -245,8 +245,8 @@ def read_table(path: Path) -> Any:
 
 def run_erc(args: argparse.Namespace) -> int:
     """Handler of `igfiqa erc`."""
-    from pipeline.eval_report import write_report
-    from pipeline.quality_eval import evaluate_quality
+    from pipeline.evaluation.quality_metrics import evaluate_quality
+    from pipeline.evaluation.report import write_report
 
     pairs = read_table(args.pairs)
     scores = read_table(args.scores)
@@ -276,7 +276,7 @@ def _load_model(checkpoint: Path, device_name: str) -> tuple[Any, Any, Any]:
     """(model, config, device) from a checkpoint; bad checkpoints become one clear error line."""
     from jobs.cli import UserError
     from pipeline.checkpoint import CheckpointError, load_inference_model
-    from pipeline.scoring import resolve_device
+    from pipeline.evaluation.scoring import resolve_device
 
     device = resolve_device(device_name)
     try:
@@ -296,8 +296,8 @@ def _checkpoint_lineage(checkpoint: Path) -> tuple[str, int]:
 
 def run_eval(args: argparse.Namespace) -> int:
     """Handler of `igfiqa eval`."""
-    from pipeline.embeddings import OnnxEmbedder, load_embeddings_npz
-    from pipeline.evaluation import evaluate_checkpoint
+    from pipeline.evaluation.embeddings import OnnxEmbedder, load_embeddings_npz
+    from pipeline.evaluation.evaluate import evaluate_checkpoint
 
     model, config, device = _load_model(args.checkpoint, args.device)
     fr_model = fr_embeddings = None
@@ -342,15 +342,15 @@ def run_eval(args: argparse.Namespace) -> int:
 def log_evaluation(
     outcome: Any, *, args: argparse.Namespace, config: Any, train_run_id: str, step: int
 ) -> str | None:
-    """Log an evaluation to MLflow through `pipeline.tracking`; returns the eval run id (None without tracking)."""
+    """Log an evaluation to MLflow through `pipeline.tracking.store`; returns the eval run id (None without tracking)."""
     try:
-        from pipeline import tracking
+        from pipeline.tracking import store as tracking
     except ImportError:  # tracking not part of this installation
-        log.info("pipeline.tracking is not available: results not logged to MLflow")
+        log.info("pipeline.tracking.store is not available: results not logged to MLflow")
         return None
     uri = tracking.resolve_tracking_uri(args.tracking_uri or config.run.tracking_uri)
     from data_prep.dataset import dataset_fingerprint
-    from pipeline.evaluation import find_verification_sets
+    from pipeline.evaluation.evaluate import find_verification_sets
 
     tags = {"stage": "eval", "checkpoint": str(args.checkpoint.resolve())}
     # lineage: the same `dataset_fingerprint.<set>` tags `igfiqa prep bins` gives its run
@@ -387,9 +387,9 @@ def log_evaluation(
 def run_score(args: argparse.Namespace) -> int:
     """Handler of `igfiqa score`."""
     from jobs.cli import UserError
-    from pipeline.embeddings import save_embeddings_npz
-    from pipeline.image_io import find_image_files
-    from pipeline.scoring import score_files
+    from pipeline.data.image_io import find_image_files
+    from pipeline.evaluation.embeddings import save_embeddings_npz
+    from pipeline.evaluation.scoring import score_files
 
     files = find_image_files(args.paths)
     if not files:
@@ -433,7 +433,7 @@ def run_score(args: argparse.Namespace) -> int:
 def run_export(args: argparse.Namespace) -> int:
     """Handler of `igfiqa export`."""
     from jobs.cli import UserError
-    from pipeline.export import ExportError, check_parity, export_onnx
+    from pipeline.evaluation.export import ExportError, check_parity, export_onnx
 
     model, _config, _device = _load_model(args.checkpoint, "cpu")
     try:
@@ -470,8 +470,8 @@ def _print_outcome(files: Any, evaluations: list[Any]) -> None:
 def _user_errors() -> Iterator[None]:
     """Turn the evaluation's input errors into `UserError` (one clear line, exit status 2)."""
     from jobs.cli import UserError
-    from pipeline.quality_eval import QualityEvalError
-    from pipeline.verification import EmbeddingError
+    from pipeline.evaluation.quality_metrics import QualityEvalError
+    from pipeline.evaluation.verification import EmbeddingError
 
     try:
         yield

@@ -199,7 +199,7 @@ def _close_mlflow_runs(args: argparse.Namespace, job_id: str) -> None:
     """A job cancelled before it ran cannot close the MLflow run made at submission: do it here."""
     if getattr(args, "no_track", False):
         return
-    from pipeline.tracking import close_runs_of_job
+    from pipeline.tracking.store import close_runs_of_job
 
     try:
         closed = close_runs_of_job(job_id, getattr(args, "tracking_uri", ""))

@@ -199,7 +199,7 @@ def _track(args: argparse.Namespace, stage: str, **run: Any) -> None:
     """Log the finished stage to MLflow unless --no-track (a failure only warns: the data stays)."""
     if args.no_track:
         return
-    from jobs.prep_tracking import log_stage_run
+    from pipeline.tracking.lineage import log_stage_run
 
     run_id = log_stage_run(stage, tracking_uri=args.tracking_uri, **run)
     if run_id:
@@ -237,7 +237,7 @@ def _run_convert(args: argparse.Namespace) -> int:
         f"{len(info.shards)} shards: {info.root}"
     )
     if not args.no_track:
-        from jobs.prep_tracking import lineage_tags, stage_metrics
+        from pipeline.tracking.lineage import lineage_tags, stage_metrics
 
         _track(
             args,
@@ -266,7 +266,7 @@ def _run_bins(args: argparse.Namespace) -> int:
     for info in infos:
         print(f"{info.root.name}: {info.num_images} images, {info.num_images // 2} pairs -> {info.root}")
     if not args.no_track:
-        from jobs.prep_tracking import lineage_tags, stage_metrics
+        from pipeline.tracking.lineage import lineage_tags, stage_metrics
 
         _track(
             args,

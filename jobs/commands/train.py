@@ -79,7 +79,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def resolve_config(args: argparse.Namespace) -> Any:
     """Load the config, make paths absolute and pin the tracking URI (jobs run in other directories)."""
     from pipeline.config import load_config, replace_section
-    from pipeline.tracking import resolve_tracking_uri
+    from pipeline.tracking.store import resolve_tracking_uri
 
     config = load_config(args.config, args.overrides)
     return replace_section(

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.config import AugmentConfig
-from pipeline.sampler import AUGMENT_STREAM, stream_rng
+from pipeline.data.sampler import AUGMENT_STREAM, stream_rng
 
 DEGRADATIONS = ("rescale", "erase", "color")  # column order of `flags`
 

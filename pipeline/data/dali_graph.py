@@ -1,7 +1,7 @@
 """The one DALI graph of training: decode, degrade the regression rows, flip, normalise.
 
 A batch mixes FR rows and regression rows; what happens to each row is decided by
-the per-sample inputs fed through `fn.external_source` (see `pipeline.augment_plan`):
+the per-sample inputs fed through `fn.external_source` (see `pipeline.data.augment_plan`):
 
     encoded bytes ─ decode ─┬─ if rescale: shrink to (h, w) (nearest), back to size × size (linear)
                             ├─ if color:   b·(c·(grey + s·(x − grey) − 128) + 128), clipped to uint8
@@ -46,7 +46,7 @@ import numpy as np
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.pipeline import Pipeline
 
-from pipeline.augment_plan import AugmentParams
+from pipeline.data.augment_plan import AugmentParams
 
 # Image tensor format shared by the loader, scoring, evaluation and export (docs/contracts.md).
 PIXEL_MEAN = 127.5

@@ -9,8 +9,8 @@
             batch.reg.flags                           # [n, 3] bool: rescale, erase, color
 
 Order and augmentation are pure functions of (data.seed, epoch, step) (see
-`pipeline.sampler` and `pipeline.augment_plan`), fed to the DALI graph of
-`pipeline.dali_pipeline` through `fn.external_source`; the tensors come out of DALI's
+`pipeline.data.sampler` and `pipeline.data.augment_plan`), fed to the DALI graph of
+`pipeline.data.dali_graph` through `fn.external_source`; the tensors come out of DALI's
 PyTorch plugin (`DALIGenericIterator`). The two halves are different images of the
 same global step; concatenating the halves of ranks 0..W−1 gives the global batch
 of a 1-rank run, and `set_epoch(e, k)` continues exactly where an uninterrupted
@@ -26,11 +26,11 @@ import numpy as np
 import torch
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-from pipeline.augment_plan import step_params
 from pipeline.config import ConfigError, DataConfig
-from pipeline.dali_pipeline import OUTPUT_NAMES, GraphBatch, build_pipeline
-from pipeline.image_store import ImageStore
-from pipeline.sampler import EpochSampler
+from pipeline.data.augment_plan import step_params
+from pipeline.data.dali_graph import OUTPUT_NAMES, GraphBatch, build_pipeline
+from pipeline.data.image_store import ImageStore
+from pipeline.data.sampler import EpochSampler
 
 
 @dataclass(frozen=True)

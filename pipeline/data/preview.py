@@ -1,7 +1,7 @@
 """A picture of what the regression half sees: per identity, the clean image beside degraded versions.
 
-Every tile goes through the training DALI graph (`pipeline.dali_pipeline`) on the CPU,
-with augmentations drawn exactly as training draws them (`pipeline.augment_plan`),
+Every tile goes through the training DALI graph (`pipeline.data.dali_graph`) on the CPU,
+with augmentations drawn exactly as training draws them (`pipeline.data.augment_plan`),
 and is captioned with what it received (flip, rescale side, erase size, color factors).
 """
 
@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.augment_plan import AugmentParams, draw_params
 from pipeline.config import AugmentConfig
-from pipeline.dali_pipeline import PIXEL_MEAN, PIXEL_STD, GraphBatch, run_graph
-from pipeline.image_store import ImageStore
-from pipeline.sampler import stream_rng
+from pipeline.data.augment_plan import AugmentParams, draw_params
+from pipeline.data.dali_graph import PIXEL_MEAN, PIXEL_STD, GraphBatch, run_graph
+from pipeline.data.image_store import ImageStore
+from pipeline.data.sampler import stream_rng
 
 PREVIEW_STREAM = 2  # generator stream of the preview (training uses 0 and 1)
 TILE_INCHES = 1.6  # size of one tile in the figure

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.verification import EmbeddingError
+from pipeline.evaluation.verification import EmbeddingError
 
 
 class EmbeddingTable:

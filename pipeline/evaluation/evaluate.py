@@ -2,8 +2,8 @@
 
 For every set: quality of every image (our head), embeddings for the comparisons
 (our backbone by default, or cross-model: an ONNX FR model or precomputed `.npz`
-embeddings, see pipeline/embeddings.py), 10-fold verification accuracy, and the
-EDC / ERC quality evaluation of pipeline/quality_eval.py. Layout of a set
+embeddings, see pipeline/evaluation/evaluate/embeddings.py), 10-fold verification accuracy, and the
+EDC / ERC quality evaluation of pipeline/evaluation/evaluate/quality_metrics.py. Layout of a set
 (docs/contracts.md): `dataset.json` (kind "verification"), `shards/*.tar`,
 `manifest.parquet` (key, index, sha256, nbytes, shard, offset) and `pairs.parquet`
 (left, right, issame).
@@ -25,12 +25,17 @@ from tqdm import tqdm
 
 from data_prep.dataset import DATASET_FILE, DatasetInfo, load_dataset_info
 from data_prep.errors import DataError
-from pipeline.embeddings import EmbeddingTable, OnnxEmbedder
-from pipeline.eval_report import ReportFiles, write_report
-from pipeline.image_io import decode_image
-from pipeline.quality_eval import DEFAULT_DISCARD_LIMIT, DEFAULT_FMRS, QualityEvaluation, evaluate_quality
-from pipeline.scoring import DEFAULT_BATCH_SIZE, infer_batch
-from pipeline.verification import (
+from pipeline.data.image_io import decode_image
+from pipeline.evaluation.embeddings import EmbeddingTable, OnnxEmbedder
+from pipeline.evaluation.quality_metrics import (
+    DEFAULT_DISCARD_LIMIT,
+    DEFAULT_FMRS,
+    QualityEvaluation,
+    evaluate_quality,
+)
+from pipeline.evaluation.report import ReportFiles, write_report
+from pipeline.evaluation.scoring import DEFAULT_BATCH_SIZE, infer_batch
+from pipeline.evaluation.verification import (
     VerificationResult,
     check_pair_embeddings,
     cosine_similarity,
@@ -259,7 +264,7 @@ def evaluate_checkpoint(
 ) -> EvalOutcome:
     """Evaluate `model` on every verification set under `data_dir`; write the report to `out_dir`.
 
-    Besides the report files (pipeline/eval_report.py) it writes, per set,
+    Besides the report files (pipeline/evaluation/report.py) it writes, per set,
     `pairs_<set>.parquet` (left, right, similarity, mated) and `scores_<set>.parquet`
     (image, <method>), the inputs `igfiqa erc` takes, e.g. to add other methods.
     """
@@ -310,7 +315,7 @@ def evaluate_checkpoint(
 
 def eval_metrics(outputs: Sequence[SetOutputs]) -> dict[str, float]:
     """Flat scalar metrics for MLflow: `<set>.accuracy`, `<set>.<method>.erc_auc.fmr_1e-3`, …"""
-    from pipeline.eval_report import fmr_label
+    from pipeline.evaluation.report import fmr_label
 
     metrics: dict[str, float] = {}
     for result in outputs:

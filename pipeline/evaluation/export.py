@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.image_io import IMAGE_SIZE
+from pipeline.data.image_io import IMAGE_SIZE
 
 log = logging.getLogger(__name__)
 

@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.quality_eval import QualityEvaluation
-from pipeline.verification import VerificationResult
+from pipeline.evaluation.quality_metrics import QualityEvaluation
+from pipeline.evaluation.verification import VerificationResult
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from pipeline.image_io import DecodedImage, ImageDecodeError, read_image_file
+from pipeline.data.image_io import DecodedImage, ImageDecodeError, read_image_file
 
 log = logging.getLogger(__name__)
 

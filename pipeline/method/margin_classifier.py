@@ -1,6 +1,6 @@
 """Model-parallel margin classifier: class-sharded prototypes, ArcFace/CosFace, distributed softmax.
 
-Rank r owns prototypes W[start:start+count] (`pipeline.class_shards.class_range`).
+Rank r owns prototypes W[start:start+count] (`pipeline.parallel.sharding.class_range`).
 Every rank all-gathers the embeddings (with autograd) and labels of the whole global
 batch in rank order, computes cosines against its own prototypes only, and the
 softmax cross-entropy is assembled across shards by an all-reduce of the row
@@ -13,7 +13,7 @@ same number on every rank. Each rank's backward gives its prototype shard the ex
 gradient of that loss (no averaging needed or wanted: keep the classifier out of DDP),
 and gives its LOCAL embeddings the exact d(loss)/d(embedding) (the all-gather's
 backward sums the contributions of every class shard). DDP then divides backbone
-gradients by W; `pipeline.objective.IGFIQAObjective` compensates with
+gradients by W; `pipeline.method.objective.IGFIQAObjective` compensates with
 `scale_grad(·, W)` on the embeddings, so the averaged gradient equals the
 one-process gradient.
 
@@ -34,9 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.class_shards import class_range
 from pipeline.config import LossConfig
-from pipeline.distributed import (
+from pipeline.parallel.collectives import (
     ProcessGroup,
     all_gather_no_grad,
     all_gather_with_grad,
@@ -44,7 +43,8 @@ from pipeline.distributed import (
     rank,
     world_size,
 )
-from pipeline.sharded_state import gather_class_rows, slice_class_rows
+from pipeline.parallel.sharded_state import gather_class_rows, slice_class_rows
+from pipeline.parallel.sharding import class_range
 
 _INIT_BLOCK = 4096  # prototypes are drawn in blocks of classes, each from its own seed
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeline.backbones import build_backbone
 from pipeline.config import ModelConfig
+from pipeline.method.backbones import build_backbone
 
 
 class FIQAModel(nn.Module):

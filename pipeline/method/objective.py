@@ -36,11 +36,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pipeline.arcface_parallel import ParallelMarginClassifier
 from pipeline.config import LossConfig, VarianceConfig
-from pipeline.distributed import ProcessGroup, all_reduce_, rank, scale_grad, world_size
-from pipeline.losses import certainty_ratio, weighted_regression_loss
-from pipeline.variance_table import VarianceTable, alpha_at
+from pipeline.method.losses import certainty_ratio, weighted_regression_loss
+from pipeline.method.margin_classifier import ParallelMarginClassifier
+from pipeline.method.variance_table import VarianceTable, alpha_at
+from pipeline.parallel.collectives import ProcessGroup, all_reduce_, rank, scale_grad, world_size
 
 
 @dataclass

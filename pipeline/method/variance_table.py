@@ -34,10 +34,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeline.class_shards import class_range
 from pipeline.config import VarianceConfig
-from pipeline.distributed import ProcessGroup, all_reduce_, rank, world_size
-from pipeline.sharded_state import gather_class_rows, slice_class_rows
+from pipeline.parallel.collectives import ProcessGroup, all_reduce_, rank, world_size
+from pipeline.parallel.sharded_state import gather_class_rows, slice_class_rows
+from pipeline.parallel.sharding import class_range
 
 
 def alpha_at(progress: float, cfg: VarianceConfig) -> float:

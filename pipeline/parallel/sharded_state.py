@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from pipeline.class_shards import class_range, shard_sizes
-from pipeline.distributed import ProcessGroup, global_rank_of, rank, world_size
+from pipeline.parallel.collectives import ProcessGroup, global_rank_of, rank, world_size
+from pipeline.parallel.sharding import class_range, shard_sizes
 
 
 @torch.no_grad()

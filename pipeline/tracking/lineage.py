@@ -67,7 +67,7 @@ def log_stage_run(
 ) -> str | None:
     """Log one finished stage as an MLflow run; its run id, or None (with a warning) when MLflow failed."""
     try:
-        from pipeline.tracking import start_stage_run
+        from pipeline.tracking.store import start_stage_run
 
         tracker = start_stage_run(stage=stage, params=params, tags=tags, tracking_uri=tracking_uri)
         tracker.log_metrics(metrics, step=0)

@@ -19,12 +19,12 @@ import torch
 import torch.distributed as dist
 
 from pipeline.config import TrainConfig, dump_config, flatten_config
-from pipeline.dist_env import DistEnv
-from pipeline.objective import IGFIQAObjective, ObjectiveOutput
-from pipeline.variance_table import z_score_weights
+from pipeline.method.objective import IGFIQAObjective, ObjectiveOutput
+from pipeline.method.variance_table import z_score_weights
+from pipeline.parallel.env import DistEnv
 
 if TYPE_CHECKING:
-    from pipeline.train import _Trainer
+    from pipeline.training.trainer import _Trainer
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ class TrainingMonitor:
         self._bar = None
         if not env.is_main:
             return
-        from pipeline.tracking import RunTracker, resolve_tracking_uri
+        from pipeline.tracking.store import RunTracker, resolve_tracking_uri
 
         uri = resolve_tracking_uri(config.run.tracking_uri)
         self.tracker = RunTracker.start(
@@ -252,7 +252,7 @@ class TrainingMonitor:
         weights = _full_class_weights(objective)
         if weights is None or self.tracker is None:
             return
-        from pipeline.training_plots import plot_weight_histogram
+        from pipeline.training.plots import plot_weight_histogram
 
         path = plot_weight_histogram(
             weights,
@@ -271,7 +271,7 @@ class TrainingMonitor:
         self._safely(lambda: tracker.finish("FINISHED" if completed else "KILLED"), "finish")
 
     def _final_artifacts(self, trainer: _Trainer, weights: np.ndarray) -> None:
-        from pipeline.training_plots import plot_training_curves, plot_weight_histogram
+        from pipeline.training.plots import plot_training_curves, plot_weight_histogram
 
         tracker = self.tracker
         assert tracker is not None

@@ -1,10 +1,10 @@
 """The IG-FIQA training loop, as in the paper's Fig. 2.
 
     for each step:
-        FR half (clean), regression half (degraded)   ← DALI (pipeline.loader)
+        FR half (clean), regression half (degraded)   ← DALI (pipeline.data.loader)
         embeddings, quality = backbone + head          (one forward of both halves, DDP)
         ArcFace on the FR half                         ┐
-        CCS, NNCCS → CR on the regression half         │ pipeline.objective
+        CCS, NNCCS → CR on the regression half         │ pipeline.method.objective
         variance table ← 1 − CCS; class weights ŵ      │ (sharded classifier and table)
         L = L_Arc + λ · Σ ŵ · smoothL1(CR − quality)   ┘
         backward, clip, SGD step (backbone+head; the classifier shard has its own optimizer)
@@ -14,7 +14,7 @@ It resumes by itself from `RUN/checkpoints/last.ckpt` (any world size: the
 classifier and the variance table are saved unsharded), saves every N steps / M
 minutes, and — when `stop_requested()` turns non-zero on any rank (a SLURM
 signal) — saves at the end of the current step on every rank together and
-returns "interrupted". Rank 0 logs to MLflow (`pipeline.training_monitor`).
+returns "interrupted". Rank 0 logs to MLflow (`pipeline.training.monitor`).
 """
 
 from __future__ import annotations
@@ -49,12 +49,12 @@ from pipeline.config import (
     validate_for_world,
     validate_ranges,
 )
-from pipeline.dist_env import DistEnv
-from pipeline.loader import TrainLoader
-from pipeline.model import build_model
-from pipeline.objective import IGFIQAObjective, ObjectiveOutput
-from pipeline.schedule import lr_factor, total_steps, training_progress
-from pipeline.training_monitor import StepMeter, TrainingMonitor, class_weight_stats
+from pipeline.data.loader import TrainLoader
+from pipeline.method.model import build_model
+from pipeline.method.objective import IGFIQAObjective, ObjectiveOutput
+from pipeline.parallel.env import DistEnv
+from pipeline.training.monitor import StepMeter, TrainingMonitor, class_weight_stats
+from pipeline.training.schedules import lr_factor, total_steps, training_progress
 
 log = logging.getLogger(__name__)
 

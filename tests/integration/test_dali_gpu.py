@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from pipeline.config import AugmentConfig, DataConfig
-from pipeline.image_io import decode_image
-from pipeline.loader import TrainLoader
+from pipeline.data.image_io import decode_image
+from pipeline.data.loader import TrainLoader
 
 pytestmark = pytest.mark.gpu
 

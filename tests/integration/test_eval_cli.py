@@ -235,7 +235,7 @@ def test_eval_with_own_backbone_agrees_with_score(workspace, tmp_path, capsys):
 
 def _npz_for(root, tmp_path, *, break_pair0: bool):
     """Embeddings keyed "<set>/<key>": mated pairs identical, non-mated orthogonal (pair 0 broken on request)."""
-    from pipeline.embeddings import save_embeddings_npz
+    from pipeline.evaluation.embeddings import save_embeddings_npz
 
     keys, rows = [], []
     for name in ("lfw", "cfp"):
@@ -270,7 +270,7 @@ def test_eval_cross_model_with_precomputed_embeddings(workspace, tmp_path):
 
 
 def test_eval_cross_model_with_an_onnx_fr_model(workspace, tmp_path):
-    from pipeline.scoring import infer_batch
+    from pipeline.evaluation.scoring import infer_batch
     from tests.eval_fixtures import make_checkpoint
 
     root, checkpoint, _ = workspace
@@ -294,8 +294,8 @@ def test_eval_cross_model_with_an_onnx_fr_model(workspace, tmp_path):
     args = ["eval", str(checkpoint), "--data", str(root / "val"), "--out", str(out), "--fmr", "0.1"]
     assert main([*args, "--fr-model", str(onnx_path), "--no-mlflow", "--no-progress"]) == 0
     # the comparisons used the FR model's embeddings ("embedding" output), not our backbone's
-    from pipeline.image_io import decode_image
-    from pipeline.verification import cosine_similarity
+    from pipeline.data.image_io import decode_image
+    from pipeline.evaluation.verification import cosine_similarity
 
     images = _set_images(root, "cfp")
     pairs = pd.read_parquet(out / "pairs_cfp.parquet")
@@ -308,7 +308,7 @@ def test_eval_cross_model_with_an_onnx_fr_model(workspace, tmp_path):
 def test_eval_logs_to_mlflow_as_a_child_of_the_training_run(workspace, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from pipeline.tracking import RunTracker
+    from pipeline.tracking.store import RunTracker
     from tests.eval_fixtures import make_checkpoint
 
     root, _, _ = workspace
@@ -344,7 +344,7 @@ def test_eval_logs_to_mlflow_as_a_child_of_the_training_run(workspace, tmp_path)
     ],
 )
 def test_eval_bad_input_is_one_clear_line(workspace, tmp_path, capsys, case, message):
-    from pipeline.embeddings import save_embeddings_npz
+    from pipeline.evaluation.embeddings import save_embeddings_npz
 
     root, checkpoint, _ = workspace
     data, extra = root / "val", []

@@ -61,7 +61,7 @@ def test_cancel_reports_cancelled(slurm_cluster, submitit_folder, capsys) -> Non
 def test_cancel_closes_the_jobs_running_mlflow_run(slurm_cluster, submitit_folder, tmp_path, capsys) -> None:
     from mlflow.tracking import MlflowClient
 
-    from pipeline.tracking import RunTracker
+    from pipeline.tracking.store import RunTracker
 
     executor = make_executor(
         slurm_cluster.profile,

@@ -3,7 +3,7 @@
 The test starts `mlflow server` (sqlite backend, local artifact root, 2 workers) on
 loopback, then runs at the same time two tiny trainings (`igfiqa train ...
 --tracking-uri http://127.0.0.1:PORT`) and a few writer processes that each log
-hundreds of metric points through `pipeline.tracking.RunTracker` (from the moment
+hundreds of metric points through `pipeline.tracking.store.RunTracker` (from the moment
 both trainings have logged their first point, so all of them write together); every metric
 point, param, tag and artifact must arrive. Start-up of the server measured here:
 ~18 s on 2 busy cores (each worker imports MLflow).
@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from pipeline.config import dump_config, flatten_config
-from pipeline.dist_env import free_port
+from pipeline.parallel.env import free_port
 from tests.train_fixtures import tiny_config, tiny_dataset
 
 pytest.importorskip("nvidia.dali")
@@ -102,7 +102,7 @@ def write_points(url: str, index: int, go: Any, results: Any) -> None:
     """One writer process: a run with params, WRITER_STEPS batches of 2 metrics, a text artifact.
 
     It creates its run at once, then waits for `go` before logging the rest."""
-    from pipeline.tracking import RunTracker
+    from pipeline.tracking.store import RunTracker
 
     tracker = RunTracker.start(tracking_uri=url, experiment="writers", run_name=f"writer-{index}")
     go.wait(timeout=600)

@@ -21,10 +21,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.config import LossConfig, VarianceConfig
-from pipeline.distributed import all_gather_no_grad, rank, world_size
-from pipeline.model import FIQAModel
-from pipeline.objective import IGFIQAObjective
-from pipeline.sharded_state import gather_class_rows
+from pipeline.method.model import FIQAModel
+from pipeline.method.objective import IGFIQAObjective
+from pipeline.parallel.collectives import all_gather_no_grad, rank, world_size
+from pipeline.parallel.sharded_state import gather_class_rows
 
 NUM_CLASSES, DIM, IN_FEATURES, STEPS = 7, 16, 24, 3
 CONFIGS = {

@@ -8,8 +8,8 @@ from mlflow.tracking import MlflowClient
 from data_prep.checksums import xxh128_file
 from data_prep.dataset import dataset_fingerprint, load_dataset_info
 from jobs.cli import main
-from pipeline.dist_env import DistEnv
-from pipeline.train import train
+from pipeline.parallel.env import DistEnv
+from pipeline.training.trainer import train
 from tests.train_fixtures import TINY_IDENTITIES, TINY_IMAGES_PER_IDENTITY, tiny_config
 
 

@@ -19,8 +19,8 @@ pytest.importorskip("nvidia.dali")
 @pytest.mark.gpu
 def test_bf16_training_on_cuda_completes_and_resumes(tmp_path: Path) -> None:
     from pipeline.checkpoint import load_checkpoint
-    from pipeline.dist_env import DistEnv
-    from pipeline.train import train
+    from pipeline.parallel.env import DistEnv
+    from pipeline.training.trainer import train
 
     dataset = tiny_dataset(tmp_path / "data")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

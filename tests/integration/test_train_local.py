@@ -28,7 +28,7 @@ pytest.importorskip("nvidia.dali")
 REPO = Path(__file__).resolve().parents[2]
 IGFIQA = Path(sys.executable).parent / "igfiqa"
 
-# what pipeline.training_monitor logs every run.log_every steps
+# what pipeline.training.monitor logs every run.log_every steps
 STEP_METRICS = {
     "loss_arc",
     "loss_ig",
@@ -60,7 +60,7 @@ class FinishedRun:
     """One uninterrupted run of the tiny config, shared by the tests of this module."""
 
     config: TrainConfig
-    result: Any  # pipeline.train.TrainResult
+    result: Any  # pipeline.training.trainer.TrainResult
     uri: str
 
 
@@ -108,8 +108,8 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def finished_run(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> FinishedRun:
-    from pipeline.dist_env import DistEnv
-    from pipeline.train import train
+    from pipeline.parallel.env import DistEnv
+    from pipeline.training.trainer import train
 
     folder = tmp_path_factory.mktemp("uninterrupted")
     uri = _sqlite_uri(folder)
@@ -235,8 +235,8 @@ def test_interrupted_and_resumed_run_ends_bit_identical(
     finished_run: FinishedRun, dataset: Path, tmp_path: Path
 ) -> None:
     from pipeline.checkpoint import load_checkpoint
-    from pipeline.dist_env import DistEnv
-    from pipeline.train import train
+    from pipeline.parallel.env import DistEnv
+    from pipeline.training.trainer import train
 
     uri = _sqlite_uri(tmp_path)
     config = tiny_config(dataset, tmp_path / "run", uri, run={"keep_checkpoints": 2})
@@ -287,8 +287,8 @@ def test_two_processes_match_one_and_resume_on_one(
     """
     from jobs.local_launch import launch_local
     from pipeline.checkpoint import load_checkpoint
-    from pipeline.dist_env import DistEnv
-    from pipeline.train import train
+    from pipeline.parallel.env import DistEnv
+    from pipeline.training.trainer import train
 
     uri = _sqlite_uri(tmp_path)
 
@@ -315,7 +315,7 @@ def test_two_processes_match_one_and_resume_on_one(
     assert float(two_grad.norm() / one_grad.norm()) == pytest.approx(1.0, rel=0.05)
 
     # the 2-process run continued on 1 process to the end of its first epoch (240 // 96 = 2 steps)
-    with caplog.at_level(logging.WARNING, logger="pipeline.train"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.training.trainer"):
         resumed = train(config(tmp_path / "two", 2), DistEnv.single())
     assert "resuming a checkpoint written by 2 process(es) on 1" in caplog.text
     assert "re-sharded" in caplog.text

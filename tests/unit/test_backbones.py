@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.backbones import available_backbones, build_backbone
 from pipeline.config import ModelConfig
-from pipeline.model import FIQAModel, build_model
+from pipeline.method.backbones import available_backbones, build_backbone
+from pipeline.method.model import FIQAModel, build_model
 
 
 def test_registry_lists_the_family() -> None:

@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.augment_plan import AugmentParams, draw_params
 from pipeline.config import AugmentConfig
-from pipeline.dali_pipeline import GraphBatch, run_graph
-from pipeline.image_io import decode_image
-from pipeline.image_store import ImageStore
-from pipeline.sampler import stream_rng
+from pipeline.data.augment_plan import AugmentParams, draw_params
+from pipeline.data.dali_graph import GraphBatch, run_graph
+from pipeline.data.image_io import decode_image
+from pipeline.data.image_store import ImageStore
+from pipeline.data.sampler import stream_rng
 
 SIZE = 112
 N = 12
@@ -134,7 +134,7 @@ def test_color_is_the_documented_affine_map_of_pixel_and_grey_clipped(store: Ima
     grey = np.rint(np.tensordot(np.array([0.299, 0.587, 0.114]), clean, axes=(0, 1)))[:, None]
     b, c, s = factors["brightness"], factors["contrast"], factors["saturation"]
     expected = np.clip(b * (c * (grey + s * (clean - grey) - 128.0) + 128.0), 0, 255)
-    # two integer terms, each rounded (see pipeline.dali_pipeline): within one grey level
+    # two integer terms, each rounded (see pipeline.data.dali_graph): within one grey level
     assert np.abs(out * 127.5 + 127.5 - expected).max() <= 1.0
     assert (expected == 255).any()  # the clip was exercised
 

@@ -7,8 +7,13 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.embeddings import EmbeddingTable, OnnxEmbedder, load_embeddings_npz, save_embeddings_npz
-from pipeline.verification import EmbeddingError
+from pipeline.evaluation.embeddings import (
+    EmbeddingTable,
+    OnnxEmbedder,
+    load_embeddings_npz,
+    save_embeddings_npz,
+)
+from pipeline.evaluation.verification import EmbeddingError
 
 
 def test_npz_round_trip_and_lookup_with_set_prefix(tmp_path):

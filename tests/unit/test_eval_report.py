@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.eval_report import fmr_label, markdown_table, metric_table, write_report
-from pipeline.quality_eval import evaluate_quality
-from pipeline.verification import ten_fold_accuracy
+from pipeline.evaluation.quality_metrics import evaluate_quality
+from pipeline.evaluation.report import fmr_label, markdown_table, metric_table, write_report
+from pipeline.evaluation.verification import ten_fold_accuracy
 
 
 def _evaluation(dataset: str):

@@ -7,7 +7,7 @@ import onnx
 import pytest
 import torch
 
-from pipeline.export import check_parity, export_onnx
+from pipeline.evaluation.export import check_parity, export_onnx
 from tests.eval_fixtures import make_checkpoint
 
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from scipy import stats
 
-from pipeline.intra_class import intra_class_variance, pearson_correlation, table_correlation
-from pipeline.variance_table import VarianceTable
+from pipeline.evaluation.intra_class import intra_class_variance, pearson_correlation, table_correlation
+from pipeline.method.variance_table import VarianceTable
 
 
 def test_variance_matches_a_per_class_loop() -> None:

@@ -13,8 +13,8 @@ import torch
 
 from data_prep.errors import DataError
 from pipeline.config import AugmentConfig, ConfigError, DataConfig
-from pipeline.image_io import decode_image
-from pipeline.loader import StepBatch, TrainLoader
+from pipeline.data.image_io import decode_image
+from pipeline.data.loader import StepBatch, TrainLoader
 
 SIZE = 112
 

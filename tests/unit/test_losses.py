@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline.config import LossConfig
-from pipeline.losses import certainty_ratio, smooth_l1, weighted_regression_loss
+from pipeline.method.losses import certainty_ratio, smooth_l1, weighted_regression_loss
 from tests import dense_reference as ref
 
 

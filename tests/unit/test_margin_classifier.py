@@ -7,8 +7,12 @@ import math
 import pytest
 import torch
 
-from pipeline.arcface_parallel import DistributedSoftmaxCrossEntropy, ParallelMarginClassifier, _init_rows
-from pipeline.class_shards import class_range
+from pipeline.method.margin_classifier import (
+    DistributedSoftmaxCrossEntropy,
+    ParallelMarginClassifier,
+    _init_rows,
+)
+from pipeline.parallel.sharding import class_range
 from tests import dense_reference as ref
 
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from pipeline.config import LossConfig, ModelConfig, VarianceConfig
-from pipeline.model import build_model
-from pipeline.objective import IGFIQAObjective
+from pipeline.method.model import build_model
+from pipeline.method.objective import IGFIQAObjective
 from tests import dense_reference as ref
 
 NUM_CLASSES, DIM = 7, 16

@@ -10,9 +10,9 @@ from PIL import Image
 
 from jobs.cli import main
 from pipeline.config import AugmentConfig
-from pipeline.image_io import decode_image
-from pipeline.image_store import ImageStore
-from pipeline.preview import preview_tiles, render_grid
+from pipeline.data.image_io import decode_image
+from pipeline.data.image_store import ImageStore
+from pipeline.data.preview import preview_tiles, render_grid
 
 
 @pytest.fixture(scope="module")

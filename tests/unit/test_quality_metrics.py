@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.quality_eval import (
+from pipeline.evaluation.quality_metrics import (
     QualityEvalError,
     edc_curve,
     edc_pauc,

@@ -7,9 +7,9 @@ import dataclasses
 import numpy as np
 import pytest
 
-from pipeline.augment_plan import DEGRADATIONS, step_params
 from pipeline.config import AugmentConfig
-from pipeline.sampler import EpochSampler
+from pipeline.data.augment_plan import DEGRADATIONS, step_params
+from pipeline.data.sampler import EpochSampler
 
 SIZE = 112
 

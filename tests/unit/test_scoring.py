@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.image_io import ImageDecodeError, decode_image, find_image_files, read_image_file
-from pipeline.scoring import infer_batch, score_files
+from pipeline.data.image_io import ImageDecodeError, decode_image, find_image_files, read_image_file
+from pipeline.evaluation.scoring import infer_batch, score_files
 from tests.eval_fixtures import face_image, jpeg_bytes, make_checkpoint
 
 

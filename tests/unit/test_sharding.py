@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.class_shards import class_range, owner_of, shard_sizes
+from pipeline.parallel.sharding import class_range, owner_of, shard_sizes
 
 
 @pytest.mark.parametrize("num_classes", [0, 1, 7, 10, 85_742, 10_572])

@@ -1,4 +1,4 @@
-"""pipeline.training_monitor on one process: step averages, class-weight summary, the MLflow run's life."""
+"""pipeline.training.monitor on one process: step averages, class-weight summary, the MLflow run's life."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from pipeline.config import LossConfig, VarianceConfig, replace_section
-from pipeline.dist_env import DistEnv
-from pipeline.objective import IGFIQAObjective, ObjectiveOutput
-from pipeline.training_monitor import StepMeter, TrainingMonitor, class_weight_stats
+from pipeline.method.objective import IGFIQAObjective, ObjectiveOutput
+from pipeline.parallel.env import DistEnv
+from pipeline.training.monitor import StepMeter, TrainingMonitor, class_weight_stats
 from tests.train_fixtures import tiny_config, tiny_dataset
 
 

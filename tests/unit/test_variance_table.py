@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline.config import VarianceConfig
-from pipeline.variance_table import VarianceTable, alpha_at, z_score_weights
+from pipeline.method.variance_table import VarianceTable, alpha_at, z_score_weights
 from tests import dense_reference as ref
 
 

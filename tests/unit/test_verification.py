@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.verification import (
+from pipeline.evaluation.verification import (
     EmbeddingError,
     cosine_similarity,
     flip_sum,
@@ -89,7 +89,7 @@ def test_mismatched_embedding_dimensions_are_an_error():
 
 
 def test_threshold_search_matches_a_brute_force_count():
-    from pipeline.verification import DEFAULT_THRESHOLDS, _accuracies
+    from pipeline.evaluation.verification import DEFAULT_THRESHOLDS, _accuracies
 
     rng = np.random.default_rng(1)
     distance = np.round(rng.uniform(0, 4, 500), 2)  # many ties with the 0.01 grid

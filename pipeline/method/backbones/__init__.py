@@ -45,4 +45,4 @@ def build_backbone(name: str, *, embedding_size: int = 512, dropout: float = 0.0
 
 
 # Importing a family module registers its backbones.
-from pipeline.backbones import iresnet as _iresnet  # noqa: E402, F401
+from pipeline.method.backbones import iresnet as _iresnet  # noqa: E402, F401

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from pipeline.backbones import register_backbone
+from pipeline.method.backbones import register_backbone
 
 INPUT_SIZE = 112
 _STAGES = 4  # each stage halves the resolution: 112 → 56 → 28 → 14 → 7

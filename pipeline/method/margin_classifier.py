@@ -43,8 +43,7 @@ from pipeline.parallel.collectives import (
     rank,
     world_size,
 )
-from pipeline.parallel.sharded_state import gather_class_rows, slice_class_rows
-from pipeline.parallel.sharding import class_range
+from pipeline.parallel.sharding import class_range, gather_class_rows, slice_class_rows
 
 _INIT_BLOCK = 4096  # prototypes are drawn in blocks of classes, each from its own seed
 

@@ -36,8 +36,7 @@ from torch import nn
 
 from pipeline.config import VarianceConfig
 from pipeline.parallel.collectives import ProcessGroup, all_reduce_, rank, world_size
-from pipeline.parallel.sharded_state import gather_class_rows, slice_class_rows
-from pipeline.parallel.sharding import class_range
+from pipeline.parallel.sharding import class_range, gather_class_rows, slice_class_rows
 
 
 def alpha_at(progress: float, cfg: VarianceConfig) -> float:

@@ -24,7 +24,7 @@ from pipeline.config import LossConfig, VarianceConfig
 from pipeline.method.model import FIQAModel
 from pipeline.method.objective import IGFIQAObjective
 from pipeline.parallel.collectives import all_gather_no_grad, rank, world_size
-from pipeline.parallel.sharded_state import gather_class_rows
+from pipeline.parallel.sharding import gather_class_rows
 
 NUM_CLASSES, DIM, IN_FEATURES, STEPS = 7, 16, 24, 3
 CONFIGS = {

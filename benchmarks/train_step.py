@@ -40,7 +40,7 @@ from data_prep.synth import synthesize
 from pipeline.config import TrainConfig, load_config, replace_section
 from pipeline.data.loader import StepBatch
 from pipeline.parallel.env import DistEnv
-from pipeline.training.trainer import _Trainer  # the loop's own step, not a copy of it
+from pipeline.training.trainer import Trainer  # the loop's own step, not a copy of it
 
 log = logging.getLogger("bench.train_step")
 REPO = Path(__file__).resolve().parent.parent
@@ -71,7 +71,7 @@ def make_dataset(root: Path, identities: int, images_per_identity: int) -> Path:
     return train
 
 
-def _batches(trainer: _Trainer) -> Iterator[StepBatch]:
+def _batches(trainer: Trainer) -> Iterator[StepBatch]:
     """The loader's batches across epochs, as the loop reads them."""
     epoch = 0
     while True:
@@ -81,7 +81,7 @@ def _batches(trainer: _Trainer) -> Iterator[StepBatch]:
 
 
 def _timed_step(
-    trainer: _Trainer, batches: Iterator[StepBatch] | None, cached: StepBatch
+    trainer: Trainer, batches: Iterator[StepBatch] | None, cached: StepBatch
 ) -> tuple[float, float]:
     """(seconds waiting for the batch, seconds of the whole step) of one step; from the loader when
     `batches` is given, else on the cached batch."""
@@ -89,7 +89,7 @@ def _timed_step(
     start = time.perf_counter()
     batch = next(batches) if batches is not None else cached
     waited = time.perf_counter() - start
-    trainer.step(batch.fr.images, batch.fr.labels, batch.reg.images, batch.reg.labels)
+    trainer.step(batch, trainer.schedule.at(0))
     _sync(trainer.device)
     return waited, time.perf_counter() - start
 
@@ -103,7 +103,7 @@ def measure_steps(config: TrainConfig, *, steps: int, warmup: int) -> dict[str, 
     device = torch.device("cuda", 0) if config.run.device == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    trainer = _Trainer(config, DistEnv.single(), device, lambda: 0, "")
+    trainer = Trainer(config, DistEnv.single(), device, lambda: 0, "")
     trainer.ddp_model.train()
     trainer.objective.train()
     try:
@@ -129,11 +129,11 @@ def measure_steps(config: TrainConfig, *, steps: int, warmup: int) -> dict[str, 
         return {
             "device": str(device),
             "backbone": config.model.backbone,
-            "batch": trainer.images_per_step,
+            "batch": trainer.monitor.images_per_step,
             "steps": steps,
-            "img_per_s": round(trainer.images_per_step / loader_step, 2),
+            "img_per_s": round(trainer.monitor.images_per_step / loader_step, 2),
             "data_wait_frac": round(sum(waits) / sum(loader_times), 4),
-            "cached_img_per_s": round(trainer.images_per_step / cached_step, 2),
+            "cached_img_per_s": round(trainer.monitor.images_per_step / cached_step, 2),
             "ratio_vs_cached": round(cached_step / loader_step, 3),
             "trainer": trainer,
             "cached_batch": cached,
@@ -159,7 +159,7 @@ def _config(base: Path, dataset: Path, work: Path, overrides: list[str]) -> Trai
     )
 
 
-def step_flops(trainer: _Trainer, batch: StepBatch) -> int:
+def step_flops(trainer: Trainer, batch: StepBatch) -> int:
     """FLOPs of one forward + backward of backbone and head on the step's images (bf16 autocast)."""
     from torch.utils.flop_counter import FlopCounterMode
 

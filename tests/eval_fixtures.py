@@ -19,7 +19,7 @@ import xxhash
 from PIL import Image
 
 from data_prep.dataset import FORMAT_VERSION as DATASET_FORMAT_VERSION
-from pipeline.checkpoint import FORMAT_VERSION, atomic_torch_save
+from pipeline.checkpoint import FORMAT_VERSION
 from pipeline.config import config_from_dict, config_to_dict
 from pipeline.method.model import build_model
 
@@ -56,7 +56,7 @@ def make_checkpoint(
         "code_version": "test",
         "world_size": 1,
     }
-    atomic_torch_save(state, path)
+    torch.save(state, path)
     return path, model
 
 

@@ -677,9 +677,9 @@ def stage_evaluate(
 ) -> EvalSummary:
     """Evaluate the final checkpoint on the verification sets and log it as a child MLflow run."""
     from jobs.commands.evaluate import log_evaluation
-    from pipeline.checkpoint import load_inference_model
     from pipeline.evaluation.evaluate import evaluate_checkpoint
-    from pipeline.evaluation.scoring import resolve_device
+    from pipeline.method.model import load_inference_model
+    from pipeline.parallel.env import resolve_device
 
     recorded = _read_json(paths.eval / EVAL_MARKER)
     table_md = paths.eval / "table.md"

@@ -275,8 +275,9 @@ def run_erc(args: argparse.Namespace) -> int:
 def _load_model(checkpoint: Path, device_name: str) -> tuple[Any, Any, Any]:
     """(model, config, device) from a checkpoint; bad checkpoints become one clear error line."""
     from jobs.cli import UserError
-    from pipeline.checkpoint import CheckpointError, load_inference_model
-    from pipeline.evaluation.scoring import resolve_device
+    from pipeline.checkpoint import CheckpointError
+    from pipeline.method.model import load_inference_model
+    from pipeline.parallel.env import resolve_device
 
     device = resolve_device(device_name)
     try:
@@ -288,10 +289,9 @@ def _load_model(checkpoint: Path, device_name: str) -> tuple[Any, Any, Any]:
 
 def _checkpoint_lineage(checkpoint: Path) -> tuple[str, int]:
     """(MLflow run id of the training run, global step) stored in the checkpoint (memory-mapped read)."""
-    import torch
+    from pipeline.checkpoint import training_lineage
 
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
-    return str(state.get("mlflow_run_id") or ""), int(state.get("global_step") or 0)
+    return training_lineage(checkpoint)
 
 
 def run_eval(args: argparse.Namespace) -> int:

@@ -76,15 +76,13 @@ class _StepFeeder:
         return batch.as_inputs()
 
 
-def resolve_device(device: str | torch.device) -> tuple[torch.device, int | None]:
-    """(torch device of the tensors, DALI device_id): None for CPU, the CUDA index for a GPU."""
-    device = torch.device(device)
+def dali_device_id(device: torch.device) -> int | None:
+    """DALI's `device_id` for tensors on `device`: None builds CPU-only pipelines."""
     if device.type == "cpu":
-        return device, None
+        return None
     if device.type != "cuda":
         raise ConfigError(f"device {device}: the DALI loader runs on 'cpu' or 'cuda[:N]'")
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return torch.device("cuda", index), index
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 class TrainLoader:
@@ -120,7 +118,8 @@ class TrainLoader:
             )
         except ValueError as exc:
             raise ConfigError(f"data: {exc} (dataset {data.dataset})") from None
-        self.device, self._device_id = resolve_device(device)
+        self.device = torch.device(device)
+        self._device_id = dali_device_id(self.device)
         self.rank, self.world_size = rank, world_size
         self.fr_per_rank = data.fr_batch // world_size
         self.reg_per_rank = data.reg_batch // world_size

@@ -33,13 +33,6 @@ class Inference:
     embeddings: np.ndarray  # [N, D] float32; with flip: embedding(image) + embedding(mirror image)
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    """ "auto" → cuda when available, else cpu."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 @torch.no_grad()
 def infer_batch(
     model: torch.nn.Module, images: np.ndarray, device: torch.device, *, flip: bool = False

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
-from pipeline.config import ModelConfig
+from pipeline.checkpoint import load_checkpoint
+from pipeline.config import ModelConfig, TrainConfig, config_from_dict
 from pipeline.method.backbones import build_backbone
 
 
@@ -37,3 +40,15 @@ def build_model(model_cfg: ModelConfig, *, quality_grad_to_backbone: bool = True
         model_cfg.backbone, embedding_size=model_cfg.embedding_size, dropout=model_cfg.dropout
     )
     return FIQAModel(backbone, model_cfg.embedding_size, quality_grad_to_backbone=quality_grad_to_backbone)
+
+
+def load_inference_model(
+    path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[FIQAModel, TrainConfig]:
+    """(FIQAModel in eval mode on `device`, its TrainConfig) from a training checkpoint."""
+    state = load_checkpoint(path, map_location="cpu")
+    config = config_from_dict(state["config"])
+    model = build_model(config.model)
+    model.load_state_dict(state["model"], strict=True)
+    model.to(device).eval()
+    return model, config

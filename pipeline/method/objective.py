@@ -1,6 +1,6 @@
 """The IG-FIQA training objective: the one module the training loop calls per step.
 
-    out = objective(fr_embeddings, fr_labels, reg_embeddings, reg_quality, reg_labels, progress)
+    out = objective(fr_embeddings, fr_labels, reg_embeddings, reg_quality, reg_labels, alpha)
     out.total.backward()
 
 Inputs are this rank's LOCAL halves (every rank passes the same local sizes; the
@@ -11,8 +11,8 @@ global batch is rank 0's samples, then rank 1's, …). Per step:
 2. CCS, NNCCS of the regression half with no gradient; CR = CCS / (NNCCS + 1 + ε).
 3. The variance table folds in 1 − CCS of one half (`variance.update_from`; default
    "fr", the clean images, as the paper's Fig. 2 suggests: CCS of degraded images
-   measures the degradation, not the identity's spread), at α(progress), only in
-   training mode. `variance.order` says whether this happens before (default, the
+   measures the degradation, not the identity's spread), with the EMA momentum α the
+   trainer passes in (its schedule), only in training mode. `variance.order` says whether this happens before (default, the
    paper's eq. order 8 → 9 → 10) or after the weights are read.
 4. Weights ŵ of the regression samples' classes (mode "ig"), or all ones (mode "cr",
    CR-FIQA; the table is still maintained for monitoring).
@@ -39,7 +39,7 @@ from torch import nn
 from pipeline.config import LossConfig, VarianceConfig
 from pipeline.method.losses import certainty_ratio, weighted_regression_loss
 from pipeline.method.margin_classifier import ParallelMarginClassifier
-from pipeline.method.variance_table import VarianceTable, alpha_at
+from pipeline.method.variance_table import VarianceTable
 from pipeline.parallel.collectives import ProcessGroup, all_reduce_, rank, scale_grad, world_size
 
 
@@ -93,16 +93,15 @@ class IGFIQAObjective(nn.Module):
         reg_embeddings: torch.Tensor,
         reg_quality: torch.Tensor,
         reg_labels: torch.Tensor,
-        progress: float,
+        alpha: float,
     ) -> ObjectiveOutput:
-        """One step on this rank's local halves; collective (every rank calls it)."""
+        """One step on this rank's local halves with EMA momentum `alpha`; collective."""
         if reg_quality.shape != reg_labels.shape or reg_embeddings.shape[0] != reg_labels.shape[0]:
             raise ValueError(
                 f"regression half: {tuple(reg_embeddings.shape)} embeddings, {tuple(reg_quality.shape)} "
                 f"quality predictions and {tuple(reg_labels.shape)} labels do not match"
             )
         size, me = world_size(self.group), rank(self.group)
-        alpha = alpha_at(progress, self.variance_cfg)
 
         # DDP averages over W ranks; scaling the embedding gradient by W makes that average exact.
         margin = self.classifier(scale_grad(fr_embeddings, size), fr_labels)

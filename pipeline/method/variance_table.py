@@ -20,9 +20,8 @@ Decisions (config switches in `VarianceConfig`):
   gives each sample the same influence whether or not its classmates share its
   batch, and depends only on the global batch order, hence not on the world size.
   "mean" takes one EMA step with the class's batch mean of 1 − CCS.
-- α schedule (`alpha_at`): "linear" from `alpha_start` (0.9) to `alpha_end` (1.0)
-  over training progress in [0, 1] (per step, continuous), or "fixed" at
-  `alpha_start` for ablations.
+- α is passed in by the trainer each step (`pipeline.training.schedules.alpha_at`:
+  linear 0.9 → 1.0 over training, or fixed for ablations).
 
 `update` needs no communication: it takes the labels and CCS of the whole global
 batch (identical on every rank, as the classifier gathers them) and each rank
@@ -37,15 +36,6 @@ from torch import nn
 from pipeline.config import VarianceConfig
 from pipeline.parallel.collectives import ProcessGroup, all_reduce_, rank, world_size
 from pipeline.parallel.sharding import class_range, gather_class_rows, slice_class_rows
-
-
-def alpha_at(progress: float, cfg: VarianceConfig) -> float:
-    """EMA momentum α at training progress in [0, 1] (0 = first step, 1 = end of training)."""
-    if not 0.0 <= progress <= 1.0:
-        raise ValueError(f"training progress must lie in [0, 1], got {progress}")
-    if cfg.alpha_schedule == "fixed":
-        return cfg.alpha_start
-    return cfg.alpha_start + (cfg.alpha_end - cfg.alpha_start) * progress
 
 
 def z_score_weights(values: torch.Tensor, mean: float, std: float) -> torch.Tensor:

@@ -11,6 +11,10 @@ import os
 import socket
 from dataclasses import dataclass
 
+import torch
+
+from pipeline.config import ConfigError
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -59,3 +63,22 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def resolve_device(requested: str | torch.device = "auto", local_rank: int = 0) -> torch.device:
+    """The torch device a process computes on: the one place that turns a name into a device.
+
+    "auto" takes GPU `local_rank` when CUDA is available, else the CPU; "cuda" means GPU
+    `local_rank`; "cuda:N" and "cpu" are taken as they are. Asking for CUDA on a machine
+    without it is a `ConfigError`, not a crash later.
+    """
+    device = torch.device("cuda" if str(requested) == "auto" else requested)
+    if device.type == "cpu" or (str(requested) == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if device.type != "cuda":
+        raise ConfigError(f"device {requested!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            f"device {requested!r}, but CUDA is not available on this machine (use auto or cpu)"
+        )
+    return torch.device("cuda", device.index if device.index is not None else local_rank)

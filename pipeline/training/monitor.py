@@ -12,19 +12,18 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from pipeline.checkpoint import TrainingPosition
 from pipeline.config import TrainConfig, dump_config, flatten_config
 from pipeline.method.objective import IGFIQAObjective, ObjectiveOutput
 from pipeline.method.variance_table import z_score_weights
 from pipeline.parallel.env import DistEnv
-
-if TYPE_CHECKING:
-    from pipeline.training.trainer import _Trainer
+from pipeline.training.schedules import StepValues
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +65,9 @@ class StepMeter:
         self.wait_s += seconds
 
     @torch.no_grad()
-    def add(self, out: ObjectiveOutput, reg_quality: torch.Tensor, images_per_step: int) -> None:
+    def add(
+        self, out: ObjectiveOutput, reg_quality: torch.Tensor, images_per_step: int, alpha: float
+    ) -> None:
         """Accumulate one step's (detached) outputs and the regression half's predicted quality."""
         values = torch.stack(
             [
@@ -83,7 +84,7 @@ class StepMeter:
             ]
         )
         self.sums += values
-        self.alpha = float(out.alpha)
+        self.alpha = alpha
         self.images += images_per_step
 
     def collect(self) -> dict[str, float]:
@@ -149,12 +150,27 @@ def _hosts(env: DistEnv) -> list[str]:
 
 
 class TrainingMonitor:
-    """Rank 0's MLflow run, log lines and progress bar for one call of `train()`."""
+    """Rank 0's MLflow run, log lines and progress bar for one call of `train()`.
+
+    The loop calls `after_step` once per step; every `run.log_every` steps (and at the
+    last) it averages the step outputs over ranks and logs them (collective then).
+    """
 
     def __init__(
-        self, config: TrainConfig, env: DistEnv, *, total_steps: int, run_id: str, start_step: int
+        self,
+        config: TrainConfig,
+        env: DistEnv,
+        objective: IGFIQAObjective,
+        *,
+        total_steps: int,
+        run_id: str,
+        start_step: int,
+        device: torch.device,
     ) -> None:
         self.config, self.env, self.total = config, env, total_steps
+        self.objective = objective
+        self.meter = StepMeter(device)
+        self.images_per_step = config.data.fr_batch + config.data.reg_batch
         self.last_metrics: dict[str, float] = {}
         self.plots_dir = Path(config.run.dir) / "plots"
         hosts = _hosts(env)  # collective
@@ -213,7 +229,19 @@ class TrainingMonitor:
 
     # ------------------------------------------------------------------ per step
 
-    def advance(self, step: int) -> None:
+    def data_wait(self, seconds: float) -> None:
+        """Time this rank waited for its next batch."""
+        self.meter.data_wait(seconds)
+
+    def after_step(
+        self, position: TrainingPosition, out: ObjectiveOutput, reg_quality: torch.Tensor, values: StepValues
+    ) -> None:
+        """Accumulate one step on the device; log every `run.log_every` steps (collective then)."""
+        self.meter.add(out, reg_quality, self.images_per_step, values.alpha)
+        step = position.global_step
+        if step % self.config.run.log_every == 0 or step == self.total:
+            weights = class_weight_stats(self.objective)  # collective
+            self.log_step(step, position.epoch, values.lr, self.meter.collect(), weights)
         if self._bar is not None:
             self._bar.update(step - self._bar.n)
 
@@ -247,9 +275,9 @@ class TrainingMonitor:
 
     # ------------------------------------------------------------------ milestones
 
-    def epoch_end(self, epoch: int, objective: IGFIQAObjective) -> None:
+    def epoch_end(self, epoch: int) -> None:
         """Histogram of the class weights after each epoch (collective)."""
-        weights = _full_class_weights(objective)
+        weights = _full_class_weights(self.objective)
         if weights is None or self.tracker is None:
             return
         from pipeline.training.plots import plot_weight_histogram
@@ -261,24 +289,24 @@ class TrainingMonitor:
         )
         self._safely(lambda: self.tracker.log_artifact(path, "weights"), "log_artifact")
 
-    def finish(self, trainer: _Trainer, *, completed: bool) -> None:
+    def finish(self, last_checkpoint: str, *, completed: bool) -> None:
         """Final artifacts (collective): config, checkpoint reference, weight histogram, training curves."""
-        weights = _full_class_weights(trainer.objective)
+        weights = _full_class_weights(self.objective)
         if self.tracker is None or weights is None:
             return
         tracker = self.tracker
-        self._safely(lambda: self._final_artifacts(trainer, weights), "final artifacts")
+        self._safely(lambda: self._final_artifacts(last_checkpoint, weights), "final artifacts")
         self._safely(lambda: tracker.finish("FINISHED" if completed else "KILLED"), "finish")
 
-    def _final_artifacts(self, trainer: _Trainer, weights: np.ndarray) -> None:
+    def _final_artifacts(self, last_checkpoint: str, weights: np.ndarray) -> None:
         from pipeline.training.plots import plot_training_curves, plot_weight_histogram
 
         tracker = self.tracker
         assert tracker is not None
         tracker.log_text(dump_config(self.config), "config.yaml")
-        if trainer.last_checkpoint:
-            tracker.log_text(f"{trainer.last_checkpoint}\n", "checkpoint.txt")
-            tracker.set_tags({"checkpoint": trainer.last_checkpoint})
+        if last_checkpoint:
+            tracker.log_text(f"{last_checkpoint}\n", "checkpoint.txt")
+            tracker.set_tags({"checkpoint": last_checkpoint})
         hist = plot_weight_histogram(
             weights, self.plots_dir / "class_weights.png", title="class weights (final)"
         )

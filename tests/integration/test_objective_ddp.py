@@ -25,6 +25,7 @@ from pipeline.method.model import FIQAModel
 from pipeline.method.objective import IGFIQAObjective
 from pipeline.parallel.collectives import all_gather_no_grad, rank, world_size
 from pipeline.parallel.sharding import gather_class_rows
+from pipeline.training.schedules import alpha_at
 
 NUM_CLASSES, DIM, IN_FEATURES, STEPS = 7, 16, 24, 3
 CONFIGS = {
@@ -87,7 +88,14 @@ def _run(spec: dict[str, Any], loss_cfg: LossConfig, var_cfg: VarianceConfig) ->
         emb, quality = net(torch.cat([fr_x, reg_x]))
         model_opt.zero_grad()
         clf_opt.zero_grad()
-        out = objective(emb[:n_fr], fr_y, emb[n_fr:], quality[n_fr:], reg_y, progress=index / STEPS)
+        out = objective(
+            emb[:n_fr],
+            fr_y,
+            emb[n_fr:],
+            quality[n_fr:],
+            reg_y,
+            alpha=alpha_at(index / STEPS, VarianceConfig()),
+        )
         out.total.backward()
         record["steps"].append(
             {

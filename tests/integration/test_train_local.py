@@ -186,7 +186,7 @@ def _assert_is_a_commit_of_this_repo(version: str) -> None:
 
 @pytest.mark.slow
 def test_checkpoints_are_pruned_and_load_with_weights_only(finished_run: FinishedRun) -> None:
-    from pipeline.checkpoint import load_inference_model
+    from pipeline.method.model import load_inference_model
 
     config, result = finished_run.config, finished_run.result
     folder = Path(config.run.dir) / "checkpoints"

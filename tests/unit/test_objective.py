@@ -10,6 +10,7 @@ import torch
 from pipeline.config import LossConfig, ModelConfig, VarianceConfig
 from pipeline.method.model import build_model
 from pipeline.method.objective import IGFIQAObjective
+from pipeline.training.schedules import alpha_at
 from tests import dense_reference as ref
 
 NUM_CLASSES, DIM = 7, 16
@@ -51,7 +52,7 @@ def test_three_steps_match_dense_reference(mode: str, update_from: str, order: s
             mode=mode, update_from=update_from, order=order, fold=fold,
         )  # fmt: skip
         objective.classifier.weight.grad = None
-        out = objective(fr_emb, fr_y, reg_emb, reg_q, reg_y, progress)
+        out = objective(fr_emb, fr_y, reg_emb, reg_q, reg_y, alpha_at(progress, VarianceConfig()))
         out.total.backward()
         expected["total"].backward()
         table = expected["table"]
@@ -75,7 +76,7 @@ def test_ig_weights_change_the_loss_after_updates() -> None:
     for mode in ("ig", "cr"):
         objective = IGFIQAObjective(NUM_CLASSES, DIM, LossConfig(mode=mode), VarianceConfig(), seed=2).train()
         for _ in range(3):
-            out = objective(*_batch(0), progress=0.0)
+            out = objective(*_batch(0), alpha=0.9)
         losses[mode] = float(out.loss_ig)
         if mode == "ig":
             assert (out.weights < 1).any() and (out.weights >= 0).all()
@@ -87,7 +88,7 @@ def test_eval_mode_leaves_the_table_alone_and_sum_reduction() -> None:
         NUM_CLASSES, DIM, LossConfig(ig_reduction="sum"), VarianceConfig(), seed=2
     ).eval()
     fr_emb, fr_y, reg_emb, reg_q, reg_y = _batch(0)
-    out = objective(fr_emb, fr_y, reg_emb, reg_q, reg_y, 0.5)
+    out = objective(fr_emb, fr_y, reg_emb, reg_q, reg_y, 0.95)
     torch.testing.assert_close(objective.variance.values, torch.ones(NUM_CLASSES))
     expected = ref.ig_loss(reg_q, out.cr, torch.ones(8), 0.5, "sum")  # σ = 0 → weights 1
     torch.testing.assert_close(out.loss_ig, expected)
@@ -96,7 +97,7 @@ def test_eval_mode_leaves_the_table_alone_and_sum_reduction() -> None:
 def test_state_round_trip_through_the_objective() -> None:
     objective = IGFIQAObjective(NUM_CLASSES, DIM, LossConfig(), VarianceConfig(), seed=2).train()
     opt = torch.optim.SGD(objective.parameters(), lr=0.1, momentum=0.9)
-    objective(*_batch(0), progress=0.1).total.backward()
+    objective(*_batch(0), alpha=0.91).total.backward()
     opt.step()
     state = objective.full_state(opt)
     assert set(state) == {"classifier", "classifier_momentum", "variance"}
@@ -117,7 +118,7 @@ def test_with_the_mini_backbone_and_the_gradient_switch() -> None:
         )
         objective = IGFIQAObjective(4, DIM, LossConfig(lambda_ig=10.0), VarianceConfig(), seed=0).train()
         emb, quality = model(images)
-        out = objective(emb[:4], labels[:4], emb[4:], quality[4:], labels[4:], 0.0)
+        out = objective(emb[:4], labels[:4], emb[4:], quality[4:], labels[4:], 0.9)
         # the regression loss alone: reaches the backbone only when allowed
         model.zero_grad()
         out.loss_ig.backward(retain_graph=True)
@@ -134,7 +135,7 @@ def test_mismatched_regression_half_is_refused() -> None:
     objective = IGFIQAObjective(NUM_CLASSES, DIM, LossConfig(), VarianceConfig())
     fr_emb, fr_y, reg_emb, reg_q, reg_y = _batch(0)
     with pytest.raises(ValueError, match="regression half"):
-        objective(fr_emb, fr_y, reg_emb, reg_q[:5], reg_y, 0.0)
+        objective(fr_emb, fr_y, reg_emb, reg_q[:5], reg_y, 0.9)
 
 
 @pytest.mark.gpu

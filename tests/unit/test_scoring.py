@@ -88,7 +88,8 @@ def test_score_files_reports_broken_files_and_goes_on(tmp_path):
     np.testing.assert_allclose(
         table.loc[[str(p) for p in readable], "quality"], expected.quality, rtol=1e-5, atol=1e-6
     )
-    np.testing.assert_allclose(scored.embeddings, expected.embeddings, rtol=1e-5, atol=1e-5)
+    # batches of 2 vs 3 take different oneDNN kernels: float32 rounding of values up to ~15 in size
+    np.testing.assert_allclose(scored.embeddings, expected.embeddings, rtol=1e-5, atol=1e-4)
     assert table["height"].loc[str(folder / "a.jpg")] == 112 and not table["resized"].any()
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import LossConfig, VarianceConfig, replace_section
+from pipeline.config import LossConfig, TrainConfig, VarianceConfig, replace_section
 from pipeline.method.objective import IGFIQAObjective, ObjectiveOutput
 from pipeline.parallel.env import DistEnv
 from pipeline.training.monitor import StepMeter, TrainingMonitor, class_weight_stats
@@ -35,12 +35,30 @@ def _output(
     )
 
 
+CPU = torch.device("cpu")
+
+
+def _objective(config: TrainConfig) -> IGFIQAObjective:
+    """A small objective for the monitor's class-weight summaries (4 classes)."""
+    return IGFIQAObjective(4, config.model.embedding_size, config.loss, config.variance)
+
+
 def test_step_meter_averages_over_steps_and_samples_then_resets() -> None:
     meter = StepMeter(torch.device("cpu"))
     meter.data_wait(0.02)
-    meter.add(_output(10.0, 0.25, [0.1, 0.3], [1.0, 0.5], [0.2]), torch.tensor([0.0, 0.4]), images_per_step=4)
+    meter.add(
+        _output(10.0, 0.25, [0.1, 0.3], [1.0, 0.5], [0.2]),
+        torch.tensor([0.0, 0.4]),
+        images_per_step=4,
+        alpha=0.75,
+    )
     meter.data_wait(0.03)
-    meter.add(_output(20.0, 0.75, [0.5, 0.7], [0.0, 0.5], [0.6]), torch.tensor([0.2, 0.2]), images_per_step=4)
+    meter.add(
+        _output(20.0, 0.75, [0.5, 0.7], [0.0, 0.5], [0.6]),
+        torch.tensor([0.2, 0.2]),
+        images_per_step=4,
+        alpha=1.25,
+    )
     time.sleep(0.1)
     out = meter.collect()
     assert out["loss_arc"] == pytest.approx(15.0)
@@ -55,7 +73,7 @@ def test_step_meter_averages_over_steps_and_samples_then_resets() -> None:
     assert wall >= 0.1
     assert out["images_per_s"] == pytest.approx(8 / wall, rel=0.05)
     assert out["data_wait_frac"] == pytest.approx(0.05 / wall, rel=0.05)
-    meter.add(_output(1.0, 0.0, [0.0], [1.0], [0.0]), torch.tensor([0.0]), images_per_step=2)
+    meter.add(_output(1.0, 0.0, [0.0], [1.0], [0.0]), torch.tensor([0.0]), images_per_step=2, alpha=0.9)
     assert meter.collect()["loss_arc"] == pytest.approx(1.0)  # sums were reset
 
 
@@ -80,7 +98,9 @@ def test_monitor_run_is_paused_continued_and_marked_failed(tmp_path: Path) -> No
     config = tiny_config(tiny_dataset(tmp_path / "data"), tmp_path / "run", uri)
     client = MlflowClient(tracking_uri=uri)
 
-    first = TrainingMonitor(config, DistEnv.single(), total_steps=10, run_id="", start_step=0)
+    first = TrainingMonitor(
+        config, DistEnv.single(), _objective(config), total_steps=10, run_id="", start_step=0, device=CPU
+    )
     first.log_step(
         2,
         0,
@@ -103,7 +123,15 @@ def test_monitor_run_is_paused_continued_and_marked_failed(tmp_path: Path) -> No
 
     # the next attempt continues the same run; a changed config is kept as an artifact
     changed = replace_section(config, optim={"lr": 0.01})
-    second = TrainingMonitor(changed, DistEnv.single(), total_steps=10, run_id=first.run_id, start_step=2)
+    second = TrainingMonitor(
+        changed,
+        DistEnv.single(),
+        _objective(changed),
+        total_steps=10,
+        run_id=first.run_id,
+        start_step=2,
+        device=CPU,
+    )
     assert second.run_id == first.run_id
     run = client.get_run(first.run_id)
     assert run.info.status == "RUNNING" and run.data.tags["attempt_started_at_step_2"]

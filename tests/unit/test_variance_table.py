@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from pipeline.config import VarianceConfig
-from pipeline.method.variance_table import VarianceTable, alpha_at, z_score_weights
+from pipeline.method.variance_table import VarianceTable, z_score_weights
+from pipeline.training.schedules import alpha_at
 from tests import dense_reference as ref
 
 

@@ -26,7 +26,7 @@ SCORES a CSV or parquet table, one row per image:
 """
 
 WHAT_IS_COMPUTED = """\
-what is computed (see pipeline/evaluation/evaluate/quality_metrics.py for the exact definitions):
+what is computed (see pipeline/evaluation/quality_metrics.py for the exact definitions):
   pair quality   min of the two images' qualities
   threshold      fixed once on ALL pairs at each --fmr: a pair matches when similarity > threshold
   EDC            ISO/IEC 29794-1: mated pairs discarded lowest quality first, equal qualities together;

@@ -14,22 +14,9 @@ off skips the operator entirely, so it is pixel-identical to decode + flip + nor
 that get it. Erase comes last so the rectangle stays exactly at ERASE_FILL (pixel 0,
 i.e. −1 after normalisation, as the paper sets the pixels to 0).
 
-Why these operators (DALI 2.4 on the CPU, measured with `benchmarks/dali_pipeline.py
---profile` and single-operator timings on 112×112 faces): converting float pixels to an
-integer type is the dear step (fn.cast, brightness_contrast, color_twist, hsv or
-coord_transform from float: each about a decode's worth per image), while
-brightness_contrast from uint8 to an integer type and integer casts are cheap; a
-conditional's merge copies the whole batch (a float32 merge costs four times a uint8
-one). So the pixels stay uint8 between the conditionals and no float is ever turned
-back into an integer. The color jitter is an affine map of the pixel and its grey value,
-    b·(c·(grey + s·(x − grey) − 128) + 128) = pixel_gain·x + (grey_gain·grey + offset),
-computed as two uint8 → int16 brightness_contrast terms (each rounded to an integer, so
-the sum is within one grey level of the exact map), an int16 sum and a saturating cast
-to uint8 (the clip): about half the cost of blending in float (saturation) and converting
-back with brightness_contrast, which is what color_twist or hsv would do too. The gains
-are computed per sample on the host (`GraphBatch.as_inputs`). The rescale shrinks by
-nearest-neighbour sampling (RESCALE_DOWN_INTERP), because DALI's antialiased CPU shrink
-costs about half of a decode, and restores with linear interpolation (the blur).
+Pixels stay uint8 between the conditionals and no float is turned back into an integer
+(the dear step on the CPU); why each operator was chosen, with the measurements:
+docs/dali-graph.md.
 
 The device is chosen at build time: `device_id=None` gives a CPU-only pipeline
 (decoder "cpu", CPU operators); an integer gives decoder "mixed" and GPU operators,

@@ -2,8 +2,8 @@
 
 For every set: quality of every image (our head), embeddings for the comparisons
 (our backbone by default, or cross-model: an ONNX FR model or precomputed `.npz`
-embeddings, see pipeline/evaluation/evaluate/embeddings.py), 10-fold verification accuracy, and the
-EDC / ERC quality evaluation of pipeline/evaluation/evaluate/quality_metrics.py. Layout of a set
+embeddings, see pipeline/evaluation/embeddings.py), 10-fold verification accuracy, and the
+EDC / ERC quality evaluation of pipeline/evaluation/quality_metrics.py. Layout of a set
 (docs/contracts.md): `dataset.json` (kind "verification"), `shards/*.tar`,
 `manifest.parquet` (key, index, sha256, nbytes, shard, offset) and `pairs.parquet`
 (left, right, issame).

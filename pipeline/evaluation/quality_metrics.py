@@ -1,52 +1,14 @@
 """Quality evaluation of a FIQA method: EDC (ISO/IEC 29794-1) and the FIQA papers' ERC AUC.
 
 Inputs are comparison pairs (`similarity`, higher = more alike; `mated` 0/1) and a
-quality score per image; a pair's quality is the minimum of its two images'
-qualities (the lower-quality sample decides whether a comparison can be trusted).
-
-Threshold (shared by both curves unless stated otherwise)
-    A comparison is a **match when its similarity is strictly greater than τ**.
-    τ is fixed once on *all* pairs at the target FMR: with the N non-mated
-    similarities sorted from high to low and k = ⌊FMR·N⌋, τ is the (k+1)-th
-    highest. The achieved FMR = #{non-mated > τ}/N is then the largest FMR a
-    threshold can reach without exceeding the target (less than k/N when
-    non-mated similarities tie at τ). When FMR·N < 1 no threshold can reach the
-    target; τ is the highest non-mated similarity (achieved FMR 0) and the result
-    carries a warning: the curve at that FMR is not a measurement of that FMR.
-
-EDC, as in ISO/IEC 29794-1:2024 and Schlett et al., "Considerations on the
-evaluation of biometric quality assessment algorithms" (the FNM-EDC)
-    Only mated pairs make up the curve (FNMR depends on them alone; the non-mated
-    pairs only set τ). Mated pairs are discarded lowest quality first, all pairs
-    of equal quality at once, so the curve has one point per distinct quality
-    level: (discarded fraction of mated pairs, FNMR of the remaining mated pairs),
-    closed by (1, 0). The partial AUC up to a discard limit (default 0.2) is the
-    stepwise (left-constant) integral of that curve.
-
-ERC AUC as the FIQA papers report it (CR-FIQA, IG-FIQA Table 2)
-    Pairs (mated and non-mated) are sorted by quality and the lowest ⌊r·N⌋ of all
-    N pairs are rejected for r = 0, 0.05, …, 0.95 (ties broken by pair order: a
-    stable sort); FNMR of the remaining mated pairs at τ fixed at the start; the
-    AUC is the trapezoid over those 20 points (not normalised: r spans 0.95).
-
-How the published CR-FIQA script (`ERC/erc.py` + `ERC/roc.py` of fdbtrs/CR-FIQA)
-differs from our paper variant, which `paper_erc(..., refit_threshold=True)`
-reproduces step by step:
-    1. it **refits the threshold on the remaining pairs at every reject
-       fraction** (so the FMR, not the threshold, is held fixed while rejecting);
-    2. it picks the threshold whose FMR is *nearest* the target
-       (argmin |FMR − target|, lowest threshold on ties), which may lie above the
-       target, among the observed similarities (mated and non-mated alike);
-    3. its FMR counts non-mated pairs with similarity ≥ t as matches but its FNMR
-       counts mated pairs with similarity ≤ t as non-matches (a mated pair exactly
-       at t counts as an error on one side and an impostor at t as a match);
-    4. the rejected count is `int(r·N)` with r from `np.arange(0, 0.98, 0.05)`
-       (float r, e.g. 0.15000000000000002) and ties in quality are broken by
-       `np.argsort`'s default (unstable) order;
-    5. it works on the angular distance arccos(cos)/π rather than the cosine, a
-       monotone transform that changes nothing but float rounding;
-    6. with no mated (or no non-mated) pair left it divides by zero; we return
-       FNMR 0 (nothing left to miss) or NaN (no threshold to refit) with a warning.
+quality score per image; a pair's quality is the minimum of its two images' qualities.
+A comparison matches when its similarity is strictly greater than τ, fixed once on all
+pairs at the target FMR (when FMR·N_non-mated < 1 no threshold reaches it: τ is the
+highest non-mated similarity and the result carries a warning). `edc` discards mated
+pairs lowest quality first, ties together, and integrates stepwise to a discard limit;
+`paper_erc` rejects the lowest ⌊r·N⌋ of all pairs for r = 0…0.95 and integrates by
+trapezoids (`refit_threshold=True` reproduces the published CR-FIQA script). Exact
+definitions and how CR-FIQA's script differs: docs/evaluation.md.
 """
 
 from __future__ import annotations

@@ -1,0 +1,148 @@
+"""pipeline.checkpoint: the format, field by field, through build → save → load → restore."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.checkpoint import (
+    LAST_NAME,
+    REQUIRED_KEYS,
+    CheckpointError,
+    TrainingPosition,
+    build_training_state,
+    check_resumable,
+    checkpoint_dir,
+    find_resume_checkpoint,
+    load_checkpoint,
+    restore_training,
+    save_checkpoint,
+    training_lineage,
+)
+from pipeline.config import TrainConfig, config_from_dict, config_to_dict, replace_section
+from pipeline.method.model import build_model, load_inference_model
+from pipeline.method.objective import IGFIQAObjective
+
+CPU = torch.device("cpu")
+CLASSES = 7
+
+
+class _Parts:
+    """Model, objective and both optimizers of a tiny training process."""
+
+    def __init__(self, config: TrainConfig, seed: int) -> None:
+        torch.manual_seed(seed)
+        self.model = build_model(config.model)
+        self.objective = IGFIQAObjective(CLASSES, config.model.embedding_size, config.loss, config.variance)
+        self.model_optimizer = torch.optim.SGD(self.model.parameters(), lr=0.1, momentum=0.9)
+        self.classifier_optimizer = torch.optim.SGD(self.objective.parameters(), lr=0.1, momentum=0.9)
+
+    def train_one_step(self) -> None:
+        images = torch.randn(4, 3, 112, 112)
+        labels = torch.tensor([0, 3, 5, 6])
+        embeddings, quality = self.model(images)
+        out = self.objective(embeddings[:2], labels[:2], embeddings[2:], quality[2:], labels[2:], 0.9)
+        out.total.backward()
+        self.model_optimizer.step()
+        self.classifier_optimizer.step()
+
+
+def _config(tmp_path: Path) -> TrainConfig:
+    return config_from_dict(
+        {"model": {"backbone": "iresnet_mini", "embedding_size": 16}, "run": {"dir": str(tmp_path / "run")}}
+    )
+
+
+def _state(parts: _Parts, config: TrainConfig, position: TrainingPosition, reason: str = "periodic") -> dict:
+    return build_training_state(
+        config=config,
+        model=parts.model,
+        model_optimizer=parts.model_optimizer,
+        sharded=parts.objective.full_state(optimizer=parts.classifier_optimizer),
+        position=position,
+        scheduler={"kind": "multistep", "lr": 0.1},
+        mlflow_run_id="run-123",
+        world_size=1,
+        reason=reason,
+        device=CPU,
+    )
+
+
+def test_every_field_survives_the_round_trip(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    saved = _Parts(config, seed=0)
+    saved.train_one_step()
+    position = TrainingPosition(epoch=2, step_in_epoch=5, global_step=17)
+    torch.manual_seed(99)
+    rng_before = torch.get_rng_state()
+    path = save_checkpoint(_state(saved, config, position), config.run.dir, keep=2)
+
+    state = load_checkpoint(path)
+    assert set(REQUIRED_KEYS) <= set(state) and "classifier_momentum" in state
+    assert state["config"] == config_to_dict(config) and state["reason"] == "periodic"
+    assert training_lineage(path) == ("run-123", 17)
+
+    torch.manual_seed(5)  # restore must bring the saved RNG back
+    restored = _Parts(config, seed=1)
+    got = restore_training(
+        state,
+        model=restored.model,
+        model_optimizer=restored.model_optimizer,
+        sharded=restored.objective,
+        classifier_optimizer=restored.classifier_optimizer,
+        device=CPU,
+    )
+    assert got == position
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    for name, tensor in saved.model.state_dict().items():
+        assert torch.equal(restored.model.state_dict()[name], tensor), name
+    assert torch.equal(restored.objective.classifier.weight, saved.objective.classifier.weight)
+    assert torch.equal(restored.objective.variance.values, saved.objective.variance.values)
+    for field in ("model_optimizer", "classifier_optimizer"):
+        before, after = getattr(saved, field).state_dict(), getattr(restored, field).state_dict()
+        for key, value in before["state"].items():
+            assert torch.equal(after["state"][key]["momentum_buffer"], value["momentum_buffer"]), field
+
+    model, loaded_config = load_inference_model(path)
+    assert loaded_config == config and not model.training
+    assert torch.equal(model.head.weight, saved.model.head.weight)
+
+
+def test_last_points_at_the_newest_and_old_files_are_pruned(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    parts = _Parts(config, seed=0)
+    for step in (5, 10, 15):
+        save_checkpoint(_state(parts, config, TrainingPosition(global_step=step)), config.run.dir, keep=2)
+    folder = checkpoint_dir(config.run.dir)
+    assert sorted(p.name for p in folder.glob("step-*.ckpt")) == ["step-00000010.ckpt", "step-00000015.ckpt"]
+    assert find_resume_checkpoint(config.run.dir) == folder / LAST_NAME
+    assert load_checkpoint(folder / LAST_NAME)["global_step"] == 15
+    assert not list(folder.glob("*.tmp*"))
+
+
+def test_incomplete_and_foreign_files_are_refused(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    state = _state(_Parts(config, seed=0), config, TrainingPosition())
+    del state["variance"]
+    with pytest.raises(CheckpointError, match="missing variance"):
+        save_checkpoint(state, config.run.dir, keep=1)
+    assert find_resume_checkpoint(config.run.dir) is None
+    torch.save({"format_version": 99}, tmp_path / "x.ckpt")
+    with pytest.raises(CheckpointError, match="format_version 99"):
+        load_checkpoint(tmp_path / "x.ckpt")
+    (tmp_path / "y.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(tmp_path / "y.ckpt")
+    with pytest.raises(CheckpointError, match="no such checkpoint file"):
+        load_checkpoint(tmp_path / "z.ckpt")
+
+
+def test_resume_with_another_model_is_refused(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    path = save_checkpoint(_state(_Parts(config, seed=0), config, TrainingPosition()), config.run.dir, keep=1)
+    state = load_checkpoint(path)
+    check_resumable(path, state, replace_section(config, optim={"epochs": 50}))
+    with pytest.raises(CheckpointError, match=r"use another run\.dir"):
+        check_resumable(path, state, replace_section(config, model={"embedding_size": 32}))

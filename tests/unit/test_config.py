@@ -1,0 +1,109 @@
+"""pipeline.config: defaults, YAML, dotted overrides, and every refusal naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import (
+    ConfigError,
+    TrainConfig,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+    per_rank_batches,
+    replace_section,
+    validate_for_world,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_defaults_are_the_paper_settings() -> None:
+    config = TrainConfig()
+    assert (config.data.fr_batch, config.data.reg_batch) == (512, 512)
+    assert (config.loss.scale, config.loss.arc_margin, config.loss.lambda_ig) == (64.0, 0.5, 10.0)
+    assert (config.variance.alpha_start, config.variance.alpha_end) == (0.9, 1.0)
+    assert (config.optim.lr, config.optim.momentum, config.optim.weight_decay) == (0.1, 0.9, 5e-4)
+
+
+@pytest.mark.parametrize("name", ["tiny_cpu", "protocol_s", "protocol_l"])
+def test_shipped_configs_load_and_round_trip(name: str) -> None:
+    config = load_config(REPO / "configs" / f"{name}.yaml")
+    assert config_from_dict(config_to_dict(config)) == config
+
+
+def test_yaml_then_overrides_win(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: 0.2\n  milestones: [3, 5]\nmodel:\n  backbone: iresnet_mini\n")
+    config = load_config(path, ["optim.lr=0.05", "run.name=x", "loss.mode=cr"])
+    assert config.optim.lr == 0.05 and config.optim.milestones == (3, 5)
+    assert config.model.backbone == "iresnet_mini" and config.run.name == "x" and config.loss.mode == "cr"
+    assert isinstance(config.optim.lr, float)
+
+
+@pytest.mark.parametrize(
+    ("tree", "message"),
+    [
+        ({"optim": {"lrr": 0.1}}, r"unknown config key optim\.lrr \(known: .*lr"),
+        ({"optimizer": {}}, r"unknown config key optimizer"),
+        ({"optim": {"epochs": 2.5}}, r"optim\.epochs: expected an integer, got float 2\.5"),
+        ({"optim": {"epochs": True}}, r"optim\.epochs: expected an integer, got bool"),
+        ({"optim": {"lr": "fast"}}, r"optim\.lr: expected a number, got str 'fast'"),
+        ({"run": {"deterministic": "yes"}}, r"run\.deterministic: expected true/false"),
+        ({"loss": {"mode": "arc"}}, r"loss\.mode: 'arc' is not one of 'ig', 'cr'"),
+        ({"optim": {"milestones": 3}}, r"optim\.milestones: expected a list"),
+        ({"optim": 3}, r"optim: expected a mapping"),
+        ({"optim": {"lr": 0}}, r"optim\.lr: 0\.0 must be positive"),
+        ({"optim": {"milestones": [5, 3]}}, r"must be increasing"),
+        ({"data": {"augment": {"p_erase": 1.5}}}, r"data\.augment\.p_erase: 1\.5 is not a probability"),
+        ({"variance": {"alpha_start": 1.2}}, r"variance\.alpha_start: 1\.2 must lie in \[0, 1\]"),
+        ({"run": {"keep_checkpoints": 0}}, r"run\.keep_checkpoints: 0 must be >= 1"),
+        ({"optim": {"momentum": 1.0}}, r"optim\.momentum: 1\.0 must lie in \[0, 1\)"),
+    ],
+)
+def test_bad_values_are_refused_naming_the_key(tree: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(tree)
+
+
+def test_a_bad_file_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: -1\n")
+    with pytest.raises(ConfigError, match=rf"{path}: optim\.lr: -1\.0 must be positive"):
+        load_config(path)
+    path.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.lr", "expected key=value"),
+        ("=3", "empty key"),
+        ("optim.lr.x=1", "optim.lr: expected a number, got dict"),
+    ],
+)
+def test_malformed_overrides(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_world_size_must_divide_both_halves() -> None:
+    config = config_from_dict({"data": {"fr_batch": 6, "reg_batch": 4}})
+    assert per_rank_batches(config, 2) == (3, 2)
+    with pytest.raises(ConfigError, match=r"data\.reg_batch: 4 is not divisible by the world size 3"):
+        validate_for_world(config, 3)
+
+
+def test_replace_section_rechecks() -> None:
+    config = TrainConfig()
+    assert replace_section(config, optim={"lr": 0.01}).optim.lr == 0.01
+    with pytest.raises(ConfigError, match=r"optim\.lr"):
+        replace_section(config, optim={"lr": -0.01})
+    with pytest.raises(ConfigError, match="unknown config section nope"):
+        replace_section(config, nope={})

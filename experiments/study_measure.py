@@ -22,13 +22,14 @@ import torch
 from scipy.stats import mannwhitneyu, spearmanr
 from tqdm import tqdm
 
+from data_prep.dataset import load_dataset_info
 from data_prep.manifest import read_manifest
+from data_prep.shard_reader import ShardReader
 from pipeline.checkpoint import load_checkpoint
-from pipeline.config import config_from_dict
 from pipeline.data.image_io import decode_image
 from pipeline.evaluation.intra_class import intra_class_variance, pearson_correlation
 from pipeline.evaluation.scoring import infer
-from pipeline.method.model import build_model
+from pipeline.method.model import inference_model_from_state, load_inference_model
 from pipeline.method.variance_table import z_score_weights
 
 EMBED_BATCH = 128
@@ -43,14 +44,6 @@ class TrainingImages:
     strength: np.ndarray  # [N] degradation strength (0 = none)
     low_variance_class: np.ndarray  # [C] bool: the class is a low-variance identity
     num_classes: int
-
-
-def _read_member(tar_path: Path, offset: int, nbytes: int, handle: Any) -> bytes:
-    handle.seek(offset)
-    data = handle.read(nbytes)
-    if len(data) != nbytes:
-        raise ValueError(f"{tar_path}: short read at offset {offset} ({len(data)} of {nbytes} bytes)")
-    return data
 
 
 def load_training_images(train_dir: Path, synth_dir: Path, *, progress: bool = True) -> TrainingImages:
@@ -68,18 +61,11 @@ def load_training_images(train_dir: Path, synth_dir: Path, *, progress: bool = T
     low_variance_class = np.zeros(num_classes, dtype=bool)
     low_variance_class[per_class.index.to_numpy()] = per_class["max"].to_numpy(bool)
     pixels = np.empty((len(joined), 3, 112, 112), dtype=np.float32)
-    handles: dict[int, Any] = {}
-    try:
+    tar_paths = load_dataset_info(train_dir).tar_paths
+    with ShardReader(tar_paths) as reader:
         for row in tqdm(joined.itertuples(), total=len(joined), desc="decode train", disable=not progress):
-            tar_path = train_dir / "shards" / f"shard-{int(row.shard):05d}.tar"
-            handle = handles.get(int(row.shard))
-            if handle is None:
-                handle = handles[int(row.shard)] = open(tar_path, "rb")  # noqa: SIM115 - closed below
-            data = _read_member(tar_path, int(row.offset), int(row.nbytes), handle)
-            pixels[row.Index] = decode_image(data, source=f"{tar_path}:{row.key}").tensor
-    finally:
-        for handle in handles.values():
-            handle.close()
+            data = reader.read(int(row.shard), int(row.offset), int(row.nbytes)).tobytes()
+            pixels[row.Index] = decode_image(data, source=f"{tar_paths[int(row.shard)]}:{row.key}").tensor
     return TrainingImages(
         pixels=pixels,
         labels=joined["label"].to_numpy(np.int64),
@@ -107,18 +93,10 @@ def _spearman(x: np.ndarray, y: np.ndarray) -> float:
     return float(spearmanr(x, y).statistic)
 
 
-def model_from_state(state: dict[str, Any]) -> torch.nn.Module:
-    """The checkpoint's FIQAModel in eval mode on the CPU."""
-    config = config_from_dict(state["config"])
-    model = build_model(config.model)
-    model.load_state_dict(state["model"], strict=True)
-    return model.eval()
-
-
 def measure_checkpoint(path: Path, images: TrainingImages) -> dict[str, Any]:
     """Table-vs-truth, class weights and quality-vs-strength numbers of one checkpoint."""
     state = load_checkpoint(path)
-    model = model_from_state(state)
+    model, _ = inference_model_from_state(state)
     batches = (images.pixels[i : i + EMBED_BATCH] for i in range(0, len(images.pixels), EMBED_BATCH))
     with torch.inference_mode():
         out = infer(model, batches, torch.device("cpu"))
@@ -168,7 +146,7 @@ def final_backbone_correlations(run_dir: Path, steps_per_epoch: int, images: Tra
     model exists for the synthetic faces, so the run's own last backbone stands in for it.
     """
     checkpoints = _epoch_checkpoints(run_dir, steps_per_epoch)
-    model = model_from_state(load_checkpoint(checkpoints[-1]))
+    model, _ = load_inference_model(checkpoints[-1])
     batches = (images.pixels[i : i + EMBED_BATCH] for i in range(0, len(images.pixels), EMBED_BATCH))
     with torch.inference_mode():
         out = infer(model, batches, torch.device("cpu"))
@@ -188,7 +166,7 @@ def evaluate_final(
     """EDC pAUC / ERC AUC per set and FMR (own backbone) and Spearman ρ(quality, strength) on each set."""
     from pipeline.evaluation.evaluate import evaluate_checkpoint
 
-    model = model_from_state(load_checkpoint(checkpoint))
+    model, _ = load_inference_model(checkpoint)
     outcome = evaluate_checkpoint(
         model, val_dir, out_dir, device=torch.device("cpu"), fmrs=fmrs, progress=False
     )

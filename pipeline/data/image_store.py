@@ -2,16 +2,13 @@
 
 Reads `dataset.json` (via `data_prep.dataset.load_dataset_info`) and the columns of
 `manifest.parquet` the loader needs, and memory-maps the shard tars; the bytes of
-row i are `tar[shard[i]][offset[i] : offset[i] + nbytes[i]]` (layout:
-docs/contracts.md). Slices are zero-copy views of the maps, so handing a batch of
-them to DALI costs no Python-side copy. Only the needed manifest columns are read:
-the sha256 strings alone would take ~0.6 GB per rank on MS1M-V2.
+row i come from `data_prep.shard_reader.ShardReader` as zero-copy views. Only the
+needed manifest columns are read: the sha256 strings alone would take ~0.6 GB per
+rank on MS1M-V2.
 """
 
 from __future__ import annotations
 
-import contextlib
-import mmap
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +16,7 @@ import pyarrow.parquet as pq
 
 from data_prep.dataset import DatasetInfo, load_dataset_info
 from data_prep.errors import DataError
+from data_prep.shard_reader import ShardReader
 
 MANIFEST_COLUMNS = ("key", "label", "shard", "offset", "nbytes")
 # Leading bytes of the encodings the DALI decoder is given: JPEG (SOI marker) and PNG.
@@ -52,8 +50,8 @@ class ImageStore:
         self.shards = table.column("shard").to_numpy().astype(np.int64)
         self.offsets = table.column("offset").to_numpy().astype(np.int64)
         self.nbytes = table.column("nbytes").to_numpy().astype(np.int64)
+        self.reader = ShardReader(self.info.tar_paths)
         self._check_rows(path)
-        self._maps: list[mmap.mmap | None] = [None] * len(self.info.shards)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -75,43 +73,26 @@ class ImageStore:
                 f"row {i} (key {self.keys[i]}) has label {self.labels[i]} outside [0, {self.info.num_classes})",
                 path=path,
             )
-        bad = np.flatnonzero((self.shards < 0) | (self.shards >= len(self.info.shards)))
-        if bad.size:
-            i = int(bad[0])
+        i = self.reader.first_row_outside(self.shards, self.offsets, self.nbytes)
+        if i is None:
+            return
+        if not 0 <= self.shards[i] < len(self.info.shards):
             raise DataError(
                 f"row {i} (key {self.keys[i]}) names shard {self.shards[i]}, which does not exist", path=path
             )
-        sizes = np.array(
-            [p.stat().st_size if p.is_file() else -1 for p in self.info.tar_paths], dtype=np.int64
+        shard_path = self.info.tar_paths[int(self.shards[i])]
+        raise DataError(
+            f"row {i} (key {self.keys[i]}): bytes [{self.offsets[i]}, {self.offsets[i] + self.nbytes[i]}) "
+            f"do not lie inside the shard ({shard_path.stat().st_size} bytes)",
+            path=shard_path,
         )
-        missing = np.flatnonzero(sizes < 0)
-        if missing.size:
-            raise DataError("shard tar is missing", path=self.info.tar_paths[int(missing[0])])
-        bad = np.flatnonzero(
-            (self.offsets < 0) | (self.nbytes <= 0) | (self.offsets + self.nbytes > sizes[self.shards])
-        )
-        if bad.size:
-            i = int(bad[0])
-            raise DataError(
-                f"row {i} (key {self.keys[i]}): bytes [{self.offsets[i]}, {self.offsets[i] + self.nbytes[i]}) "
-                f"do not lie inside the shard ({sizes[self.shards[i]]} bytes)",
-                path=self.info.tar_paths[int(self.shards[i])],
-            )
-
-    def _map(self, shard: int) -> mmap.mmap:
-        mapped = self._maps[shard]
-        if mapped is None:
-            with open(self.info.tar_paths[shard], "rb") as handle:
-                mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)  # the map outlives the handle
-            self._maps[shard] = mapped
-        return mapped
 
     def encoded(self, rows: np.ndarray) -> list[np.ndarray]:
         """The encoded image bytes of `rows` as uint8 views; DataError if one is not a JPEG/PNG."""
         out = []
         for row in rows.tolist():
             shard, offset, nbytes = int(self.shards[row]), int(self.offsets[row]), int(self.nbytes[row])
-            data = np.frombuffer(self._map(shard), dtype=np.uint8, count=nbytes, offset=offset)
+            data = self.reader.read(shard, offset, nbytes)
             head = data[:4].tobytes()
             if not any(head.startswith(magic) for magic in IMAGE_MAGICS):
                 raise DataError(
@@ -129,9 +110,4 @@ class ImageStore:
 
     def close(self) -> None:
         """Unmap the shards (views handed out before must no longer be used)."""
-        for i, mapped in enumerate(self._maps):
-            if mapped is not None:
-                # a numpy view may still export the buffer; the GC unmaps it later then
-                with contextlib.suppress(BufferError):
-                    mapped.close()
-                self._maps[i] = None
+        self.reader.close()

@@ -12,7 +12,6 @@ EDC / ERC quality evaluation of pipeline/evaluation/quality_metrics.py. Layout o
 from __future__ import annotations
 
 import logging
-import mmap
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from tqdm import tqdm
 
 from data_prep.dataset import DATASET_FILE, DatasetInfo, load_dataset_info
 from data_prep.errors import DataError
+from data_prep.shard_reader import ShardReader
 from pipeline.data.image_io import decode_image
 from pipeline.evaluation.embeddings import EmbeddingTable, OnnxEmbedder
 from pipeline.evaluation.quality_metrics import (
@@ -60,25 +60,18 @@ class VerificationSet:
 
     def images(self, batch_size: int) -> Iterator[tuple[list[str], np.ndarray]]:
         """(keys, [n, 3, 112, 112] float32) batches in manifest order, decoded from the shard tars."""
-        maps: dict[int, mmap.mmap] = {}
-        try:
+        with ShardReader(self.info.tar_paths) as reader:
             for start in range(0, len(self.manifest), batch_size):
                 rows = self.manifest.iloc[start : start + batch_size]
                 tensors = []
                 for key, shard, offset, nbytes in zip(
                     rows["key"], rows["shard"], rows["offset"], rows["nbytes"], strict=True
                 ):
-                    if shard not in maps:
-                        with open(self.info.tar_paths[shard], "rb") as handle:
-                            maps[shard] = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-                    data = maps[shard][offset : offset + nbytes]
+                    data = reader.read(int(shard), int(offset), int(nbytes)).tobytes()
                     tensors.append(
                         decode_image(data, source=f"{self.info.tar_paths[shard]} (key {key})").tensor
                     )
                 yield rows["key"].tolist(), np.stack(tensors)
-        finally:
-            for mapped in maps.values():
-                mapped.close()
 
 
 def find_verification_sets(data_dir: str | Path) -> list[Path]:

@@ -89,16 +89,6 @@ def test_z_score_weights_clamp_and_zero_std() -> None:
     torch.testing.assert_close(z_score_weights(values, 1.0, 0.0), torch.ones(4))
 
 
-def test_alpha_schedule() -> None:
-    linear = VarianceConfig()
-    assert alpha_at(0.0, linear) == 0.9 and alpha_at(1.0, linear) == 1.0
-    assert alpha_at(0.5, linear) == pytest.approx(0.95)
-    fixed = VarianceConfig(alpha_schedule="fixed", alpha_start=0.99)
-    assert alpha_at(0.0, fixed) == alpha_at(0.7, fixed) == 0.99
-    with pytest.raises(ValueError, match=r"progress must lie in \[0, 1\], got 1.5"):
-        alpha_at(1.5, linear)
-
-
 def test_state_round_trip_and_errors() -> None:
     table = VarianceTable(5)
     table.update(torch.tensor([1, 2]), torch.tensor([0.5, 0.25]), 0.9)

@@ -77,26 +77,48 @@ class DistributedSoftmaxCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, local_target: torch.Tensor, group: ProcessGroup) -> torch.Tensor:  # type: ignore[override]
-        batch = logits.shape[0]
+        owned, index = _own_columns(local_target)
         row_max = all_reduce_(logits.detach().amax(dim=1), "max", group)
         shifted = logits.detach() - row_max[:, None]
         exp = shifted.exp()
         exp_sum = all_reduce_(exp.sum(dim=1), "sum", group)
-        rows = torch.nonzero(local_target >= 0).squeeze(1)
-        cols = local_target[rows]
-        target = torch.zeros(batch, dtype=logits.dtype, device=logits.device)
-        target[rows] = shifted[rows, cols]
+        target = torch.where(owned, shifted.gather(1, index).squeeze(1), 0.0)
         all_reduce_(target, "sum", group)
         probs = exp.div_(exp_sum[:, None])
-        ctx.save_for_backward(probs, rows, cols)
+        ctx.save_for_backward(probs, owned, index)
         return (exp_sum.log() - target).mean()
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
-        probs, rows, cols = ctx.saved_tensors
-        grad = probs.clone()
-        grad[rows, cols] -= 1.0
+        probs, owned, index = ctx.saved_tensors
+        grad = probs.scatter_add(1, index, -owned.to(probs.dtype)[:, None])  # − one-hot where owned
         return grad.mul_(grad_loss / probs.shape[0]), None, None
+
+
+def _check_labels(labels: torch.Tensor, num_classes: int) -> None:
+    """Refuse labels outside [0, num_classes) without stalling a GPU step.
+
+    On a GPU the verdict stays on the device (`torch._assert_async` fails the stream later):
+    reading it on the host would stall every step. The loader has checked every manifest
+    label on the host already; this catches direct callers.
+    """
+    in_range = ((labels >= 0) & (labels < num_classes)).all()
+    if labels.is_cuda:
+        torch._assert_async(in_range, f"labels must lie in [0, {num_classes})")
+    elif labels.numel() and not in_range:
+        raise ValueError(
+            f"labels must lie in [0, {num_classes}), got min {int(labels.min())} max {int(labels.max())}"
+        )
+
+
+def _own_columns(local_target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row owned by this shard [B] bool, its target column [B, 1], 0 where not owned).
+
+    Fixed shapes and masks instead of `nonzero` row lists: nothing in the step waits for
+    the device to say how many rows this rank owns.
+    """
+    owned = local_target >= 0
+    return owned, local_target.clamp_min(0)[:, None]
 
 
 class ParallelMarginClassifier(nn.Module):
@@ -167,10 +189,7 @@ class ParallelMarginClassifier(nn.Module):
 
     def _local_targets(self, labels: torch.Tensor) -> torch.Tensor:
         """Index of each label inside this shard, −1 where another rank owns it."""
-        if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
-            raise ValueError(
-                f"labels must lie in [0, {self.num_classes}), got min {labels.min().item()} max {labels.max().item()}"
-            )
+        _check_labels(labels, self.num_classes)
         local = labels - self.class_start
         owned = (local >= 0) & (local < self.num_local)
         return torch.where(owned, local, torch.full_like(local, -1))
@@ -197,15 +216,14 @@ class ParallelMarginClassifier(nn.Module):
         embeddings = all_gather_with_grad(local_embeddings, self.group)
         labels = all_gather_no_grad(local_labels.long(), self.group)
         local_target = self._local_targets(labels)
+        owned, index = _own_columns(local_target)
         cos = self._cosines(embeddings)
-        rows = torch.nonzero(local_target >= 0).squeeze(1)
-        cols = local_target[rows]
-        target_cos = cos[rows, cols]
-        logits = cos.index_put((rows, cols), self._with_margin(target_cos)) * self.scale
+        target_cos = cos.gather(1, index).squeeze(1)
+        # rows of other shards write their own cosine back, unchanged
+        with_margin = torch.where(owned, self._with_margin(target_cos), target_cos)
+        logits = cos.scatter(1, index, with_margin[:, None]) * self.scale
         loss = DistributedSoftmaxCrossEntropy.apply(logits, local_target, self.group)
-        ccs = torch.zeros(labels.shape[0], dtype=cos.dtype, device=cos.device)
-        ccs[rows] = target_cos.detach()
-        all_reduce_(ccs, "sum", self.group)
+        ccs = all_reduce_(torch.where(owned, target_cos.detach(), 0.0), "sum", self.group)
         return MarginOutput(loss=loss, ccs=ccs, labels=labels)
 
     @torch.no_grad()
@@ -213,14 +231,12 @@ class ParallelMarginClassifier(nn.Module):
         """CCS and NNCCS (paper eq. 1) of the global batch, no gradient; collective."""
         embeddings = all_gather_no_grad(local_embeddings.detach(), self.group)
         labels = all_gather_no_grad(local_labels.long(), self.group)
-        local_target = self._local_targets(labels)
+        owned, index = _own_columns(self._local_targets(labels))
         cos = self._cosines(embeddings)
-        rows = torch.nonzero(local_target >= 0).squeeze(1)
-        cols = local_target[rows]
-        ccs = torch.zeros(labels.shape[0], dtype=cos.dtype, device=cos.device)
-        ccs[rows] = cos[rows, cols]
-        all_reduce_(ccs, "sum", self.group)
-        cos[rows, cols] = -math.inf  # mask the positive: NNCCS is the best OTHER class
+        target_cos = cos.gather(1, index).squeeze(1)
+        ccs = all_reduce_(torch.where(owned, target_cos, 0.0), "sum", self.group)
+        # mask the positive with −inf: NNCCS is the best OTHER class
+        cos.scatter_(1, index, torch.where(owned, -math.inf, target_cos)[:, None])
         nnccs = all_reduce_(cos.amax(dim=1), "max", self.group)
         return SimilarityStats(ccs=ccs, nnccs=nnccs, labels=labels)
 

@@ -137,8 +137,8 @@ class IGFIQAObjective(nn.Module):
             weights=weights[mine],
             alpha=torch.tensor(alpha),
             fr_ccs=margin.ccs[me * n_fr : (me + 1) * n_fr],
-            variance_mean=torch.tensor(v_mean),
-            variance_std=torch.tensor(v_std),
+            variance_mean=v_mean,
+            variance_std=v_std,
         )
 
     def _global_regression_loss(

@@ -38,11 +38,14 @@ from pipeline.parallel.collectives import ProcessGroup, all_reduce_, rank, world
 from pipeline.parallel.sharding import class_range, gather_class_rows, slice_class_rows
 
 
-def z_score_weights(values: torch.Tensor, mean: float, std: float) -> torch.Tensor:
-    """ŵ = 1 + clamp((v − μ)/σ, −1, 0); all ones when σ = 0 (paper eq. 9)."""
-    if std <= 0.0:
-        return torch.ones_like(values)
-    return 1.0 + ((values - mean) / std).clamp(-1.0, 0.0)
+def z_score_weights(
+    values: torch.Tensor, mean: float | torch.Tensor, std: float | torch.Tensor
+) -> torch.Tensor:
+    """ŵ = 1 + clamp((v − μ)/σ, −1, 0); all ones when σ = 0 (paper eq. 9). Device-side: no sync."""
+    std = torch.as_tensor(std, dtype=values.dtype, device=values.device)
+    mean = torch.as_tensor(mean, dtype=values.dtype, device=values.device)
+    z = ((values - mean) / torch.where(std > 0, std, 1.0)).clamp(-1.0, 0.0)
+    return torch.where(std > 0, 1.0 + z, torch.ones_like(values))
 
 
 class VarianceTable(nn.Module):
@@ -78,54 +81,64 @@ class VarianceTable(nn.Module):
 
     @torch.no_grad()
     def update(self, labels: torch.Tensor, ccs: torch.Tensor, alpha: float) -> None:
-        """Fold 1 − CCS of the GLOBAL batch (global order, same on every rank) into owned classes."""
+        """Fold 1 − CCS of the GLOBAL batch (global order, same on every rank) into owned classes.
+
+        Fixed-shape device ops over this rank's table (no `unique`, no `.item()`), so the step
+        never waits for the device: samples of other ranks' classes go to a dummy slot.
+        """
         if labels.shape != ccs.shape or labels.dim() != 1:
             raise ValueError(
                 f"labels {tuple(labels.shape)} and ccs {tuple(ccs.shape)} must be equal 1-d shapes"
             )
         local = labels.long() - self.class_start
         owned = (local >= 0) & (local < self.num_local)
-        if not bool(owned.any()):
-            return
-        local = local[owned]
-        observed = 1.0 - ccs[owned].to(self.values.dtype)
-        classes, group_of, counts = torch.unique(local, return_inverse=True, return_counts=True)
-        current = self.values[classes]
+        slot = torch.where(owned, local, self.num_local)  # num_local = the dummy slot
+        observed = 1.0 - ccs.to(self.values.dtype)
+        dtype, device = self.values.dtype, self.values.device
+        counts = torch.zeros(self.num_local + 1, dtype=dtype, device=device).index_add_(
+            0, slot, torch.ones_like(observed)
+        )[: self.num_local]
         if self.fold == "mean":
-            means = torch.zeros_like(current).index_add_(0, group_of, observed) / counts
-            self.values[classes] = alpha * current + (1.0 - alpha) * means
+            sums = torch.zeros(self.num_local + 1, dtype=dtype, device=device).index_add_(0, slot, observed)
+            means = sums[: self.num_local] / counts.clamp_min(1.0)
+            updated = alpha * self.values + (1.0 - alpha) * means
+            self.values.copy_(torch.where(counts > 0, updated, self.values))
             return
-        # Sequential: the j-th of k samples (in batch order) gets weight (1−α)·α^(k−1−j).
-        order = torch.argsort(group_of, stable=True)
-        group_start = torch.cumsum(counts, 0) - counts
-        position = torch.empty_like(group_of)
-        position[order] = (
-            torch.arange(group_of.numel(), device=group_of.device) - group_start[group_of[order]]
+        # Sequential: the j-th of k samples of a class (in batch order) gets weight (1−α)·α^(k−1−j).
+        order = torch.argsort(slot, stable=True)
+        all_counts = torch.zeros(self.num_local + 1, dtype=torch.long, device=device).index_add_(
+            0, slot, torch.ones_like(slot)
         )
-        alpha_t = torch.tensor(alpha, dtype=self.values.dtype, device=self.values.device)
-        steps_after = (counts[group_of] - 1 - position).to(self.values.dtype)
-        contributions = (1.0 - alpha) * alpha_t.pow(steps_after) * observed
-        decayed = alpha_t.pow(counts.to(self.values.dtype)) * current
-        self.values[classes] = decayed.index_add_(0, group_of, contributions)
+        group_start = torch.cumsum(all_counts, 0) - all_counts
+        position = torch.empty_like(slot)
+        position[order] = torch.arange(slot.numel(), device=device) - group_start[slot[order]]
+        alpha_t = torch.full((), alpha, dtype=dtype, device=device)
+        steps_after = (all_counts[slot] - 1 - position).to(dtype)
+        contributions = torch.where(owned, (1.0 - alpha) * alpha_t.pow(steps_after) * observed, 0.0)
+        folded = torch.zeros(self.num_local + 1, dtype=dtype, device=device).index_add_(
+            0, slot, contributions
+        )
+        self.values.mul_(alpha_t.pow(counts)).add_(folded[: self.num_local])
 
     @torch.no_grad()
-    def weights(self, labels: torch.Tensor) -> tuple[torch.Tensor, float, float]:
-        """(ŵ for each label of the GLOBAL batch, μ_v, σ_v); collective (one all-reduce)."""
+    def weights(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ŵ for each label of the GLOBAL batch, μ_v, σ_v as 0-d tensors); collective (one all-reduce)."""
         labels = labels.long()
         local = labels - self.class_start
         owned = (local >= 0) & (local < self.num_local)
         shifted = self.values.double() - self.init_value
         # One all-reduce carries [count, Σ(v−v0), Σ(v−v0)²] and each label's v from its owner.
-        message = torch.zeros(3 + labels.numel(), dtype=torch.float64, device=self.values.device)
-        message[0] = self.num_local
-        message[1] = shifted.sum()
-        message[2] = (shifted * shifted).sum()
-        message[3:][owned] = self.values[local[owned]].double()
+        own_values = self.values[local.clamp(0, self.num_local - 1)].double()
+        # torch.full, not torch.tensor: a host scalar copied to a GPU would stall the step
+        count = torch.full((1,), float(self.num_local), dtype=torch.float64, device=shifted.device)
+        message = torch.cat(
+            [count, shifted.sum()[None], (shifted * shifted).sum()[None], torch.where(owned, own_values, 0.0)]
+        )
         all_reduce_(message, "sum", self.group)
-        count = message[0].item()
-        mean_shift = message[1].item() / count
-        variance = max(message[2].item() / count - mean_shift * mean_shift, 0.0)
-        mean, std = mean_shift + self.init_value, variance**0.5
+        count = message[0]
+        mean_shift = message[1] / count
+        variance = (message[2] / count - mean_shift * mean_shift).clamp_min(0.0)
+        mean, std = mean_shift + self.init_value, variance.sqrt()
         weights = z_score_weights(message[3:], mean, std)
         return weights.to(self.values.dtype), mean, std
 

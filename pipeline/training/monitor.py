@@ -44,10 +44,14 @@ CURVE_METRICS = (
 
 
 class StepMeter:
-    """Sums of one rank's step outputs between two log points, kept on the device (no sync per step)."""
+    """Sums of one rank's step outputs between two log points, kept on the device (no sync per step).
 
-    # [loss_arc, loss_ig, loss_total, Σcr, Σquality, Σŵ, Σfr_ccs, n_reg, n_fr, steps]
-    _FIELDS = 10
+    Sample and step counts are known on the host and counted there; only the values the
+    step computes are added on the device, and read once per log point.
+    """
+
+    # [loss_arc, loss_ig, loss_total, Σcr, Σquality, Σŵ, Σfr_ccs]
+    _FIELDS = 7
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -55,6 +59,7 @@ class StepMeter:
 
     def _reset(self) -> None:
         self.sums = torch.zeros(self._FIELDS, dtype=torch.float64, device=self.device)
+        self.counts = [0.0, 0.0, 0.0]  # n_reg, n_fr, steps
         self.alpha = 0.0
         self.wait_s = 0.0
         self.images = 0
@@ -78,21 +83,20 @@ class StepMeter:
                 reg_quality.detach().double().sum(),
                 out.weights.detach().double().sum(),
                 out.fr_ccs.detach().double().sum(),
-                torch.tensor(float(out.cr.numel()), dtype=torch.float64, device=self.device),
-                torch.tensor(float(out.fr_ccs.numel()), dtype=torch.float64, device=self.device),
-                torch.ones((), dtype=torch.float64, device=self.device),
             ]
         )
         self.sums += values
+        self.counts[0] += out.cr.numel()
+        self.counts[1] += out.fr_ccs.numel()
+        self.counts[2] += 1
         self.alpha = alpha
         self.images += images_per_step
 
     def collect(self) -> dict[str, float]:
         """Averages since the last call over all ranks (collective), then reset."""
         wall = max(time.perf_counter() - self.started, 1e-9)
-        vector = torch.cat(
-            [self.sums, torch.tensor([self.wait_s, wall], dtype=torch.float64, device=self.device)]
-        )
+        host = torch.tensor([*self.counts, self.wait_s, wall], dtype=torch.float64)
+        vector = torch.cat([self.sums, host.to(self.device)])
         world = dist.get_world_size() if dist.is_initialized() else 1
         if world > 1:
             dist.all_reduce(vector)

@@ -131,3 +131,9 @@ def test_bad_labels_and_sizes_are_refused() -> None:
         ParallelMarginClassifier(1, 16)
     with pytest.raises(ValueError, match="unknown margin"):
         ParallelMarginClassifier(4, 16, margin="sphereface")  # type: ignore[arg-type]
+
+
+def test_labels_outside_the_classes_are_refused() -> None:
+    head = ParallelMarginClassifier(5, 8)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 5\), got min 0 max 5"):
+        head(torch.randn(2, 8), torch.tensor([0, 5]))

@@ -10,6 +10,7 @@ functions at the bottom, never from ad-hoc arithmetic elsewhere.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +22,48 @@ import yaml
 
 class ConfigError(ValueError):
     """A configuration value is missing, unknown, of the wrong type or out of range."""
+
+
+MAX_YAML_BYTES = 1 << 20  # a config or profile is a few KB; more is a mistake or an attack
+MAX_YAML_ALIASES = 64  # anchors for reuse are fine; thousands are an alias bomb
+MAX_SHOWN_CHARS = 120  # of a value echoed in an error message
+
+
+def shown(value: Any) -> str:
+    """`repr(value)`, cut to a readable length for an error message."""
+    text = repr(value)
+    return text if len(text) <= MAX_SHOWN_CHARS else text[: MAX_SHOWN_CHARS - 3] + "..."
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses documents with more than MAX_YAML_ALIASES aliases.
+
+    Hand-written (PyYAML has no such limit): a 1 KB "billion laughs" document of nested
+    aliases expands to gigabytes once anything walks or prints it.
+    """
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            self._aliases = getattr(self, "_aliases", 0) + 1
+            if self._aliases > MAX_YAML_ALIASES:
+                raise yaml.YAMLError(f"more than {MAX_YAML_ALIASES} aliases (*name): refused")
+        return super().compose_node(parent, index)
+
+
+def load_yaml_file(path: str | Path, what: str = "config") -> Any:
+    """A YAML file's content, bounded in size and aliases; ConfigError naming the file otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} file {path} does not exist")
+    size = path.stat().st_size
+    if size > MAX_YAML_BYTES:
+        raise ConfigError(f"{path}: {size} bytes; a {what} file is at most {MAX_YAML_BYTES} bytes")
+    try:
+        return yaml.load(path.read_text(), Loader=_BoundedLoader)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {shown(str(exc))}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a text file ({exc.reason} at byte {exc.start})") from None
 
 
 @dataclass(frozen=True)
@@ -155,17 +198,17 @@ def _coerce(value: Any, annotation: Any, path: str) -> Any:
     origin = typing.get_origin(annotation)
     if dataclasses.is_dataclass(annotation):
         if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__} {shown(value)}")
         return _build(annotation, value, path)
     if origin is Literal:
         allowed = typing.get_args(annotation)
         if value not in allowed:
-            raise ConfigError(f"{path}: {value!r} is not one of {', '.join(map(repr, allowed))}")
+            raise ConfigError(f"{path}: {shown(value)} is not one of {', '.join(map(repr, allowed))}")
         return value
     if origin is tuple:
         (item_type, _ellipsis) = typing.get_args(annotation)
         if not isinstance(value, list | tuple):
-            raise ConfigError(f"{path}: expected a list, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{path}: expected a list, got {type(value).__name__} {shown(value)}")
         return tuple(_coerce(v, item_type, f"{path}[{i}]") for i, v in enumerate(value))
     if origin in (typing.Union, types.UnionType):
         for option in typing.get_args(annotation):
@@ -173,26 +216,28 @@ def _coerce(value: Any, annotation: Any, path: str) -> Any:
                 return _coerce(value, option, path)
             except ConfigError:
                 continue
-        raise ConfigError(f"{path}: {value!r} does not match {annotation}")
+        raise ConfigError(f"{path}: {shown(value)} does not match {annotation}")
     if annotation is type(None):
         if value is not None:
-            raise ConfigError(f"{path}: expected null, got {value!r}")
+            raise ConfigError(f"{path}: expected null, got {shown(value)}")
         return None
     if annotation is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{path}: expected true/false, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{path}: expected true/false, got {type(value).__name__} {shown(value)}")
         return value
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{path}: expected an integer, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{path}: expected an integer, got {type(value).__name__} {shown(value)}")
         return value
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{path}: expected a number, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{path}: expected a number, got {type(value).__name__} {shown(value)}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{path}: {value} is not a finite number")
         return float(value)
     if annotation is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{path}: expected a string, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{path}: expected a string, got {type(value).__name__} {shown(value)}")
         return value
     raise ConfigError(f"{path}: unsupported annotation {annotation}")  # pragma: no cover
 
@@ -203,7 +248,9 @@ def _build(cls: type, values: dict[str, Any], path: str) -> Any:
     unknown = sorted(set(values) - known)
     if unknown:
         where = f"{path}." if path else ""
-        raise ConfigError(f"unknown config key {where}{unknown[0]} (known: {', '.join(sorted(known))})")
+        raise ConfigError(
+            f"unknown config key {where}{shown(unknown[0]).strip(chr(39))} (known: {', '.join(sorted(known))})"
+        )
     kwargs = {}
     for name, value in values.items():
         kwargs[name] = _coerce(value, hints[name], f"{path}.{name}" if path else name)
@@ -232,7 +279,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override {text!r}: cannot parse value: {exc}") from exc
+        raise ConfigError(f"override {shown(text)}: cannot parse value: {shown(str(exc))}") from None
     return key, value
 
 
@@ -244,27 +291,28 @@ def config_from_dict(values: dict[str, Any]) -> TrainConfig:
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    """Defaults ← YAML file ← dotted overrides; typed and range-checked."""
+    """Defaults ← YAML file ← dotted overrides; typed and range-checked.
+
+    An error names where the bad value came from: the file, or the `--set` override.
+    """
     tree: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        loaded = load_yaml_file(path) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
         tree = loaded
+        try:
+            config_from_dict(tree)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(tree, key, value)
-    try:
-        return config_from_dict(tree)
-    except ConfigError as exc:
-        where = f"{path}: " if path is not None else ""
-        raise ConfigError(f"{where}{exc}") from None
+        try:
+            config_from_dict(tree)
+        except ConfigError as exc:
+            raise ConfigError(f"--set {shown(text)}: {exc}") from None
+    return config_from_dict(tree)
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
@@ -303,6 +351,12 @@ def dump_config(config: TrainConfig) -> str:
 # --------------------------------------------------------------------------- checks
 
 
+# Upper bounds far above any real use, so a typo fails here instead of in an allocation.
+MAX_BATCH = 1 << 20
+MAX_CLASSES = 100_000_000
+MAX_EMBEDDING = 16384
+
+
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
@@ -330,7 +384,16 @@ def validate_ranges(config: TrainConfig) -> None:
     _check(d.reg_batch > 0, f"data.reg_batch: {d.reg_batch} must be positive")
     _check(d.num_threads > 0, f"data.num_threads: {d.num_threads} must be positive")
     _check(d.num_classes >= 0, f"data.num_classes: {d.num_classes} must be >= 0")
+    _check(d.fr_batch <= MAX_BATCH, f"data.fr_batch: {d.fr_batch} is more than {MAX_BATCH}")
+    _check(d.reg_batch <= MAX_BATCH, f"data.reg_batch: {d.reg_batch} is more than {MAX_BATCH}")
+    _check(d.num_threads <= 256, f"data.num_threads: {d.num_threads} is more than 256")
+    _check(d.image_size <= 1024, f"data.image_size: {d.image_size} is more than 1024")
+    _check(d.num_classes <= MAX_CLASSES, f"data.num_classes: {d.num_classes} is more than {MAX_CLASSES}")
     _check(config.model.embedding_size > 0, "model.embedding_size must be positive")
+    _check(
+        config.model.embedding_size <= MAX_EMBEDDING,
+        f"model.embedding_size: {config.model.embedding_size} is more than {MAX_EMBEDDING}",
+    )
     _check(0.0 <= config.model.dropout < 1.0, "model.dropout must lie in [0, 1)")
     lo = config.loss
     _check(lo.scale > 0, f"loss.scale: {lo.scale} must be positive")

@@ -107,3 +107,44 @@ def test_replace_section_rechecks() -> None:
         replace_section(config, optim={"lr": -0.01})
     with pytest.raises(ConfigError, match="unknown config section nope"):
         replace_section(config, nope={})
+
+
+def test_overrides_are_blamed_not_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: 0.2\n")
+    with pytest.raises(ConfigError, match=r"^--set 'optim\.lrr=0\.1': unknown config key optim\.lrr"):
+        load_config(path, ["optim.lrr=0.1"])
+    with pytest.raises(ConfigError, match=r"^--set 'optim\.lr=-1': optim\.lr: -1\.0 must be positive"):
+        load_config(path, ["optim.lr=-1"])
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan"])
+def test_non_finite_numbers_are_refused(value: str) -> None:
+    with pytest.raises(ConfigError, match=r"optim\.lr: .* is not a finite number"):
+        load_config(None, [f"optim.lr={value}"])
+
+
+def test_an_alias_bomb_is_refused_quickly(tmp_path: Path) -> None:
+    lines = ['a: &a ["x","x","x","x","x","x","x","x","x"]']
+    for level in range(1, 9):
+        prev, name = chr(ord("a") + level - 1), chr(ord("a") + level)
+        lines.append(f"{name}: &{name} [{', '.join(['*' + prev] * 9)}]")
+    lines.append("optim:\n  milestones: *i")
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    assert path.stat().st_size < 1024
+    with pytest.raises(ConfigError, match="more than 64 aliases") as raised:
+        load_config(path)
+    assert len(str(raised.value)) < 400
+
+
+def test_huge_files_and_values_are_refused_with_short_messages(tmp_path: Path) -> None:
+    path = tmp_path / "big.yaml"
+    path.write_text("run:\n  name: " + "x" * (1 << 20) + "\n")
+    with pytest.raises(ConfigError, match="a config file is at most"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"model\.embedding_size: 100000000 is more than 16384"):
+        load_config(None, ["model.embedding_size=100000000"])
+    with pytest.raises(ConfigError) as raised:
+        load_config(None, ["loss.mode=" + "y" * 10_000])
+    assert len(str(raised.value)) < 400 and "..." in str(raised.value)

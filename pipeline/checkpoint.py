@@ -24,10 +24,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+import xxhash
 from torch import nn
 
 from data_prep.atomic import atomic_write
-from pipeline.config import TrainConfig, config_from_dict, config_to_dict
+from pipeline.config import TrainConfig, config_from_dict, config_to_dict, flatten_config
 
 FORMAT_VERSION = 1
 LAST_NAME = "last.ckpt"
@@ -47,6 +48,31 @@ REQUIRED_KEYS = (
     "mlflow_run_id",
     "code_version",
     "world_size",
+)
+
+PAYLOAD_DIGEST = "payload_xxh128"  # XXH3-128 of every other field, checked on load
+# Config fields a resumed run may change: they move neither the data position nor the objective.
+CHANGEABLE_ON_RESUME = frozenset(
+    {
+        "data.dataset",  # the folder may move; its fingerprint must not change
+        "data.num_threads",
+        "data.prefetch",
+        "optim.epochs",
+        "optim.max_steps",
+        "run.name",
+        "run.dir",
+        "run.device",
+        "run.log_every",
+        "run.checkpoint_every_steps",
+        "run.checkpoint_every_minutes",
+        "run.keep_checkpoints",
+        "run.tracking_uri",
+        "run.experiment",
+        "run.validate_every",
+        "run.validation_sets",
+        "run.validation_fmrs",
+        "run.select_by",
+    }
 )
 
 log = logging.getLogger(__name__)
@@ -94,6 +120,7 @@ def save_checkpoint(state: dict[str, Any], run_dir: str | Path, *, keep: int) ->
     directory = checkpoint_dir(run_dir)
     path = directory / f"step-{int(state['global_step']):08d}.ckpt"
     directory.mkdir(parents=True, exist_ok=True)
+    state = {**state, PAYLOAD_DIGEST: payload_digest(state)}
     atomic_write(path, lambda tmp: torch.save(state, tmp))
     # last.ckpt: a hard link to the newest file, swapped in atomically
     tmp_link = directory / (LAST_NAME + ".tmp")
@@ -117,12 +144,69 @@ def find_resume_checkpoint(run_dir: str | Path) -> Path | None:
     return last if last.is_file() else None
 
 
+def load_resume_checkpoint(run_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
+    """(path, state) of the newest intact checkpoint of a run, or None for a fresh start.
+
+    A torn or corrupt `last.ckpt` costs a warning and the next older `step-*.ckpt` is
+    tried; when none is intact the CheckpointError lists what was wrong with each.
+    """
+    directory = checkpoint_dir(run_dir)
+    if not directory.is_dir():
+        return None
+    steps = sorted((p for p in directory.iterdir() if _STEP_FILE.match(p.name)), reverse=True)
+    candidates = [p for p in (directory / LAST_NAME, *steps) if p.is_file()]
+    problems = []
+    for path in candidates:
+        try:
+            state = load_checkpoint(path)
+        except CheckpointError as exc:
+            problems.append(str(exc))
+            log.warning("%s; trying an older checkpoint", exc)
+            continue
+        if problems:
+            log.warning("resuming from %s, the newest intact checkpoint", path)
+        return path, state
+    if problems:
+        raise CheckpointError(
+            f"no intact checkpoint in {directory}: {'; '.join(problems)}; "
+            "to start afresh, use another run.dir or move that folder away"
+        )
+    return None
+
+
+def payload_digest(state: dict[str, Any]) -> str:
+    """XXH3-128 of every field but the digest itself: tensors by dtype, shape and bytes, the rest by repr.
+
+    Catches flipped bytes in stored weights, which `torch.load` does not notice.
+    """
+    digest = xxhash.xxh3_128()
+
+    def walk(node: Any, where: str) -> None:
+        if isinstance(node, dict):
+            for key in sorted(node, key=str):
+                if not (where == "" and key == PAYLOAD_DIGEST):
+                    walk(node[key], f"{where}/{key}")
+        elif isinstance(node, list | tuple):
+            for i, item in enumerate(node):
+                walk(item, f"{where}/{i}")
+        elif isinstance(node, torch.Tensor):
+            tensor = node.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"{where}:{tensor.dtype}:{tuple(node.shape)}".encode())
+            digest.update(tensor.view(torch.uint8).numpy())
+        else:
+            digest.update(f"{where}={node!r}".encode())
+
+    walk(state, "")
+    return digest.hexdigest()
+
+
 def load_checkpoint(
-    path: str | Path, map_location: str | torch.device = "cpu", *, mmap: bool = False
+    path: str | Path, map_location: str | torch.device = "cpu", *, mmap: bool = False, verify: bool = True
 ) -> dict[str, Any]:
     """Load and check a training checkpoint (never unpickles arbitrary objects).
 
-    `mmap=True` maps the tensors instead of reading them, for callers that read a few fields.
+    The payload digest is verified unless `verify=False` (with `mmap=True`, for callers
+    that read a few fields and should not read every tensor).
     """
     path = Path(path)
     if not path.is_file():
@@ -130,7 +214,7 @@ def load_checkpoint(
     try:
         state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as exc:  # torch raises several types for torn or foreign files
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
+        raise CheckpointError(f"{path}: not a readable checkpoint ({_reason(exc)})") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a dict, found {type(state).__name__}")
     version = state.get("format_version")
@@ -139,7 +223,18 @@ def load_checkpoint(
     missing = [k for k in REQUIRED_KEYS if k not in state]
     if missing:
         raise CheckpointError(f"{path}: missing keys {', '.join(missing)}")
+    if verify and PAYLOAD_DIGEST in state and payload_digest(state) != state[PAYLOAD_DIGEST]:
+        raise CheckpointError(f"{path}: the stored data does not match its checksum (a corrupt file)")
     return state
+
+
+def _reason(exc: Exception) -> str:
+    """torch.load's error in one line, without its advice to unpickle untrusted code."""
+    text = str(exc)
+    if "weights_only" in text or "Weights only load failed" in text:
+        return "not a checkpoint of this project: it holds objects other than tensors and plain types"
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"{type(exc).__name__}: {first[:200]}"
 
 
 @dataclass
@@ -175,6 +270,7 @@ def build_training_state(
     world_size: int,
     reason: str,
     device: torch.device,
+    rng_per_rank: list[dict[str, torch.Tensor]] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The checkpoint dict (rank 0): every field `REQUIRED_KEYS` names, tensors on the CPU.
@@ -182,7 +278,6 @@ def build_training_state(
     `sharded` is what `ShardedTrainingState.full_state` returned on rank 0 (classifier,
     its momentum when the optimizer has one, variance table, all unsharded).
     """
-    cuda_rng = torch.cuda.get_rng_state() if device.type == "cuda" else torch.empty(0, dtype=torch.uint8)
     state: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "config": config_to_dict(config),
@@ -194,7 +289,8 @@ def build_training_state(
         "epoch": position.epoch,
         "step_in_epoch": position.step_in_epoch,
         "global_step": position.global_step,
-        "rng": {"torch": torch.get_rng_state(), "cuda": cuda_rng},
+        "rng": rng_state(device),
+        "rng_per_rank": rng_per_rank or [rng_state(device)],
         "mlflow_run_id": mlflow_run_id,
         "code_version": code_version(),
         "world_size": world_size,
@@ -206,14 +302,44 @@ def build_training_state(
     return state
 
 
-def check_resumable(path: Path, state: dict[str, Any], config: TrainConfig) -> None:
-    """Refuse to continue a checkpoint whose model differs from what `config` builds."""
-    saved = config_to_dict(config_from_dict(state["config"]))["model"]
-    wanted = config_to_dict(config)["model"]
-    if saved != wanted:
+def resume_conflicts(saved: TrainConfig, wanted: TrainConfig) -> list[str]:
+    """The config changes a resume cannot accept, as "key: saved -> wanted" lines.
+
+    Everything that moves the data position or changes the objective must match: data,
+    batch sizes, seeds, augmentation, model, losses, variance table, optimizer and LR
+    schedule. Only `CHANGEABLE_ON_RESUME` may differ (more epochs, cadences, tracking).
+    """
+    before, after = flatten_config(saved), flatten_config(wanted)
+    keys = sorted(k for k in set(before) | set(after) if k not in CHANGEABLE_ON_RESUME)
+    return [f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in keys if before.get(k) != after.get(k)]
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """This process's torch (and CUDA) RNG state, as a checkpoint stores it."""
+    cuda = torch.cuda.get_rng_state() if device.type == "cuda" else torch.empty(0, dtype=torch.uint8)
+    return {"torch": torch.get_rng_state(), "cuda": cuda}
+
+
+def check_resumable(
+    path: Path, state: dict[str, Any], config: TrainConfig, *, dataset_fingerprint: str = ""
+) -> None:
+    """Refuse to continue a checkpoint trained on other data or with another objective."""
+    try:
+        saved = config_from_dict(state["config"])
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: its stored config is not valid here ({exc})") from None
+    conflicts = resume_conflicts(saved, config)
+    stored = str(state.get("dataset_fingerprint") or "")
+    if stored and dataset_fingerprint and stored != dataset_fingerprint:
+        conflicts.insert(
+            0, f"data.dataset content (fingerprint) {stored[:12]}… -> {dataset_fingerprint[:12]}…"
+        )
+    if conflicts:
+        shown = "; ".join(conflicts[:8]) + (f"; and {len(conflicts) - 8} more" if len(conflicts) > 8 else "")
         raise CheckpointError(
-            f"{path}: saved with model {saved}, but the config asks for {wanted}; "
-            "use another run.dir to start afresh"
+            f"{path} was trained with other data or settings ({shown}). A run resumes only with the same "
+            f"data and objective (it may change only {', '.join(sorted(CHANGEABLE_ON_RESUME))}); "
+            f"to start afresh use another run.dir (--set run.dir=...) or move {path.parent.parent} away"
         )
 
 
@@ -225,13 +351,23 @@ def restore_training(
     sharded: ShardedTrainingState,
     classifier_optimizer: torch.optim.Optimizer,
     device: torch.device,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> TrainingPosition:
-    """Load a checkpoint into this rank's training objects (re-sharding by class range); its position."""
-    model.load_state_dict(state["model"])
-    model_optimizer.load_state_dict(state["optimizer"])
-    sharded.load_full_state(state, optimizer=classifier_optimizer)
-    torch.set_rng_state(state["rng"]["torch"])
-    cuda_rng = state["rng"].get("cuda")
+    """Load a checkpoint into this rank's training objects (re-sharding by class range); its position.
+
+    Each rank gets back its own RNG state when the world size is unchanged, else rank 0's.
+    """
+    try:
+        model.load_state_dict(state["model"])
+        model_optimizer.load_state_dict(state["optimizer"])
+        sharded.load_full_state(state, optimizer=classifier_optimizer)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"the checkpoint does not fit this model: {_reason(exc)}") from None
+    per_rank = state.get("rng_per_rank")
+    rng = per_rank[rank] if per_rank and len(per_rank) == world_size else state["rng"]
+    torch.set_rng_state(rng["torch"])
+    cuda_rng = rng.get("cuda")
     if device.type == "cuda" and cuda_rng is not None and cuda_rng.numel():
         torch.cuda.set_rng_state(cuda_rng)
     return TrainingPosition(int(state["epoch"]), int(state["step_in_epoch"]), int(state["global_step"]))
@@ -239,5 +375,5 @@ def restore_training(
 
 def training_lineage(path: str | Path) -> tuple[str, int]:
     """(MLflow run id of the training run, global step) a checkpoint records; a memory-mapped read."""
-    state = load_checkpoint(path, mmap=True)
+    state = load_checkpoint(path, mmap=True, verify=False)
     return str(state.get("mlflow_run_id") or ""), int(state.get("global_step") or 0)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from pipeline.checkpoint import load_checkpoint
+from pipeline.checkpoint import CheckpointError, load_checkpoint
 from pipeline.config import ModelConfig, TrainConfig, config_from_dict
 from pipeline.method.backbones import build_backbone
 
@@ -42,13 +43,27 @@ def build_model(model_cfg: ModelConfig, *, quality_grad_to_backbone: bool = True
     return FIQAModel(backbone, model_cfg.embedding_size, quality_grad_to_backbone=quality_grad_to_backbone)
 
 
+def inference_model_from_state(
+    state: dict[str, Any], device: str | torch.device = "cpu"
+) -> tuple[FIQAModel, TrainConfig]:
+    """(FIQAModel in eval mode on `device`, its TrainConfig) from a loaded training checkpoint."""
+    try:
+        config = config_from_dict(state["config"])
+        model = build_model(config.model)
+        model.load_state_dict(state["model"], strict=True)
+    except (ValueError, KeyError, RuntimeError) as exc:
+        detail = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise CheckpointError(f"the checkpoint does not hold a model this code can build: {detail}") from None
+    model.to(device).eval()
+    return model, config
+
+
 def load_inference_model(
     path: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[FIQAModel, TrainConfig]:
-    """(FIQAModel in eval mode on `device`, its TrainConfig) from a training checkpoint."""
+    """(FIQAModel in eval mode on `device`, its TrainConfig) from a training checkpoint file."""
     state = load_checkpoint(path, map_location="cpu")
-    config = config_from_dict(state["config"])
-    model = build_model(config.model)
-    model.load_state_dict(state["model"], strict=True)
-    model.to(device).eval()
-    return model, config
+    try:
+        return inference_model_from_state(state, device)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None

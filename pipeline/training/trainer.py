@@ -35,13 +35,14 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from data_prep.dataset import dataset_fingerprint
 from pipeline.checkpoint import (
     TrainingPosition,
     build_training_state,
     check_resumable,
-    find_resume_checkpoint,
-    load_checkpoint,
+    load_resume_checkpoint,
     restore_training,
+    rng_state,
     save_checkpoint,
 )
 from pipeline.config import TrainConfig, validate_for_world, validate_ranges
@@ -144,6 +145,7 @@ class Trainer:
         self.config, self.env, self.device = config, env, device
         _seed_everything(config)
         self.run_dir = Path(config.run.dir)
+        self.dataset_fingerprint = dataset_fingerprint(Path(config.data.dataset))
         self.loader = TrainLoader(config.data, rank=env.rank, world_size=env.world_size, device=device)
         self.steps_per_epoch = self.loader.steps_per_epoch
         self.total = total_steps(self.steps_per_epoch, config.optim)
@@ -206,11 +208,11 @@ class Trainer:
 
     def _resume(self) -> str:
         """Load `last.ckpt` if the run directory has one; returns the MLflow run id it names."""
-        path = find_resume_checkpoint(self.run_dir)
-        if path is None:
+        found = load_resume_checkpoint(self.run_dir)
+        if found is None:
             return ""
-        state = load_checkpoint(path, map_location="cpu")
-        check_resumable(path, state, self.config)
+        path, state = found
+        check_resumable(path, state, self.config, dataset_fingerprint=self.dataset_fingerprint)
         self.position = restore_training(
             state,
             model=self.model,
@@ -218,6 +220,8 @@ class Trainer:
             sharded=self.objective,
             classifier_optimizer=self.classifier_optimizer,
             device=self.device,
+            rank=self.env.rank,
+            world_size=self.env.world_size,
         )
         self.last_checkpoint = str(path)
         saved_world = int(state["world_size"])
@@ -242,6 +246,11 @@ class Trainer:
     def save(self, reason: str) -> None:
         """Collective: gather the sharded state to rank 0, which writes the checkpoint atomically."""
         sharded = self.objective.full_state(optimizer=self.classifier_optimizer, dst=0)
+        rng_per_rank: list[Any] = [rng_state(self.device)]
+        if self.env.world_size > 1:
+            gathered: list[Any] | None = [None] * self.env.world_size if self.env.is_main else None
+            dist.gather_object(rng_per_rank[0], gathered, dst=0)
+            rng_per_rank = gathered or []
         if self.env.is_main:
             state = build_training_state(
                 config=self.config,
@@ -260,6 +269,8 @@ class Trainer:
                 world_size=self.env.world_size,
                 reason=reason,
                 device=self.device,
+                rng_per_rank=rng_per_rank,
+                extra={"dataset_fingerprint": self.dataset_fingerprint},
             )
             path = save_checkpoint(state, self.run_dir, keep=self.config.run.keep_checkpoints)
             self.last_checkpoint = str(path)

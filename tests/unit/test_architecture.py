@@ -48,3 +48,25 @@ def test_a_wrong_import_breaks_a_contract(tmp_path: Path, module: str, line: str
     result = _lint_imports(tmp_path)
     assert result.returncode != 0
     assert f"{contract}" in result.stdout and "BROKEN" in result.stdout
+
+
+def _modules() -> list[str]:
+    names = []
+    for folder in ("data_prep", "pipeline", "jobs", "experiments", "benchmarks"):
+        for path in sorted((REPO / folder).rglob("*.py")):
+            parts = path.relative_to(REPO).with_suffix("").parts
+            names.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+    return names
+
+
+def test_every_module_imports() -> None:
+    """A name moved or renamed without its importers fails here, not in a user's job."""
+    code = "import importlib, sys\nfor name in sys.argv[1:]:\n    importlib.import_module(name)\n"
+    result = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", code, *_modules()],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -17,6 +17,7 @@ from pipeline.checkpoint import (
     checkpoint_dir,
     find_resume_checkpoint,
     load_checkpoint,
+    load_resume_checkpoint,
     restore_training,
     save_checkpoint,
     training_lineage,
@@ -139,10 +140,95 @@ def test_incomplete_and_foreign_files_are_refused(tmp_path: Path) -> None:
         load_checkpoint(tmp_path / "z.ckpt")
 
 
-def test_resume_with_another_model_is_refused(tmp_path: Path) -> None:
+def test_resume_refuses_other_data_or_objective_and_allows_safe_changes(tmp_path: Path) -> None:
     config = _config(tmp_path)
     path = save_checkpoint(_state(_Parts(config, seed=0), config, TrainingPosition()), config.run.dir, keep=1)
-    state = load_checkpoint(path)
-    check_resumable(path, state, replace_section(config, optim={"epochs": 50}))
-    with pytest.raises(CheckpointError, match=r"use another run\.dir"):
-        check_resumable(path, state, replace_section(config, model={"embedding_size": 32}))
+    state = {**load_checkpoint(path), "dataset_fingerprint": "a" * 64}
+    safe = replace_section(config, optim={"epochs": 50}, run={"log_every": 7, "name": "more"})
+    check_resumable(path, state, safe, dataset_fingerprint="a" * 64)
+    cases = {
+        "model.embedding_size: 16 -> 32": replace_section(config, model={"embedding_size": 32}),
+        "data.fr_batch: 512 -> 64": replace_section(config, data={"fr_batch": 64}),
+        "data.seed: 0 -> 3": replace_section(config, data={"seed": 3}),
+        "loss.mode: 'ig' -> 'cr'": replace_section(config, loss={"mode": "cr"}),
+        "variance.fold: 'sequential' -> 'mean'": replace_section(config, variance={"fold": "mean"}),
+        "optim.lr: 0.1 -> 0.2": replace_section(config, optim={"lr": 0.2}),
+    }
+    for difference, wanted in cases.items():
+        with pytest.raises(CheckpointError, match=r"use another run\.dir") as raised:
+            check_resumable(path, state, wanted, dataset_fingerprint="a" * 64)
+        assert difference in str(raised.value) and "optim.epochs" in str(raised.value)  # what may change
+    with pytest.raises(
+        CheckpointError, match=r"data\.dataset content \(fingerprint\) aaaaaaaaaaaa… -> bbbbbbbbbbbb…"
+    ):
+        check_resumable(path, state, config, dataset_fingerprint="b" * 64)
+
+
+def test_flipped_bytes_are_caught_and_resume_falls_back_to_an_intact_file(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    parts = _Parts(config, seed=0)
+    older = save_checkpoint(_state(parts, config, TrainingPosition(global_step=4)), config.run.dir, keep=3)
+    newer = save_checkpoint(_state(parts, config, TrainingPosition(global_step=8)), config.run.dir, keep=3)
+    assert load_resume_checkpoint(config.run.dir)[1]["global_step"] == 8
+    # flip one byte inside the stored head weights (the zip stores tensors uncompressed)
+    data = bytearray(newer.read_bytes())
+    weights = parts.model.head.weight.detach().numpy().tobytes()
+    at = bytes(data).find(weights[:32])
+    assert at > 0
+    data[at + 5] ^= 0xFF
+    newer.write_bytes(bytes(data))  # last.ckpt is a hard link: corrupt too
+    with pytest.raises(CheckpointError, match="does not match its checksum"):
+        load_checkpoint(newer)
+    path, state = load_resume_checkpoint(config.run.dir)
+    assert path == older and state["global_step"] == 4
+    older.write_bytes(b"torn")
+    with pytest.raises(
+        CheckpointError, match=r"no intact checkpoint in .*checksum.*not a readable checkpoint"
+    ):
+        load_resume_checkpoint(config.run.dir)
+    assert load_resume_checkpoint(tmp_path / "fresh") is None
+
+
+def test_a_foreign_pickle_is_refused_without_torchs_advice(tmp_path: Path) -> None:
+    import argparse
+
+    torch.save({"format_version": 1, "config": argparse.Namespace(a=1)}, tmp_path / "pickled.ckpt")
+    with pytest.raises(CheckpointError) as raised:
+        load_checkpoint(tmp_path / "pickled.ckpt")
+    assert "not a checkpoint of this project" in str(raised.value) and "weights_only=False" not in str(
+        raised.value
+    )
+
+
+def test_each_rank_gets_its_own_rng_back(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    saved = _Parts(config, seed=0)
+    states = []
+    for seed in (11, 12):
+        torch.manual_seed(seed)
+        states.append({"torch": torch.get_rng_state(), "cuda": torch.empty(0, dtype=torch.uint8)})
+    state = _state(saved, config, TrainingPosition())
+    state["rng_per_rank"] = states
+    for rank in (0, 1):
+        restore_training(
+            state,
+            model=saved.model,
+            model_optimizer=saved.model_optimizer,
+            sharded=saved.objective,
+            classifier_optimizer=saved.classifier_optimizer,
+            device=CPU,
+            rank=rank,
+            world_size=2,
+        )
+        assert torch.equal(torch.get_rng_state(), states[rank]["torch"])
+
+
+def test_a_state_dict_of_another_model_is_a_clear_error(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    state = _state(_Parts(config, seed=0), config, TrainingPosition())
+    state["model"] = {k: v for k, v in state["model"].items() if not k.startswith("head")}
+    path = save_checkpoint(state, config.run.dir, keep=1)
+    with pytest.raises(
+        CheckpointError, match=r"step-00000000\.ckpt: the checkpoint does not hold a model .*head"
+    ):
+        load_inference_model(path)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,6 +148,46 @@ def _run_exporter(
         )
 
 
+def max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
+    """max |a − b|, or inf when either side holds a NaN or an infinity (they never agree)."""
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        return float("inf")
+    return float(np.max(np.abs(a - b))) if a.size else 0.0
+
+
+def export_checked(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    with_embedding: bool = False,
+    tolerance: float = 1e-3,
+    opset: int = DEFAULT_OPSET,
+    exporter: str = "auto",
+) -> ParityReport:
+    """Export to a temporary name, check onnxruntime against torch, publish at `path` only if it passed.
+
+    A model with non-finite weights is refused before exporting; a failed check leaves
+    nothing at `path` (an older file there stays as it was).
+    """
+    path = Path(path)
+    bad = [name for name, tensor in model.state_dict().items() if not torch.isfinite(tensor.float()).all()]
+    if bad:
+        raise ExportError(f"the model holds NaN or infinite values ({', '.join(bad[:3])}…): nothing exported")
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        used = export_onnx(model, tmp, with_embedding=with_embedding, opset=opset, exporter=exporter)
+        report = check_parity(tmp, model, exporter=used)
+        if not report.passed(tolerance):
+            raise ExportError(
+                f"{path}: onnxruntime disagrees with torch (max |diff| quality {report.max_abs_diff_quality:.3g}, "
+                f"embedding {report.max_abs_diff_embedding}) above the tolerance {tolerance}: nothing written"
+            )
+        os.replace(tmp, path)
+        return report
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def check_parity(
     path: str | Path,
     model: nn.Module,
@@ -175,10 +216,9 @@ def check_parity(
         outputs = dict(zip(names, session.run(names, {INPUT_NAME: batch}), strict=True))
         with torch.no_grad():
             embedding, quality = model(torch.from_numpy(batch).to(device))
-        diff_quality = max(diff_quality, float(np.max(np.abs(outputs["quality"] - quality.cpu().numpy()))))
+        diff_quality = max(diff_quality, max_abs_diff(outputs["quality"], quality.cpu().numpy()))
         if with_embedding:
-            diff = np.max(np.abs(outputs["embedding"] - embedding.cpu().numpy()))
-            diff_embedding = max(diff_embedding, float(diff))
+            diff_embedding = max(diff_embedding, max_abs_diff(outputs["embedding"], embedding.cpu().numpy()))
     return ParityReport(
         diff_quality, diff_embedding if with_embedding else None, tuple(len(b) for b in batches), exporter
     )

@@ -59,3 +59,34 @@ def test_parity_on_given_images(model, dynamo_onnx):
     with torch.no_grad():
         _, quality = model(torch.from_numpy(images))
     assert np.isfinite(quality.numpy()).all() and report.max_abs_diff_quality < 1e-4
+
+
+def test_nan_outputs_never_pass_parity() -> None:
+    from pipeline.evaluation.export import max_abs_diff
+
+    ones = np.ones(3, dtype=np.float32)
+    assert max_abs_diff(ones, ones) == 0.0
+    assert max_abs_diff(np.full(3, np.nan, dtype=np.float32), np.full(3, np.nan, dtype=np.float32)) == np.inf
+    assert max_abs_diff(ones, np.array([1, np.inf, 1], dtype=np.float32)) == np.inf
+
+
+def test_checked_export_publishes_only_what_passed(model, tmp_path):
+    import copy
+
+    from pipeline.evaluation.export import ExportError, export_checked
+
+    path = tmp_path / "q.onnx"
+    report = export_checked(model, path, tolerance=1e-3)
+    assert path.is_file() and report.passed(1e-3)
+    before = path.read_bytes()
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        for parameter in broken.parameters():
+            parameter.fill_(float("nan"))
+    with pytest.raises(ExportError, match="NaN or infinite values"):
+        export_checked(broken, path)
+    assert path.read_bytes() == before  # the good file stays
+    with pytest.raises(ExportError, match=r"above the tolerance -1\.0: nothing written"):
+        export_checked(model, tmp_path / "strict.onnx", tolerance=-1.0)
+    assert not (tmp_path / "strict.onnx").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.onnx"]  # no temp files left

@@ -239,15 +239,19 @@ class TrainingMonitor:
 
     def after_step(
         self, position: TrainingPosition, out: ObjectiveOutput, reg_quality: torch.Tensor, values: StepValues
-    ) -> None:
-        """Accumulate one step on the device; log every `run.log_every` steps (collective then)."""
+    ) -> dict[str, float] | None:
+        """Accumulate one step on the device; every `run.log_every` steps (and the last) average over
+        ranks, log, and return the averages, the same on every rank (collective then)."""
         self.meter.add(out, reg_quality, self.images_per_step, values.alpha)
         step = position.global_step
+        averages = None
         if step % self.config.run.log_every == 0 or step == self.total:
+            averages = self.meter.collect()
             weights = class_weight_stats(self.objective)  # collective
-            self.log_step(step, position.epoch, values.lr, self.meter.collect(), weights)
+            self.log_step(step, position.epoch, values.lr, averages, weights)
         if self._bar is not None:
             self._bar.update(step - self._bar.n)
+        return averages
 
     def log_step(
         self, step: int, epoch: int, lr: float, meter: dict[str, float], weights: dict[str, float]

@@ -22,6 +22,7 @@ saves at the end of the same step and `train` returns "interrupted".
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -57,6 +58,10 @@ from pipeline.training.schedules import StepValues, TrainingSchedule, total_step
 log = logging.getLogger(__name__)
 
 COMPLETED, INTERRUPTED = "completed", "interrupted"
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """The loss or the weights became NaN/infinite: training stops, the last good checkpoint stays."""
 
 
 @dataclass
@@ -243,8 +248,30 @@ class Trainer:
             )
         return str(state["mlflow_run_id"])
 
+    def _check_finite(self) -> None:
+        """Collective: stop (NonFiniteTrainingError) when any rank holds a NaN/inf weight."""
+        tensors = [*self.model.parameters(), *self.model.buffers(), *self.objective.parameters()]
+        tensors.append(self.objective.variance.values)
+        bad = torch.stack([(~torch.isfinite(t)).any() for t in tensors]).any().to(torch.int32)
+        if self.env.world_size > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad.item():
+            self._diverged("the weights hold NaN or infinite values")
+
+    def _diverged(self, what: str) -> None:
+        kept = self.last_checkpoint or "none was written yet"
+        raise NonFiniteTrainingError(
+            f"training diverged at step {self.position.global_step}: {what}. Nothing new was saved; "
+            f"the last good checkpoint is {kept}. Lower optim.lr or raise optim.warmup_epochs, "
+            "check the data, then resume (or start afresh in another run.dir)"
+        )
+
     def save(self, reason: str) -> None:
-        """Collective: gather the sharded state to rank 0, which writes the checkpoint atomically."""
+        """Collective: gather the sharded state to rank 0, which writes the checkpoint atomically.
+
+        Refuses to save non-finite weights: the last checkpoint stays the last good one.
+        """
+        self._check_finite()
         sharded = self.objective.full_state(optimizer=self.classifier_optimizer, dst=0)
         rng_per_rank: list[Any] = [rng_state(self.device)]
         if self.env.world_size > 1:
@@ -324,7 +351,9 @@ class Trainer:
                 out, reg_quality = self.step(batch, values)
                 pos.global_step += 1
                 pos.step_in_epoch = batch.step + 1
-                self.monitor.after_step(pos, out, reg_quality, values)
+                averages = self.monitor.after_step(pos, out, reg_quality, values)
+                if averages is not None and not math.isfinite(averages["loss_total"]):
+                    self._diverged(f"the mean loss of the last steps is {averages['loss_total']}")
                 stop = self.checkpointer.step(pos.global_step)
                 if stop:
                     self.monitor.interrupted(pos.global_step)

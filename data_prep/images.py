@@ -123,7 +123,7 @@ def _jpeg_size(data: memoryview) -> tuple[int, int]:
             if length < 6 or length != 6 + 2 * data[pos + 3]:
                 raise BadImageError(f"JPEG scan header at byte {start} has a bad length {length}")
             # entropy-coded data cannot hold ffd9; a JPEG cut short has none after its first scan
-            if bytes(data[end:]).rfind(JPEG_EOI) < 0:
+            if data[n - 2 : n] != JPEG_EOI and bytes(data[end:]).rfind(JPEG_EOI) < 0:
                 raise BadImageError(
                     f"JPEG has no end-of-image marker after its scan data (byte {end} of {n}): truncated"
                 )

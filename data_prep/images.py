@@ -306,6 +306,7 @@ def most_common_size(sizes: Sequence[tuple[int, int]] | np.ndarray) -> tuple[int
     array = np.asarray(sizes, dtype=np.int64).reshape(-1, 2)
     if not len(array):
         return None
-    values, counts = np.unique(array, axis=0, return_counts=True)
-    height, width = values[int(np.argmax(counts))]
-    return int(height), int(width)
+    packed = array[:, 0] << 32 | array[:, 1]  # one int per size: a flat unique, not a row-wise one
+    values, counts = np.unique(packed, return_counts=True)
+    best = int(values[int(np.argmax(counts))])
+    return best >> 32, best & 0xFFFFFFFF

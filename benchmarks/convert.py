@@ -28,7 +28,15 @@ floor_copy_s ÷ floor_s (copies timed beside the floor) is the best ratio a conv
 reach on this machine. The legs' single-core speeds are reported too (`sha256_mb_per_s`
 is OpenSSL's SHA-NI speed here).
 
-    .venv/bin/python benchmarks/convert.py [--mb 300] [--repeats 3]
+`image_checks` times 1-worker conversions of both datasets at each image check level
+(data_prep.images): "magic" (the magic bytes only: what conversion checked before the
+structural check existed), "structure" (the default) and "decode" (a full Pillow decode,
+`--verify-decode`), interleaved; `*_ratio` = that level's time ÷ the "magic" time of the
+same repeat (median over repeats). Where the machine's noise exceeds the check's cost, the
+validation pass alone says more: `check_us_per_image` and `check_share_of_conversion`
+(see `image_check_costs`). `--image-checks-only` runs just that part.
+
+    .venv/bin/python benchmarks/convert.py [--mb 300] [--repeats 3] [--image-checks-only]
 """
 
 from __future__ import annotations
@@ -160,13 +168,23 @@ def cpu_seconds() -> float:
 CPU_SECONDS: dict[int, list[float]] = {}
 
 
-def time_convert(source: Path, scratch: Path, *, workers: int, samples_per_shard: int) -> float:
+def time_convert(
+    source: Path, scratch: Path, *, workers: int, samples_per_shard: int, image_check: str = "structure"
+) -> float:
     out = scratch / f"out-{workers}"
     shutil.rmtree(out, ignore_errors=True)
     settle()
     cpu_before = cpu_seconds()
     started = time.perf_counter()
-    convert(source, out, samples_per_shard=samples_per_shard, workers=workers, seed=0, progress=False)
+    convert(
+        source,
+        out,
+        samples_per_shard=samples_per_shard,
+        workers=workers,
+        seed=0,
+        progress=False,
+        image_check=image_check,
+    )
     elapsed = time.perf_counter() - started
     CPU_SECONDS.setdefault(workers, []).append(cpu_seconds() - cpu_before)
     shutil.rmtree(out)
@@ -256,6 +274,53 @@ def floor_once(images: list[memoryview], scratch: Path, threads: int) -> float:
     return elapsed
 
 
+IMAGE_CHECK_LEVELS = ("magic", "structure", "decode")
+
+
+def image_check_costs(
+    source: Path, scratch: Path, *, samples_per_shard: int, repeats: int
+) -> dict[str, float]:
+    """1-worker conversions at each image check level, and the validation pass alone.
+
+    Conversions: medians and minimums (a loaded machine adds noise, never speed) of wall
+    seconds, and `*_ratio` = median over repeats of that level's time ÷ "magic"'s in the same
+    repeat. The validation pass alone (`read_source`, where the checks run) is timed in CPU
+    seconds, best of the repeats: `check_us_per_image` is what "structure" adds to it per
+    image, `check_share_of_conversion` that cost ÷ the fastest "magic" conversion.
+    """
+    from data_prep.source import read_source
+
+    warm(source / "train.rec")
+    seconds: dict[str, list[float]] = {level: [] for level in IMAGE_CHECK_LEVELS}
+    validation: dict[str, list[float]] = {level: [] for level in ("magic", "structure")}
+    for repeat in range(repeats):
+        for level in IMAGE_CHECK_LEVELS:
+            seconds[level].append(
+                time_convert(
+                    source, scratch, workers=1, samples_per_shard=samples_per_shard, image_check=level
+                )
+            )
+        for level in validation:
+            started = time.process_time()
+            images = read_source(source, image_check=level).num_images
+            validation[level].append(time.process_time() - started)
+        log.info("image checks, run %d: %s", repeat, {k: round(v[-1], 3) for k, v in seconds.items()})
+    result: dict[str, float] = {"images": images}
+    for level, times in seconds.items():
+        result[f"{level}_s"] = round(statistics.median(times), 3)
+        result[f"{level}_min_s"] = round(min(times), 3)
+    for level in ("structure", "decode"):
+        ratios = [t / base for t, base in zip(seconds[level], seconds["magic"])]
+        result[f"{level}_ratio"] = round(statistics.median(ratios), 3)
+        result[f"{level}_ratio_of_minimums"] = round(min(seconds[level]) / min(seconds["magic"]), 3)
+    check_s = min(validation["structure"]) - min(validation["magic"])
+    result["validation_magic_cpu_s"] = round(min(validation["magic"]), 3)
+    result["validation_structure_cpu_s"] = round(min(validation["structure"]), 3)
+    result["check_us_per_image"] = round(check_s / images * 1e6, 2)
+    result["check_share_of_conversion"] = round(check_s / min(seconds["magic"]), 3)
+    return result
+
+
 def git_revision() -> str:
     try:
         return subprocess.run(
@@ -276,6 +341,9 @@ def main() -> None:
     parser.add_argument("--mb", type=int, default=300, help="size of the large-image source (default 300)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each contender (default 3)")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "igfiqa-bench-convert")
+    parser.add_argument(
+        "--image-checks-only", action="store_true", help="time only the image check levels (see above)"
+    )
     args = parser.parse_args()
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s", datefmt="%H:%M:%S"
@@ -285,6 +353,25 @@ def main() -> None:
     small = build_small_source(args.cache / "small", repeats=8)
     scratch = Path(tempfile.mkdtemp(prefix="bench-convert-", dir=args.cache))
     try:
+        image_checks = {
+            "large_jpegs": image_check_costs(
+                big, scratch, samples_per_shard=BIG_SAMPLES_PER_SHARD, repeats=args.repeats
+            ),
+            "small_112px": image_check_costs(small, scratch, samples_per_shard=5000, repeats=args.repeats),
+        }
+        if args.image_checks_only:
+            print(
+                json.dumps(
+                    {
+                        "bench": "convert.image_checks",
+                        "cpus": os.cpu_count(),
+                        **image_checks,
+                        "git": git_revision(),
+                    }
+                )
+            )
+            return
+
         rec = big / "train.rec"
         size_mb = rec.stat().st_size / 1e6
         warm(rec)
@@ -361,6 +448,7 @@ def main() -> None:
             "img_per_s_2_workers": round(small_images / small_two),
             "ratio_vs_copy": round(small_copy / small_one, 3),
         },
+        "image_checks": image_checks,
         "git": git_revision(),
     }
     print(json.dumps(result))

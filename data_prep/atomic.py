@@ -26,7 +26,12 @@ def atomic_write(path: Path, write: Callable[[Path], None], *, durable: bool = T
     path = Path(path)
     tmp = temp_path_for(path)
     try:
-        write(tmp)
+        try:
+            write(tmp)
+        except OSError as exc:
+            if exc.filename is None:  # writes through a descriptor (writev) name no file: say which
+                exc.filename = str(tmp)
+            raise
         if durable:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())

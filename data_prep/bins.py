@@ -3,7 +3,15 @@
 A `.bin` is a pickle of `(bins, issame_list)`: encoded images, pair i being images
 2i and 2i+1. These files come from the internet, so they are read with
 `RestrictedUnpickler`, which admits only the globals such files need and refuses
-everything else before it is called: no code from a file ever runs.
+everything else before it is called: no code from a file ever runs. The admitted
+callables are wrapped so that a file cannot make them allocate memory from a number
+it holds (`bytearray(10**10)`, `numpy.ndarray((10**10,))`): every array and byte string
+is built from bytes that are in the file. numpy arrays come in as protocol 2-4 pickles
+(`_reconstruct` + state) or protocol 5 ones (`_frombuffer`), of dtype uint8 or bool only.
+
+Then every value is checked before anything is written: issame values must be real
+booleans (`bool` or numpy bool: `"False"`, `2` or `None` are refused, not guessed), and
+every image must be a sound JPEG/PNG (data_prep.images, structure) of the set's size.
 
 Output per set `OUT/<name>/`: `shards/shard-00000.tar` + `.idx` (key = zero-padded
 image index, label = image index), `manifest.parquet` (key, index, sha256, nbytes,
@@ -13,9 +21,9 @@ shard, offset), `pairs.parquet` (left, right, issame) and `dataset.json` (kind
 
 from __future__ import annotations
 
-import builtins
 import codecs
 import io
+import math
 import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,12 +48,13 @@ from data_prep.dataset import (
     load_dataset_info,
 )
 from data_prep.errors import DataError
+from data_prep.images import check_image, image_kind, most_common_size
 from data_prep.manifest import PAIRS_SCHEMA, VERIFICATION_MANIFEST_SCHEMA, write_table
-from data_prep.recordio import image_kind
 from data_prep.shards import shard_stem, write_webdataset_shard
 
 CREATED_BY = "igfiqa data_prep.bins"
 KEY_WIDTH = 9
+LISTED = 5  # bad images or values an error names (its count covers all)
 
 
 def _latin1_encode(text: str, encoding: str = "utf-8") -> bytes:
@@ -55,31 +64,113 @@ def _latin1_encode(text: str, encoding: str = "utf-8") -> bytes:
     return text.encode("latin-1")
 
 
-_NUMPY_CORE = ("numpy.core.multiarray", "numpy._core.multiarray")
+def _refuse(what: str) -> pickle.UnpicklingError:
+    return pickle.UnpicklingError(f"{what} is not admitted in a verification .bin")
+
+
+def _bytes_from(kind: type) -> Any:
+    """`bytes`/`bytearray` for byte data the file holds; `bytes(N)` (N zero bytes) is refused."""
+
+    def make(*args: Any) -> Any:
+        if args and isinstance(args[0], int):
+            raise _refuse(f"{kind.__name__}({args[0]}) (memory sized by a number in the file)")
+        return kind(*args)
+
+    return make
+
+
+def _sequence_from(kind: type) -> Any:
+    """`list`/`tuple` of a list or tuple (not of a byte string, which would inflate it per byte)."""
+
+    def make(*args: Any) -> Any:
+        if args and not isinstance(args[0], list | tuple):
+            raise _refuse(f"{kind.__name__}() of a {type(args[0]).__name__}")
+        return kind(*args)
+
+    return make
+
+
+class _NdarrayName:
+    """What the global numpy.ndarray resolves to: only `_reconstruct`'s first argument, never called."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise _refuse("calling numpy.ndarray (memory sized by numbers in the file)")
+
+
+_NDARRAY = _NdarrayName()
+# the only dtypes a .bin needs: encoded image bytes and issame flags
+_DTYPES = {np.dtype(np.uint8), np.dtype(np.bool_)}
+
+
+def _admitted_dtype(dtype: Any) -> np.dtype:
+    if not isinstance(dtype, np.dtype) or dtype not in _DTYPES or dtype.shape or dtype.fields:
+        raise _refuse(f"dtype {dtype!r} (only uint8 and bool)")
+    return dtype
+
+
+def _dtype(spec: Any, align: Any = False, copy: Any = False) -> np.dtype:
+    """numpy.dtype for 'u1' / 'b1' only, always a copy (the file's BUILD then sets only the copy)."""
+    code = spec.decode("latin-1") if isinstance(spec, bytes) else spec
+    if not isinstance(code, str) or code.lstrip("|<>=") not in ("u1", "b1"):
+        raise _refuse(f"numpy.dtype({spec!r}) (only uint8 and bool)")
+    return np.dtype(code, False, True)
+
+
+def _reconstruct(subtype: Any, shape: Any, dtype_code: Any) -> np.ndarray:
+    """An empty array for the state the pickle sets next (numpy checks that state's size against its bytes)."""
+    if subtype is not _NDARRAY:
+        raise _refuse(f"_reconstruct of {subtype!r}")
+    return np.ndarray.__new__(np.ndarray, (0,), np.uint8)
+
+
+def _scalar(dtype: Any, data: Any = None) -> Any:
+    dtype = _admitted_dtype(dtype)
+    if not isinstance(data, bytes) or len(data) != dtype.itemsize:
+        raise _refuse("a numpy scalar without its bytes")
+    return np.frombuffer(data, dtype=dtype)[0]
+
+
+def _frombuffer(buffer: Any, dtype: Any, shape: Any, order: Any) -> np.ndarray:
+    """Protocol-5 numpy arrays: a view of bytes the file holds, checked to be exactly that many."""
+    dtype = _admitted_dtype(dtype)
+    view = memoryview(buffer)
+    if (
+        not isinstance(shape, tuple)
+        or not all(isinstance(n, int) and n >= 0 for n in shape)
+        or math.prod(shape) * dtype.itemsize != view.nbytes
+        or order not in ("C", "F")
+    ):
+        raise _refuse(f"an array of shape {shape!r} over {view.nbytes} bytes")
+    return np.frombuffer(view, dtype=dtype).reshape(shape, order=order)
+
+
 _ADMITTED: dict[tuple[str, str], Any] = {
     # py2 pickles name the builtins module `__builtin__`
     **{
-        (module, name): getattr(builtins, name)
+        (module, name): maker
         for module in ("builtins", "__builtin__")
-        for name in ("bytes", "bytearray", "list", "tuple", "bool")
+        for name, maker in (
+            ("bytes", _bytes_from(bytes)),
+            ("bytearray", _bytes_from(bytearray)),
+            ("list", _sequence_from(list)),
+            ("tuple", _sequence_from(tuple)),
+            ("bool", bool),
+        )
     },
     ("_codecs", "encode"): _latin1_encode,
-    ("numpy", "ndarray"): np.ndarray,
-    ("numpy", "dtype"): np.dtype,
+    ("numpy", "ndarray"): _NDARRAY,
+    ("numpy", "dtype"): _dtype,
+    **{
+        (module, "_reconstruct"): _reconstruct
+        for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+    },
+    **{(module, "scalar"): _scalar for module in ("numpy.core.multiarray", "numpy._core.multiarray")},
+    **{(module, "_frombuffer"): _frombuffer for module in ("numpy.core.numeric", "numpy._core.numeric")},
 }
 
 
-def _numpy_helper(name: str) -> Any:
-    """numpy's array/scalar reconstruction functions, wherever this numpy version keeps them."""
-    try:
-        from numpy._core import multiarray  # numpy >= 2
-    except ImportError:  # numpy 1.x
-        from numpy.core import multiarray
-    return getattr(multiarray, name)
-
-
 class RestrictedUnpickler(pickle.Unpickler):
-    """An Unpickler that resolves only byte strings, lists, tuples, bools and numpy arrays/scalars."""
+    """An Unpickler that resolves only byte strings, lists, tuples, bools and uint8/bool numpy arrays."""
 
     def __init__(self, file: io.BufferedIOBase, *, path: Path, **kwargs: Any):
         super().__init__(file, **kwargs)
@@ -88,8 +179,6 @@ class RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _ADMITTED:
             return _ADMITTED[(module, name)]
-        if module in _NUMPY_CORE and name in ("_reconstruct", "scalar"):
-            return _numpy_helper(name)
         raise DataError(
             f"refused global {module}.{name}: verification .bin files hold only images and booleans, "
             "so this file is malformed or malicious (nothing from it was run)",
@@ -103,6 +192,7 @@ class VerificationPairs:
 
     images: list[bytes]
     issame: np.ndarray  # bool, len(images) // 2
+    image_size: tuple[int, int] = (0, 0)  # (height, width) of every image
 
     @property
     def num_pairs(self) -> int:
@@ -129,11 +219,9 @@ def read_bin(path: Path) -> VerificationPairs:
     bins, issame = loaded
     if not isinstance(bins, list | tuple | np.ndarray) or not isinstance(issame, list | tuple | np.ndarray):
         raise DataError("bins and issame_list must be sequences", path=path)
-    images = [_image_bytes(item, path, i) for i, item in enumerate(bins)]
-    try:
-        flags = np.asarray([bool(x) for x in issame], dtype=bool)
-    except (TypeError, ValueError):
-        raise DataError("issame_list holds values that are not booleans", path=path) from None
+    limit = path.stat().st_size  # no image can be larger than the file it came from
+    images = [_image_bytes(item, path, i, limit) for i, item in enumerate(bins)]
+    flags = _issame_flags(issame, path)
     if not images:
         raise DataError("empty dataset: no images", path=path)
     if len(images) != 2 * len(flags):
@@ -141,32 +229,61 @@ def read_bin(path: Path) -> VerificationPairs:
             f"{len(images)} images but {len(flags)} issame flags: pair i must be images 2i and 2i+1",
             path=path,
         )
-    return VerificationPairs(images=images, issame=flags)
+    return VerificationPairs(images=images, issame=flags, image_size=_images_size(images, path))
 
 
-def _image_bytes(item: object, path: Path, index: int) -> bytes:
+def _issame_flags(issame: object, path: Path) -> np.ndarray:
+    """issame_list as a bool array; every value must be a real boolean (bool or numpy bool)."""
+    if isinstance(issame, np.ndarray):
+        if issame.dtype != np.bool_ or issame.ndim != 1:
+            raise DataError(
+                f"issame_list is a {issame.ndim}-d numpy array of {issame.dtype}, not of booleans", path=path
+            )
+        return issame.copy()
+    bad = [(i, value) for i, value in enumerate(issame) if not isinstance(value, bool | np.bool_)]
+    if bad:
+        listed = ", ".join(f"value {i} is {value!r} ({type(value).__name__})" for i, value in bad[:LISTED])
+        raise DataError(
+            f"issame_list holds {len(bad)} values that are not booleans ({listed}): refusing to guess "
+            "what they mean (bool('False') is True)",
+            path=path,
+        )
+    return np.asarray(issame, dtype=bool)
+
+
+def _image_bytes(item: object, path: Path, index: int, limit: int) -> bytes:
+    """The encoded bytes of image `index`; the magic is checked before anything is copied."""
     if isinstance(item, bytes | bytearray):
-        data = bytes(item)
+        head = bytes(item[:8])
     elif isinstance(item, np.ndarray) and item.dtype == np.uint8 and item.ndim == 1:
-        data = item.tobytes()
+        head = item[:8].tobytes()
     else:
         raise DataError(f"image {index} is a {type(item).__name__}, not encoded image bytes", path=path)
-    if image_kind(data) is None:
+    if image_kind(head) is None:
         raise DataError(
-            f"image {index} is not a JPEG or PNG (starts with {data[:8].hex() or 'nothing'})", path=path
+            f"image {index} is not a JPEG or PNG (starts with {head.hex() or 'nothing'})", path=path
         )
-    return data
+    if len(item) > limit:
+        raise DataError(f"image {index} claims {len(item)} bytes, more than the whole file", path=path)
+    return item.tobytes() if isinstance(item, np.ndarray) else bytes(item)
 
 
-def _image_size(data: bytes, path: Path) -> tuple[int, int]:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
-    except (UnidentifiedImageError, OSError) as exc:
-        raise DataError(f"image 0 does not decode: {exc}", path=path) from None
-    return height, width
+def _images_size(images: list[bytes], path: Path) -> tuple[int, int]:
+    """The size every image has (structure checked, data_prep.images); DataError listing every bad one."""
+    checked = [check_image(image) for image in images]
+    size = most_common_size([s for s, _ in checked if s is not None])
+    bad = []
+    for i, (found, reason) in enumerate(checked):
+        if reason is None and found != size and found is not None and size is not None:
+            reason = f"image is {found[0]}x{found[1]}, most of the set's are {size[0]}x{size[1]}"
+        if reason is not None:
+            bad.append((i, reason))
+    if bad:
+        listed = "; ".join(f"image {i}: {reason}" for i, reason in bad[:LISTED])
+        more = f"; and {len(bad) - LISTED} more" if len(bad) > LISTED else ""
+        raise DataError(f"{len(bad)} of {len(images)} images are bad: {listed}{more}", path=path)
+    assert size is not None
+    return size
 
 
 def convert_bin(path: Path, set_dir: Path) -> DatasetInfo:
@@ -219,7 +336,7 @@ def convert_bin(path: Path, set_dir: Path) -> DatasetInfo:
         kind="verification",
         num_images=count,
         num_classes=count,  # label = image index
-        image_size=_image_size(pairs.images[0], path),
+        image_size=pairs.image_size,
         seed=0,
         samples_per_shard=count,
         shards=(

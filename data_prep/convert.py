@@ -32,14 +32,18 @@ storage that lost writes); plan.json and dataset.json are fsync'ed.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import hashlib
 import json
 import logging
 import multiprocessing
 import os
+import shutil
+import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -62,6 +66,7 @@ from data_prep.checksums import sha256_of_spans, xxh128_file, xxh128_of_view
 from data_prep.dataset import (
     CLASSES_FILE,
     DATASET_FILE,
+    DROPPED_FILE,
     FORMAT_VERSION,
     MANIFEST_FILE,
     SHARDS_DIR,
@@ -71,10 +76,12 @@ from data_prep.dataset import (
     load_dataset_info,
 )
 from data_prep.errors import DataError
-from data_prep.manifest import CLASSES_SCHEMA, TRAIN_MANIFEST_SCHEMA, write_table
+from data_prep.images import IMAGE_CHECKS, ImageCheck
+from data_prep.lock import OutputLock
+from data_prep.manifest import CLASSES_SCHEMA, DROPPED_SCHEMA, TRAIN_MANIFEST_SCHEMA, read_table, write_table
 from data_prep.recordio import JPEG_MAGIC, RecordIOReader, image_kind, unpack_header
-from data_prep.shards import shard_stem, write_webdataset_shard
-from data_prep.source import SourceDataset, locate_source, read_source
+from data_prep.shards import BLOCK, shard_stem, write_webdataset_shard
+from data_prep.source import BadRecord, BadRecordsError, SourceDataset, locate_source, read_source
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +91,9 @@ PLAN_VERSION = 3  # 2: plan.parquet holds each image's sha256; 3: file checksums
 PLAN_TABLE = "plan.parquet"
 CREATED_BY = "igfiqa data_prep.convert"
 DEFAULT_SAMPLES_PER_SHARD = 5000
+MAX_SAMPLES_PER_SHARD = 2**31 - 1  # a shard's count is an int32 everywhere downstream (manifests, DALI)
+MAX_SEED = 2**63 - 1  # seeds are stored as int64 (plan, dataset.json, MLflow)
+DROPPED_LOGGED = 20  # dropped records named one per log line (dropped.parquet lists all)
 SHARDS_IN_FLIGHT = 2  # shards one worker process writes at once (threads)
 MIN_KEY_WIDTH = 9
 _PLAN_SCHEMA = pa.schema(
@@ -115,6 +125,9 @@ class ConversionPlan:
     layout: str
     rec_mtime_ns: int = 0  # of the .rec when planned: shard tasks check the source is unchanged
     plan_version: int = PLAN_VERSION
+    dropped: int = 0  # bad image records left out (skip_bad), listed in .prep/dropped.parquet
+    dropped_digest: str = ""  # sha256 of the dropped records' keys: part of the plan's identity
+    image_check: str = "structure"  # the level the images were checked at (data_prep.images)
 
     @functools.cached_property  # the frozen dataclass keeps a __dict__ for it; asked once per shard
     def plan_id(self) -> str:
@@ -125,6 +138,8 @@ class ConversionPlan:
             "samples_per_shard": self.samples_per_shard,
             "seed": self.seed,
         }
+        if self.dropped:  # (absent otherwise, so plans without dropped records keep their ids)
+            identity["dropped"] = self.dropped_digest
         return hashlib.sha256(canonical_json(identity)).hexdigest()
 
     @property
@@ -150,6 +165,9 @@ class ConversionPlan:
             "layout": self.layout,
             "rec_mtime_ns": self.rec_mtime_ns,
             "plan_version": self.plan_version,
+            "dropped": self.dropped,
+            "dropped_digest": self.dropped_digest,
+            "image_check": self.image_check,
         }
 
 
@@ -186,12 +204,25 @@ def load_plan(out: Path) -> ConversionPlan:
             layout=str(raw["layout"]),
             rec_mtime_ns=int(raw.get("rec_mtime_ns", 0)),
             plan_version=int(raw.get("plan_version", 1)),
+            dropped=int(raw.get("dropped", 0)),
+            dropped_digest=str(raw.get("dropped_digest", "")),
+            image_check=str(raw.get("image_check", "magic")),
         )
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise DataError(f"malformed plan: {exc!r}", path=path) from None
 
 
 # ----------------------------------------------------------------------------- stage 1
+
+
+def check_settings(*, samples_per_shard: int, seed: int, workers: int = 1) -> None:
+    """Refuse settings no conversion can use, before anything is read or created."""
+    if not 1 <= samples_per_shard <= MAX_SAMPLES_PER_SHARD:
+        raise DataError(f"samples_per_shard must be in [1, {MAX_SAMPLES_PER_SHARD}], got {samples_per_shard}")
+    if not 0 <= seed <= MAX_SEED:
+        raise DataError(f"seed must be in [0, 2**63 - 1], got {seed}")
+    if workers < 1:
+        raise DataError(f"workers must be >= 1, got {workers}")
 
 
 def _check_out_dir(out: Path) -> ConversionPlan | None:
@@ -226,22 +257,51 @@ def prepare_conversion(
     progress: bool = False,
     threads: int = 2,
     reader: RecordIOReader | None = None,
+    skip_bad: bool = False,
+    image_check: ImageCheck = "structure",
 ) -> ConversionPlan:
     """Validate and hash SOURCE, draw the global shuffle and write OUT's plan (idempotent).
 
     `threads` hash the images while one more checksums the whole source file. `reader`, an
     open reader of the source `.rec` the caller will also write shards from, is used
-    instead of mapping the file again.
+    instead of mapping the file again. Bad image records (checked at level `image_check`,
+    see data_prep.images) are refused all together (BadRecordsError), or with `skip_bad`
+    left out of the plan and listed in OUT/.prep/dropped.parquet.
     """
-    if samples_per_shard < 1:
-        raise DataError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+    check_settings(samples_per_shard=samples_per_shard, seed=seed)
+    if image_check not in IMAGE_CHECKS:
+        raise DataError(f"image_check must be one of {IMAGE_CHECKS}, got {image_check!r}")
     out = Path(out)
     existing = _check_out_dir(out)
     reusable = existing is not None and existing.plan_version == PLAN_VERSION
-    source_dataset, source_files, rec_mtime_ns, image_sha256 = _read_and_checksum(
-        Path(source), progress=progress, hash_images=not reusable, threads=threads, shared=reader
-    )
+    try:
+        source_dataset, source_files, rec_mtime_ns, image_sha256 = _read_and_checksum(
+            Path(source),
+            progress=progress,
+            hash_images=not reusable,
+            threads=threads,
+            shared=reader,
+            skip_bad=skip_bad,
+            image_check=image_check,
+        )
+    except BadRecordsError as exc:
+        for record in exc.bad[:DROPPED_LOGGED]:
+            log.error(
+                "bad %s record %d (byte offset %d): %s",
+                exc.path.name,
+                record.record,
+                record.offset,
+                record.reason,
+            )
+        if len(exc.bad) > DROPPED_LOGGED:
+            log.error(
+                "... and %d more bad records (`igfiqa prep inspect %s --json` lists every one)",
+                len(exc.bad) - DROPPED_LOGGED,
+                source,
+            )
+        raise
     num_images = source_dataset.num_images
+    bad = source_dataset.bad
     plan = ConversionPlan(
         out=out,
         rec_path=source_dataset.files.rec.resolve(),
@@ -254,7 +314,14 @@ def prepare_conversion(
         num_shards=-(-num_images // samples_per_shard),
         layout=source_dataset.layout,
         rec_mtime_ns=rec_mtime_ns,
+        dropped=len(bad),
+        dropped_digest=hashlib.sha256(" ".join(str(b.record) for b in bad).encode()).hexdigest()
+        if bad
+        else "",
+        image_check=image_check,
     )
+    if bad:
+        _log_dropped(bad, source_dataset.files.rec, out)
     if existing is not None:
         if existing.plan_id != plan.plan_id:
             raise DataError(
@@ -276,8 +343,11 @@ def prepare_conversion(
     prep = _prep_dir(out)
     prep.mkdir(parents=True, exist_ok=True)
     (out / SHARDS_DIR).mkdir(exist_ok=True)
-    for name in (PLAN_TABLE, PLAN_FILE):  # leftovers of a planning run that was killed
+    for name in (PLAN_TABLE, PLAN_FILE, DROPPED_FILE):  # leftovers of a planning run that was killed
         remove_temp_files_of(prep / name)
+    (prep / DROPPED_FILE).unlink(missing_ok=True)
+    if bad:
+        write_table(prep / DROPPED_FILE, _dropped_table(bad, source_dataset.files.rec))
     positions = np.arange(num_images, dtype=np.int64)
     order = np.random.default_rng(seed).permutation(num_images)
     table = pa.table(
@@ -302,8 +372,46 @@ def prepare_conversion(
     return plan
 
 
+def _log_dropped(bad: tuple[BadRecord, ...], rec: Path, out: Path) -> None:
+    for record in bad[:DROPPED_LOGGED]:
+        log.warning(
+            "dropping %s record %d (byte offset %d): %s",
+            rec.name,
+            record.record,
+            record.offset,
+            record.reason,
+        )
+    log.warning(
+        "dropping %d bad image record%s of %s%s; every one is listed in %s",
+        len(bad),
+        "" if len(bad) == 1 else "s",
+        rec,
+        f" ({len(bad) - DROPPED_LOGGED} more than named above)" if len(bad) > DROPPED_LOGGED else "",
+        out / DROPPED_FILE,
+    )
+
+
+def _dropped_table(bad: tuple[BadRecord, ...], rec: Path) -> pa.Table:
+    return pa.table(
+        {
+            "file": [rec.name] * len(bad),
+            "record": [b.record for b in bad],
+            "offset": [b.offset for b in bad],
+            "reason": [b.reason for b in bad],
+        },
+        schema=DROPPED_SCHEMA,
+    )
+
+
 def _read_and_checksum(
-    source: Path, *, progress: bool, hash_images: bool, threads: int, shared: RecordIOReader | None
+    source: Path,
+    *,
+    progress: bool,
+    hash_images: bool,
+    threads: int,
+    shared: RecordIOReader | None,
+    skip_bad: bool = False,
+    image_check: ImageCheck = "structure",
 ) -> tuple[SourceDataset, tuple[SourceFile, ...], int, list[str] | None]:
     """Validate the source, checksum its files and (if asked) hash every image, in one pass.
 
@@ -337,7 +445,9 @@ def _read_and_checksum(
         file_digests = {files.rec: pool.submit(xxh128_of_view, reader.view, count_hashed)}
         file_digests.update({path: pool.submit(xxh128_file, path) for path in files.existing()[1:]})
         try:
-            source_dataset = read_source(source, progress=progress)
+            source_dataset = read_source(
+                source, progress=progress, skip_bad=skip_bad, image_check=image_check, threads=threads
+            )
         except BaseException:
             failed.set()
             raise
@@ -438,8 +548,14 @@ def write_shard(out: Path, shard_index: int, *, reader: RecordIOReader | None = 
 
     `reader`: an open reader of the plan's source `.rec` to take the images from (one memory
     map shared by the shards a process writes), else the file is mapped for this shard.
+    A full disk is a DataError naming OUT and about how much space the conversion still needs.
     """
     out = Path(out)
+    with disk_full_is_a_data_error(out):
+        _write_shard(out, shard_index, reader)
+
+
+def _write_shard(out: Path, shard_index: int, reader: RecordIOReader | None) -> None:
     plan = load_plan(out)
     if not 0 <= shard_index < plan.num_shards:
         raise DataError(
@@ -578,12 +694,18 @@ def _image_bytes(
 
 
 def finalize_conversion(out: Path, *, verify_checksums: bool = False) -> DatasetInfo:
-    """Check every shard, write manifest.parquet and classes.parquet, then dataset.json last.
+    """Check every shard, write manifest.parquet, classes.parquet (and dropped.parquet when
+    records were left out), then dataset.json last.
 
     Run it once every shard writer has stopped: it first deletes the temp files that killed
     writers left behind.
     """
     out = Path(out)
+    with disk_full_is_a_data_error(out):
+        return _finalize(out, verify_checksums)
+
+
+def _finalize(out: Path, verify_checksums: bool) -> DatasetInfo:
     plan = load_plan(out)
     for folder in (out, out / SHARDS_DIR, _prep_dir(out)):  # leftovers of killed writers and finalisations
         if folder.is_dir():
@@ -619,6 +741,16 @@ def finalize_conversion(out: Path, *, verify_checksums: bool = False) -> Dataset
     counts = np.bincount(manifest.column("label").to_numpy(), minlength=plan.num_classes)
     classes = pa.table({"label": np.arange(len(counts), dtype=np.int64), "count": counts.astype(np.int64)})
     write_table(out / CLASSES_FILE, classes.cast(CLASSES_SCHEMA))
+    if plan.dropped:
+        dropped = read_table(_prep_dir(out) / DROPPED_FILE, DROPPED_SCHEMA)
+        if dropped.num_rows != plan.dropped:
+            raise DataError(
+                f"lists {dropped.num_rows} dropped records, the plan {plan.dropped}: run the conversion again",
+                path=_prep_dir(out) / DROPPED_FILE,
+            )
+        write_table(out / DROPPED_FILE, dropped)
+    else:
+        (out / DROPPED_FILE).unlink(missing_ok=True)
     info = DatasetInfo(
         root=out,
         format_version=FORMAT_VERSION,
@@ -631,6 +763,7 @@ def finalize_conversion(out: Path, *, verify_checksums: bool = False) -> Dataset
         shards=tuple(shards),
         source=plan.source,
         created_by=CREATED_BY,
+        dropped=plan.dropped,
     )
     atomic_write_json(out / DATASET_FILE, info.to_json_dict())
     return load_dataset_info(out)
@@ -647,51 +780,199 @@ def convert(
     workers: int = 1,
     seed: int = 0,
     progress: bool = True,
+    skip_bad: bool = False,
+    image_check: ImageCheck = "structure",
+    wait_lock: float = 0.0,
 ) -> DatasetInfo:
-    """Plan, write every shard (in `workers` processes) and finalise, all on this machine."""
-    if workers < 1:
-        raise DataError(f"workers must be >= 1, got {workers}")
-    with RecordIOReader(locate_source(Path(source)).rec) as reader:
-        plan = prepare_conversion(
-            source,
-            out,
-            samples_per_shard=samples_per_shard,
-            seed=seed,
-            progress=progress,
-            threads=workers,
-            reader=reader,
-        )
-        _write_shards(plan, workers=workers, reader=reader, progress=progress)
-    info = finalize_conversion(plan.out)
+    """Plan, write every shard (in `workers` processes) and finalise, all on this machine.
+
+    Holds OUT's lock throughout (data_prep.lock: a second run refuses at once, or waits up
+    to `wait_lock` seconds). A run that fails before its plan is written leaves no folder it
+    created behind. `skip_bad` and `image_check`: see `prepare_conversion`.
+    """
+    check_settings(samples_per_shard=samples_per_shard, seed=seed, workers=workers)
+    out = Path(out)
+    rec = locate_source(Path(source)).rec
+    with locked_output(out, wait=wait_lock):
+        with disk_full_is_a_data_error(out), RecordIOReader(rec) as reader:
+            plan = prepare_conversion(
+                source,
+                out,
+                samples_per_shard=samples_per_shard,
+                seed=seed,
+                progress=progress,
+                threads=workers,
+                reader=reader,
+                skip_bad=skip_bad,
+                image_check=image_check,
+            )
+            _check_free_space(plan)
+            _write_shards(plan, workers=workers, reader=reader, progress=progress)
+        info = finalize_conversion(plan.out)
     if progress:
         log.info(
-            "converted %d images of %d classes into %d shards under %s",
+            "converted %d images of %d classes into %s under %s%s",
             info.num_images,
             info.num_classes,
-            len(info.shards),
+            plural(len(info.shards), "shard"),
             info.root,
+            f" ({plural(info.dropped, 'bad record')} dropped, listed in {DROPPED_FILE})"
+            if info.dropped
+            else "",
         )
     return info
+
+
+@contextlib.contextmanager
+def locked_output(out: Path, *, wait: float = 0.0) -> Iterator[None]:
+    """Hold OUT's lock (data_prep.lock) around a conversion; when the body fails before the
+    conversion is planned, remove the folders it created, so OUT is left as it was."""
+    out = Path(out)
+    created = [p for p in (out, _prep_dir(out), out / SHARDS_DIR) if not p.exists()]
+    lock = OutputLock(out, wait=wait)
+    lock.acquire()
+    try:
+        yield
+    except BaseException:
+        if not (_prep_dir(out) / PLAN_FILE).is_file():  # nothing worth keeping
+            lock.release(remove=_prep_dir(out) in created)
+            for folder in reversed(created):
+                with contextlib.suppress(OSError):  # not empty: something else is there now
+                    folder.rmdir()
+        raise
+    finally:
+        lock.release()
+
+
+def plural(count: int, noun: str) -> str:
+    """`1 shard`, `2 shards`, `1 class`, `3 classes`."""
+    if count == 1:
+        return f"{count} {noun}"
+    return f"{count} {noun}es" if noun.endswith(("s", "sh", "ch", "x")) else f"{count} {noun}s"
+
+
+# ----------------------------------------------------------------------------- a full disk
+
+
+TAR_OVERHEAD_PER_IMAGE = 3 * BLOCK + BLOCK // 2  # ustar headers, label member, padding (about)
+MANIFEST_BYTES_PER_IMAGE = 120  # manifest part + final manifest, zstd (about)
+
+
+def space_needed(out: Path) -> int | None:
+    """About how many more bytes OUT's conversion will write (None before it is planned).
+
+    Images as in the source, plus tar headers and manifests per image, less the shards
+    already written.
+    """
+    try:
+        plan = load_plan(out)
+    except DataError:
+        return None
+    images = sum(s.size for s in plan.source if s.name.endswith(".rec"))
+    total = images + plan.num_images * (TAR_OVERHEAD_PER_IMAGE + 2 * MANIFEST_BYTES_PER_IMAGE)
+    written = (
+        sum(p.stat().st_size for p in (out / SHARDS_DIR).glob("shard-*.tar"))
+        if (out / SHARDS_DIR).is_dir()
+        else 0
+    )
+    return max(0, total - written)
+
+
+def _human_bytes(nbytes: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if nbytes < 1000 or unit == "TB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1000
+    return f"{nbytes:.1f} TB"
+
+
+def _space_message(out: Path) -> str:
+    needed = space_needed(out)
+    try:
+        free = shutil.disk_usage(out if out.exists() else out.parent).free
+    except OSError:
+        free = None
+    parts = []
+    if needed is not None:
+        parts.append(f"the conversion needs about {_human_bytes(needed)} more there")
+    else:
+        parts.append("planning needs room for its plan (about 150 bytes per image)")
+    if free is not None:
+        parts.append(f"{_human_bytes(free)} are free")
+    return ", ".join(parts)
+
+
+@contextlib.contextmanager
+def disk_full_is_a_data_error(out: Path) -> Iterator[None]:
+    """Turn a full disk (ENOSPC) or an exceeded quota (EDQUOT) into one DataError naming OUT and the space needed."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or isinstance(exc, DataError):
+            raise
+        what = "quota exceeded" if exc.errno == errno.EDQUOT else "no space left on the device"
+        raise DataError(
+            f"{what} while writing {exc.filename or 'into it'}: {_space_message(Path(out))}. Free some "
+            "space (or convert into another --out), then run the same command again: it resumes, keeping "
+            "the finished shards",
+            path=out,
+        ) from None
+
+
+def _check_free_space(plan: ConversionPlan) -> None:
+    """Refuse before writing shards when the folder's filesystem clearly lacks the room for them."""
+    needed = space_needed(plan.out)
+    try:
+        free = shutil.disk_usage(plan.out).free
+    except OSError:
+        return
+    if needed is not None and needed > free:
+        raise DataError(
+            f"not enough free space: the shards need about {_human_bytes(needed)} more, but only "
+            f"{_human_bytes(free)} are free there. Free some space (or convert into another --out), "
+            "then run the same command again",
+            path=plan.out,
+        )
+
+
+def _ignore_interrupts() -> None:
+    """Worker processes leave Ctrl-C to the parent, which stops the pool (no traceback per worker)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _write_shards(plan: ConversionPlan, *, workers: int, reader: RecordIOReader, progress: bool) -> None:
     """Write every shard of `plan`: two at a time in threads of this process, or in `workers` processes."""
     shared: RecordIOReader | None = reader
-    with tqdm(total=plan.num_shards, desc="write shards", unit="shard", disable=not progress) as bar:
+    done = [i for i in range(plan.num_shards) if _shard_is_done(plan, i, verify_checksums=False) is not None]
+    if done:
+        log.info(
+            "resuming: %d of %s already written (each is verified, then skipped); writing the other %d",
+            len(done),
+            plural(plan.num_shards, "shard"),
+            plan.num_shards - len(done),
+        )
+    with tqdm(
+        total=plan.num_shards, initial=len(done), desc="write shards", unit="shard", disable=not progress
+    ) as bar:
         if workers == 1 or plan.num_shards == 1:
             # threads: each shard's hashing and writing release the GIL, so two shards use two cores
             pool: Executor = ThreadPoolExecutor(max_workers=SHARDS_IN_FLIGHT)
         else:
             # fork: data_prep holds no threads or locks here, and a forked worker starts in milliseconds
             context = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
-            pool = ProcessPoolExecutor(max_workers=min(workers, plan.num_shards), mp_context=context)
+            pool = ProcessPoolExecutor(
+                max_workers=min(workers, plan.num_shards), mp_context=context, initializer=_ignore_interrupts
+            )
             shared = None  # each process maps the source itself
         with pool:
-            futures = [pool.submit(write_shard, plan.out, i, reader=shared) for i in range(plan.num_shards)]
+            futures = {
+                pool.submit(write_shard, plan.out, i, reader=shared): i for i in range(plan.num_shards)
+            }
             try:
                 for future in as_completed(futures):
                     future.result()
-                    bar.update()
+                    if futures[future] not in done:
+                        bar.update()
             except BaseException:
                 pool.shutdown(cancel_futures=True)  # do not start the other shards after a failure
                 raise

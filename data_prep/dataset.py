@@ -18,6 +18,7 @@ DATASET_FILE = "dataset.json"
 MANIFEST_FILE = "manifest.parquet"
 CLASSES_FILE = "classes.parquet"
 PAIRS_FILE = "pairs.parquet"
+DROPPED_FILE = "dropped.parquet"  # bad source records a conversion left out (--skip-bad)
 SHARDS_DIR = "shards"
 KINDS = ("train", "verification")
 
@@ -56,6 +57,7 @@ class DatasetInfo:
     shards: tuple[ShardInfo, ...]
     source: tuple[SourceFile, ...]
     created_by: str
+    dropped: int = 0  # bad source records left out (listed in dropped.parquet)
 
     @property
     def tar_paths(self) -> list[Path]:
@@ -74,6 +76,11 @@ class DatasetInfo:
     @property
     def classes_path(self) -> Path:
         return self.root / CLASSES_FILE
+
+    @property
+    def dropped_path(self) -> Path:
+        """`dropped.parquet`: the records left out (present when `dropped` > 0)."""
+        return self.root / DROPPED_FILE
 
     @property
     def pairs_path(self) -> Path:
@@ -120,6 +127,7 @@ def load_dataset_info(directory: Path) -> DatasetInfo:
             shards=tuple(ShardInfo(**s) for s in raw["shards"]),
             source=tuple(SourceFile(**s) for s in raw["source"]),
             created_by=str(raw["created_by"]),
+            dropped=int(raw.get("dropped", 0)),
         )
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, IndexError) as exc:
         raise DataError(f"malformed {DATASET_FILE}: {exc!r}", path=path) from None

@@ -1,10 +1,13 @@
-"""The error type every data_prep stage raises for bad input."""
+"""The error types every data_prep stage raises for bad input."""
 
 from __future__ import annotations
 
 
 class DataError(ValueError):
-    """Bad input data: the message names the file, the record and the byte offset where known."""
+    """Bad input data: the message names the file, the record and the byte offset where known.
+
+    `reason` is the message without the place (what a list of bad records shows per row).
+    """
 
     def __init__(
         self, message: str, *, path: object = None, record: int | None = None, offset: int | None = None
@@ -21,3 +24,8 @@ class DataError(ValueError):
         self.path = path
         self.record = record
         self.offset = offset
+        self.reason = message
+
+
+class OutputLockedError(DataError):
+    """Another run holds the lock of an output folder (the message names its host and pid)."""

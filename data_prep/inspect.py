@@ -19,10 +19,28 @@ import pandas as pd
 from data_prep.checksums import xxh128_file
 from data_prep.dataset import DATASET_FILE, DatasetInfo, load_dataset_info
 from data_prep.errors import DataError
+from data_prep.images import check_image
 from data_prep.manifest import CLASSES_SCHEMA, read_manifest, read_table
 from data_prep.shards import read_index_file
 
 CLASS_SIZE_BUCKETS = ((1, 1), (2, 5), (6, 10), (11, 20), (21, 50), (51, 100), (101, 1000), (1001, None))
+# singular of the count names a report prints ("1 shard", not "1 shards")
+_SINGULAR = {
+    "images": "image",
+    "classes": "class",
+    "shards": "shard",
+    "pairs": "pair",
+    "datasets": "dataset",
+    "bytes": "byte",
+    "dropped": "dropped",
+    "mated": "mated",
+}
+LISTED_PROBLEMS = 3  # bad images a failed check names (its count covers all)
+
+
+def count_text(count: int, name: str) -> str:
+    """`1 shard`, `2 shards`: a count with its name in the right number."""
+    return f"{count} {_SINGULAR.get(name, name) if count == 1 else name}"
 
 
 @dataclass
@@ -45,6 +63,7 @@ class InspectReport:
     shards: list[dict[str, Any]] = field(default_factory=list)
     checks: list[Check] = field(default_factory=list)
     children: list[InspectReport] = field(default_factory=list)
+    bad_records: list[dict[str, Any]] = field(default_factory=list)  # every bad record or image found
 
     @property
     def ok(self) -> bool:
@@ -65,11 +84,14 @@ class InspectReport:
             "shards": self.shards,
             "checks": [asdict(c) for c in self.checks],
             "children": [child.to_dict() for child in self.children],
+            "bad_records": self.bad_records,
         }
 
     def format(self) -> str:
         """A human-readable report."""
-        lines = [f"{self.path}: {self.kind}" + "".join(f", {v} {k}" for k, v in self.counts.items())]
+        lines = [
+            f"{self.path}: {self.kind}" + "".join(f", {count_text(v, k)}" for k, v in self.counts.items())
+        ]
         if self.class_sizes:
             cs = self.class_sizes
             lines.append(f"class sizes: min {cs['min']}, median {cs['median']}, max {cs['max']}")
@@ -78,7 +100,7 @@ class InspectReport:
             sizes = [s["bytes"] for s in self.shards]
             counts = [s["count"] for s in self.shards]
             lines.append(
-                f"shards: {len(self.shards)}, images per shard {min(counts)}–{max(counts)}, "
+                f"{count_text(len(self.shards), 'shards')}, images per shard {min(counts)}–{max(counts)}, "
                 f"size {_human(min(sizes))}–{_human(max(sizes))}, total {_human(sum(sizes))}"
             )
         for c in self.checks:
@@ -113,25 +135,29 @@ def class_size_summary(labels: np.ndarray, num_classes: int) -> dict[str, Any]:
     }
 
 
-def inspect_path(path: Path, *, verify: bool = False) -> InspectReport:
-    """Inspect whatever PATH holds (see the module docstring)."""
+def inspect_path(path: Path, *, verify: bool = False, decode: bool = False) -> InspectReport:
+    """Inspect whatever PATH holds (see the module docstring).
+
+    `verify`: recompute every checksum and check every image (structure and size, see
+    data_prep.images; `decode` also decodes each one fully).
+    """
     path = Path(path)
     if not path.exists():
         raise DataError("does not exist", path=path)
     if (path / DATASET_FILE).is_file():
-        return inspect_dataset(path, verify=verify)
+        return inspect_dataset(path, verify=verify, decode=decode)
     if (path / ".prep" / "plan.json").is_file():
         return _inspect_unfinished(path)
     children = sorted(p for p in path.iterdir() if (p / DATASET_FILE).is_file()) if path.is_dir() else []
     if children:
         report = InspectReport(path=path, kind="folder of datasets", counts={"datasets": len(children)})
-        report.children = [inspect_dataset(child, verify=verify) for child in children]
+        report.children = [inspect_dataset(child, verify=verify, decode=decode) for child in children]
         return report
-    return _inspect_source(path)
+    return _inspect_source(path, decode=decode)
 
 
-def inspect_dataset(directory: Path, *, verify: bool = False) -> InspectReport:
-    """Checks of one converted dataset (train or verification)."""
+def inspect_dataset(directory: Path, *, verify: bool = False, decode: bool = False) -> InspectReport:
+    """Checks of one converted dataset (train or verification); `verify`/`decode`: see inspect_path."""
     report = InspectReport(path=Path(directory), kind="dataset")
     try:
         info = load_dataset_info(directory)
@@ -140,6 +166,8 @@ def inspect_dataset(directory: Path, *, verify: bool = False) -> InspectReport:
         return report
     report.kind = f"{info.kind} dataset"
     report.counts = {"images": info.num_images, "classes": info.num_classes, "shards": len(info.shards)}
+    if info.dropped:
+        report.counts["dropped"] = info.dropped
     report.check("dataset.json", True, f"format {info.format_version}, made by {info.created_by}")
     if not _check_shard_files(report, info):
         return report
@@ -152,7 +180,7 @@ def inspect_dataset(directory: Path, *, verify: bool = False) -> InspectReport:
     else:
         _check_pairs(report, info, manifest)
     if verify:
-        _verify_checksums(report, info, manifest)
+        _verify_checksums(report, info, manifest, decode=decode)
     return report
 
 
@@ -249,16 +277,34 @@ def _check_pairs(report: InspectReport, info: DatasetInfo, manifest: pd.DataFram
     report.check("pairs", ok, f"{len(pairs)} pairs, {unknown} with unknown keys")
 
 
-def _verify_checksums(report: InspectReport, info: DatasetInfo, manifest: pd.DataFrame) -> None:
+def _verify_checksums(
+    report: InspectReport, info: DatasetInfo, manifest: pd.DataFrame, *, decode: bool = False
+) -> None:
+    """Whole-shard and per-image checksums, and every image's structure and size (and decode)."""
     bad_shards = [s.tar for s, tar in zip(info.shards, info.tar_paths) if xxh128_file(tar) != s.xxh128]
     report.check("shard xxh128", not bad_shards, f"{len(bad_shards)} of {len(info.shards)} shards differ")
     bad_images = 0
-    for shard_number, tar in enumerate(info.tar_paths):
-        blob = tar.read_bytes()
+    broken: list[str] = []
+    for shard_number, (shard, tar) in enumerate(zip(info.shards, info.tar_paths)):
+        blob = memoryview(tar.read_bytes())
         rows = manifest[manifest["shard"] == shard_number]
-        for offset, nbytes, digest in zip(rows["offset"], rows["nbytes"], rows["sha256"]):
-            bad_images += hashlib.sha256(blob[offset : offset + nbytes]).hexdigest() != digest
+        for key, offset, nbytes, digest in zip(rows["key"], rows["offset"], rows["nbytes"], rows["sha256"]):
+            image = blob[offset : offset + nbytes]
+            bad_images += hashlib.sha256(image).hexdigest() != digest
+            size, problem = check_image(image, level="decode" if decode else "structure")
+            if problem is None and size != info.image_size:
+                problem = f"image is {size[0]}x{size[1]}, the dataset's are {info.image_size[0]}x{info.image_size[1]}"
+            if problem is not None:
+                broken.append(f"key {key} in {shard.tar}: {problem}")
+                report.bad_records.append(
+                    {"key": key, "shard": shard.tar, "offset": int(offset), "reason": problem}
+                )
     report.check("image sha256", bad_images == 0, f"{bad_images} of {len(manifest)} images differ")
+    level = "decode" if decode else "structure and size"
+    detail = f"{len(broken)} of {len(manifest)} images fail ({level})" + "".join(
+        f"; {line}" for line in broken[:LISTED_PROBLEMS]
+    )
+    report.check("images", not broken, detail if broken else f"{len(manifest)} images pass ({level})")
 
 
 def _inspect_unfinished(directory: Path) -> InspectReport:
@@ -277,7 +323,7 @@ def _inspect_unfinished(directory: Path) -> InspectReport:
     return report
 
 
-def _inspect_source(path: Path) -> InspectReport:
+def _inspect_source(path: Path, *, decode: bool = False) -> InspectReport:
     from data_prep.source import locate_source, read_source
 
     files = locate_source(path)
@@ -287,12 +333,26 @@ def _inspect_source(path: Path) -> InspectReport:
         "index", files.idx is not None, "train.idx present" if files.idx else "no .idx: records scanned"
     )
     try:
-        source = read_source(path)
+        source = read_source(path, skip_bad=True, image_check="decode" if decode else "structure")
     except DataError as exc:
         report.check("records", False, str(exc))
         return report
     report.kind = f"RecordIO source ({source.layout} layout)"
     report.counts = {"images": source.num_images, "classes": source.num_classes, **report.counts}
     report.class_sizes = class_size_summary(source.labels, source.num_classes)
-    report.check("records", True, f"{source.num_images} image records valid, images {source.image_size}")
+    bad = source.bad
+    report.bad_records = [
+        {"file": source.files.rec.name, "record": b.record, "offset": b.offset, "reason": b.reason}
+        for b in bad
+    ]
+    listed = "".join(
+        f"; record {b.record} (byte offset {b.offset}): {b.reason}" for b in bad[:LISTED_PROBLEMS]
+    )
+    report.check(
+        "records",
+        not bad,
+        f"{len(bad)} bad image records (prep convert refuses them; --skip-bad leaves them out){listed}"
+        if bad
+        else f"{source.num_images} image records valid, images {source.image_size}",
+    )
     return report

@@ -4,6 +4,7 @@
 - manifest.parquet (verification): one row per image, sorted by `index`
 - classes.parquet: label, count
 - pairs.parquet (verification): left, right (image keys), issame
+- dropped.parquet (train, only when --skip-bad left records out): file, record, offset, reason
 """
 
 from __future__ import annotations
@@ -42,6 +43,10 @@ VERIFICATION_MANIFEST_SCHEMA = pa.schema(
 )
 CLASSES_SCHEMA = pa.schema([("label", pa.int64()), ("count", pa.int64())])
 PAIRS_SCHEMA = pa.schema([("left", pa.string()), ("right", pa.string()), ("issame", pa.bool_())])
+# records a conversion left out (--skip-bad): source file, record key, byte offset, why
+DROPPED_SCHEMA = pa.schema(
+    [("file", pa.string()), ("record", pa.int64()), ("offset", pa.int64()), ("reason", pa.string())]
+)
 
 
 # columns holding a distinct value per row: a dictionary page would only cost (measured: writing

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.errors import DataError
+from data_prep.images import JPEG_MAGIC, PNG_SIGNATURE, image_kind  # noqa: F401 - re-exported
 
 MAGIC = 0xCED7230A
 MAGIC_BYTES = struct.pack("<I", MAGIC)
@@ -37,8 +38,7 @@ IR_HEADER_SIZE = _IR_HEADER.size  # 24
 _LENGTH_MASK = (1 << 29) - 1
 MAX_PART_LENGTH = _LENGTH_MASK
 
-JPEG_MAGIC = b"\xff\xd8\xff"
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+PNG_MAGIC = PNG_SIGNATURE
 
 
 @dataclass(frozen=True)
@@ -89,16 +89,6 @@ def unpack_header(
     else:
         labels = (float(label),)
     return IRHeader(flag=flag, label=float(label), id=id_, id2=id2, labels=labels), data_start
-
-
-def image_kind(data: bytes | memoryview) -> str | None:
-    """'jpeg' or 'png' from the magic bytes, None for anything else."""
-    head = bytes(data[:8])
-    if head.startswith(JPEG_MAGIC):
-        return "jpeg"
-    if head.startswith(PNG_MAGIC):
-        return "png"
-    return None
 
 
 # ----------------------------------------------------------------------------- reading

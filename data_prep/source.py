@@ -11,10 +11,10 @@ Every problem is a DataError naming the file, the record (its key) and the byte 
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +22,15 @@ import numpy as np
 from tqdm import tqdm
 
 from data_prep.errors import DataError
+from data_prep.images import (
+    IMAGE_CHECKS,
+    BadImageError,
+    ImageCheck,
+    decode_problem,
+    image_size,
+    jpeg_sizes_quick,
+    most_common_size,
+)
 from data_prep.recordio import (
     IR_HEADER_SIZE,
     JPEG_MAGIC,
@@ -35,6 +44,34 @@ from data_prep.recordio import (
 log = logging.getLogger(__name__)
 
 _IR_FLAG_LABEL = struct.Struct("<If")
+# IRHeader labels are float32, whose whole numbers are exact only up to 2**24: no class id beyond
+MAX_CLASSES = 2**24
+MAX_LISTED = 5  # bad records a refusal names in its one line (the log and dropped.parquet list all)
+
+
+@dataclass(frozen=True)
+class BadRecord:
+    """An image record that cannot be converted, and why."""
+
+    record: int  # its key in the .rec / .idx
+    offset: int  # of the record in the .rec
+    reason: str
+
+
+class BadRecordsError(DataError):
+    """Image records that cannot be converted; `bad` lists every one (the message the first few)."""
+
+    def __init__(self, rec: Path, bad: tuple[BadRecord, ...], total: int):
+        listed = "; ".join(
+            f"record {b.record} (byte offset {b.offset}): {b.reason}" for b in bad[:MAX_LISTED]
+        )
+        more = f"; and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
+        super().__init__(
+            f"{len(bad)} of {total} image records are bad: {listed}{more}. Nothing was converted: repair "
+            "the source, or convert without them (--skip-bad lists each dropped record in dropped.parquet)",
+            path=rec,
+        )
+        self.bad = bad
 
 
 @dataclass(frozen=True)
@@ -63,6 +100,7 @@ class SourceDataset:
     num_classes: int
     image_size: tuple[int, int]  # (height, width)
     layout: str  # "insightface" | "plain"
+    bad: tuple[BadRecord, ...] = ()  # left out (only with skip_bad)
 
     @property
     def num_images(self) -> int:
@@ -102,6 +140,11 @@ def read_property(path: Path) -> tuple[int, int, int]:
         raise DataError(f"expected 'num_classes,height,width', found {text[:60]!r}", path=path) from None
     if num_classes <= 0 or height <= 0 or width <= 0:
         raise DataError(f"values must be positive, found {text!r}", path=path)
+    if num_classes > MAX_CLASSES:
+        raise DataError(
+            f"says {num_classes} classes, more than the {MAX_CLASSES} a float32 IRHeader label can number",
+            path=path,
+        )
     return num_classes, height, width
 
 
@@ -130,10 +173,57 @@ def _offset_of(index: dict[int, int], key: int, files: SourceFiles, why: str) ->
         raise DataError(f"no record with key {key}, which {why}", path=files.idx or files.rec) from None
 
 
+def _whole_number(value: float) -> bool:
+    return math.isfinite(value) and value == int(value)
+
+
+def _header_range(
+    header_labels: tuple[float, ...], index: dict[int, int], files: SourceFiles, key: int, offset: int
+) -> tuple[int, int]:
+    """Record 0's identity range [first, end), checked against the index before anything is allocated."""
+    low, high = header_labels[0], header_labels[1]
+    if not (_whole_number(low) and _whole_number(high)):
+        raise DataError(
+            f"header record labels [{low}, {high}) are not whole numbers: not a valid identity range",
+            path=files.rec,
+            record=key,
+            offset=offset,
+        )
+    first, end = int(low), int(high)
+    if not 1 <= first <= end:
+        raise DataError(
+            f"header record labels [{first}, {end}) are not a valid identity range",
+            path=files.rec,
+            record=key,
+            offset=offset,
+        )
+    if end > len(index):
+        raise DataError(
+            f"header record says images are records [1, {first}) and identities [{first}, {end}), but "
+            f"{(files.idx or files.rec).name} holds only {len(index)} records: a corrupt header record "
+            "or an incomplete index",
+            path=files.rec,
+            record=key,
+            offset=offset,
+        )
+    if end - first > MAX_CLASSES:
+        raise DataError(
+            f"header record says {end - first} identities, more than the {MAX_CLASSES} a float32 label "
+            "can number",
+            path=files.rec,
+            record=key,
+            offset=offset,
+        )
+    return first, end
+
+
 def _identity_ranges(
     reader: RecordIOReader, index: dict[int, int], files: SourceFiles, first: int, end: int
 ) -> np.ndarray:
-    """Expected class of image records 1..first-1 from the identity records [first, end)."""
+    """Expected class of image records 1..first-1 from the identity records [first, end).
+
+    `first` and `end` are bounded by the index (`_header_range`), so the allocation is too.
+    """
     expected = np.full(first, -1, dtype=np.int64)
     next_image = 1
     for cls, key in enumerate(range(first, end)):
@@ -146,7 +236,15 @@ def _identity_ranges(
                 record=key,
                 offset=offset,
             )
-        start, stop = int(header.labels[0]), int(header.labels[1])
+        low, high = header.labels[0], header.labels[1]
+        if not (_whole_number(low) and _whole_number(high)):
+            raise DataError(
+                f"identity record of class {cls} has labels [{low}, {high}), not whole record numbers",
+                path=files.rec,
+                record=key,
+                offset=offset,
+            )
+        start, stop = int(low), int(high)
         if start != next_image or stop < start or stop > first:
             raise DataError(
                 f"identity record of class {cls} covers image records [{start}, {stop}), but the label ranges "
@@ -166,8 +264,26 @@ def _identity_ranges(
     return expected
 
 
-def read_source(source: Path, *, progress: bool = False) -> SourceDataset:
-    """Locate, index and validate every image record of a RecordIO source (reads only record headers)."""
+def read_source(
+    source: Path,
+    *,
+    progress: bool = False,
+    skip_bad: bool = False,
+    image_check: ImageCheck = "structure",
+    threads: int = 1,
+) -> SourceDataset:
+    """Locate, index and validate every image record of a RecordIO source.
+
+    Every image record is checked (its RecordIO framing, IRHeader and label, and its image at
+    level `image_check`, see data_prep.images; all images must have the dataset's size:
+    property's, else the most common one). Problems of the files as a whole (record 0, the
+    identity records, property, an unreadable index) raise DataError at once; problems of
+    single records are collected: BadRecordsError lists all of them, unless `skip_bad`, which
+    leaves them out and lists them in `SourceDataset.bad`. `threads` decode in parallel
+    (image_check "decode").
+    """
+    if image_check not in IMAGE_CHECKS:
+        raise DataError(f"image_check must be one of {IMAGE_CHECKS}, got {image_check!r}")
     files = locate_source(source)
     with RecordIOReader(files.rec) as reader:
         if reader.size == 0:
@@ -177,28 +293,19 @@ def read_source(source: Path, *, progress: bool = False) -> SourceDataset:
             raise DataError("empty dataset: the index lists no records", path=files.idx or files.rec)
         first_key = min(index)
         first_offset = index[first_key]
-        first_header, data_start = unpack_header(
-            reader.read_at(first_offset, first_key), path=files.rec, record=first_key
-        )
         first_payload = reader.read_at(first_offset, first_key)
+        first_header, data_start = unpack_header(first_payload, path=files.rec, record=first_key)
         is_insightface = first_header.flag >= 2 and image_kind(first_payload[data_start:]) is None
         expected: np.ndarray | None = None
         if is_insightface:
-            id_first, id_end = int(first_header.labels[0]), int(first_header.labels[1])
-            if not 1 <= id_first <= id_end:
-                raise DataError(
-                    f"header record labels [{id_first}, {id_end}) are not a valid identity range",
-                    path=files.rec,
-                    record=first_key,
-                    offset=first_offset,
-                )
-            image_keys = list(range(1, id_first))
+            id_first, id_end = _header_range(first_header.labels, index, files, first_key, first_offset)
+            records = np.arange(1, id_first, dtype=np.int64)
             expected = _identity_ranges(reader, index, files, id_first, id_end)
             num_classes = id_end - id_first
         else:
-            image_keys = sorted(index)
+            records = np.asarray(sorted(index), dtype=np.int64)
             num_classes = 0
-        if not image_keys:
+        if not len(records):
             raise DataError("empty dataset: no image records", path=files.rec)
 
         prop = read_property(files.property) if files.property is not None else None
@@ -211,121 +318,253 @@ def read_source(source: Path, *, progress: bool = False) -> SourceDataset:
         if prop is not None and not is_insightface:
             num_classes = prop[0]
 
-        records = np.asarray(image_keys, dtype=np.int64)
-        offsets = np.fromiter((index.get(key, -1) for key in image_keys), dtype=np.int64, count=len(records))
+        offsets = np.fromiter(
+            (index.get(key, -1) for key in records.tolist()), dtype=np.int64, count=len(records)
+        )
         if (offsets < 0).any():
             why = "the image range of record 0 needs" if is_insightface else "the index lists"
             _offset_of(index, int(records[np.argmax(offsets < 0)]), files, why)
-        labels, image_offsets, image_nbytes = _validate_image_records(
-            reader, files.rec, records, offsets, progress=progress
+        reasons: dict[int, str] = _duplicate_offsets(records, offsets, files)
+        labels, image_offsets, image_nbytes, sizes = _validate_image_records(
+            reader, files.rec, records, offsets, reasons, progress=progress, image_check=image_check
         )
         if expected is not None:
-            bad = np.nonzero(labels != expected[records])[0]
-            if len(bad):
-                i = int(bad[0])
-                raise DataError(
+            for i in np.flatnonzero(labels != expected[records]).tolist():
+                reasons.setdefault(
+                    i,
                     f"label {labels[i]} disagrees with the identity records, which put it in class "
                     f"{expected[records[i]]}",
-                    path=files.rec,
-                    record=int(records[i]),
-                    offset=int(offsets[i]),
                 )
-        if num_classes == 0:
-            num_classes = int(labels.max()) + 1
-        out_of_range = np.nonzero((labels < 0) | (labels >= num_classes))[0]
-        if len(out_of_range):
-            i = int(out_of_range[0])
-            raise DataError(
-                f"label {labels[i]} outside [0, {num_classes}) given by {files.property or 'the labels'}",
-                path=files.rec,
-                record=int(records[i]),
-                offset=int(offsets[i]),
+        good = _good_rows(len(records), reasons)
+        if num_classes == 0 and good.any():
+            num_classes = int(labels[good].max()) + 1
+        for i in np.flatnonzero(good & (labels >= num_classes)).tolist():
+            reasons[i] = (
+                f"label {labels[i]} outside [0, {num_classes}) given by {files.property or 'the labels'}"
             )
-        image_size = _first_image_size(reader, files, int(records[0]), int(offsets[0]))
-        if prop is not None and (prop[1], prop[2]) != image_size:
-            raise DataError(
-                f"says images are {prop[1]}x{prop[2]} but record {records[0]} is {image_size[0]}x{image_size[1]}",
-                path=files.property,
+        size = _dataset_image_size(
+            reader, files, records, offsets, image_offsets, image_nbytes, sizes, reasons, prop
+        )
+        if image_check == "decode":
+            _decode_all(
+                reader, files.rec, records, offsets, image_offsets, image_nbytes, reasons, threads, progress
             )
+    if prop is not None and size is not None and (prop[1], prop[2]) != size:
+        raise DataError(
+            f"says images are {prop[1]}x{prop[2]} but they are {size[0]}x{size[1]}", path=files.property
+        )
+    bad = tuple(
+        BadRecord(record=int(records[i]), offset=int(offsets[i]), reason=reasons[i]) for i in sorted(reasons)
+    )
+    if bad and not skip_bad:
+        raise BadRecordsError(files.rec, bad, len(records))
+    keep = _good_rows(len(records), reasons)
+    if not keep.any():
+        raise DataError(
+            f"none of the {len(records)} image records is usable (first: {bad[0].reason})", path=files.rec
+        )
+    assert size is not None
     return SourceDataset(
         files=files,
-        records=records,
-        offsets=offsets,
-        labels=labels,
-        image_offsets=image_offsets,
-        image_nbytes=image_nbytes,
+        records=records[keep],
+        offsets=offsets[keep],
+        labels=labels[keep],
+        image_offsets=image_offsets[keep],
+        image_nbytes=image_nbytes[keep],
         num_classes=num_classes,
-        image_size=image_size,
+        image_size=size,
         layout="insightface" if is_insightface else "plain",
+        bad=bad,
     )
 
 
-def _validate_image_records(
-    reader: RecordIOReader, rec: Path, records: np.ndarray, offsets: np.ndarray, *, progress: bool
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """`_validate_image_record` for every record: (labels, image offsets, image sizes).
+def _good_rows(count: int, reasons: dict[int, str]) -> np.ndarray:
+    good = np.ones(count, dtype=bool)
+    good[list(reasons)] = False
+    return good
 
-    The common case (a whole, 4-byte aligned record with a sane header and an image magic)
-    is checked for all records at once with numpy; every other record (split, or bad: the
-    per-record check then raises the DataError naming it) goes through the per-record check.
+
+def _duplicate_offsets(records: np.ndarray, offsets: np.ndarray, files: SourceFiles) -> dict[int, str]:
+    """Image keys whose .idx offset an earlier key already points at: each a bad record (refused by default)."""
+    if len(offsets) < 2 or (np.diff(offsets) > 0).all():  # the usual .idx: increasing offsets
+        return {}
+    _, first = np.unique(offsets, return_index=True)
+    if len(first) == len(offsets):
+        return {}
+    owner = {int(offsets[i]): int(records[i]) for i in first.tolist()}
+    duplicate = np.ones(len(offsets), dtype=bool)
+    duplicate[first] = False
+    name = (files.idx or files.rec).name
+    return {
+        i: f"{name} points key {records[i]} at the same record as key {owner[int(offsets[i])]} "
+        "(a damaged index: converting both would duplicate an image)"
+        for i in np.flatnonzero(duplicate).tolist()
+    }
+
+
+def _dataset_image_size(
+    reader: RecordIOReader,
+    files: SourceFiles,
+    records: np.ndarray,
+    offsets: np.ndarray,
+    image_offsets: np.ndarray,
+    image_nbytes: np.ndarray,
+    sizes: np.ndarray,
+    reasons: dict[int, str],
+    prop: tuple[int, int, int] | None,
+) -> tuple[int, int] | None:
+    """The images' (height, width): property's, else the most common; other sizes become bad records.
+
+    A property disagreeing with most images is an error of the property (raised by the caller).
     """
-    count = len(records)
-    size = reader.size
-    if size < 64:  # too small for the vectorised reads below: check record by record
-        return _validate_one_by_one(reader, rec, records, offsets, np.zeros(count, dtype=bool), progress)
-    words = np.frombuffer(reader.view, dtype="<u4", count=size // 4)
-    floats = words.view("<f4")
-    data = np.frombuffer(reader.view, dtype=np.uint8)
-    fast = (offsets % 4 == 0) & (offsets + 8 + IR_HEADER_SIZE <= size)
-    word = np.where(fast, offsets // 4, 0)
-    lrecord = words[word + 1].astype(np.int64)
-    length = lrecord & ((1 << 29) - 1)
-    fast &= (words[word] == MAGIC) & (lrecord >> 29 == 0) & (length >= IR_HEADER_SIZE)
-    fast &= offsets + 8 + length <= size
-    flag = np.where(fast, words[word + 2], 0).astype(np.int64)
-    data_start = offsets + 8 + IR_HEADER_SIZE + 4 * flag
-    record_end = offsets + 8 + length
-    fast &= data_start + len(JPEG_MAGIC) <= record_end
-    label = np.where(flag > 0, floats[np.where(fast, word + 8, 0)], floats[word + 3]).astype(np.float64)
-    head = np.where(fast, data_start, 0)
-    is_jpeg = (
-        (data[head] == JPEG_MAGIC[0]) & (data[head + 1] == JPEG_MAGIC[1]) & (data[head + 2] == JPEG_MAGIC[2])
+    good = _good_rows(len(records), reasons)
+    known = good & (sizes[:, 0] > 0)
+    if not known.any():  # image_check "magic": read the first good image's header only
+        for i in np.flatnonzero(good).tolist():
+            image = _image_of(reader, files.rec, int(records[i]), int(offsets[i]), int(image_offsets[i]))
+            try:
+                sizes[i] = image_size(image)
+                break
+            except BadImageError:
+                continue
+        known = good & (sizes[:, 0] > 0)
+    common = most_common_size(sizes[known])
+    if common is None:
+        return None
+    size = (prop[1], prop[2]) if prop is not None else common
+    if size != common:
+        return common  # the caller names the property as wrong
+    wrong = known & ((sizes[:, 0] != size[0]) | (sizes[:, 1] != size[1]))
+    source = (
+        f"property says {size[0]}x{size[1]}" if prop is not None else f"most images are {size[0]}x{size[1]}"
     )
-    fast &= is_jpeg & np.isfinite(label) & (label >= 0) & (label < 2**53) & (label == np.floor(label))
-    labels = np.where(fast, label, 0).astype(np.int64)
-    image_offsets = np.where(fast, data_start, -1)
-    image_nbytes = np.where(fast, record_end - data_start, 0)
-    del words, floats, data  # release the exports of the memory map
-    return _validate_one_by_one(
-        reader, rec, records, offsets, fast, progress, labels, image_offsets, image_nbytes
-    )
+    for i in np.flatnonzero(wrong).tolist():
+        reasons[i] = f"image is {sizes[i, 0]}x{sizes[i, 1]} (height x width); {source}"
+    return size
 
 
-def _validate_one_by_one(
+def _image_of(reader: RecordIOReader, rec: Path, key: int, offset: int, image_offset: int) -> memoryview:
+    """The image bytes of a validated record (a split record's parts joined)."""
+    start, length, _ = reader.record_span(offset, key)
+    if image_offset >= 0:
+        return reader.view[image_offset : start + length]
+    payload = reader.read_at(offset, key)
+    _, data_start = unpack_header(payload, path=rec, record=key)
+    return memoryview(payload)[data_start:]
+
+
+def _decode_all(
     reader: RecordIOReader,
     rec: Path,
     records: np.ndarray,
     offsets: np.ndarray,
-    checked: np.ndarray,
+    image_offsets: np.ndarray,
+    image_nbytes: np.ndarray,
+    reasons: dict[int, str],
+    threads: int,
     progress: bool,
-    labels: np.ndarray | None = None,
-    image_offsets: np.ndarray | None = None,
-    image_nbytes: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """`_validate_image_record` for the records not `checked` yet, filling the three arrays."""
-    count = len(records)
-    labels = np.zeros(count, dtype=np.int64) if labels is None else labels
-    image_offsets = np.full(count, -1, dtype=np.int64) if image_offsets is None else image_offsets
-    image_nbytes = np.zeros(count, dtype=np.int64) if image_nbytes is None else image_nbytes
-    remaining = np.nonzero(~checked)[0].tolist()
-    with tqdm(total=count, desc="validate records", unit="rec", disable=not progress, mininterval=1.0) as bar:
-        bar.update(count - len(remaining))
-        for i in remaining:  # split records, PNGs and everything bad
-            labels[i], image_offsets[i], image_nbytes[i] = _validate_image_record(
-                reader, rec, int(records[i]), int(offsets[i])
-            )
+) -> None:
+    """Decode every good image with Pillow in `threads` threads (it releases the GIL); failures become reasons."""
+    rows = np.flatnonzero(_good_rows(len(records), reasons)).tolist()
+
+    def problem(i: int) -> str | None:
+        return decode_problem(_image_of(reader, rec, int(records[i]), int(offsets[i]), int(image_offsets[i])))
+
+    with (
+        ThreadPoolExecutor(max_workers=max(1, threads)) as pool,
+        tqdm(total=len(rows), desc="decode images", unit="img", disable=not progress, mininterval=1.0) as bar,
+    ):
+        for i, found in zip(rows, pool.map(problem, rows, chunksize=64)):
+            if found is not None:
+                reasons[i] = found
             bar.update()
-    return labels, image_offsets, image_nbytes
+
+
+def _validate_image_records(
+    reader: RecordIOReader,
+    rec: Path,
+    records: np.ndarray,
+    offsets: np.ndarray,
+    reasons: dict[int, str],
+    *,
+    progress: bool,
+    image_check: ImageCheck,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """`_validate_image_record` and the image check for every record: (labels, image offsets,
+    image sizes in bytes, [n, 2] image height and width (0 where not read)); the reason of
+    every record that fails is added to `reasons`.
+
+    The common case (a whole, 4-byte aligned record with a sane header and a JPEG whose
+    structure `jpeg_sizes_quick` accepts) is checked for all records at once with numpy;
+    every other record (split, PNG, or bad) goes through the per-record checks, which say why.
+    """
+    count = len(records)
+    size = reader.size
+    fast = np.zeros(count, dtype=bool)
+    labels = np.zeros(count, dtype=np.int64)
+    image_offsets = np.full(count, -1, dtype=np.int64)
+    image_nbytes = np.zeros(count, dtype=np.int64)
+    sizes = np.zeros((count, 2), dtype=np.int64)
+    if size >= 64:  # else too small for the vectorised reads below: check record by record
+        words = np.frombuffer(reader.view, dtype="<u4", count=size // 4)
+        floats = words.view("<f4")
+        data = np.frombuffer(reader.view, dtype=np.uint8)
+        fast = (offsets % 4 == 0) & (offsets + 8 + IR_HEADER_SIZE <= size)
+        word = np.where(fast, offsets // 4, 0)
+        lrecord = words[word + 1].astype(np.int64)
+        length = lrecord & ((1 << 29) - 1)
+        fast &= (words[word] == MAGIC) & (lrecord >> 29 == 0) & (length >= IR_HEADER_SIZE)
+        fast &= offsets + 8 + length <= size
+        flag = np.where(fast, words[word + 2], 0).astype(np.int64)
+        data_start = offsets + 8 + IR_HEADER_SIZE + 4 * flag
+        record_end = offsets + 8 + length
+        fast &= data_start + len(JPEG_MAGIC) <= record_end
+        label = np.where(flag > 0, floats[np.where(fast, word + 8, 0)], floats[word + 3]).astype(np.float64)
+        head = np.where(fast, data_start, 0)
+        is_jpeg = (
+            (data[head] == JPEG_MAGIC[0])
+            & (data[head + 1] == JPEG_MAGIC[1])
+            & (data[head + 2] == JPEG_MAGIC[2])
+        )
+        fast &= (
+            is_jpeg & np.isfinite(label) & (label >= 0) & (label < MAX_CLASSES) & (label == np.floor(label))
+        )
+        fast[list(reasons)] = False
+        labels = np.where(fast, label, 0).astype(np.int64)
+        image_offsets = np.where(fast, data_start, -1)
+        image_nbytes = np.where(fast, record_end - data_start, 0)
+        if image_check != "magic":
+            rows = np.flatnonzero(fast)
+            accepted, height, width = jpeg_sizes_quick(data, image_offsets[rows], record_end[rows])
+            sizes[rows[accepted], 0] = height[accepted]
+            sizes[rows[accepted], 1] = width[accepted]
+            fast[rows[~accepted]] = False  # the per-record check says why (or accepts it)
+        del words, floats, data  # release the exports of the memory map
+    remaining = [i for i in np.flatnonzero(~fast).tolist() if i not in reasons]
+    with tqdm(
+        total=count,
+        initial=count - len(remaining),  # checked at once above: not counted in the rate
+        desc="validate records",
+        unit="rec",
+        disable=not progress,
+        mininterval=1.0,
+    ) as bar:
+        for i in remaining:  # split records, PNGs, JPEGs with trailing bytes and everything bad
+            key, offset = int(records[i]), int(offsets[i])
+            try:
+                labels[i], image_offsets[i], image_nbytes[i] = _validate_image_record(
+                    reader, rec, key, offset
+                )
+                if labels[i] >= MAX_CLASSES:
+                    raise DataError(
+                        f"label {labels[i]} is beyond the {MAX_CLASSES} classes a float32 label can number"
+                    )
+                if image_check != "magic":
+                    sizes[i] = image_size(_image_of(reader, rec, key, offset, int(image_offsets[i])))
+            except (DataError, BadImageError) as exc:
+                reasons[i] = exc.reason if isinstance(exc, DataError) else str(exc)
+            bar.update()
+    return labels, image_offsets, image_nbytes, sizes
 
 
 def _validate_image_record(reader: RecordIOReader, rec: Path, key: int, offset: int) -> tuple[int, int, int]:
@@ -368,17 +607,3 @@ def _validate_image_record(reader: RecordIOReader, rec: Path, key: int, offset: 
             f"label {label} is not a non-negative whole number", path=rec, record=key, offset=offset
         )
     return int(label), image_start, image_nbytes
-
-
-def _first_image_size(reader: RecordIOReader, files: SourceFiles, key: int, offset: int) -> tuple[int, int]:
-    """(height, width) of an image record, from its encoded header only."""
-    from PIL import Image, UnidentifiedImageError
-
-    payload = reader.read_at(offset, key)
-    _, data_start = unpack_header(payload, path=files.rec, record=key)
-    try:
-        with Image.open(io.BytesIO(payload[data_start:])) as image:
-            width, height = image.size
-    except (UnidentifiedImageError, OSError) as exc:
-        raise DataError(f"image does not decode: {exc}", path=files.rec, record=key, offset=offset) from None
-    return height, width

@@ -144,11 +144,14 @@ def start_conversion(
     seed: int,
     folder: str | Path | None = None,
     progress: bool = True,
+    skip_bad: bool = False,
+    image_check: str = "structure",
 ) -> ConversionArray:
     """Plan here and submit the shards as one SLURM array (a task per shard); finalise with `.wait()`.
 
     `profile` is a ClusterProfile or the path of one. The submitit logs go to `folder` (default:
-    OUT/.prep/slurm/<time>-<pid>, new for every submission).
+    OUT/.prep/slurm/<time>-<pid>, new for every submission). `skip_bad`, `image_check`: see
+    `data_prep.convert.prepare_conversion`.
     """
     from data_prep.convert import prepare_conversion, write_shard
 
@@ -156,7 +159,13 @@ def start_conversion(
         profile = load_profile(profile)
     out = Path(out)
     plan = prepare_conversion(
-        Path(source), out, samples_per_shard=samples_per_shard, seed=seed, progress=progress
+        Path(source),
+        out,
+        samples_per_shard=samples_per_shard,
+        seed=seed,
+        progress=progress,
+        skip_bad=skip_bad,
+        image_check=image_check,
     )
     if folder is None:
         folder = out / ".prep" / "slurm" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"

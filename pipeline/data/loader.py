@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
+from data_prep.errors import DataError
 from pipeline.config import ConfigError, DataConfig
 from pipeline.data.augment_plan import step_params
 from pipeline.data.dali_graph import OUTPUT_NAMES, GraphBatch, build_pipeline
@@ -203,7 +204,14 @@ class TrainLoader:
             return
         iterator = self._position_pipeline()
         for step in range(start, self.steps_per_epoch):
-            (outputs,) = next(iterator)
+            try:
+                (outputs,) = next(iterator)
+            except RuntimeError as exc:  # DALI's errors name an operator, not the sample
+                self.close()
+                failure = self._decode_failure(epoch, step)
+                if failure is None:
+                    raise
+                raise failure from exc
             yield self._to_batch(epoch, step, outputs)
         try:
             next(iterator)
@@ -211,6 +219,27 @@ class TrainLoader:
             self._state = "exhausted"
         else:  # pragma: no cover - the feeder ends exactly after the last step
             raise RuntimeError("DALI produced more batches than steps in the epoch")
+
+    def _decode_failure(self, epoch: int, step: int) -> DataError | None:
+        """The DataError naming the shard and key of an image DALI could not decode at (epoch, step).
+
+        DALI reports a failure at the step whose batch holds the image ("nvImageCodec failure",
+        no sample index); the steps it may have prefetched are searched too. Each image of those
+        batches is decoded with Pillow and checked against the dataset's size; None when all
+        pass (then the error was not about an image and is raised as it is).
+        """
+        for candidate in range(step, min(step + 1 + self.data.prefetch, self.steps_per_epoch)):
+            for row in self.graph_batch(epoch, candidate).rows.tolist():
+                problem = self.store.image_problem(row)
+                if problem is not None:
+                    tar, which = self.store.where(row)
+                    return DataError(
+                        f"{which} cannot be decoded ({problem}); DALI stopped training at epoch {epoch} "
+                        f"step {step}. Check every image with `igfiqa prep inspect {self.data.dataset} "
+                        "--verify-decode`, then convert the source again (--skip-bad leaves such images out)",
+                        path=tar,
+                    )
+        return None
 
     def _to_batch(self, epoch: int, step: int, outputs: dict[str, torch.Tensor]) -> StepBatch:
         rows = outputs["rows"].numpy()  # pass-through outputs stay on the CPU

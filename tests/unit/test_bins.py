@@ -7,6 +7,7 @@ import os
 import pickle
 import struct
 import tarfile
+import tracemalloc
 
 import numpy as np
 import pandas as pd
@@ -180,3 +181,108 @@ def test_cli_refuses_a_malicious_file_with_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("igfiqa: error: ") and "refused global" in err[-1]
     assert not marker.exists() and not (tmp_path / "out" / "evil" / "dataset.json").exists()
+
+
+# ----------------------------------------------------------------------------- issue 16, item 4
+
+
+def test_protocol5_numpy_pickles_are_read(tmp_path):
+    arrays = [np.frombuffer(b, dtype=np.uint8) for b in IMAGES]
+    blob = pickle.dumps((arrays, np.array(ISSAME)), protocol=5)
+    assert b"_frombuffer" in blob
+    (tmp_path / "set.bin").write_bytes(blob)
+    pairs = read_bin(tmp_path / "set.bin")
+    assert pairs.images == IMAGES and pairs.issame.tolist() == ISSAME
+    scalars = pickle.dumps((arrays, [np.bool_(x) for x in ISSAME]), protocol=5)
+    (tmp_path / "scalars.bin").write_bytes(scalars)
+    assert read_bin(tmp_path / "scalars.bin").issame.tolist() == ISSAME
+
+
+@pytest.mark.parametrize("value", ["False", 2, None, 1, 0, 0.0, b"\x01", np.int64(1)])
+def test_issame_values_must_be_real_booleans(tmp_path, value):
+    (tmp_path / "x.bin").write_bytes(pickle.dumps((IMAGES, [True, value, False]), protocol=4))
+    expected = (
+        r"dtype\('i8'\) \(only uint8 and bool\)"  # a numpy integer is refused while unpickling
+        if isinstance(value, np.integer)
+        else r"issame_list holds 1 values that are not booleans \(value 1 is"
+    )
+    with pytest.raises(DataError, match=expected) as err:
+        read_bin(tmp_path / "x.bin")
+    assert "x.bin" in str(err.value)
+
+
+def test_issame_arrays_must_be_boolean_arrays(tmp_path):
+    (tmp_path / "x.bin").write_bytes(pickle.dumps((IMAGES, np.array([1, 0, 1], dtype=np.uint8)), protocol=4))
+    with pytest.raises(DataError, match="numpy array of uint8, not of booleans"):
+        read_bin(tmp_path / "x.bin")
+
+
+class HugeArray:
+    def __reduce__(self):
+        return (np.ndarray, ((1_500_000_000,), "u1"))
+
+
+class HugeBytes:
+    def __init__(self, kind):
+        self.kind = kind
+
+    def __reduce__(self):
+        return (self.kind, (1_500_000_000,))
+
+
+class ObjectArray:
+    def __reduce__(self):
+        return (np.dtype, ("O", False, True))
+
+
+@pytest.mark.parametrize(
+    ("payload", "refused"),
+    [
+        (HugeArray(), "calling numpy.ndarray"),
+        (HugeBytes(bytearray), "bytearray(1500000000)"),
+        (HugeBytes(bytes), "bytes(1500000000)"),
+        (ObjectArray(), "numpy.dtype('O'"),
+    ],
+)
+def test_a_tiny_pickle_cannot_make_it_allocate(tmp_path, payload, refused):
+    blob = pickle.dumps(([payload, payload], [True]), protocol=4)
+    assert len(blob) < 300
+    (tmp_path / "tiny.bin").write_bytes(blob)
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match="not a readable pickle") as err:
+            read_bin(tmp_path / "tiny.bin")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert refused in str(err.value) and peak < 20e6, (str(err.value), peak)
+
+
+class LyingShape:
+    """What numpy's protocol-5 reduce gives, with a shape of more bytes than the buffer holds."""
+
+    def __reduce__(self):
+        from numpy._core.numeric import _frombuffer
+
+        return (_frombuffer, (bytearray(IMAGES[0]), np.dtype(np.uint8), (10**9,), "C"))
+
+
+def test_a_protocol5_shape_larger_than_its_bytes_is_refused(tmp_path):
+    (tmp_path / "lying.bin").write_bytes(pickle.dumps(([LyingShape(), IMAGES[1]], [True]), protocol=5))
+    with pytest.raises(DataError, match="an array of shape"):
+        read_bin(tmp_path / "lying.bin")
+
+
+def test_bad_images_are_all_named_and_nothing_is_written(tmp_path):
+    garbage = b"\xff\xd8\xff\xe0" + bytes(range(256)) * 3
+    truncated = IMAGES[3][: len(IMAGES[3]) // 2]
+    other_size = io.BytesIO()
+    Image.fromarray(np.zeros((30, 30, 3), dtype=np.uint8)).save(other_size, format="JPEG")
+    images = [garbage, IMAGES[1], IMAGES[2], truncated, IMAGES[4], other_size.getvalue()]
+    (tmp_path / "lfw.bin").write_bytes(pickle.dumps((images, ISSAME), protocol=4))
+    with pytest.raises(
+        DataError, match=r"3 of 6 images are bad: image 0: .*; image 3: .*; image 5: image is 30x30"
+    ) as err:
+        convert_bins([tmp_path / "lfw.bin"], tmp_path / "out")
+    assert "lfw.bin" in str(err.value)
+    assert list((tmp_path / "out").iterdir()) == []  # no shard, manifest or pairs left behind

@@ -55,6 +55,7 @@ def test_report_of_a_good_dataset(converted, source):
         "classes",
         "shard xxh128",
         "image sha256",
+        "images",
     }
     assert "all checks passed" in report.format()
 

@@ -250,3 +250,70 @@ def test_a_manifest_pointing_at_wrong_bytes_names_the_tar_and_the_key(
     table.to_parquet(broken / "manifest.parquet")
     with pytest.raises(DataError, match="do not lie inside the shard"):
         make_loader(broken)
+
+
+def corrupt_copy(train_dataset: Path, tmp_path: Path, step: int, damage) -> tuple[Path, int, str, Path, int]:
+    """A copy of the dataset where one image of `step` (epoch 0, 16 + 16) is changed by `damage`
+    in place (same size): (dataset, manifest row, key, shard tar, byte offset)."""
+    dataset = tmp_path / "train"
+    shutil.copytree(train_dataset, dataset)
+    row = int(make_loader(dataset).graph_batch(0, step).rows[5])
+    manifest = pd.read_parquet(dataset / "manifest.parquet")
+    key, shard, offset, nbytes = manifest.loc[row, ["key", "shard", "offset", "nbytes"]]
+    tar = dataset / "shards" / f"shard-{shard:05d}.tar"
+    blob = bytearray(tar.read_bytes())
+    blob[offset : offset + nbytes] = damage(bytes(blob[offset : offset + nbytes]))
+    tar.write_bytes(bytes(blob))
+    return dataset, row, key, tar, int(offset)
+
+
+def undefined_quant_table(image: bytes) -> bytes:
+    """Sound structure, but the frame names a quantisation table the file never defines."""
+    blob = bytearray(image)
+    blob[blob.index(b"\xff\xc0") + 12] = 3  # component 1's table selector
+    return bytes(blob)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda:0", marks=pytest.mark.gpu)])
+def test_an_image_dali_cannot_decode_is_named_by_shard_and_key(
+    train_dataset: Path, tmp_path: Path, device: str
+) -> None:
+    """An image broken after conversion that even the structural check passes: DALI's own error
+    names neither the sample nor the shard; the loader's names both (issue 16, item 1)."""
+    dataset, row, key, tar, offset = corrupt_copy(train_dataset, tmp_path, 2, undefined_quant_table)
+    cfg = DataConfig(dataset=str(dataset), fr_batch=16, reg_batch=16, num_threads=1, augment=AugmentConfig())
+    loader = TrainLoader(cfg, device=device)
+    loader.set_epoch(0)
+    steps = []
+    with pytest.raises(DataError) as err:
+        for batch in loader:
+            steps.append(batch.step)
+    message = str(err.value)
+    assert steps == [0, 1]
+    assert message.startswith(
+        f"{tar}: key {key} (manifest row {row}, byte offset {offset}) cannot be decoded"
+    )
+    assert "does not decode" in message and "epoch 0 step 2" in message and "--verify-decode" in message
+    # a fresh iteration over the good steps still works (the failed pipeline was released)
+    loader.set_epoch(0, start_step=3)
+    assert next(iter(loader)).step == 3
+
+
+def test_a_structurally_broken_image_is_named_before_dali_sees_it(
+    train_dataset: Path, tmp_path: Path
+) -> None:
+    """Garbage in a JPEG's header segments makes DALI's CPU decoder crash the process; the
+    loader's check of every image it feeds stops first, naming the shard and the key."""
+
+    def garbage_header(image: bytes) -> bytes:
+        noise = np.random.default_rng(0).integers(0, 256, 196, dtype=np.uint8).tobytes()
+        return image[:4] + noise + image[200:]
+
+    dataset, row, key, tar, offset = corrupt_copy(train_dataset, tmp_path, 1, garbage_header)
+    loader = make_loader(dataset)
+    loader.set_epoch(0)
+    with pytest.raises(DataError) as err:
+        list(loader)
+    message = str(err.value)
+    assert message.startswith(f"{tar}, byte offset {offset}: key {key} (manifest row {row}): JPEG")
+    assert "prep inspect" in message and "--verify" in message

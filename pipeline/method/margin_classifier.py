@@ -91,7 +91,9 @@ class DistributedSoftmaxCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
         probs, owned, index = ctx.saved_tensors
-        grad = probs.scatter_add(1, index, -owned.to(probs.dtype)[:, None])  # − one-hot where owned
+        # − one-hot where owned; gather/scatter without accumulation stay deterministic on CUDA
+        target = probs.gather(1, index) - owned.to(probs.dtype)[:, None]
+        grad = probs.scatter(1, index, target)
         return grad.mul_(grad_loss / probs.shape[0]), None, None
 
 

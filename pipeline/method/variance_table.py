@@ -48,6 +48,14 @@ def z_score_weights(
     return torch.where(std > 0, 1.0 + z, torch.ones_like(values))
 
 
+def _per_slot_sum(values: torch.Tensor, slot: torch.Tensor, slots: int) -> torch.Tensor:
+    """Σ of `values` per slot index, [slots]: `index_put_(accumulate=True)`, which CUDA computes
+    deterministically under `torch.use_deterministic_algorithms` (index_add_'s atomics are not)."""
+    return torch.zeros(slots, dtype=values.dtype, device=values.device).index_put_(
+        (slot,), values, accumulate=True
+    )
+
+
 class VarianceTable(nn.Module):
     """This rank's slice of the per-class EMA of 1 − CCS, and the z-score weights.
 
@@ -95,29 +103,24 @@ class VarianceTable(nn.Module):
         slot = torch.where(owned, local, self.num_local)  # num_local = the dummy slot
         observed = 1.0 - ccs.to(self.values.dtype)
         dtype, device = self.values.dtype, self.values.device
-        counts = torch.zeros(self.num_local + 1, dtype=dtype, device=device).index_add_(
-            0, slot, torch.ones_like(observed)
-        )[: self.num_local]
+        all_counts = _per_slot_sum(torch.ones_like(slot), slot, self.num_local + 1)
+        counts = all_counts[: self.num_local].to(dtype)
         if self.fold == "mean":
-            sums = torch.zeros(self.num_local + 1, dtype=dtype, device=device).index_add_(0, slot, observed)
-            means = sums[: self.num_local] / counts.clamp_min(1.0)
+            means = _per_slot_sum(observed, slot, self.num_local + 1)[: self.num_local] / counts.clamp_min(
+                1.0
+            )
             updated = alpha * self.values + (1.0 - alpha) * means
             self.values.copy_(torch.where(counts > 0, updated, self.values))
             return
         # Sequential: the j-th of k samples of a class (in batch order) gets weight (1−α)·α^(k−1−j).
         order = torch.argsort(slot, stable=True)
-        all_counts = torch.zeros(self.num_local + 1, dtype=torch.long, device=device).index_add_(
-            0, slot, torch.ones_like(slot)
-        )
         group_start = torch.cumsum(all_counts, 0) - all_counts
         position = torch.empty_like(slot)
         position[order] = torch.arange(slot.numel(), device=device) - group_start[slot[order]]
         alpha_t = torch.full((), alpha, dtype=dtype, device=device)
         steps_after = (all_counts[slot] - 1 - position).to(dtype)
         contributions = torch.where(owned, (1.0 - alpha) * alpha_t.pow(steps_after) * observed, 0.0)
-        folded = torch.zeros(self.num_local + 1, dtype=dtype, device=device).index_add_(
-            0, slot, contributions
-        )
+        folded = _per_slot_sum(contributions, slot, self.num_local + 1)
         self.values.mul_(alpha_t.pow(counts)).add_(folded[: self.num_local])
 
     @torch.no_grad()

@@ -174,7 +174,9 @@ class RunConfig:
     checkpoint_every_steps: int = 500
     checkpoint_every_minutes: float = 30.0
     keep_checkpoints: int = 3
-    tracking_uri: str = ""  # "" = MLFLOW_TRACKING_URI or sqlite:///mlflow.db in the working directory
+    # "" = MLFLOW_TRACKING_URI or sqlite:///mlflow.db in the working directory; "off" = no MLflow
+    # (log lines only: quick runs, benchmarks, machines without mlflow installed)
+    tracking_uri: str = ""
     experiment: str = "igfiqa"
 
 

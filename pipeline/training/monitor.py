@@ -27,6 +27,8 @@ from pipeline.training.schedules import StepValues
 
 log = logging.getLogger(__name__)
 
+TRACKING_OFF = "off"  # run.tracking_uri that turns MLflow off (log lines only)
+
 # metrics drawn in training_curves.png, in panel order
 CURVE_METRICS = (
     "loss_arc",
@@ -183,6 +185,15 @@ class TrainingMonitor:
         self._bar = None
         if not env.is_main:
             return
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(
+                total=total_steps, initial=start_step, desc=config.run.name, unit="step", dynamic_ncols=True
+            )
+        if config.run.tracking_uri == TRACKING_OFF:
+            log.info("MLflow tracking is off (run.tracking_uri: off): metrics go to the log only")
+            return
         from pipeline.tracking.store import RunTracker, resolve_tracking_uri
 
         uri = resolve_tracking_uri(config.run.tracking_uri)
@@ -196,12 +207,6 @@ class TrainingMonitor:
         self.run_id = self.tracker.run_id
         self.tracker.set_tags(self._tags(hosts, start_step))
         self._log_params()
-        if sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self._bar = tqdm(
-                total=total_steps, initial=start_step, desc=config.run.name, unit="step", dynamic_ncols=True
-            )
         log.info("MLflow run %s at %s (%s)", self.run_id, uri, "continued" if run_id else "new")
 
     def _tags(self, hosts: list[str], start_step: int) -> dict[str, Any]:
@@ -273,7 +278,8 @@ class TrainingMonitor:
             )
         else:
             log.info(line)
-        self._safely(lambda: self.tracker.log_metrics(metrics, step), "log_metrics")
+        if self.tracker is not None:
+            self._safely(lambda: self.tracker.log_metrics(metrics, step), "log_metrics")
 
     def _safely(self, action: Any, what: str) -> None:
         try:

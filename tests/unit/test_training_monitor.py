@@ -139,3 +139,17 @@ def test_monitor_run_is_paused_continued_and_marked_failed(tmp_path: Path) -> No
     assert any(a.path.startswith("config-changed-") for a in client.list_artifacts(first.run_id))
     second.failed()
     assert client.get_run(first.run_id).info.status == "FAILED"
+
+
+def test_tracking_off_logs_lines_only(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    config = tiny_config(tiny_dataset(tmp_path / "data"), tmp_path / "run", "off")
+    monitor = TrainingMonitor(
+        config, DistEnv.single(), _objective(config), total_steps=4, run_id="", start_step=0, device=CPU
+    )
+    assert monitor.tracker is None and monitor.run_id == ""
+    with caplog.at_level("INFO"):
+        monitor.log_step(2, 0, 0.1, {"loss_arc": 1.0, "loss_ig": 0.1, "cr_mean": 0.2, "alpha": 0.9,
+                                     "images_per_s": 3.0, "data_wait_frac": 0.0}, {})  # fmt: skip
+        monitor.finish("", completed=True)
+    assert "step 2/4" in caplog.text and monitor.last_metrics["loss_arc"] == 1.0
+    assert not list(tmp_path.rglob("*.db"))

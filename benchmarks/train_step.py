@@ -22,6 +22,7 @@ Prints logs to stderr and ONE JSON object as the last stdout line:
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import statistics
@@ -40,7 +41,9 @@ from data_prep.synth import synthesize
 from pipeline.config import TrainConfig, load_config, replace_section
 from pipeline.data.loader import StepBatch
 from pipeline.parallel.env import DistEnv
-from pipeline.training.trainer import Trainer  # the loop's own step, not a copy of it
+from pipeline.training.schedules import TrainingSchedule
+from pipeline.training.step import TrainStep  # the loop's own step, not a copy of it
+from pipeline.training.trainer import Trainer
 
 log = logging.getLogger("bench.train_step")
 REPO = Path(__file__).resolve().parent.parent
@@ -150,8 +153,7 @@ def _config(base: Path, dataset: Path, work: Path, overrides: list[str]) -> Trai
         data={"dataset": str(dataset)},
         run={
             "dir": str(work / "run"),
-            "tracking_uri": f"sqlite:///{work / 'mlflow.db'}",
-            "experiment": "bench-train-step",
+            "tracking_uri": "off",
             "log_every": 1_000_000,
             "checkpoint_every_steps": 0,
             "checkpoint_every_minutes": 0.0,
@@ -159,18 +161,51 @@ def _config(base: Path, dataset: Path, work: Path, overrides: list[str]) -> Trai
     )
 
 
-def step_flops(trainer: Trainer, batch: StepBatch) -> int:
-    """FLOPs of one forward + backward of backbone and head on the step's images (bf16 autocast)."""
+def step_flops(step: TrainStep, images: torch.Tensor) -> int:
+    """FLOPs of one forward + backward of backbone and head on a step's images (bf16 autocast)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    images = torch.cat([batch.fr.images, batch.reg.images])
     counter = FlopCounterMode(display=False)
     with counter:
-        with torch.autocast(device_type=trainer.device.type, dtype=torch.bfloat16, enabled=trainer.autocast):
-            embeddings, quality = trainer.model(images)
+        with torch.autocast(device_type=step.device.type, dtype=torch.bfloat16, enabled=step.autocast):
+            embeddings, quality = step.model(images)
         (embeddings.float().square().mean() + quality.float().mean()).backward()
-    trainer.model.zero_grad(set_to_none=True)
+    step.model.zero_grad(set_to_none=True)
     return int(counter.get_total_flops())
+
+
+def synthetic_steps(
+    config: TrainConfig, *, steps: int, warmup: int, num_classes: int, device: torch.device
+) -> dict[str, Any]:
+    """The loop's own step (`TrainStep`) on one batch of random device tensors: no data loading.
+
+    What a lent GPU machine without DALI can measure: compute only, `data_wait_frac` unknown.
+    """
+    step = TrainStep(config, num_classes, device, world_size=1)
+    step.train()
+    fr, reg = config.data.fr_batch, config.data.reg_batch
+    images = torch.rand(fr + reg, 3, 112, 112, device=device) * 2 - 1
+    labels = torch.randint(0, num_classes, (fr + reg,), device=device)
+    values = TrainingSchedule(config.optim, config.variance, 100, 1000).at(0)
+    times = []
+    for index in range(warmup + steps):
+        _sync(device)
+        start = time.perf_counter()
+        step(images[:fr], labels[:fr], images[fr:], labels[fr:], values)
+        _sync(device)
+        if index >= warmup:
+            times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
+    return {
+        "device": str(device),
+        "backbone": config.model.backbone,
+        "batch": fr + reg,
+        "steps": steps,
+        "data": "synthetic device tensors (no DALI on this machine): data_wait_frac not measured",
+        "cached_img_per_s": round((fr + reg) / seconds, 2),
+        "step": step,
+        "images": images,
+    }
 
 
 def matmul_peak_tflops(device: torch.device, size: int = 8192, iters: int = 50) -> float:
@@ -188,38 +223,43 @@ def matmul_peak_tflops(device: torch.device, size: int = 8192, iters: int = 50) 
 
 
 def gpu_benchmark(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """iResNet-50, 256 + 256 images per step, bf16 autocast, on GPU 0."""
-    dataset = make_dataset(work / "gpu-data", args.gpu_identities, args.images_per_identity)
-    config = _config(
-        REPO / "configs" / "protocol_s.yaml",
-        dataset,
-        work / "gpu",
-        [
-            "data.num_classes=0",
-            "data.fr_batch=256",
-            "data.reg_batch=256",
-            f"data.num_threads={args.gpu_threads}",
-            "model.fp16=true",
-            "run.device=cuda",
-        ],
-    )
-    result = measure_steps(config, steps=args.gpu_steps, warmup=args.warmup)
-    trainer, batch = result.pop("trainer"), result.pop("cached_batch")
-    device = trainer.device
-    flops = step_flops(trainer, batch)
-    peak = matmul_peak_tflops(device)
-    achieved = flops * result["cached_img_per_s"] / result["batch"] / 1e12
-    achieved_loader = flops * result["img_per_s"] / result["batch"] / 1e12
+    """iResNet-50, 256 + 256 images per step, bf16 autocast, on GPU 0: DALI-fed when DALI is
+    installed, else on synthetic device tensors."""
+    overrides = ["data.num_classes=0", "data.fr_batch=256", "data.reg_batch=256", "model.fp16=true"]
+    overrides += [f"data.num_threads={args.gpu_threads}", "run.device=cuda"]
+    if importlib.util.find_spec("nvidia.dali") is not None:
+        dataset = make_dataset(work / "gpu-data", args.gpu_identities, args.images_per_identity)
+        config = _config(REPO / "configs" / "protocol_s.yaml", dataset, work / "gpu", overrides)
+        result = measure_steps(config, steps=args.gpu_steps, warmup=args.warmup)
+        trainer, batch = result.pop("trainer"), result.pop("cached_batch")
+        step, images = trainer.train_step, torch.cat([batch.fr.images, batch.reg.images])
+        rate = result["img_per_s"]
+    else:
+        config = _config(REPO / "configs" / "protocol_s.yaml", work / "none", work / "gpu", overrides)
+        torch.cuda.set_device(0)
+        result = synthetic_steps(
+            config,
+            steps=args.gpu_steps,
+            warmup=args.warmup,
+            num_classes=10572,
+            device=torch.device("cuda", 0),
+        )
+        step, images = result.pop("step"), result.pop("images")
+        rate = result["cached_img_per_s"]
+    flops = step_flops(step, images)
+    peak = matmul_peak_tflops(step.device)
+    achieved = flops * rate / result["batch"] / 1e12
+    achieved_cached = flops * result["cached_img_per_s"] / result["batch"] / 1e12
     result.update(
         {
-            "gpu_name": torch.cuda.get_device_name(device),
+            "gpu_name": torch.cuda.get_device_name(step.device),
             "autocast": "bf16",
             "backbone_flops_per_step": flops,
-            "tflops": round(achieved_loader, 1),
-            "tflops_cached": round(achieved, 1),
+            "tflops": round(achieved, 1),
+            "tflops_cached": round(achieved_cached, 1),
             "matmul_peak_tflops": round(peak, 1),
-            "mfu": round(achieved_loader / peak, 4),
-            "mfu_cached": round(achieved / peak, 4),
+            "mfu": round(achieved / peak, 4),
+            "mfu_cached": round(achieved_cached / peak, 4),
         }
     )
     return result
@@ -237,6 +277,7 @@ def main() -> None:
     parser.add_argument("--gpu-steps", type=int, default=20)
     parser.add_argument("--gpu-threads", type=int, default=8)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--gpu-only", action="store_true", help="skip the CPU part (a lent GPU machine)")
     parser.add_argument(
         "--work", type=Path, default=None, help="keep data and runs here (default: a temp dir)"
     )
@@ -248,17 +289,19 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="bench-train-step-") as temp:
         work = args.work or Path(temp)
-        dataset = make_dataset(work / "cpu-data", args.identities, args.images_per_identity)
-        config = _config(
-            REPO / "configs" / "tiny_cpu.yaml",
-            dataset,
-            work / "cpu",
-            ["run.device=cpu", "data.num_classes=0"],
-        )
-        cpu = measure_steps(config, steps=args.steps, warmup=args.warmup)
-        cpu.pop("trainer")
-        cpu.pop("cached_batch")
-        cpu["torch_threads"] = torch.get_num_threads()
+        cpu: dict[str, Any] = {"cpu": "skipped (--gpu-only)"}
+        if not args.gpu_only:
+            dataset = make_dataset(work / "cpu-data", args.identities, args.images_per_identity)
+            config = _config(
+                REPO / "configs" / "tiny_cpu.yaml",
+                dataset,
+                work / "cpu",
+                ["run.device=cpu", "data.num_classes=0"],
+            )
+            cpu = measure_steps(config, steps=args.steps, warmup=args.warmup)
+            cpu.pop("trainer")
+            cpu.pop("cached_batch")
+            cpu["torch_threads"] = torch.get_num_threads()
         gpu: dict[str, Any] = {"gpu": "not available"}
         if torch.cuda.is_available():
             gpu = gpu_benchmark(args, work)

@@ -33,8 +33,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from data_prep.dataset import dataset_fingerprint
 from pipeline.checkpoint import (
@@ -48,12 +46,12 @@ from pipeline.checkpoint import (
 )
 from pipeline.config import TrainConfig, validate_for_world, validate_ranges
 from pipeline.data.loader import StepBatch, TrainLoader
-from pipeline.method.model import build_model
-from pipeline.method.objective import IGFIQAObjective, ObjectiveOutput
+from pipeline.method.objective import ObjectiveOutput
 from pipeline.parallel.env import DistEnv, resolve_device
 from pipeline.training.checkpointer import PeriodicCheckpointer, StopRequest
 from pipeline.training.monitor import TrainingMonitor
 from pipeline.training.schedules import StepValues, TrainingSchedule, total_steps
+from pipeline.training.step import TrainStep
 
 log = logging.getLogger(__name__)
 
@@ -156,30 +154,10 @@ class Trainer:
         self.total = total_steps(self.steps_per_epoch, config.optim)
         self.schedule = TrainingSchedule(config.optim, config.variance, self.steps_per_epoch, self.total)
 
-        self.model = build_model(config.model, quality_grad_to_backbone=config.loss.ig_grad_to_backbone).to(
-            device
-        )
-        self.ddp_model: nn.Module = self.model
-        if env.world_size > 1:
-            ids = [device.index] if device.type == "cuda" else None
-            self.ddp_model = DistributedDataParallel(self.model, device_ids=ids)
-        self.objective = IGFIQAObjective(
-            self.loader.num_classes,
-            config.model.embedding_size,
-            config.loss,
-            config.variance,
-            seed=config.run.seed,
-        ).to(device)
-        # Two optimizers with the same schedule: the replicated backbone+head, and this rank's
-        # classifier shard, whose momentum is saved unsharded so any world size can resume.
-        optim = config.optim
-        self.model_optimizer = torch.optim.SGD(
-            self.model.parameters(), lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay
-        )
-        self.classifier_optimizer = torch.optim.SGD(
-            self.objective.parameters(), lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay
-        )
-        self.autocast = device.type == "cuda" and config.model.fp16
+        self.train_step = TrainStep(config, self.loader.num_classes, device, env.world_size)
+        step = self.train_step
+        self.model, self.ddp_model, self.objective = step.model, step.ddp_model, step.objective
+        self.model_optimizer, self.classifier_optimizer = step.model_optimizer, step.classifier_optimizer
 
         self.position = TrainingPosition()
         self.last_checkpoint = ""
@@ -308,31 +286,8 @@ class Trainer:
     # ------------------------------------------------------------------ one step
 
     def step(self, batch: StepBatch, values: StepValues) -> tuple[ObjectiveOutput, torch.Tensor]:
-        """One optimizer step on this rank's halves (Fig. 2) at this step's LR and α; returns the
-        objective's outputs and the regression half's predicted quality."""
-        for optimizer in (self.model_optimizer, self.classifier_optimizer):
-            for group in optimizer.param_groups:
-                group["lr"] = values.lr
-        fr, reg = batch.fr, batch.reg
-        # forward: backbone + quality head on both halves
-        images = torch.cat([fr.images, reg.images])
-        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            embeddings, quality = self.ddp_model(images)
-        embeddings, quality = embeddings.float(), quality.float()
-        n_fr = fr.images.shape[0]
-        # objective: ArcFace on the FR half; CR, variance table, weights and L_IG on the regression half
-        out = self.objective(
-            embeddings[:n_fr], fr.labels, embeddings[n_fr:], quality[n_fr:], reg.labels, values.alpha
-        )
-        # backward and update
-        self.model_optimizer.zero_grad(set_to_none=True)
-        self.classifier_optimizer.zero_grad(set_to_none=True)
-        out.total.backward()
-        if self.config.optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip)
-        self.model_optimizer.step()
-        self.classifier_optimizer.step()
-        return out, quality[n_fr:]
+        """One optimizer step on this rank's halves of `batch` (Fig. 2; `TrainStep`)."""
+        return self.train_step(batch.fr.images, batch.fr.labels, batch.reg.images, batch.reg.labels, values)
 
     # ------------------------------------------------------------------ the loop
 
@@ -343,8 +298,7 @@ class Trainer:
             log.info("nothing to do: the checkpoint is at step %d of %d", pos.global_step, self.total)
             self.monitor.finish(self.last_checkpoint, completed=True)
             return self._result(COMPLETED)
-        self.ddp_model.train()
-        self.objective.train()
+        self.train_step.train()
         try:
             for batch in self._batches():
                 values = self.schedule.at(pos.global_step)

@@ -1,0 +1,83 @@
+"""One optimizer step of the paper's Fig. 2, on this rank's two halves; no data loading, no clock.
+
+`TrainStep` owns the model (in DDP when there are several ranks), the objective with
+its sharded classifier and variance table, and their two optimizers. The trainer
+feeds it batches and the schedule's values; benchmarks feed it tensors directly, so
+they time the loop's own step rather than a copy of it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from pipeline.config import TrainConfig
+from pipeline.method.model import build_model
+from pipeline.method.objective import IGFIQAObjective, ObjectiveOutput
+from pipeline.training.schedules import StepValues
+
+
+class TrainStep:
+    """Forward, objective, backward, clip and SGD for one step; collective on several ranks."""
+
+    def __init__(self, config: TrainConfig, num_classes: int, device: torch.device, world_size: int) -> None:
+        self.config, self.device = config, device
+        self.model = build_model(config.model, quality_grad_to_backbone=config.loss.ig_grad_to_backbone).to(
+            device
+        )
+        self.ddp_model: nn.Module = self.model
+        if world_size > 1:
+            ids = [device.index] if device.type == "cuda" else None
+            self.ddp_model = DistributedDataParallel(self.model, device_ids=ids)
+        self.objective = IGFIQAObjective(
+            num_classes, config.model.embedding_size, config.loss, config.variance, seed=config.run.seed
+        ).to(device)
+        # Two optimizers with the same schedule: the replicated backbone+head, and this rank's
+        # classifier shard, whose momentum is saved unsharded so any world size can resume.
+        optim = config.optim
+        self.model_optimizer = torch.optim.SGD(
+            self.model.parameters(), lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay
+        )
+        self.classifier_optimizer = torch.optim.SGD(
+            self.objective.parameters(), lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay
+        )
+        self.autocast = device.type == "cuda" and config.model.fp16
+
+    def train(self) -> None:
+        """Training mode for the model and the objective (the table updates only then)."""
+        self.ddp_model.train()
+        self.objective.train()
+
+    def __call__(
+        self,
+        fr_images: torch.Tensor,
+        fr_labels: torch.Tensor,
+        reg_images: torch.Tensor,
+        reg_labels: torch.Tensor,
+        values: StepValues,
+    ) -> tuple[ObjectiveOutput, torch.Tensor]:
+        """One step at this step's LR and α; returns the objective's outputs and the regression
+        half's predicted quality."""
+        for optimizer in (self.model_optimizer, self.classifier_optimizer):
+            for group in optimizer.param_groups:
+                group["lr"] = values.lr
+        # forward: backbone + quality head on both halves
+        images = torch.cat([fr_images, reg_images])
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            embeddings, quality = self.ddp_model(images)
+        embeddings, quality = embeddings.float(), quality.float()
+        n_fr = fr_images.shape[0]
+        # objective: ArcFace on the FR half; CR, variance table, weights and L_IG on the regression half
+        out = self.objective(
+            embeddings[:n_fr], fr_labels, embeddings[n_fr:], quality[n_fr:], reg_labels, values.alpha
+        )
+        # backward and update
+        self.model_optimizer.zero_grad(set_to_none=True)
+        self.classifier_optimizer.zero_grad(set_to_none=True)
+        out.total.backward()
+        if self.config.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip)
+        self.model_optimizer.step()
+        self.classifier_optimizer.step()
+        return out, quality[n_fr:]

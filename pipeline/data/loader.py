@@ -36,13 +36,14 @@ from pipeline.data.sampler import EpochSampler
 
 @dataclass(frozen=True)
 class Half:
-    """One half of a step on one rank. Tensors live on the loader's device."""
+    """One half of a step on one rank. Images and labels live on the loader's device; the
+    augmentation record (flags, flipped) stays on the host, where it was decided."""
 
     images: torch.Tensor  # float32 [n, 3, H, W], (pixel − 127.5) / 127.5
     labels: torch.Tensor  # int64 [n], class ids from the manifest
     keys: list[str]  # manifest keys, in row order
-    flags: torch.Tensor  # bool [n, 3]: rescale, erase, color received (all False in the FR half)
-    flipped: torch.Tensor  # bool [n]: mirrored horizontally
+    flags: torch.Tensor  # bool [n, 3] on the CPU: rescale, erase, color received (all False in the FR half)
+    flipped: torch.Tensor  # bool [n] on the CPU: mirrored horizontally
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -250,8 +251,9 @@ class TrainLoader:
         if images.device != self.device:
             images = images.to(self.device, non_blocking=True)
         labels = torch.from_numpy(self.store.labels[rows]).to(self.device, non_blocking=True)
-        flags = outputs["flags"].to(self.device, torch.bool)
-        flipped = outputs["flip"].to(self.device).bool()
+        # host-side records: copying them to a GPU would cost two synchronous transfers per step
+        flags = outputs["flags"].to(torch.bool)
+        flipped = outputs["flip"].bool()
         keys = self.store.keys_of(rows)
         n = self.fr_per_rank
 

@@ -13,6 +13,7 @@ definitions and how CR-FIQA's script differs: docs/evaluation.md.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,8 +23,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-DEFAULT_FMRS = (1e-3, 1e-4)
+DEFAULT_FMRS = (1e-3, 1e-4)  # the paper's; kept where a set resolves them (`resolvable_fmrs`)
+MIN_FALSE_MATCHES = 10  # an FMR is measured when at least this many non-mated pairs lie above τ
 DEFAULT_DISCARD_LIMIT = 0.2
+RANDOM_METHOD = "random"  # the random-quality reference every evaluation carries
+DEFAULT_RANDOM_DRAWS = 20
 PAPER_REJECT_STEP = 0.05
 PAPER_REJECT_POINTS = 20  # r = 0, 0.05, …, 0.95
 # FMR·N is floored with this relative slack so that 0.29·100 (= 28.999999999999996) gives 29.
@@ -48,14 +52,33 @@ class Threshold:
     below_resolution: bool  # FMR·N < 1: no threshold can reach the target
 
     def warning(self) -> str | None:
-        """A sentence for the report when the target FMR is not reachable, else None."""
+        """A sentence for the report when the target FMR is not reachable or barely resolved, else None."""
         if not self.below_resolution:
+            false_matches = self.fmr_target * self.num_nonmated
+            if false_matches < MIN_FALSE_MATCHES:
+                return (
+                    f"FMR {self.fmr_target:g} rests on {false_matches:.1f} false matches of "
+                    f"{self.num_nonmated} non-mated pairs (fewer than {MIN_FALSE_MATCHES}): a noisy figure"
+                )
             return None
         return (
             f"FMR {self.fmr_target:g} is below the resolution 1/{self.num_nonmated} of the non-mated pairs: "
             f"no threshold reaches it; the threshold is the highest non-mated similarity "
             f"({self.value:.6g}, achieved FMR 0), so curves at this FMR do not measure FMR {self.fmr_target:g}"
         )
+
+
+def resolvable_fmrs(num_nonmated: int, wanted: Sequence[float] = DEFAULT_FMRS) -> list[float]:
+    """The FMRs of `wanted` that `num_nonmated` pairs resolve (FMR·N ≥ MIN_FALSE_MATCHES); when none
+    does, the smallest power of ten that is resolved (at most 0.1), e.g. 1e-1 for 150 pairs,
+    1e-2 for LFW's 3,000."""
+    kept = [fmr for fmr in wanted if fmr * num_nonmated >= MIN_FALSE_MATCHES * (1 - _FLOOR_SLACK)]
+    if kept:
+        return kept
+    decade = 1
+    while 10.0 ** -(decade + 1) * num_nonmated >= MIN_FALSE_MATCHES * (1 - _FLOOR_SLACK):
+        decade += 1
+    return [10.0**-decade]
 
 
 def _check_fmr(fmr: float) -> None:
@@ -244,6 +267,7 @@ class MethodResult:
     discard_limit: float
     erc: PaperERC
     erc_refit: PaperERC | None = None
+    reference: MethodResult | None = None  # the random-quality reference on the same pairs and FMR
 
     def summary(self) -> dict[str, object]:
         """The scalar results, one flat row (for JSON, CSV and MLflow)."""
@@ -261,7 +285,14 @@ class MethodResult:
         }
         if self.erc_refit is not None:
             row["erc_auc_crfiqa_refit"] = self.erc_refit.auc
+        if self.reference is not None:
+            row["edc_pauc_vs_random"] = _ratio(self.edc_pauc, self.reference.edc_pauc)
+            row["erc_auc_vs_random"] = _ratio(self.erc.auc, self.reference.erc.auc)
         return row
+
+
+def _ratio(value: float, reference: float) -> float:
+    return value / reference if reference > 0 else float("nan")
 
 
 @dataclass
@@ -405,19 +436,26 @@ def evaluate_quality(
     *,
     dataset: str,
     methods: Sequence[str] | None = None,
-    fmrs: Sequence[float] = DEFAULT_FMRS,
+    fmrs: Sequence[float] | None = None,
     discard_limit: float = DEFAULT_DISCARD_LIMIT,
     crfiqa_refit: bool = False,
     nan_policy: str = "error",
     pairs_source: str = "pairs",
     scores_source: str = "scores",
+    random_draws: int = DEFAULT_RANDOM_DRAWS,
 ) -> QualityEvaluation:
-    """EDC (+ pAUC) and the papers' ERC AUC for every quality method × FMR on one set of pairs."""
+    """EDC (+ pAUC) and the papers' ERC AUC for every quality method × FMR on one set of pairs.
+
+    `fmrs=None` takes the paper's FMRs where the set resolves them, else the one it resolves
+    (`resolvable_fmrs`). Beside the methods, a random-quality reference (method "random": i.i.d.
+    uniform image qualities, the mean of `random_draws` draws; 0 leaves it out) is measured on the
+    same pairs, and every method's summary carries its ratio to it.
+    """
     if not (0.0 < discard_limit <= 1.0):
         raise QualityEvalError(f"discard limit {discard_limit!r} must lie in (0, 1]")
-    if not fmrs:
+    if fmrs is not None and not fmrs:
         raise QualityEvalError("give at least one FMR target")
-    for fmr in fmrs:
+    for fmr in fmrs or ():
         _check_fmr(fmr)
     pairs = validate_pairs(pairs, pairs_source)
     available = quality_columns(scores, scores_source)
@@ -430,10 +468,17 @@ def evaluate_quality(
     similarity = pairs["similarity"].to_numpy(np.float64)
     mated = pairs["mated"].to_numpy(bool)
     evaluation = QualityEvaluation(dataset, len(pairs), int(mated.sum()), int((~mated).sum()))
+    fmrs = list(fmrs) if fmrs else resolvable_fmrs(evaluation.num_nonmated)
     thresholds = {fmr: threshold_at_fmr(similarity[~mated], fmr) for fmr in fmrs}
     for threshold in thresholds.values():
         if (message := threshold.warning()) is not None:
             evaluation.warnings.append(f"{dataset}: {message}")
+    references = (
+        {fmr: _random_reference(dataset, pairs, similarity, mated, t, discard_limit, random_draws)
+         for fmr, t in thresholds.items()}
+        if random_draws > 0
+        else {}
+    )  # fmt: skip
     for method in methods:
         quality, warnings = pair_qualities(pairs, scores, method, nan_policy=nan_policy, source=scores_source)
         evaluation.warnings.extend(f"{dataset}: {w}" for w in warnings)
@@ -448,10 +493,58 @@ def evaluate_quality(
                     )
             evaluation.results.append(
                 MethodResult(
-                    dataset, method, threshold, edc, edc.pauc(discard_limit), discard_limit, erc, refit
+                    dataset,
+                    method,
+                    threshold,
+                    edc,
+                    edc.pauc(discard_limit),
+                    discard_limit,
+                    erc,
+                    refit,
+                    reference=references.get(fmr),
                 )
             )
+    evaluation.results.extend(references.values())
     return evaluation
+
+
+def _random_reference(
+    dataset: str,
+    pairs: pd.DataFrame,
+    similarity: np.ndarray,
+    mated: np.ndarray,
+    threshold: Threshold,
+    discard_limit: float,
+    draws: int,
+) -> MethodResult:
+    """The mean EDC and ERC of `draws` i.i.d. uniform image qualities (seeded: the same every run).
+
+    Its EDC is the mean FNMR on a grid of 201 discard fractions; pAUC and AUC are the means of
+    the draws' own figures.
+    """
+    names, image_index = np.unique(
+        np.concatenate([pairs["left"].astype(str).to_numpy(), pairs["right"].astype(str).to_numpy()]),
+        return_inverse=True,
+    )
+    left, right = image_index[: len(pairs)], image_index[len(pairs) :]
+    rng = np.random.default_rng(20_240_229)
+    grid = np.linspace(0.0, 1.0, 201)
+    edc_sum, erc_sum, paucs, aucs = np.zeros(grid.size), None, [], []
+    for _ in range(draws):
+        image_quality = rng.random(names.size)
+        quality = np.minimum(image_quality[left], image_quality[right])
+        edc = edc_curve(similarity, mated, quality, threshold.value)
+        erc = paper_erc(similarity, mated, quality, threshold.fmr_target)
+        paucs.append(edc.pauc(discard_limit))
+        aucs.append(erc.auc)
+        steps = np.searchsorted(edc.discard_fraction, grid, side="right") - 1
+        edc_sum += edc.fnmr[np.clip(steps, 0, edc.fnmr.size - 1)]
+        erc_sum = erc.fnmr if erc_sum is None else erc_sum + erc.fnmr
+    mean_edc = EDCCurve(grid, edc_sum / draws, np.full(grid.size, np.nan), int(mated.sum()))
+    mean_erc = dataclasses.replace(erc, fnmr=erc_sum / draws, auc=float(np.mean(aucs)), warnings=())
+    return MethodResult(
+        dataset, RANDOM_METHOD, threshold, mean_edc, float(np.mean(paucs)), discard_limit, mean_erc
+    )
 
 
 def _rows(indices: np.ndarray, limit: int = 5) -> str:

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.evaluation.quality_metrics import QualityEvaluation
+from pipeline.evaluation.quality_metrics import RANDOM_METHOD, QualityEvaluation
 from pipeline.evaluation.verification import VerificationResult
 
 
@@ -218,7 +218,8 @@ def results_document(
 
 
 def plot_dataset(evaluation: QualityEvaluation, path: Path) -> Path:
-    """One PNG: a column per FMR; EDC (top row) and paper-protocol ERC (bottom row), every method."""
+    """One PNG: a column per FMR; EDC (top row) and paper-protocol ERC (bottom row), every method,
+    the random-quality reference dashed in grey. FNMR axes start at 0, so a small gap looks small."""
     from matplotlib.figure import Figure  # Figure + savefig use the Agg canvas; no pyplot, no GUI backend
 
     fmrs, methods = evaluation.fmrs, evaluation.methods
@@ -226,25 +227,32 @@ def plot_dataset(evaluation: QualityEvaluation, path: Path) -> Path:
     axes = fig.subplots(2, len(fmrs), squeeze=False)
     for col, fmr in enumerate(fmrs):
         edc_ax, erc_ax = axes[0][col], axes[1][col]
+        highest = 0.0
         for index, method in enumerate(methods):
-            color = f"C{index % 10}"
+            reference = method == RANDOM_METHOD
+            color = "grey" if reference else f"C{index % 10}"
+            style = {"linestyle": "--", "linewidth": 1.2} if reference else {}
+            name = "random quality, mean of draws" if reference else method
             result = next(
                 r for r in evaluation.results if r.method == method and r.threshold.fmr_target == fmr
             )
+            highest = max(highest, float(np.nanmax(result.edc.fnmr)), float(np.nanmax(result.erc.fnmr)))
             edc_ax.step(
                 result.edc.discard_fraction,
                 result.edc.fnmr,
                 where="post",
                 color=color,
-                label=f"{method} (pAUC {result.edc_pauc:.4f})",
+                label=f"{name} (pAUC {result.edc_pauc:.4f})",
+                **style,
             )
             erc_ax.plot(
                 result.erc.reject_fraction,
                 result.erc.fnmr,
-                marker="o",
+                marker=None if reference else "o",
                 ms=3,
                 color=color,
-                label=f"{method} (AUC {result.erc.auc:.4f})",
+                label=f"{name} (AUC {result.erc.auc:.4f})",
+                **style,
             )
             if result.erc_refit is not None:
                 erc_ax.plot(
@@ -265,6 +273,7 @@ def plot_dataset(evaluation: QualityEvaluation, path: Path) -> Path:
         for ax in (edc_ax, erc_ax):
             ax.set_ylabel("FNMR")
             ax.set_xlim(0, 1)
+            ax.set_ylim(0, min(1.0, highest * 1.1) if highest > 0 else 1.0)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -75,7 +75,12 @@ def test_write_report_writes_every_file(tmp_path):
     assert any("below the resolution" in w for w in doc["warnings"])
 
     summary = pd.read_csv(files.summary_csv)
-    assert len(summary) == 2 * 2 * 2  # datasets × methods × FMRs
+    assert len(summary) == 2 * 3 * 2  # datasets × (methods + the random reference) × FMRs
+    random = summary[summary.method == "random"]
+    good = summary[summary.method == "good"].set_index(["dataset", "fmr"])
+    reference = random.set_index(["dataset", "fmr"])["edc_pauc"]
+    assert len(random) == 4
+    assert (good["edc_pauc_vs_random"].notna() == (reference > 0)).all()  # a ratio wherever it is defined
     curves = pd.read_csv(files.curves_csv)
     assert set(curves["curve"]) == {"edc", "erc", "erc_crfiqa_refit"}
     edc = curves[

@@ -36,7 +36,8 @@ def test_threshold_at_the_edge_of_resolution():
     below = threshold_at_fmr(nonmated, 1 / 5 - 1e-9)  # just below: none allowed
     assert below.value == 0.5 and below.achieved_fmr == 0.0 and below.below_resolution
     assert "below the resolution 1/5" in below.warning()
-    assert exact.warning() is None
+    assert "rests on 1.0 false matches of 5 non-mated pairs" in exact.warning()  # resolved, but noisy
+    assert threshold_at_fmr(np.linspace(0, 1, 100), 0.1).warning() is None  # 10 false matches
 
 
 def test_threshold_floor_survives_float_rounding():
@@ -237,7 +238,7 @@ def _tables() -> tuple[pd.DataFrame, pd.DataFrame]:
 def test_evaluate_quality_several_methods_and_fmrs():
     pairs, scores = _tables()
     ev = evaluate_quality(pairs, scores, dataset="toy", fmrs=[0.5, 0.1], discard_limit=0.6)
-    assert ev.methods == ["good", "bad"] and ev.fmrs == [0.5, 0.1]
+    assert ev.methods == ["good", "bad", "random"] and ev.fmrs == [0.5, 0.1]
     assert (ev.num_pairs, ev.num_mated, ev.num_nonmated) == (6, 4, 2)
     by_key = {(r.method, r.threshold.fmr_target): r for r in ev.results}
     # FMR 0.5 of 2 impostors → one may match → τ = 0.1; mated errors (≤ 0.1): none
@@ -307,3 +308,39 @@ def test_bad_pair_tables_are_named():
         evaluate_quality(pairs, dup, dataset="t")
     with pytest.raises(QualityEvalError, match="strictly between 0 and 1"):
         evaluate_quality(pairs, scores, dataset="t", fmrs=[1.0])
+
+
+def test_default_fmrs_are_the_ones_the_set_resolves() -> None:
+    from pipeline.evaluation.quality_metrics import resolvable_fmrs
+
+    assert resolvable_fmrs(150) == [0.1]
+    assert resolvable_fmrs(1000) == [0.01]
+    assert resolvable_fmrs(3000) == [0.01]  # LFW: 1e-3 would rest on 3 false matches
+    assert resolvable_fmrs(10_000) == [1e-3]
+    assert resolvable_fmrs(200_000) == [1e-3, 1e-4]
+    assert resolvable_fmrs(50) == [0.1] and resolvable_fmrs(99) == [0.1]  # the floor: 1e-1
+
+
+def test_random_reference_is_flat_in_expectation_and_beaten_by_a_good_score() -> None:
+    """Discarding at random leaves the FNMR where it was: random pAUC ≈ FNMR(0) × discard limit."""
+    rng = np.random.default_rng(0)
+    n = 4000
+    strength = rng.random(n)  # a degradation per image
+    images = [f"i{k}" for k in range(n)]
+    left, right = rng.integers(0, n, n), rng.integers(0, n, n)
+    mated = np.arange(n) % 2 == 0
+    worst = np.maximum(strength[left], strength[right])
+    similarity = np.where(mated, 0.8 - 0.7 * worst, 0.1) + rng.normal(0, 0.05, n)
+    pairs = pd.DataFrame({"left": [images[i] for i in left], "right": [images[i] for i in right],
+                          "similarity": similarity, "mated": mated})  # fmt: skip
+    scores = pd.DataFrame({"image": images, "oracle": -strength})
+    ev = evaluate_quality(pairs, scores, dataset="toy", random_draws=20)
+    assert ev.fmrs == [0.01]  # 2,000 non-mated pairs
+    oracle = next(r for r in ev.results if r.method == "oracle")
+    random = next(r for r in ev.results if r.method == "random")
+    assert random.edc_pauc == pytest.approx(random.edc.fnmr[0] * 0.2, rel=0.1)
+    assert oracle.reference is random and oracle.summary()["edc_pauc_vs_random"] < 0.85
+    assert random.erc.fnmr.shape == (20,) and random.edc.discard_fraction.shape == (201,)
+    again = evaluate_quality(pairs, scores, dataset="toy", random_draws=20)
+    assert next(r for r in again.results if r.method == "random").edc_pauc == random.edc_pauc  # seeded
+    assert "random" not in evaluate_quality(pairs, scores, dataset="toy", random_draws=0).methods

@@ -130,6 +130,10 @@ class RunTracker:
         items = [RunTag(k, str(v)) for k, v in sorted(tags.items())]
         _retry(lambda: self._client.log_batch(self.run_id, tags=items), "set_tags")
 
+    def tags(self) -> dict[str, str]:
+        """The run's tags as they are in the store now."""
+        return dict(_retry(lambda: self._client.get_run(self.run_id), "get_run").data.tags)
+
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Log scalar metrics at `step` in one batch (NaN/inf are logged as MLflow allows)."""
         from mlflow.entities import Metric

@@ -42,6 +42,7 @@ CURVE_METRICS = (
     "lr",
     "images_per_s",
     "data_wait_frac",
+    "epoch",  # not a panel: where the epoch lines go
 )
 
 
@@ -329,8 +330,16 @@ class TrainingMonitor:
         tracker.log_artifact(self.plots_dir / "class_weights.npy")
         history = {name: tracker.metric_history(name) for name in CURVE_METRICS}
         if any(history.values()):
+            resumed = sorted(
+                int(key.rsplit("_", 1)[1])
+                for key in tracker.tags()
+                if key.startswith("attempt_started_at_step_")
+            )
             curves = plot_training_curves(
-                history, self.plots_dir / "training_curves.png", title=self.config.run.name
+                history,
+                self.plots_dir / "training_curves.png",
+                title=self.config.run.name,
+                resumed_at=resumed,
             )
             tracker.log_artifact(curves)
 

@@ -57,7 +57,9 @@ def decode_image(
             image.load()
             original = (image.height, image.width)
             rgb = image.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+    except UnidentifiedImageError:
+        raise ImageDecodeError("not a readable image (not a format PIL knows)", path=source) from None
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageDecodeError(f"not a readable image ({type(exc).__name__}: {exc})", path=source) from None
     if original != tuple(size):
         rgb = rgb.resize((size[1], size[0]), Image.Resampling.BILINEAR)

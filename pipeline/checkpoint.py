@@ -32,6 +32,7 @@ from pipeline.config import TrainConfig, config_from_dict, config_to_dict, flatt
 
 FORMAT_VERSION = 1
 LAST_NAME = "last.ckpt"
+BEST_NAME = "best.ckpt"  # the checkpoint `run.select_by` picked (pipeline/training/validation.py)
 _STEP_FILE = re.compile(r"^step-(\d{8})\.ckpt$")
 REQUIRED_KEYS = (
     "format_version",
@@ -122,14 +123,26 @@ def save_checkpoint(state: dict[str, Any], run_dir: str | Path, *, keep: int) ->
     directory.mkdir(parents=True, exist_ok=True)
     state = {**state, PAYLOAD_DIGEST: payload_digest(state)}
     atomic_write(path, lambda tmp: torch.save(state, tmp))
-    # last.ckpt: a hard link to the newest file, swapped in atomically
-    tmp_link = directory / (LAST_NAME + ".tmp")
-    tmp_link.unlink(missing_ok=True)
-    os.link(path, tmp_link)
-    os.replace(tmp_link, directory / LAST_NAME)
-    _fsync_dir(directory)
+    _link(path, directory / LAST_NAME)  # last.ckpt: a hard link to the newest file
     _prune(directory, keep)
     return path
+
+
+def _link(target: Path, name: Path) -> None:
+    """Point hard link `name` at `target`, swapped in atomically (pruning `target` keeps the data)."""
+    tmp_link = name.with_name(name.name + ".tmp")
+    tmp_link.unlink(missing_ok=True)
+    os.link(target, tmp_link)
+    os.replace(tmp_link, name)
+    _fsync_dir(name.parent)
+
+
+def mark_best(path: str | Path) -> Path:
+    """Make `best.ckpt` beside `path` (a step file just written) point at it; returns best.ckpt."""
+    path = Path(path)
+    best = path.parent / BEST_NAME
+    _link(path, best)
+    return best
 
 
 def _prune(directory: Path, keep: int) -> None:

@@ -178,6 +178,12 @@ class RunConfig:
     # (log lines only: quick runs, benchmarks, machines without mlflow installed)
     tracking_uri: str = ""
     experiment: str = "igfiqa"
+    # validation during training (pipeline/training/validation.py): converted verification sets
+    # (a folder, as `igfiqa eval --data`), every N steps and at the end (0 = at the end only)
+    validation_data: str = ""
+    validate_every: int = 0
+    validation_fmr: float = 0.0  # 0 = the smallest FMR the sets resolve (FMR x non-mated >= 10)
+    select_by: str = ""  # e.g. val.mixed.edc_pauc: the metric that picks best.ckpt ("" = none)
 
 
 @dataclass(frozen=True)
@@ -420,6 +426,9 @@ def validate_ranges(config: TrainConfig) -> None:
     _check(r.checkpoint_every_steps >= 0, "run.checkpoint_every_steps must be >= 0 (0 disables)")
     _check(r.checkpoint_every_minutes >= 0, "run.checkpoint_every_minutes must be >= 0 (0 disables)")
     _check(r.keep_checkpoints >= 1, f"run.keep_checkpoints: {r.keep_checkpoints} must be >= 1")
+    _check(r.validate_every >= 0, f"run.validate_every: {r.validate_every} must be >= 0 (0: at the end only)")
+    _check(0.0 <= r.validation_fmr < 1.0, f"run.validation_fmr: {r.validation_fmr} must lie in [0, 1)")
+    _check(not r.select_by or bool(r.validation_data), "run.select_by needs run.validation_data")
 
 
 def validate_for_world(config: TrainConfig, world_size: int) -> None:

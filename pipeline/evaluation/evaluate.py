@@ -29,7 +29,6 @@ from pipeline.data.image_io import decode_image
 from pipeline.evaluation.embeddings import EmbeddingTable, OnnxEmbedder
 from pipeline.evaluation.quality_metrics import (
     DEFAULT_DISCARD_LIMIT,
-    DEFAULT_FMRS,
     QualityEvaluation,
     evaluate_quality,
 )
@@ -195,7 +194,7 @@ def evaluate_set(
     fr_embeddings: EmbeddingTable | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     flip: bool = False,
-    fmrs: Sequence[float] = DEFAULT_FMRS,
+    fmrs: Sequence[float] | None = None,
     discard_limit: float = DEFAULT_DISCARD_LIMIT,
     crfiqa_refit: bool = False,
     progress: bool = True,
@@ -249,7 +248,7 @@ def evaluate_checkpoint(
     fr_embeddings: EmbeddingTable | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     flip: bool = False,
-    fmrs: Sequence[float] = DEFAULT_FMRS,
+    fmrs: Sequence[float] | None = None,
     discard_limit: float = DEFAULT_DISCARD_LIMIT,
     crfiqa_refit: bool = False,
     metadata: dict | None = None,
@@ -319,6 +318,12 @@ def eval_metrics(outputs: Sequence[SetOutputs]) -> dict[str, float]:
             suffix = f"fmr_{fmr_label(r.threshold.fmr_target)}"
             metrics[f"{result.name}.{r.method}.erc_auc.{suffix}"] = r.erc.auc
             metrics[f"{result.name}.{r.method}.edc_pauc.{suffix}"] = r.edc_pauc
+            if r.reference is not None:
+                summary = r.summary()
+                metrics[f"{result.name}.{r.method}.edc_pauc_vs_random.{suffix}"] = summary[
+                    "edc_pauc_vs_random"
+                ]
+                metrics[f"{result.name}.{r.method}.erc_auc_vs_random.{suffix}"] = summary["erc_auc_vs_random"]
             if r.erc_refit is not None:
                 metrics[f"{result.name}.{r.method}.erc_auc_crfiqa_refit.{suffix}"] = r.erc_refit.auc
     return metrics

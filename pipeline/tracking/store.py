@@ -134,6 +134,10 @@ class RunTracker:
         """The run's tags as they are in the store now."""
         return dict(_retry(lambda: self._client.get_run(self.run_id), "get_run").data.tags)
 
+    def metric_keys(self) -> list[str]:
+        """Names of every metric the run has logged."""
+        return list(_retry(lambda: self._client.get_run(self.run_id), "get_run").data.metrics)
+
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Log scalar metrics at `step` in one batch (NaN/inf are logged as MLflow allows)."""
         from mlflow.entities import Metric

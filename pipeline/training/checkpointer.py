@@ -56,12 +56,17 @@ class PeriodicCheckpointer:
         self._last_save_time = time.monotonic()
 
     def step(self, global_step: int) -> StopRequest:
-        """After optimizer step `global_step`: save if due; on a stop request save and return it."""
+        """After optimizer step `global_step`: save if due; on a stop request save and return it.
+
+        A step saved already (e.g. the best checkpoint of a validation) is not saved again.
+        """
         stop, time_due = self._poll()
+        fresh = self.last_saved_step != global_step
         if stop:
-            self.save(global_step, "signal")
+            if fresh:
+                self.save(global_step, "signal")
             return stop
-        if time_due or (self.every_steps and global_step % self.every_steps == 0):
+        if fresh and (time_due or (self.every_steps and global_step % self.every_steps == 0)):
             self.save(global_step, "periodic")
         return StopRequest.NONE
 

@@ -282,6 +282,23 @@ class TrainingMonitor:
         if self.tracker is not None:
             self._safely(lambda: self.tracker.log_metrics(metrics, step), "log_metrics")
 
+    def log_validation(self, step: int, metrics: dict[str, float], *, best: Any = None) -> None:
+        """Log the validation metrics at `step` (rank 0), and the best-so-far as tags."""
+        if not self.env.is_main or not metrics:
+            return
+        line = ", ".join(
+            f"{k.removeprefix('val.')} {v:.4g}" for k, v in sorted(metrics.items()) if not k.endswith(".fmr")
+        )
+        log.info("validation at step %d: %s", step, line)
+        self.last_metrics.update(metrics)
+        if self.tracker is None:
+            return
+        tracker = self.tracker
+        self._safely(lambda: tracker.log_metrics(metrics, step), "log_metrics")
+        if best is not None and best.value is not None:
+            tags = {"best_metric": best.metric, "best_value": best.value, "best_step": best.step}
+            self._safely(lambda: tracker.set_tags(tags), "set_tags")
+
     def _safely(self, action: Any, what: str) -> None:
         try:
             action()
@@ -328,7 +345,10 @@ class TrainingMonitor:
         tracker.log_artifact(hist)
         np.save(self.plots_dir / "class_weights.npy", weights)
         tracker.log_artifact(self.plots_dir / "class_weights.npy")
-        history = {name: tracker.metric_history(name) for name in CURVE_METRICS}
+        validation = sorted(
+            k for k in tracker.metric_keys() if k.startswith("val.") and not k.endswith(".fmr")
+        )
+        history = {name: tracker.metric_history(name) for name in (*CURVE_METRICS, *validation)}
         if any(history.values()):
             resumed = sorted(
                 int(key.rsplit("_", 1)[1])

@@ -35,6 +35,21 @@ METRIC_LABELS = {
 }
 SMOOTHING = 0.6  # EMA weight of the drawn trend line; the raw points stay visible, faint
 SCHEDULES = frozenset({"lr", "alpha"})  # set by the trainer, not measured: drawn as they are
+VALIDATION_LABELS = {
+    "accuracy": "verification accuracy (higher = better)",
+    "edc_pauc": "EDC pAUC (lower = better)",
+    "erc_auc": "ERC AUC (lower = better)",
+    "edc_pauc_vs_random": "EDC pAUC ÷ random quality's",
+    "erc_auc_vs_random": "ERC AUC ÷ random quality's",
+}
+
+
+def metric_label(name: str) -> str:
+    """The panel title of a metric: what it is, for `val.<set>.<metric>` which set too."""
+    if name.startswith("val."):
+        _, set_name, metric = name.split(".", 2)
+        return f"{set_name}: {VALIDATION_LABELS.get(metric, metric)}"
+    return METRIC_LABELS.get(name, name)
 
 
 def plot_weight_histogram(
@@ -124,7 +139,9 @@ def plot_training_curves(
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.8 * rows), squeeze=False)
     for ax, name in zip(axes.flat, names):
         steps, values = zip(*sorted(history[name]))
-        if name in SCHEDULES:
+        if name.startswith("val."):  # a few points: no smoothing
+            ax.plot(steps, values, lw=1.4, marker="o", ms=3, color="C2")
+        elif name in SCHEDULES:
             ax.plot(steps, values, lw=1.6, color="C0")
         else:
             ax.plot(steps, values, lw=0.8, alpha=0.35, color="C0")
@@ -135,7 +152,7 @@ def plot_training_curves(
         for step in resumed_at:
             if step > 0:
                 ax.axvline(step, color="C3", lw=0.9, ls="--")
-        ax.set_title(METRIC_LABELS.get(name, name), fontsize=9)
+        ax.set_title(metric_label(name), fontsize=9)
         ax.set_xlabel("optimizer step", fontsize=8)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(names) :]:

@@ -40,11 +40,12 @@ from pipeline.checkpoint import (
     build_training_state,
     check_resumable,
     load_resume_checkpoint,
+    mark_best,
     restore_training,
     rng_state,
     save_checkpoint,
 )
-from pipeline.config import TrainConfig, validate_for_world, validate_ranges
+from pipeline.config import ConfigError, TrainConfig, validate_for_world, validate_ranges
 from pipeline.data.loader import StepBatch, TrainLoader
 from pipeline.method.objective import ObjectiveOutput
 from pipeline.parallel.env import DistEnv, resolve_device
@@ -52,10 +53,21 @@ from pipeline.training.checkpointer import PeriodicCheckpointer, StopRequest
 from pipeline.training.monitor import TrainingMonitor
 from pipeline.training.schedules import StepValues, TrainingSchedule, total_steps
 from pipeline.training.step import TrainStep
+from pipeline.training.validation import BestCheckpoint, Validator, metric_kind
 
 log = logging.getLogger(__name__)
 
 COMPLETED, INTERRUPTED = "completed", "interrupted"
+
+
+def _check_select_by(select_by: str, sets: list[str]) -> None:
+    """run.select_by must name a validation metric of one of the sets found."""
+    if not select_by:
+        return
+    metric_kind(select_by)
+    name = select_by.split(".")[1]
+    if name not in sets:
+        raise ConfigError(f"run.select_by: {select_by!r} names set {name!r}; the validation sets are {sets}")
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -161,6 +173,13 @@ class Trainer:
 
         self.position = TrainingPosition()
         self.last_checkpoint = ""
+        self.validator = None
+        self.best = BestCheckpoint(config.run.select_by) if config.run.select_by else None
+        if config.run.validation_data and env.is_main:
+            self.validator = Validator(
+                config.run.validation_data, fmr=config.run.validation_fmr, device=device
+            )
+            _check_select_by(config.run.select_by, self.validator.names)
         resumed_run_id = self._resume()
         # a CPU (gloo) group for the per-step stop poll: it must not synchronise the GPU stream
         control_group = (
@@ -207,6 +226,8 @@ class Trainer:
             world_size=self.env.world_size,
         )
         self.last_checkpoint = str(path)
+        if self.best is not None:
+            self.best = BestCheckpoint.restored(self.best.metric, state.get("best"))
         saved_world = int(state["world_size"])
         if saved_world != self.env.world_size:
             log.warning(
@@ -275,7 +296,10 @@ class Trainer:
                 reason=reason,
                 device=self.device,
                 rng_per_rank=rng_per_rank,
-                extra={"dataset_fingerprint": self.dataset_fingerprint},
+                extra={
+                    "dataset_fingerprint": self.dataset_fingerprint,
+                    "best": self.best.as_dict() if self.best is not None else None,
+                },
             )
             path = save_checkpoint(state, self.run_dir, keep=self.config.run.keep_checkpoints)
             self.last_checkpoint = str(path)
@@ -308,6 +332,8 @@ class Trainer:
                 averages = self.monitor.after_step(pos, out, reg_quality, values)
                 if averages is not None and not math.isfinite(averages["loss_total"]):
                     self._diverged(f"the mean loss of the last steps is {averages['loss_total']}")
+                if self._validation_due(pos.global_step):
+                    self._validate()
                 stop = self.checkpointer.step(pos.global_step)
                 if stop:
                     self.monitor.interrupted(pos.global_step)
@@ -321,6 +347,37 @@ class Trainer:
         finally:
             self.loader.close()
             self.monitor.close()
+
+    def _validation_due(self, step: int) -> bool:
+        every = self.config.run.validate_every
+        return bool(self.config.run.validation_data) and (step == self.total or (every and step % every == 0))
+
+    def _validate(self) -> None:
+        """Collective: rank 0 validates (the others wait for its verdict), every rank saves together
+        when `run.select_by` improved, and best.ckpt points at that checkpoint."""
+        step = self.position.global_step
+        metrics = self.validator(self.model) if self.validator is not None else {}
+        improved = self.best is not None and self.env.is_main and self.best.improves(metrics)
+        if self.env.is_main:
+            if improved:
+                self.best.record(metrics, step)
+            self.monitor.log_validation(step, metrics, best=self.best)
+        if self.env.world_size > 1:
+            flag = torch.tensor([int(improved)], dtype=torch.int64)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.checkpointer.group)
+            improved = bool(flag[0])
+        if not improved:
+            return
+        self.checkpointer.save(step, "best")  # the checkpointer saves this step no second time
+        if self.env.is_main:
+            best = mark_best(self.last_checkpoint)
+            log.info(
+                "best checkpoint so far (%s = %.5g at step %d): %s",
+                self.best.metric,
+                self.best.value,
+                step,
+                best,
+            )
 
     def _batches(self) -> Iterator[StepBatch]:
         """This rank's batches from the current position to the end of training, epoch after epoch."""

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, overload
 
-from jobs.cli import UserError
 from jobs.cluster import ClusterProfile, load_profile, make_executor
+from jobs.errors import UserError
 
 if TYPE_CHECKING:
     from data_prep.dataset import DatasetInfo

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from jobs.errors import UserError
+
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -198,7 +200,6 @@ def say(text: str) -> None:
 
 def _read_json(path: Path) -> dict[str, Any] | None:
     """The JSON object in `path`, or None when absent; a broken file is a clear error."""
-    from jobs.cli import UserError
 
     if not path.is_file():
         return None
@@ -266,7 +267,6 @@ class DemoPaths:
 def stage_synth(paths: DemoPaths, args: argparse.Namespace, record: StageRecord) -> None:
     """Write the synthetic dataset unless an identical one is there; a different one is an error."""
     from data_prep.synth import synthesize
-    from jobs.cli import UserError
 
     wanted = {
         "identities": args.identities,
@@ -335,7 +335,6 @@ def stage_convert(paths: DemoPaths, record: StageRecord) -> None:
 def stage_bins(paths: DemoPaths, record: StageRecord) -> None:
     """Convert every verification .bin of the synthetic data that is not converted yet."""
     from data_prep.bins import convert_bins
-    from jobs.cli import UserError
 
     bins = sorted(paths.synth.glob("*.bin"))
     if not bins:
@@ -406,8 +405,6 @@ def demo_config(paths: DemoPaths, args: argparse.Namespace) -> Any:
     from pipeline.config import load_config
 
     if not args.config.is_file():
-        from jobs.cli import UserError
-
         raise UserError(f"{args.config}: no such config (the demo's default is {DEFAULT_CONFIG})")
     demo_overrides = [
         f"data.dataset={paths.train}",
@@ -421,7 +418,6 @@ def demo_config(paths: DemoPaths, args: argparse.Namespace) -> Any:
 
 def check_run_dir_matches(config: Any) -> None:
     """A run directory holding a checkpoint of another configuration is an error, not a resume."""
-    from jobs.cli import UserError
     from pipeline.checkpoint import find_resume_checkpoint, load_checkpoint
     from pipeline.config import config_from_dict, flatten_config
 
@@ -558,7 +554,6 @@ def submit_or_reason(config: Any, profile: Any) -> Any:
 
 def follow_training(submission: Any, config: Any, profile: Any) -> TrainOutcome:
     """Follow the submitted job's log until it ends; rank 0's result, or a clear error."""
-    from jobs.cli import UserError
 
     _write_json(
         Path(config.run.dir) / JOB_MARKER, {"job_id": submission.job_id, "folder": str(submission.folder)}
@@ -599,8 +594,6 @@ def train_here(config: Any, nproc: int, why: str) -> TrainOutcome:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     result = launch_local(config, nproc=nproc)
     if result["status"] != "completed":
-        from jobs.cli import UserError
-
         raise UserError(
             f"training stopped at step {result['global_step']} ({result['status']}); "
             f"run the demo again to resume from {result['checkpoint']}"
@@ -620,7 +613,6 @@ def _outcome_from_result(result: dict[str, Any], where: str) -> TrainOutcome:
 
 def stage_train(config: Any, args: argparse.Namespace, record: StageRecord) -> TrainOutcome:
     """Reuse a completed training, else train on SLURM (or here, saying why) and record the outcome."""
-    from jobs.cli import UserError
     from jobs.cluster import load_profile
 
     run_dir = Path(config.run.dir)
@@ -802,7 +794,6 @@ def summary_text(
 
 def run_demo(args: argparse.Namespace) -> int:
     """Handler of `igfiqa demo`."""
-    from jobs.cli import UserError
 
     if args.steps < 0 or args.identities < 2 or args.images_per_identity < 1:
         raise UserError("--steps must be >= 0, --identities >= 2 and --images-per-identity >= 1")

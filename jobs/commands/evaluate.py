@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from jobs.errors import UserError
+
 log = logging.getLogger(__name__)
 
 PAIRS_SCORES_HELP = """\
@@ -228,8 +230,6 @@ def read_table(path: Path) -> Any:
     """A pandas DataFrame from a CSV/TSV or parquet file."""
     import pandas as pd
 
-    from jobs.cli import UserError
-
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     suffix = path.suffix.lower()
@@ -274,7 +274,6 @@ def run_erc(args: argparse.Namespace) -> int:
 
 def _load_model(checkpoint: Path, device_name: str) -> tuple[Any, Any, Any]:
     """(model, config, device) from a checkpoint; bad checkpoints become one clear error line."""
-    from jobs.cli import UserError
     from pipeline.checkpoint import CheckpointError, load_inference_model
     from pipeline.evaluation.scoring import resolve_device
 
@@ -386,7 +385,6 @@ def log_evaluation(
 
 def run_score(args: argparse.Namespace) -> int:
     """Handler of `igfiqa score`."""
-    from jobs.cli import UserError
     from pipeline.data.image_io import find_image_files
     from pipeline.evaluation.embeddings import save_embeddings_npz
     from pipeline.evaluation.scoring import score_files
@@ -432,7 +430,6 @@ def run_score(args: argparse.Namespace) -> int:
 
 def run_export(args: argparse.Namespace) -> int:
     """Handler of `igfiqa export`."""
-    from jobs.cli import UserError
     from pipeline.evaluation.export import ExportError, check_parity, export_onnx
 
     model, _config, _device = _load_model(args.checkpoint, "cpu")
@@ -469,7 +466,6 @@ def _print_outcome(files: Any, evaluations: list[Any]) -> None:
 @contextlib.contextmanager
 def _user_errors() -> Iterator[None]:
     """Turn the evaluation's input errors into `UserError` (one clear line, exit status 2)."""
-    from jobs.cli import UserError
     from pipeline.evaluation.quality_metrics import QualityEvalError
     from pipeline.evaluation.verification import EmbeddingError
 

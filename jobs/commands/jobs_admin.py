@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from jobs.errors import UserError
+
 DESCRIPTION = """\
 Look after SLURM jobs submitted by igfiqa (training, prep arrays, evaluation).
 
@@ -69,23 +71,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 # ----------------------------------------------------------------------------- SLURM commands
 
 
-def _user_error(message: str) -> Exception:
-    from jobs.cli import UserError
-
-    return UserError(message)
-
-
 def _check_job_id(job_id: str) -> str:
     if not _JOB_ID.match(job_id):
-        raise _user_error(f"{job_id!r} is not a SLURM job id (expected e.g. 1234 or 1234_5)")
+        raise UserError(f"{job_id!r} is not a SLURM job id (expected e.g. 1234 or 1234_5)")
     return job_id
 
 
 def _slurm(*command: str) -> subprocess.CompletedProcess[str]:
     if shutil.which(command[0]) is None:
-        raise _user_error(
-            f"{command[0]} not found: no SLURM client here (start one with slurm/local/start.sh)"
-        )
+        raise UserError(f"{command[0]} not found: no SLURM client here (start one with slurm/local/start.sh)")
     return subprocess.run(list(command), capture_output=True, text=True, timeout=60)
 
 
@@ -95,7 +89,7 @@ def sacct_rows(job_id: str) -> list[dict[str, str]]:
         "sacct", "--noheader", "--parsable2", "--jobs", job_id, f"--format={','.join(SACCT_FIELDS)}"
     )
     if result.returncode != 0:
-        raise _user_error(f"sacct failed: {result.stderr.strip()}")
+        raise UserError(f"sacct failed: {result.stderr.strip()}")
     return [dict(zip(SACCT_FIELDS, line.split("|"))) for line in result.stdout.splitlines() if line.strip()]
 
 
@@ -130,7 +124,7 @@ def run_status(args: argparse.Namespace) -> int:
     queued = squeue_state(job_id)
     rows = sacct_rows(job_id)
     if not rows and not queued:
-        raise _user_error(f"job {job_id} is known neither to squeue nor to sacct")
+        raise UserError(f"job {job_id} is known neither to squeue nor to sacct")
     if queued:
         print(f"job {job_id}: {queued} (squeue)")
     if rows:
@@ -150,16 +144,16 @@ def run_logs(args: argparse.Namespace) -> int:
     job_id = _check_job_id(args.job_id)
     folder = args.folder or log_folder_from_scontrol(job_id)
     if folder is None:
-        raise _user_error(
+        raise UserError(
             f"SLURM no longer holds job {job_id}, so its log folder is unknown: "
             "pass --folder (the submitit folder igfiqa printed at submission)"
         )
     folder = Path(folder)
     if not folder.is_dir():
-        raise _user_error(f"log folder {folder} does not exist")
+        raise UserError(f"log folder {folder} does not exist")
     files = log_files(folder, job_id, args.task)
     if not files:
-        raise _user_error(f"no log files of job {job_id} in {folder} (the job may not have started yet)")
+        raise UserError(f"no log files of job {job_id} in {folder} (the job may not have started yet)")
     for path in files:
         lines = path.read_text(errors="replace").splitlines()
         shown = lines if args.tail <= 0 else lines[-args.tail :]
@@ -175,7 +169,7 @@ def run_cancel(args: argparse.Namespace, *, wait_s: float = 30.0) -> int:
     job_id = _check_job_id(args.job_id)
     result = _slurm("scancel", job_id)
     if result.returncode != 0:
-        raise _user_error(f"scancel {job_id} failed: {result.stderr.strip() or result.stdout.strip()}")
+        raise UserError(f"scancel {job_id} failed: {result.stderr.strip() or result.stdout.strip()}")
     deadline = time.monotonic() + wait_s
     state = ""
     while time.monotonic() < deadline:

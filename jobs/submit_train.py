@@ -10,21 +10,11 @@ from typing import TextIO
 
 import submitit
 
+from jobs import slurm
 from jobs.cluster import ClusterProfile, make_executor
 from jobs.train_job import TrainJob
 from pipeline.config import TrainConfig, flatten_config, validate_for_launch
 from pipeline.tracking.store import RunTracker
-
-TERMINAL_STATES = {
-    "COMPLETED",
-    "FAILED",
-    "CANCELLED",
-    "TIMEOUT",
-    "OUT_OF_MEMORY",
-    "NODE_FAIL",
-    "DEADLINE",
-    "BOOT_FAIL",
-}
 
 
 @dataclass(frozen=True)
@@ -101,13 +91,6 @@ def submit_training(config: TrainConfig, profile: ClusterProfile, *, nodes: int 
     )
 
 
-def _job_state(job: submitit.Job, *, refresh: bool) -> str:
-    """SLURM's state of the job's latest attempt; `refresh` asks sacct now instead of submitit's cache."""
-    info = job.get_info(mode="force" if refresh else "standard")
-    state = info.get("State") or job.state or "UNKNOWN"
-    return state.split()[0]
-
-
 def follow_job(
     submission: Submission,
     *,
@@ -121,9 +104,8 @@ def follow_job(
 
     Whole lines only while the job writes, the rest once it has ended; each line starts with
     `line_prefix`. `on_poll(state)` runs after every poll (e.g. to explain a long PENDING).
-    submitit's own state cache is refreshed less and less often as a job ages (up to every
-    10 minutes), so the state is asked from sacct every `refresh_every_s` and as soon as every
-    task has written its result.
+    The state is asked from sacct every `refresh_every_s` and as soon as every task has written
+    its result (submitit's cache lags behind an old job).
     """
     printed = {submission.stdout: 0, submission.stderr: 0}
     last_refresh = time.monotonic()
@@ -132,8 +114,8 @@ def follow_job(
         refresh = results_written or time.monotonic() - last_refresh >= refresh_every_s
         if refresh:
             last_refresh = time.monotonic()
-        state = _job_state(submission.job, refresh=refresh)
-        finished = state in TERMINAL_STATES
+        state = slurm.job_state(submission.job, refresh=refresh)
+        finished = state.is_terminal
         for path in printed:
             if path.exists():
                 text = path.read_text(errors="replace")
@@ -145,9 +127,9 @@ def follow_job(
                 out.flush()
                 printed[path] = max(end, printed[path])
         if finished:
-            return state
+            return state.name
         if on_poll is not None:
-            on_poll(state)
+            on_poll(state.name)
         time.sleep(poll_s)
 
 

@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -31,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from jobs import slurm
 from jobs.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,6 @@ EVAL_MARKER = "demo-eval.json"  # in the eval directory, written once the eval r
 PREVIEW_NAME = "augmentation_preview.png"
 PENDING_NOTE_EVERY_S = 30.0
 POLL_S = 2.0
-ACTIVE_STATES = ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED")
 
 DESCRIPTION = """\
 Run the whole IG-FIQA job on the embedded synthetic data, in a few minutes on a CPU:
@@ -448,75 +447,24 @@ def completed_training(config: Any) -> TrainOutcome | None:
     )
 
 
-def slurm_unavailable_reason(profile: Any) -> str | None:
-    """Why no training job can run on the profile's cluster here, or None when it can."""
-    if profile.executor != "slurm":
-        return None  # submitit's local/debug executors need no cluster
-    root_note = (
-        "; starting the local cluster (slurm/local/start.sh, which make demo runs) needs root"
-        if os.geteuid() != 0
-        else "; start the local cluster with `make slurm-up` (slurm/local/start.sh)"
-    )
-    missing = [tool for tool in ("sinfo", "sbatch", "sacct") if shutil.which(tool) is None]
-    if missing:
-        return f"SLURM is not installed here ({', '.join(missing)} not on PATH){root_note}"
-    command = ["sinfo", "--noheader", "--format=%T %c"]
-    if profile.partition:
-        command.append(f"--partition={profile.partition}")
-    try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=15, stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        return f"the SLURM controller did not answer sinfo within 15 s{root_note}"
-    if result.returncode != 0:
-        detail = (result.stderr.strip().splitlines() or ["no output"])[-1]
-        return f"the SLURM controller does not answer (sinfo: {detail}){root_note}"
-    usable_cpus = []
-    states = []
-    for line in result.stdout.splitlines():
-        state, _, cpus = line.strip().partition(" ")
-        states.append(state)
-        if state.rstrip("*~#!%$@^-") in ("idle", "mixed", "allocated", "completing") and cpus.isdigit():
-            usable_cpus.append(int(cpus))
-    where = f"partition {profile.partition}" if profile.partition else "the cluster"
-    if not usable_cpus:
-        return f"no usable SLURM node in {where} (node states: {', '.join(states) or 'none'}){root_note}"
-    needed = profile.tasks_per_node * profile.cpus_per_task
-    if max(usable_cpus) < needed:
-        return (
-            f"the profile {profile.source} asks for {needed} CPUs per node, "
-            f"the largest node of {where} has {max(usable_cpus)}"
-        )
-    return None
-
-
 def _job_still_active(run_dir: Path) -> tuple[str, str, str] | None:
     """(job id, state, submitit folder) of the last demo's SLURM job when SLURM still runs it."""
     recorded = _read_json(run_dir / JOB_MARKER)
-    if recorded is None or shutil.which("squeue") is None:
+    if recorded is None:
         return None
     job_id = str(recorded.get("job_id", ""))
-    result = subprocess.run(
-        ["squeue", "--noheader", "--jobs", job_id, "--format=%T"],
-        capture_output=True,
-        text=True,
-        timeout=15,
-        stdin=subprocess.DEVNULL,
-    )
-    state = result.stdout.strip().splitlines()[0] if result.returncode == 0 and result.stdout.strip() else ""
-    if state in ACTIVE_STATES:
-        return job_id, state, str(recorded.get("folder", ""))
+    try:
+        queued = slurm.queued_job(job_id, timeout_s=15)
+    except slurm.MissingSlurmClientError:
+        return None
+    if queued is not None and queued.state in slurm.ACTIVE_STATES:
+        return job_id, queued.state, str(recorded.get("folder", ""))
     return None
 
 
 def _pending_reason(job_id: str) -> str:
-    result = subprocess.run(
-        ["squeue", "--noheader", "--jobs", job_id, "--format=%r"],
-        capture_output=True,
-        text=True,
-        timeout=15,
-        stdin=subprocess.DEVNULL,
-    )
-    return result.stdout.strip() or "unknown"
+    queued = slurm.queued_job(job_id, timeout_s=15)
+    return queued.reason if queued is not None and queued.reason else "unknown"
 
 
 def follow_until_done(submission: Any) -> str:
@@ -636,7 +584,7 @@ def stage_train(config: Any, args: argparse.Namespace, record: StageRecord) -> T
     profile = None
     if why_here is None:
         profile = load_profile(args.cluster)
-        why_here = slurm_unavailable_reason(profile)
+        why_here = slurm.slurm_unavailable_reason(profile)
     outcome = None
     if why_here is None and profile is not None:
         submitted = submit_or_reason(config, profile)

@@ -616,10 +616,7 @@ def stage_evaluate(
     paths: DemoPaths, config: Any, trained: TrainOutcome, fmrs: list[float], record: StageRecord
 ) -> EvalSummary:
     """Evaluate the final checkpoint on the verification sets and log it as a child MLflow run."""
-    from jobs.commands.evaluate import log_evaluation
-    from pipeline.checkpoint import load_inference_model
-    from pipeline.evaluation.evaluate import evaluate_checkpoint
-    from pipeline.evaluation.scoring import resolve_device
+    from jobs.evaluation import evaluate_checkpoint_file, log_evaluation
 
     recorded = _read_json(paths.eval / EVAL_MARKER)
     table_md = paths.eval / "table.md"
@@ -634,38 +631,12 @@ def stage_evaluate(
         pngs = [Path(p) for p in recorded.get("pngs", []) if Path(p).is_file()]
         return EvalSummary(table_md, pngs, str(recorded.get("mlflow_run_id", "")))
 
-    device = resolve_device("auto")
     checkpoint = Path(trained.checkpoint)
-    model, _ = load_inference_model(checkpoint, device)
-    outcome = evaluate_checkpoint(
-        model,
-        paths.val,
-        paths.eval,
-        method="IG-FIQA",
-        device=device,
-        fmrs=fmrs,
-        metadata={
-            "checkpoint": str(checkpoint),
-            "global_step": trained.global_step,
-            "train_run_id": trained.mlflow_run_id,
-        },
-        progress=True,
-    )
+    evaluated = evaluate_checkpoint_file(checkpoint, paths.val, paths.eval, name="IG-FIQA", fmrs=fmrs)
     # The same MLflow record as `igfiqa eval CHECKPOINT --data VAL` makes: an "eval" run whose parent
     # is the training run, with the same params, metrics and artifacts.
-    eval_args = argparse.Namespace(
-        tracking_uri=config.run.tracking_uri,
-        checkpoint=checkpoint,
-        data=paths.val,
-        fr_model=None,
-        fr_embeddings=None,
-        flip=False,
-        fmr=fmrs,
-        discard_limit=0.2,
-    )
-    run_id = log_evaluation(
-        outcome, args=eval_args, config=config, train_run_id=trained.mlflow_run_id, step=trained.global_step
-    )
+    run_id = log_evaluation(evaluated, checkpoint=checkpoint, data=paths.val, fmrs=fmrs)
+    outcome = evaluated.outcome
     pngs = list(outcome.files.pngs)
     _write_json(
         paths.eval / EVAL_MARKER,

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from jobs.errors import UserError
-from jobs.stages.work import StageRecord, WorkFolder, read_marker, shown_path
+from jobs.stages.work import StageRecord, WorkFolder, read_json_object, shown_path
 
 if TYPE_CHECKING:
     from data_prep.dataset import DatasetInfo
@@ -190,7 +190,7 @@ def synth_stage(paths: WorkFolder, spec: SynthSpec, record: StageRecord) -> None
         "images_per_identity": spec.images_per_identity,
         "seed": spec.seed,
     }
-    existing = read_marker(paths.synth / "synth.json")
+    existing = read_json_object(paths.synth / "synth.json")
     if existing is not None:
         differing = {k: (existing.get(k), v) for k, v in wanted.items() if existing.get(k) != v}
         if differing:

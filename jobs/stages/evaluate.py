@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jobs.stages.train import TrainOutcome
-from jobs.stages.work import StageRecord, WorkFolder, marker_name, read_marker, write_marker
+from jobs.stages.work import StageRecord, WorkFolder, marker_name, read_json_object, write_json_atomically
 
 METHOD_NAME = "IG-FIQA"
 
@@ -31,7 +31,7 @@ def evaluate_stage(
     from jobs.evaluation import evaluate_checkpoint_file, log_evaluation
 
     marker = paths.eval / marker_name(label, "eval")
-    recorded = read_marker(marker)
+    recorded = read_json_object(marker)
     table_md = paths.eval / "table.md"
     if (
         recorded is not None
@@ -49,7 +49,7 @@ def evaluate_stage(
     # the same MLflow record as `igfiqa eval CHECKPOINT --data VAL` makes
     run_id = log_evaluation(evaluated, checkpoint=checkpoint, data=paths.val, fmrs=fmrs) or ""
     pngs = list(evaluated.outcome.files.pngs)
-    write_marker(
+    write_json_atomically(
         marker,
         {
             "checkpoint": trained.checkpoint,

@@ -18,7 +18,14 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from jobs import slurm
 from jobs.errors import UserError
-from jobs.stages.work import StageRecord, WorkFolder, marker_name, read_marker, shown_path, write_marker
+from jobs.stages.work import (
+    StageRecord,
+    WorkFolder,
+    marker_name,
+    read_json_object,
+    shown_path,
+    write_json_atomically,
+)
 
 if TYPE_CHECKING:
     from jobs.cluster import ClusterProfile
@@ -118,7 +125,7 @@ def check_run_dir_matches(config: TrainConfig) -> None:
 
 def completed_training(config: TrainConfig, label: str) -> TrainOutcome | None:
     """The outcome an earlier call recorded for a completed training, if its checkpoint is still there."""
-    recorded = read_marker(Path(config.run.dir) / marker_name(label, "train"))
+    recorded = read_json_object(Path(config.run.dir) / marker_name(label, "train"))
     if recorded is None or not Path(str(recorded.get("checkpoint", ""))).is_file():
         return None
     return TrainOutcome.from_dict(recorded)
@@ -126,7 +133,7 @@ def completed_training(config: TrainConfig, label: str) -> TrainOutcome | None:
 
 def active_job(run_dir: Path, label: str) -> ActiveJob | None:
     """The SLURM job an earlier call submitted for `run_dir`, when SLURM still queues or runs it."""
-    recorded = read_marker(run_dir / marker_name(label, "job"))
+    recorded = read_json_object(run_dir / marker_name(label, "job"))
     if recorded is None:
         return None
     job_id = str(recorded.get("job_id", ""))
@@ -187,7 +194,7 @@ def follow_training(
     job_log: TextIO,
 ) -> dict[str, Any]:
     """Follow the submitted job's log until it ends; rank 0's result, or a clear error."""
-    write_marker(
+    write_json_atomically(
         Path(config.run.dir) / marker_name(label, "job"),
         {"job_id": submission.job_id, "folder": str(submission.folder)},
     )
@@ -286,6 +293,6 @@ def train_stage(
         processes = f"{nproc} process{'es' if nproc > 1 else ''}"
         where = f"here with {processes}, not on SLURM because {why_here}"
     outcome = TrainOutcome.from_result(result, where, time.monotonic() - started)
-    write_marker(run_dir / marker_name(label, "train"), outcome.as_dict())
+    write_json_atomically(run_dir / marker_name(label, "train"), outcome.as_dict())
     record.note = f"step {outcome.global_step}, {outcome.where}"
     return outcome

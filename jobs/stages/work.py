@@ -62,7 +62,7 @@ def marker_name(label: str, stage: str) -> str:
     return f"{label}-{stage}.json"
 
 
-def read_marker(path: Path) -> dict[str, Any] | None:
+def read_json_object(path: Path) -> dict[str, Any] | None:
     """The JSON object in `path`, or None when absent; a broken file is a clear error."""
     if not path.is_file():
         return None
@@ -75,7 +75,7 @@ def read_marker(path: Path) -> dict[str, Any] | None:
     return value
 
 
-def write_marker(path: Path, value: dict[str, Any]) -> None:
+def write_json_atomically(path: Path, value: dict[str, Any]) -> None:
     """Write the marker atomically: a killed write leaves the old marker or none."""
     from data_prep.atomic import atomic_write_json
 

@@ -23,12 +23,10 @@ from scipy.stats import mannwhitneyu, spearmanr
 from tqdm import tqdm
 
 from data_prep.manifest import read_manifest
-from pipeline.checkpoint import load_checkpoint
-from pipeline.config import config_from_dict
+from pipeline.checkpoint import load_checkpoint, load_inference_model
 from pipeline.data.image_io import decode_image
 from pipeline.evaluation.intra_class import intra_class_variance, pearson_correlation
 from pipeline.evaluation.scoring import infer
-from pipeline.method.model import build_model
 from pipeline.method.variance_table import z_score_weights
 
 EMBED_BATCH = 128
@@ -107,18 +105,10 @@ def _spearman(x: np.ndarray, y: np.ndarray) -> float:
     return float(spearmanr(x, y).statistic)
 
 
-def model_from_state(state: dict[str, Any]) -> torch.nn.Module:
-    """The checkpoint's FIQAModel in eval mode on the CPU."""
-    config = config_from_dict(state["config"])
-    model = build_model(config.model)
-    model.load_state_dict(state["model"], strict=True)
-    return model.eval()
-
-
 def measure_checkpoint(path: Path, images: TrainingImages) -> dict[str, Any]:
     """Table-vs-truth, class weights and quality-vs-strength numbers of one checkpoint."""
     state = load_checkpoint(path)
-    model = model_from_state(state)
+    model, _ = load_inference_model(path, "cpu")
     batches = (images.pixels[i : i + EMBED_BATCH] for i in range(0, len(images.pixels), EMBED_BATCH))
     with torch.inference_mode():
         out = infer(model, batches, torch.device("cpu"))
@@ -168,7 +158,7 @@ def final_backbone_correlations(run_dir: Path, steps_per_epoch: int, images: Tra
     model exists for the synthetic faces, so the run's own last backbone stands in for it.
     """
     checkpoints = _epoch_checkpoints(run_dir, steps_per_epoch)
-    model = model_from_state(load_checkpoint(checkpoints[-1]))
+    model, _ = load_inference_model(checkpoints[-1], "cpu")
     batches = (images.pixels[i : i + EMBED_BATCH] for i in range(0, len(images.pixels), EMBED_BATCH))
     with torch.inference_mode():
         out = infer(model, batches, torch.device("cpu"))
@@ -188,7 +178,7 @@ def evaluate_final(
     """EDC pAUC / ERC AUC per set and FMR (own backbone) and Spearman ρ(quality, strength) on each set."""
     from pipeline.evaluation.evaluate import evaluate_checkpoint
 
-    model = model_from_state(load_checkpoint(checkpoint))
+    model, _ = load_inference_model(checkpoint, "cpu")
     outcome = evaluate_checkpoint(
         model, val_dir, out_dir, device=torch.device("cpu"), fmrs=fmrs, progress=False
     )

@@ -51,6 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_preview(args: argparse.Namespace) -> int:
+    """Handler of `igfiqa data preview`."""
     from pipeline.config import load_config
     from pipeline.data.preview import write_preview
 

@@ -32,12 +32,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from jobs.stages.data import SynthSpec, prepare_data
+from jobs.stages.train import TrainOutcome, train_stage, training_config
+from jobs.stages.work import StageRecord, WorkFolder, marker_name, read_json_object, write_json_atomically
+
 log = logging.getLogger("experiments.study")
 
 REPO = Path(__file__).resolve().parents[1]
 BASE_CONFIG = REPO / "configs" / "tiny_cpu.yaml"
 NO_AUGMENTATION = ("data.augment.p_rescale=0", "data.augment.p_erase=0", "data.augment.p_color=0")
-TRAIN_MARKER = "study-train.json"
+LABEL = "study"  # of the marker files: runs/NAME/study-train.json
+TRAIN_MARKER = marker_name(LABEL, "train")
 MEASUREMENT_FILE = "measurements.json"
 RANDOM_DRAWS = 20
 MAIN_GROUPS = ("CR", "IG S- (no aug)", "IG (aug)")
@@ -75,23 +80,8 @@ def study_runs(seeds: list[int]) -> list[StudyRun]:
     return runs
 
 
-@dataclass(frozen=True)
-class StudyPaths:
-    """Where the study writes, all under --out."""
-
-    out: Path
-
-    @property
-    def synth(self) -> Path:
-        return self.out / "synth"
-
-    @property
-    def train(self) -> Path:
-        return self.out / "train"
-
-    @property
-    def val(self) -> Path:
-        return self.out / "val"
+class StudyPaths(WorkFolder):
+    """The study's working folder: the demo's layout plus runs/NAME/ (one per training) and report/."""
 
     @property
     def runs(self) -> Path:
@@ -100,33 +90,6 @@ class StudyPaths:
     @property
     def report(self) -> Path:
         return self.out / "report"
-
-    @property
-    def tracking_uri(self) -> str:
-        return f"sqlite:///{self.out.resolve() / 'mlflow.db'}"
-
-
-def prepare_data(paths: StudyPaths, *, identities: int, images_per_identity: int, seed: int) -> None:
-    """Synthesize, convert the training set and the verification sets, each unless already done."""
-    from data_prep.bins import convert_bins
-    from data_prep.convert import convert
-    from data_prep.synth import synthesize
-
-    if not (paths.synth / "synth.json").is_file():
-        synthesize(
-            paths.synth,
-            identities=identities,
-            images_per_identity=images_per_identity,
-            seed=seed,
-            progress=True,
-        )
-    if not (paths.train / "dataset.json").is_file():
-        convert(paths.synth, paths.train, progress=True)
-    todo = [
-        b for b in sorted(paths.synth.glob("*.bin")) if not (paths.val / b.stem / "dataset.json").is_file()
-    ]
-    if todo:
-        convert_bins(todo, paths.val, progress=True)
 
 
 def steps_per_epoch(paths: StudyPaths, config: Any) -> int:
@@ -143,10 +106,7 @@ def run_config(run: StudyRun, paths: StudyPaths, args: argparse.Namespace) -> An
     per_epoch = steps_per_epoch(paths, probe)
     milestone = max(1, round(0.75 * args.epochs))
     overrides = [
-        f"data.dataset={paths.train.resolve()}",
         "data.num_threads=1",
-        f"run.dir={(paths.runs / run.name).resolve()}",
-        f"run.tracking_uri={paths.tracking_uri}",
         "run.experiment=igfiqa-study",
         f"run.name=study-{run.name}",
         f"run.seed={run.seed}",
@@ -159,44 +119,27 @@ def run_config(run: StudyRun, paths: StudyPaths, args: argparse.Namespace) -> An
         *run.overrides,
         *args.overrides,
     ]
-    return load_config(args.config, overrides)
+    return training_config(args.config, paths, paths.runs / run.name, overrides)
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _write_json(path: Path, value: Any) -> None:
-    from data_prep.atomic import atomic_write_json
-
-    atomic_write_json(path, value)
-
-
-def train_run(run: StudyRun, config: Any) -> dict[str, Any]:
-    """Train one run in this process (launch_local, 1 process) unless it finished before."""
-    from jobs.local_launch import launch_local
-
-    run_dir = Path(config.run.dir)
-    done = _read_json(run_dir / TRAIN_MARKER)
-    if done is not None:
-        log.info("%s: training finished before (step %s), reused", run.name, done["global_step"])
-        return done
-    started = time.monotonic()
-    result = launch_local(config, nproc=1)
-    if result["status"] != "completed":
-        raise RuntimeError(
-            f"{run.name}: training stopped at step {result['global_step']} ({result['status']})"
-        )
-    record = {
-        "global_step": int(result["global_step"]),
-        "mlflow_run_id": str(result["mlflow_run_id"]),
-        "checkpoint": str(result["checkpoint"]),
-        "seconds": time.monotonic() - started,
-        "seconds_per_step": float(result["metrics"].get("seconds_per_step", float("nan"))),
-    }
-    _write_json(run_dir / TRAIN_MARKER, record)
-    log.info("%s: trained %d steps in %.0f s", run.name, record["global_step"], record["seconds"])
-    return record
+def train_run(run: StudyRun, config: Any) -> TrainOutcome:
+    """Train one run in this process (1 process, no SLURM) unless it finished before."""
+    record = StageRecord(run.name)
+    outcome = train_stage(
+        config,
+        record,
+        label=LABEL,
+        nproc=1,
+        here_because="the study trains its runs one after the other in this process",
+        cluster=None,
+        say=log.info,
+        job_log=sys.stderr,
+    )
+    if record.reused:
+        log.info("%s: training finished before (step %s), reused", run.name, outcome.global_step)
+    else:
+        log.info("%s: trained %d steps in %.0f s", run.name, outcome.global_step, outcome.seconds)
+    return outcome
 
 
 def measure(run: StudyRun, config: Any, paths: StudyPaths, images: Any, fmrs: tuple[float, ...]) -> dict:
@@ -204,18 +147,18 @@ def measure(run: StudyRun, config: Any, paths: StudyPaths, images: Any, fmrs: tu
     from experiments.study_measure import measure_run
 
     run_dir = Path(config.run.dir)
-    cached = _read_json(run_dir / MEASUREMENT_FILE)
+    cached = read_json_object(run_dir / MEASUREMENT_FILE)
     if cached is not None:
-        if "table_pearson_final_backbone" not in cached["epochs"][0]:  # measured by an earlier version
+        if "table_pearson_final_backbone" not in cached["epochs"][0]:  # cached without this measurement
             from experiments.study_measure import add_final_backbone_correlations
 
             add_final_backbone_correlations(cached["epochs"], run_dir, steps_per_epoch(paths, config), images)
-            _write_json(run_dir / MEASUREMENT_FILE, cached)
+            write_json_atomically(run_dir / MEASUREMENT_FILE, cached)
         return cached
     started = time.monotonic()
     measured = measure_run(run_dir, steps_per_epoch(paths, config), images, paths.val, paths.synth, fmrs)
     measured["seconds"] = time.monotonic() - started
-    _write_json(run_dir / MEASUREMENT_FILE, measured)
+    write_json_atomically(run_dir / MEASUREMENT_FILE, measured)
     log.info("%s: measured in %.0f s", run.name, measured["seconds"])
     return measured
 
@@ -274,8 +217,8 @@ def write_report(
         results.append(
             {
                 **asdict(run),
-                "measurements": _read_json(run_dir / MEASUREMENT_FILE),
-                "training": _read_json(run_dir / TRAIN_MARKER),
+                "measurements": read_json_object(run_dir / MEASUREMENT_FILE),
+                "training": read_json_object(run_dir / TRAIN_MARKER),
                 "low_variance_class": images.low_variance_class.tolist(),
             }
         )
@@ -376,7 +319,7 @@ def write_report(
         "runs": per_run.to_dict(orient="records"),
         "train_seconds_total": float(per_run["train_seconds"].sum()),
     }
-    _write_json(out / "summary.json", summary)
+    write_json_atomically(out / "summary.json", summary)
     return summary
 
 
@@ -475,9 +418,9 @@ def main(argv: list[str] | None = None) -> int:
     with _study_lock(paths):  # workers started together: one prepares the data and the MLflow store
         prepare_data(
             paths,
-            identities=args.identities,
-            images_per_identity=args.images_per_identity,
-            seed=args.data_seed,
+            SynthSpec(
+                identities=args.identities, images_per_identity=args.images_per_identity, seed=args.data_seed
+            ),
         )
         _init_tracking_store(paths)
     runs = study_runs(args.seeds)

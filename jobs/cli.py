@@ -12,6 +12,8 @@ import importlib
 import logging
 import sys
 
+from jobs.errors import UserError
+
 # (module under jobs.commands, in the order --help lists them)
 COMMAND_MODULES = ("prep", "data", "train", "evaluate", "demo", "jobs_admin")
 
@@ -25,10 +27,6 @@ typical flow:
   igfiqa submit configs/protocol_s.yaml --cluster slurm/clusters/local.yaml
   igfiqa eval runs/igfiqa/checkpoints/last.ckpt --data work/val --out work/eval
 """
-
-
-class UserError(Exception):
-    """An error a user can fix; printed without a traceback, exit status 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:

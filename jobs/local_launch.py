@@ -27,6 +27,22 @@ def _worker(
         results.put(result.as_dict())
 
 
+def check_local_launch(config: TrainConfig, nproc: int) -> None:
+    """Refuse, before anything starts, a launch of `nproc` processes this machine cannot run."""
+    from pipeline.config import ConfigError, validate_for_launch
+
+    if nproc < 1:
+        raise ConfigError(f"--nproc {nproc}: need at least one process")
+    validate_for_launch(config, nproc)
+    if config.run.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                "run.device: 'cuda' but CUDA is not available on this machine (use auto or cpu)"
+            )
+
+
 def launch_local(config: TrainConfig, *, nproc: int = 1, mlflow_run_id: str = "") -> dict[str, Any]:
     """Train with `nproc` local processes (gloo on CPU); returns rank 0's result as a dict."""
     if nproc == 1:

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, overload
 
-from jobs.cli import UserError
+from jobs import slurm
 from jobs.cluster import ClusterProfile, load_profile, make_executor
+from jobs.errors import UserError
 
 if TYPE_CHECKING:
     from data_prep.dataset import DatasetInfo
@@ -90,19 +91,14 @@ def _task_failure(shard: int, job: Any) -> FailedShard | None:
     if not job.paths.result_pickle.exists() and job.state != "COMPLETED":
         # cancelled, timed out, node failure: no result will come, and asking submitit for
         # one would wait 15 s per task (its grace time for slow shared filesystems)
-        return _describe_failure(shard, job, None, _slurm_state(job))
+        return _describe_failure(shard, job, None, str(slurm.job_state(job, refresh=True)))
     try:
         job.result()
     except submitit.core.utils.FailedJobError as exc:  # the task raised: its traceback is in stderr
         return _describe_failure(shard, job, exc, "FAILED")
     except submitit.core.utils.UncompletedJobError as exc:
-        return _describe_failure(shard, job, exc, _slurm_state(job))
+        return _describe_failure(shard, job, exc, str(slurm.job_state(job, refresh=True)))
     return None
-
-
-def _slurm_state(job: Any) -> str:
-    """The task's state from sacct now (submitit's cached state may lag behind)."""
-    return str(job.watcher.get_state(job.job_id, mode="force"))
 
 
 def _describe_failure(shard: int, job: Any, exc: Exception | None, state: str) -> FailedShard:

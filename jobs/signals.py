@@ -19,19 +19,26 @@ import logging
 import signal
 import time
 from collections.abc import Callable
+from enum import IntEnum
 from types import FrameType
 from typing import Any
 
 log = logging.getLogger(__name__)
 
-NONE, SAVE_AND_EXIT, SAVE_AND_REQUEUE = 0, 1, 2
+
+class StopRequest(IntEnum):
+    """What the training loop should do at the end of its step; a larger value wins over a smaller one."""
+
+    NONE = 0
+    SAVE_AND_EXIT = 1
+    SAVE_AND_REQUEUE = 2
 
 
 class StopSignals:
     """Flag-setting handlers for SIGTERM/SIGINT (save, exit) and SIGUSR2 (save, requeue)."""
 
     def __init__(self, *, requeue_signal: int = signal.SIGUSR2, catch_interrupt: bool = False):
-        self._code = NONE
+        self._request = StopRequest.NONE
         self._requeue_signal = requeue_signal
         self._original_requeue_handler: Any = signal.getsignal(requeue_signal)
         signal.signal(signal.SIGTERM, self._on_term)
@@ -41,18 +48,18 @@ class StopSignals:
 
     def _on_term(self, signum: int, frame: FrameType | None) -> None:
         log.warning("received %s: saving a checkpoint at the end of this step", signal.Signals(signum).name)
-        self._code = max(self._code, SAVE_AND_EXIT)
+        self._request = max(self._request, StopRequest.SAVE_AND_EXIT)
 
     def _on_requeue(self, signum: int, frame: FrameType | None) -> None:
         log.warning(
             "received %s: saving a checkpoint at the end of this step, then requeueing",
             signal.Signals(signum).name,
         )
-        self._code = SAVE_AND_REQUEUE
+        self._request = StopRequest.SAVE_AND_REQUEUE
 
-    def code(self) -> int:
-        """0 = go on, 1 = save and exit, 2 = save and requeue (polled by the training loop)."""
-        return self._code
+    def code(self) -> StopRequest:
+        """The pending request, polled by the training loop once per step (an int to the loop)."""
+        return self._request
 
     def requeue_via_submitit(self) -> None:
         """Run submitit's original SIGUSR2 handler: on rank 0 it calls checkpoint() and requeues."""
@@ -65,11 +72,8 @@ class StopSignals:
     def ignore_late_signals(self) -> None:
         """Training has ended: ignore a time-limit warning (SIGUSR2) that arrives from now on.
 
-        SLURM sends the warning at its own 30-s ticks, possibly while a finished task is still
-        writing its result or shutting down. At interpreter exit CPython puts every signal that
-        has a Python handler back to SIG_DFL, and SIGUSR2's default action kills the process, so
-        a late warning turned a completed job into FAILED (seen on the local cluster). SIG_IGN
-        is kept through interpreter exit.
+        At interpreter exit CPython resets Python-level handlers to SIG_DFL, and SIGUSR2's default
+        action kills the process, turning a completed task into FAILED; SIG_IGN survives the exit.
         """
         signal.signal(self._requeue_signal, signal.SIG_IGN)
 
@@ -79,7 +83,7 @@ class StopSignals:
         """After a SIGTERM save: wait to be killed; requeue if a SIGUSR2 (preemption) follows."""
         deadline = time.monotonic() + limit_s
         while time.monotonic() < deadline:
-            if self._code == SAVE_AND_REQUEUE and is_main:
+            if self._request == StopRequest.SAVE_AND_REQUEUE and is_main:
                 self.requeue_via_submitit()
                 return
             sleep(0.2)

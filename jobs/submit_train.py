@@ -10,21 +10,12 @@ from typing import TextIO
 
 import submitit
 
+from jobs import slurm
 from jobs.cluster import ClusterProfile, make_executor
+from jobs.errors import UserError
 from jobs.train_job import TrainJob
 from pipeline.config import TrainConfig, flatten_config, validate_for_launch
 from pipeline.tracking.store import RunTracker
-
-TERMINAL_STATES = {
-    "COMPLETED",
-    "FAILED",
-    "CANCELLED",
-    "TIMEOUT",
-    "OUT_OF_MEMORY",
-    "NODE_FAIL",
-    "DEADLINE",
-    "BOOT_FAIL",
-}
 
 
 @dataclass(frozen=True)
@@ -57,6 +48,13 @@ def _training_run_tags(
     }
 
 
+def sbatch_error(text: str) -> str:
+    """sbatch's own error line out of what it printed (its last `error:` line, else the last line)."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    errors = [line for line in lines if "error:" in line]
+    return (errors or lines or ["no message"])[-1]
+
+
 def submit_training(config: TrainConfig, profile: ClusterProfile, *, nodes: int | None = None) -> Submission:
     """Validate everything, create the MLflow run, submit one task per GPU/process; nothing runs if invalid."""
     nodes = nodes or profile.nodes
@@ -65,11 +63,20 @@ def submit_training(config: TrainConfig, profile: ClusterProfile, *, nodes: int 
     run_dir = Path(config.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    from pipeline.checkpoint import find_resume_checkpoint, load_checkpoint
+    from data_prep.dataset import dataset_fingerprint
+    from pipeline.checkpoint import CheckpointError, check_resumable, load_resume_checkpoint
 
-    # A resubmission of an existing run continues its MLflow run, like a requeue does.
-    resume_from = find_resume_checkpoint(run_dir)
-    run_id = load_checkpoint(resume_from)["mlflow_run_id"] if resume_from else ""
+    # A resubmission of an existing run continues its MLflow run, like a requeue does, if the run
+    # directory holds a checkpoint of the same data and objective (refused before anything runs).
+    try:
+        found = load_resume_checkpoint(run_dir)
+        if found is not None:
+            check_resumable(
+                *found, config, dataset_fingerprint=dataset_fingerprint(Path(config.data.dataset))
+            )
+    except CheckpointError as exc:
+        raise UserError(str(exc)) from None
+    run_id = str(found[1]["mlflow_run_id"]) if found else ""
     tracker = RunTracker.start(
         tracking_uri=config.run.tracking_uri,
         experiment=config.run.experiment,
@@ -84,9 +91,13 @@ def submit_training(config: TrainConfig, profile: ClusterProfile, *, nodes: int 
     executor = make_executor(profile, folder, nodes=nodes, job_name=config.run.name)
     try:
         job = executor.submit(TrainJob(config, tracker.run_id))
-    except Exception:  # sbatch refused the job: no attempt will ever close this run
+    except Exception as exc:  # sbatch refused the job: no attempt will ever close this run
         if not run_id:
             tracker.finish("FAILED")
+        from submitit.core.utils import FailedJobError
+
+        if isinstance(exc, FailedJobError):
+            raise UserError(f"sbatch refused the job: {sbatch_error(str(exc))}") from None
         raise
     tracker.set_tags({"slurm_job_id": job.job_id, "submitit_folder": str(folder)})
     return Submission(
@@ -99,13 +110,6 @@ def submit_training(config: TrainConfig, profile: ClusterProfile, *, nodes: int 
         world_size=world,
         mlflow_run_id=tracker.run_id,
     )
-
-
-def _job_state(job: submitit.Job, *, refresh: bool) -> str:
-    """SLURM's state of the job's latest attempt; `refresh` asks sacct now instead of submitit's cache."""
-    info = job.get_info(mode="force" if refresh else "standard")
-    state = info.get("State") or job.state or "UNKNOWN"
-    return state.split()[0]
 
 
 def follow_job(
@@ -121,9 +125,8 @@ def follow_job(
 
     Whole lines only while the job writes, the rest once it has ended; each line starts with
     `line_prefix`. `on_poll(state)` runs after every poll (e.g. to explain a long PENDING).
-    submitit's own state cache is refreshed less and less often as a job ages (up to every
-    10 minutes), so the state is asked from sacct every `refresh_every_s` and as soon as every
-    task has written its result.
+    The state is asked from sacct every `refresh_every_s` and as soon as every task has written
+    its result (submitit's cache lags behind an old job).
     """
     printed = {submission.stdout: 0, submission.stderr: 0}
     last_refresh = time.monotonic()
@@ -132,8 +135,8 @@ def follow_job(
         refresh = results_written or time.monotonic() - last_refresh >= refresh_every_s
         if refresh:
             last_refresh = time.monotonic()
-        state = _job_state(submission.job, refresh=refresh)
-        finished = state in TERMINAL_STATES
+        state = slurm.job_state(submission.job, refresh=refresh)
+        finished = state.is_terminal
         for path in printed:
             if path.exists():
                 text = path.read_text(errors="replace")
@@ -145,9 +148,9 @@ def follow_job(
                 out.flush()
                 printed[path] = max(end, printed[path])
         if finished:
-            return state
+            return state.name
         if on_poll is not None:
-            on_poll(state)
+            on_poll(state.name)
         time.sleep(poll_s)
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import submitit
 
-from jobs.signals import SAVE_AND_REQUEUE, StopSignals
+from jobs.signals import StopRequest, StopSignals
 from pipeline.config import TrainConfig
 from pipeline.parallel.env import DistEnv
 
@@ -52,7 +52,7 @@ class TrainJob:
         signals = StopSignals()
         result = train(self.config, env, stop_requested=signals.code, mlflow_run_id=self.mlflow_run_id)
         if result.status == "interrupted":
-            if signals.code() == SAVE_AND_REQUEUE and env.is_main:
+            if signals.code() == StopRequest.SAVE_AND_REQUEUE and env.is_main:
                 signals.requeue_via_submitit()  # calls self.checkpoint(), requeues, exits
             # Every other rank (and rank 0 after a SIGTERM) waits for SLURM to end or requeue the
             # job: returning would leave a result file saying "interrupted" that submitit takes

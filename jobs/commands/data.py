@@ -6,6 +6,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from jobs.errors import UserError
+
 log = logging.getLogger(__name__)
 
 PREVIEW_HELP = """\
@@ -49,7 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_preview(args: argparse.Namespace) -> int:
-    from jobs.cli import UserError
+    """Handler of `igfiqa data preview`."""
     from pipeline.config import load_config
     from pipeline.data.preview import write_preview
 

@@ -1,14 +1,13 @@
 """`igfiqa erc | eval | score | export`: quality evaluation, scoring of images and ONNX export.
 
-The handlers import torch, onnxruntime and matplotlib lazily so `igfiqa --help` stays instant.
+Argument parsing and printing; the work is in `jobs.evaluation` (imported by the handlers, so
+`igfiqa --help` stays instant).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ SCORES a CSV or parquet table, one row per image:
 """
 
 WHAT_IS_COMPUTED = """\
-what is computed (see pipeline/evaluation/quality_metrics.py for the exact definitions):
+what is computed (see pipeline/evaluation/evaluate/quality_metrics.py for the exact definitions):
   pair quality   min of the two images' qualities
   threshold      fixed once on ALL pairs at each --fmr: a pair matches when similarity > threshold
   EDC            ISO/IEC 29794-1: mated pairs discarded lowest quality first, equal qualities together;
@@ -203,7 +202,12 @@ def _add_inference_options(parser: argparse.ArgumentParser) -> None:
 
 def _add_quality_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--fmr", nargs="+", type=float, default=[1e-3, 1e-4], help="target FMRs (default: 1e-3 1e-4)"
+        "--fmr",
+        nargs="+",
+        type=float,
+        default=None,
+        help="target FMRs (default: the paper's 1e-3 1e-4 where the pairs resolve them, FMR x non-mated "
+        ">= 10, else the smallest FMR they resolve)",
     )
     parser.add_argument(
         "--discard-limit",
@@ -224,114 +228,59 @@ def _add_quality_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def read_table(path: Path) -> Any:
-    """A pandas DataFrame from a CSV/TSV or parquet file."""
-    import pandas as pd
-
-    from jobs.cli import UserError
-
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    suffix = path.suffix.lower()
-    try:
-        if suffix in (".parquet", ".pq"):
-            return pd.read_parquet(path)
-        if suffix in (".csv", ".tsv", ".txt"):
-            return pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",")
-    except (ValueError, OSError) as exc:
-        raise UserError(f"{path}: cannot read the table: {exc}") from exc
-    raise UserError(f"{path}: unknown table format {suffix!r} (use .csv, .tsv or .parquet)")
-
-
 def run_erc(args: argparse.Namespace) -> int:
     """Handler of `igfiqa erc`."""
-    from pipeline.evaluation.quality_metrics import evaluate_quality
-    from pipeline.evaluation.report import write_report
+    from jobs.evaluation import evaluate_score_tables
 
-    pairs = read_table(args.pairs)
-    scores = read_table(args.scores)
-    with _user_errors():
-        evaluation = evaluate_quality(
-            pairs,
-            scores,
-            dataset=args.name or args.pairs.stem,
-            methods=args.methods,
-            fmrs=args.fmr,
-            discard_limit=args.discard_limit,
-            crfiqa_refit=args.crfiqa_refit,
-            nan_policy=args.nan_quality,
-            pairs_source=str(args.pairs),
-            scores_source=str(args.scores),
-        )
-    files = write_report(
-        [evaluation],
+    files, evaluation = evaluate_score_tables(
+        args.pairs,
+        args.scores,
         args.out,
-        metadata={"command": "erc", "pairs": str(args.pairs), "scores": str(args.scores)},
+        name=args.name,
+        methods=args.methods,
+        fmrs=args.fmr,
+        discard_limit=args.discard_limit,
+        crfiqa_refit=args.crfiqa_refit,
+        nan_policy=args.nan_quality,
     )
     _print_outcome(files, [evaluation])
     return 0
 
 
-def _load_model(checkpoint: Path, device_name: str) -> tuple[Any, Any, Any]:
-    """(model, config, device) from a checkpoint; bad checkpoints become one clear error line."""
-    from jobs.cli import UserError
-    from pipeline.checkpoint import CheckpointError
-    from pipeline.method.model import load_inference_model
-    from pipeline.parallel.env import resolve_device
-
-    device = resolve_device(device_name)
-    try:
-        model, config = load_inference_model(checkpoint, device)
-    except CheckpointError as exc:
-        raise UserError(str(exc)) from exc
-    return model, config, device
-
-
-def _checkpoint_lineage(checkpoint: Path) -> tuple[str, int]:
-    """(MLflow run id of the training run, global step) stored in the checkpoint (memory-mapped read)."""
-    from pipeline.checkpoint import training_lineage
-
-    return training_lineage(checkpoint)
-
-
 def run_eval(args: argparse.Namespace) -> int:
     """Handler of `igfiqa eval`."""
-    from pipeline.evaluation.embeddings import OnnxEmbedder, load_embeddings_npz
-    from pipeline.evaluation.evaluate import evaluate_checkpoint
+    from jobs.evaluation import evaluate_checkpoint_file, log_evaluation
 
-    model, config, device = _load_model(args.checkpoint, args.device)
-    fr_model = fr_embeddings = None
-    with _user_errors():
-        if args.fr_model is not None:
-            fr_model = OnnxEmbedder(args.fr_model, channel_order="bgr" if args.fr_bgr else "rgb")
-        if args.fr_embeddings is not None:
-            fr_embeddings = load_embeddings_npz(args.fr_embeddings)
-        train_run_id, step = _checkpoint_lineage(args.checkpoint)
-        outcome = evaluate_checkpoint(
-            model,
-            args.data,
-            args.out,
-            method=args.name or config.run.name,
-            device=device,
-            fr_model=fr_model,
-            fr_embeddings=fr_embeddings,
-            batch_size=args.batch_size,
-            flip=args.flip,
+    evaluated = evaluate_checkpoint_file(
+        args.checkpoint,
+        args.data,
+        args.out,
+        name=args.name,
+        device=args.device,
+        fr_model=args.fr_model,
+        fr_bgr=args.fr_bgr,
+        fr_embeddings=args.fr_embeddings,
+        batch_size=args.batch_size,
+        flip=args.flip,
+        fmrs=args.fmr,
+        discard_limit=args.discard_limit,
+        crfiqa_refit=args.crfiqa_refit,
+        progress=not args.no_progress,
+    )
+    _print_outcome(evaluated.outcome.files, [s.quality for s in evaluated.outcome.sets])
+    if not args.no_mlflow:
+        run_id = log_evaluation(
+            evaluated,
+            checkpoint=args.checkpoint,
+            data=args.data,
             fmrs=args.fmr,
             discard_limit=args.discard_limit,
-            crfiqa_refit=args.crfiqa_refit,
-            metadata={
-                "checkpoint": str(args.checkpoint),
-                "global_step": step,
-                "train_run_id": train_run_id,
-                "fr_model": str(args.fr_model or ""),
-                "fr_embeddings": str(args.fr_embeddings or ""),
-            },
-            progress=not args.no_progress,
+            flip=args.flip,
+            fr_model=args.fr_model,
+            fr_embeddings=args.fr_embeddings,
+            tracking_uri=args.tracking_uri,
         )
-    _print_outcome(outcome.files, [s.quality for s in outcome.sets])
-    if not args.no_mlflow:
-        run_id = log_evaluation(outcome, args=args, config=config, train_run_id=train_run_id, step=step)
+        train_run_id = evaluated.train_run_id
         if run_id:
             print(
                 f"MLflow run: {run_id}" + (f" (child of training run {train_run_id})" if train_run_id else "")
@@ -339,84 +288,25 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def log_evaluation(
-    outcome: Any, *, args: argparse.Namespace, config: Any, train_run_id: str, step: int
-) -> str | None:
-    """Log an evaluation to MLflow through `pipeline.tracking.store`; returns the eval run id (None without tracking)."""
-    try:
-        from pipeline.tracking import store as tracking
-    except ImportError:  # tracking not part of this installation
-        log.info("pipeline.tracking.store is not available: results not logged to MLflow")
-        return None
-    uri = tracking.resolve_tracking_uri(args.tracking_uri or config.run.tracking_uri)
-    from data_prep.dataset import dataset_fingerprint
-    from pipeline.evaluation.evaluate import find_verification_sets
-
-    tags = {"stage": "eval", "checkpoint": str(args.checkpoint.resolve())}
-    # lineage: the same `dataset_fingerprint.<set>` tags `igfiqa prep bins` gives its run
-    tags |= {
-        f"dataset_fingerprint.{d.name}": dataset_fingerprint(d) for d in find_verification_sets(args.data)
-    }
-    if train_run_id:
-        tags |= {"mlflow.parentRunId": train_run_id, "train_run_id": train_run_id}
-    tracker = tracking.RunTracker.start(
-        tracking_uri=uri, experiment=config.run.experiment, run_name=f"eval {args.checkpoint.name}", tags=tags
-    )
-    try:
-        tracker.log_params(
-            {
-                "checkpoint": args.checkpoint,
-                "data": args.data,
-                "fr_model": args.fr_model or "",
-                "fr_embeddings": args.fr_embeddings or "",
-                "flip": args.flip,
-                "fmr": " ".join(f"{f:g}" for f in args.fmr),
-                "discard_limit": args.discard_limit,
-            }
-        )
-        tracker.log_metrics(outcome.metrics, step=step)
-        for path in outcome.files.all_files():
-            tracker.log_artifact(path, "eval")
-    except Exception:
-        tracker.finish("FAILED")
-        raise
-    tracker.finish()
-    return tracker.run_id
-
-
 def run_score(args: argparse.Namespace) -> int:
     """Handler of `igfiqa score`."""
-    from jobs.cli import UserError
-    from pipeline.data.image_io import find_image_files
-    from pipeline.evaluation.embeddings import save_embeddings_npz
-    from pipeline.evaluation.scoring import score_files
+    from jobs.evaluation import score_images
 
-    files = find_image_files(args.paths)
-    if not files:
-        raise UserError(f"no .jpg/.jpeg/.png images under {', '.join(map(str, args.paths))}")
-    if args.out.suffix.lower() not in (".parquet", ".pq", ".csv"):
-        raise UserError(f"{args.out}: the output must end in .parquet or .csv")
-    model, _config, device = _load_model(args.checkpoint, args.device)
-    scored = score_files(
-        model,
-        files,
-        device=device,
+    scored = score_images(
+        args.checkpoint,
+        args.paths,
+        args.out,
+        column=args.column,
+        embeddings=args.embeddings,
+        device=args.device,
         batch_size=args.batch_size,
         flip=args.flip,
         workers=args.workers,
         progress=not args.no_progress,
     )
-    table = scored.table.rename(columns={"quality": args.column})
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    if args.out.suffix.lower() == ".csv":
-        table.to_csv(args.out, index=False)
-    else:
-        table.to_parquet(args.out, index=False)
-    if args.embeddings is not None and len(scored.embeddings):
-        readable = table["error"].isna().to_numpy()
-        save_embeddings_npz(args.embeddings, table["image"][readable].tolist(), scored.embeddings)
+    table, failed = scored.table, scored.failed
+    if scored.embeddings_written:
         print(f"embeddings: {args.embeddings}")
-    failed = scored.failed
     print(f"scored {len(table) - len(failed)} of {len(table)} images → {args.out}")
     resized = int(table["resized"].sum())
     if resized:
@@ -432,26 +322,22 @@ def run_score(args: argparse.Namespace) -> int:
 
 def run_export(args: argparse.Namespace) -> int:
     """Handler of `igfiqa export`."""
-    from jobs.cli import UserError
-    from pipeline.evaluation.export import ExportError, check_parity, export_onnx
+    from jobs.evaluation import export_checked_onnx
 
-    model, _config, _device = _load_model(args.checkpoint, "cpu")
-    try:
-        exporter = export_onnx(
-            model, args.onnx, with_embedding=args.with_embedding, opset=args.opset, exporter=args.exporter
-        )
-    except ExportError as exc:
-        raise UserError(str(exc)) from exc
-    report = check_parity(args.onnx, model, exporter=exporter)
-    print(f"exported {args.onnx} ({exporter} exporter, opset {args.opset}, dynamic batch)")
+    report = export_checked_onnx(
+        args.checkpoint,
+        args.onnx,
+        with_embedding=args.with_embedding,
+        opset=args.opset,
+        exporter=args.exporter,
+        tolerance=args.tolerance,
+    )
+    print(f"exported {args.onnx} ({report.exporter} exporter, opset {args.opset}, dynamic batch)")
     print(
         f"onnxruntime vs torch, batches {report.batch_sizes}: max |diff| quality {report.max_abs_diff_quality:.3g}"
     )
     if report.max_abs_diff_embedding is not None:
         print(f"onnxruntime vs torch: max |diff| embedding {report.max_abs_diff_embedding:.3g}")
-    if not report.passed(args.tolerance):
-        print(f"igfiqa: error: the ONNX model differs from torch by more than {args.tolerance:g}")
-        return 1
     return 0
 
 
@@ -464,16 +350,3 @@ def _print_outcome(files: Any, evaluations: list[Any]) -> None:
     for png in files.pngs:
         print(f"plot:  {png}")
     print(f"all results: {files.json}")
-
-
-@contextlib.contextmanager
-def _user_errors() -> Iterator[None]:
-    """Turn the evaluation's input errors into `UserError` (one clear line, exit status 2)."""
-    from jobs.cli import UserError
-    from pipeline.evaluation.quality_metrics import QualityEvalError
-    from pipeline.evaluation.verification import EmbeddingError
-
-    try:
-        yield
-    except (QualityEvalError, EmbeddingError) as exc:
-        raise UserError(str(exc)) from exc

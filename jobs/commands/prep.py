@@ -1,4 +1,7 @@
-"""`igfiqa prep`: the offline data stages (synth, convert, bins, inspect)."""
+"""`igfiqa prep`: the offline data stages (synth, convert, bins, inspect).
+
+Argument parsing and printing; each stage and its MLflow lineage run is `jobs.stages.data`.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +11,7 @@ import logging
 import math
 import os
 import sys
-import time
 from pathlib import Path
-from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -235,61 +236,41 @@ def _add_tracking_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-track", action="store_true", help="do not log this stage to MLflow")
 
 
-def _track(args: argparse.Namespace, stage: str, **run: Any) -> None:
-    """Log the finished stage to MLflow unless --no-track (a failure only warns: the data stays)."""
-    if args.no_track:
-        return
-    from pipeline.tracking.lineage import log_stage_run
+def _tracking_uri(args: argparse.Namespace) -> str | None:
+    """The MLflow store the stage logs to; None with --no-track."""
+    return None if args.no_track else args.tracking_uri
 
-    run_id = log_stage_run(stage, tracking_uri=args.tracking_uri, **run)
+
+def _print_run(stage: str, run_id: str | None) -> None:
     if run_id:
         print(f"MLflow run: {run_id} (experiment igfiqa-{stage})")
 
 
 def _run_convert(args: argparse.Namespace) -> int:
     from data_prep.convert import check_settings, plural
+    from jobs.stages.data import run_convert
 
-    started = time.monotonic()
-    tags: dict[str, str] = {}
-    image_check = "decode" if args.verify_decode else "structure"
     check_settings(samples_per_shard=args.samples_per_shard, seed=args.seed, workers=args.workers)
     try:
-        if args.submit:
-            from data_prep.convert import locked_output
-            from jobs.prep_job import start_conversion
-
-            with locked_output(args.out, wait=args.wait_lock):
-                array = start_conversion(
-                    args.source,
-                    args.out,
-                    profile=args.submit,
-                    samples_per_shard=args.samples_per_shard,
-                    seed=args.seed,
-                    skip_bad=args.skip_bad,
-                    image_check=image_check,
-                )
-                info = array.wait()
-            tags["slurm_array_job_id"] = array.array_id
-        else:
-            from data_prep.convert import convert
-
-            info = convert(
-                args.source,
-                args.out,
-                samples_per_shard=args.samples_per_shard,
-                workers=args.workers,
-                seed=args.seed,
-                skip_bad=args.skip_bad,
-                image_check=image_check,
-                wait_lock=args.wait_lock,
-            )
+        converted = run_convert(
+            args.source,
+            args.out,
+            samples_per_shard=args.samples_per_shard,
+            workers=args.workers,
+            seed=args.seed,
+            cluster=args.submit,
+            tracking_uri=_tracking_uri(args),
+            skip_bad=args.skip_bad,
+            image_check="decode" if args.verify_decode else "structure",
+            wait_lock=args.wait_lock,
+        )
     except KeyboardInterrupt:
         print(
             f"interrupted: finished shards are kept; run the same command again to resume {args.out}",
             file=sys.stderr,
         )
         return 130
-    seconds = time.monotonic() - started
+    info = converted.info
     dropped = (
         f"; {plural(info.dropped, 'bad record')} dropped (see {info.dropped_path})" if info.dropped else ""
     )
@@ -297,64 +278,28 @@ def _run_convert(args: argparse.Namespace) -> int:
         f"converted {plural(info.num_images, 'image')} of {plural(info.num_classes, 'class')} into "
         f"{plural(len(info.shards), 'shard')}: {info.root}{dropped}"
     )
-    if not args.no_track:
-        from pipeline.tracking.lineage import lineage_tags, stage_metrics
-
-        _track(
-            args,
-            "convert",
-            params={
-                "source": args.source.resolve(),
-                "out": args.out.resolve(),
-                "samples_per_shard": args.samples_per_shard,
-                "workers": args.workers,
-                "seed": args.seed,
-                "submit": args.submit or "",
-                "shards": len(info.shards),
-                "skip_bad": args.skip_bad,
-                "image_check": image_check,
-            },
-            tags=lineage_tags([info], per_set=False) | tags,
-            metrics=stage_metrics([info], seconds) | {"dropped": float(info.dropped)},
-        )
+    _print_run("convert", converted.mlflow_run_id)
     return 0
 
 
 def _run_bins(args: argparse.Namespace) -> int:
-    from data_prep.bins import convert_bins
     from data_prep.convert import plural
+    from jobs.stages.data import run_bins
 
-    started = time.monotonic()
-    infos = convert_bins(args.files, args.out, progress=True)
-    seconds = time.monotonic() - started
+    infos, run_id = run_bins(args.files, args.out, tracking_uri=_tracking_uri(args))
     for info in infos:
         print(
             f"{info.root.name}: {plural(info.num_images, 'image')}, {plural(info.num_images // 2, 'pair')} "
             f"-> {info.root}"
         )
-    if not args.no_track:
-        from pipeline.tracking.lineage import lineage_tags, stage_metrics
-
-        _track(
-            args,
-            "bins",
-            params={
-                "source": " ".join(str(p.resolve()) for p in args.files),
-                "out": args.out.resolve(),
-                "sets": " ".join(info.root.name for info in infos),
-            },
-            tags=lineage_tags(infos, per_set=True),
-            metrics=stage_metrics(infos, seconds) | {"pairs": float(sum(i.num_images // 2 for i in infos))},
-        )
+    _print_run("bins", run_id)
     return 0
 
 
 def _run_synth(args: argparse.Namespace) -> int:
-    from data_prep.synth import synthesize
+    from jobs.stages.data import SynthSpec, run_synth
 
-    started = time.monotonic()
-    result = synthesize(
-        args.out,
+    spec = SynthSpec(
         identities=args.identities,
         images_per_identity=args.images_per_identity,
         low_variance_fraction=args.low_variance_fraction,
@@ -362,38 +307,13 @@ def _run_synth(args: argparse.Namespace) -> int:
         verification_identities=args.verification_identities,
         verification_pairs=args.verification_pairs,
         seed=args.seed,
-        progress=True,
     )
-    seconds = time.monotonic() - started
+    result, run_id = run_synth(args.out, spec, tracking_uri=_tracking_uri(args))
     sets = ", ".join(p.name for p in result.verification_bins.values())
     print(
         f"synthesized {result.num_images} images of {result.num_identities} identities + {sets}: {result.out}"
     )
-    if not args.no_track:
-        from data_prep.checksums import xxh128_file
-
-        # the written files' checksums: `prep convert` and `prep bins` record the same ones as source_xxh128.*
-        written = [result.out / "train.rec", *result.verification_bins.values()]
-        _track(
-            args,
-            "synth",
-            params={
-                "out": args.out.resolve(),
-                "identities": args.identities,
-                "images_per_identity": args.images_per_identity,
-                "low_variance_fraction": args.low_variance_fraction,
-                "clean_fraction": args.clean_fraction,
-                "verification_identities": args.verification_identities or "",
-                "verification_pairs": args.verification_pairs or "",
-                "seed": args.seed,
-            },
-            tags={f"output_xxh128.{path.name}": xxh128_file(path) for path in written},
-            metrics={
-                "images": float(result.num_images),
-                "classes": float(result.num_identities),
-                "seconds": seconds,
-            },
-        )
+    _print_run("synth", run_id)
     return 0
 
 

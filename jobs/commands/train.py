@@ -1,14 +1,13 @@
-"""`igfiqa train` (here, N local processes) and `igfiqa submit` (SLURM through submitit)."""
+"""`igfiqa train` (here, N local processes) and `igfiqa submit` (SLURM through submitit).
+
+Argument parsing and printing; launching is `jobs.local_launch` and `jobs.submit_train`.
+"""
 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
-from typing import Any
-
-log = logging.getLogger(__name__)
 
 TRAIN_HELP = """\
 Train an IG-FIQA model on this machine: one process (default) or N local processes
@@ -76,39 +75,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(func=run_submit)
 
 
-def resolve_config(args: argparse.Namespace) -> Any:
-    """Load the config, make paths absolute and pin the tracking URI (jobs run in other directories)."""
-    from pipeline.config import load_config, replace_section
-    from pipeline.tracking.store import resolve_tracking_uri
-
-    config = load_config(args.config, args.overrides)
-    return replace_section(
-        config,
-        data={"dataset": str(Path(config.data.dataset).resolve())},
-        run={
-            "dir": str(Path(config.run.dir).resolve()),
-            "tracking_uri": resolve_tracking_uri(args.tracking_uri or config.run.tracking_uri),
-        },
-    )
-
-
 def run_train(args: argparse.Namespace) -> int:
     """Handler of `igfiqa train`."""
-    from pipeline.config import ConfigError, validate_for_launch
+    from jobs.launch_config import load_launch_config
+    from jobs.local_launch import check_local_launch, launch_local
 
-    if args.nproc < 1:
-        raise ConfigError(f"--nproc {args.nproc}: need at least one process")
-    config = resolve_config(args)
-    validate_for_launch(config, args.nproc)
-    if config.run.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError(
-                "run.device: 'cuda' but CUDA is not available on this machine (use auto or cpu)"
-            )
-    from jobs.local_launch import launch_local
-
+    config = load_launch_config(args.config, args.overrides, args.tracking_uri)
+    check_local_launch(config, args.nproc)
     result = launch_local(config, nproc=args.nproc)
     print(f"{result['status']} at step {result['global_step']}: checkpoint {result['checkpoint']}")
     print(f"MLflow run {result['mlflow_run_id']} in {config.run.tracking_uri}")
@@ -118,9 +91,10 @@ def run_train(args: argparse.Namespace) -> int:
 def run_submit(args: argparse.Namespace) -> int:
     """Handler of `igfiqa submit`."""
     from jobs.cluster import load_profile
+    from jobs.launch_config import load_launch_config
     from jobs.submit_train import follow_job, submit_training
 
-    config = resolve_config(args)
+    config = load_launch_config(args.config, args.overrides, args.tracking_uri)
     profile = load_profile(args.cluster)
     submission = submit_training(config, profile, nodes=args.nodes)
     print(f"submitted job {submission.job_id} ({submission.world_size} tasks on {submission.nodes} node(s))")

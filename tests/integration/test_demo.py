@@ -18,7 +18,7 @@ import pytest
 
 from jobs.cli import main
 from jobs.cluster import profile_from_dict
-from jobs.commands.demo import slurm_unavailable_reason
+from jobs.slurm import slurm_unavailable_reason
 
 IDENTITIES = "40"
 STEPS = "8"

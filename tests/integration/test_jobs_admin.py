@@ -8,7 +8,7 @@ import pytest
 
 from jobs.cli import main
 from jobs.cluster import make_executor
-from jobs.commands.jobs_admin import sacct_rows
+from jobs.slurm import sacct_rows
 
 pytestmark = pytest.mark.slurm
 
@@ -29,7 +29,7 @@ def test_status_and_logs_of_a_finished_job(slurm_cluster, submitit_folder, capsy
     job_id = str(job.job_id)
     # the result file appears before SLURM has closed the job: wait for accounting to catch up
     deadline = time.monotonic() + 30
-    while not any(r["State"] == "COMPLETED" for r in sacct_rows(job_id) if r["JobID"] == job_id):
+    while not any(r.state == "COMPLETED" for r in sacct_rows(job_id) if r.job_id == job_id):
         assert time.monotonic() < deadline, "sacct never reported the job COMPLETED"
         time.sleep(0.5)
 

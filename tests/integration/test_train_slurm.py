@@ -472,3 +472,24 @@ def test_invalid_config_is_refused_before_submission(
         check=True,
     ).stdout.split()
     assert jobs == []
+
+
+def test_a_partition_sbatch_refuses_is_one_line_and_a_failed_run(
+    slurm_cluster, valid_config_file: Path, tmp_path: Path
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    profile = tmp_path / "nope.yaml"
+    profile.write_text(LOCAL_PROFILE.read_text().replace("partition: debug", "partition: no-such-partition"))
+    db = tmp_path / "mlflow.db"
+    command = [*IGFIQA_SUBMIT, str(valid_config_file), "--cluster", str(profile)]
+    command += ["--set", f"run.dir={tmp_path / 'run'}", "--tracking-uri", f"sqlite:///{db}"]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert re.match(r"igfiqa: error: sbatch refused the job: sbatch: error: .*[Pp]artition", last), last
+    assert "Traceback" not in proc.stderr
+    runs = MlflowClient(tracking_uri=f"sqlite:///{db}").search_runs(
+        [e.experiment_id for e in MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()]
+    )
+    assert [r.info.status for r in runs] == ["FAILED"]

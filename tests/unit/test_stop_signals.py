@@ -10,7 +10,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from jobs.signals import NONE, SAVE_AND_EXIT, SAVE_AND_REQUEUE, StopSignals
+from jobs.signals import StopRequest, StopSignals
+
+NONE, SAVE_AND_EXIT, SAVE_AND_REQUEUE = (
+    StopRequest.NONE,
+    StopRequest.SAVE_AND_EXIT,
+    StopRequest.SAVE_AND_REQUEUE,
+)
 
 
 @pytest.fixture
@@ -29,6 +35,7 @@ def _deliver(sig: signal.Signals) -> None:
 def test_term_then_usr2_ask_for_save_then_requeue(restore_handlers: None) -> None:
     signals = StopSignals()
     assert signals.code() == NONE
+    assert isinstance(signals.code(), StopRequest) and int(signals.code()) == 0  # the loop compares ints
     _deliver(signal.SIGTERM)
     assert signals.code() == SAVE_AND_EXIT
     _deliver(signal.SIGUSR2)

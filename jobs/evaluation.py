@@ -1,0 +1,318 @@
+"""Evaluation as `igfiqa erc|eval|score|export` and the demo run it, below their printing.
+
+A checkpoint becomes a model with one clear error line when it is unusable; an evaluation of a
+checkpoint is logged as an MLflow "eval" run, a child of the checkpoint's training run, with
+the same parameters, metrics and artifacts whoever asked for it. Torch, pandas and MLflow are
+imported inside the functions so `igfiqa --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from jobs.errors import UserError
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import torch
+
+    from pipeline.config import TrainConfig
+    from pipeline.evaluation.evaluate import EvalOutcome
+    from pipeline.evaluation.export import ParityReport
+    from pipeline.evaluation.quality_metrics import QualityEvaluation
+    from pipeline.evaluation.report import ReportFiles
+
+log = logging.getLogger(__name__)
+
+SCORE_TABLE_SUFFIXES = (".parquet", ".pq", ".csv")
+
+
+@contextlib.contextmanager
+def evaluation_input_errors() -> Iterator[None]:
+    """Turn the evaluation's input errors into `UserError` (one clear line, exit status 2)."""
+    from pipeline.evaluation.quality_metrics import QualityEvalError
+    from pipeline.evaluation.verification import EmbeddingError
+
+    try:
+        yield
+    except (QualityEvalError, EmbeddingError) as exc:
+        raise UserError(str(exc)) from exc
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """A pandas DataFrame from a CSV/TSV or parquet file."""
+    import pandas as pd
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".parquet", ".pq"):
+            return pd.read_parquet(path)
+        if suffix in (".csv", ".tsv", ".txt"):
+            return pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",")
+    except (ValueError, OSError) as exc:
+        raise UserError(f"{path}: cannot read the table: {exc}") from exc
+    raise UserError(f"{path}: unknown table format {suffix!r} (use .csv, .tsv or .parquet)")
+
+
+def evaluate_score_tables(
+    pairs_path: Path,
+    scores_path: Path,
+    out: Path,
+    *,
+    name: str | None = None,
+    methods: Sequence[str] | None = None,
+    fmrs: Sequence[float] | None,
+    discard_limit: float,
+    crfiqa_refit: bool = False,
+    nan_policy: str = "error",
+) -> tuple[ReportFiles, QualityEvaluation]:
+    """`igfiqa erc`: EDC/ERC of the SCORES table's methods on the PAIRS table; the report written to `out`."""
+    from pipeline.evaluation.quality_metrics import evaluate_quality
+    from pipeline.evaluation.report import write_report
+
+    pairs = read_table(pairs_path)
+    scores = read_table(scores_path)
+    with evaluation_input_errors():
+        evaluation = evaluate_quality(
+            pairs,
+            scores,
+            dataset=name or pairs_path.stem,
+            methods=list(methods) if methods is not None else None,
+            fmrs=fmrs,
+            discard_limit=discard_limit,
+            crfiqa_refit=crfiqa_refit,
+            nan_policy=nan_policy,
+            pairs_source=str(pairs_path),
+            scores_source=str(scores_path),
+        )
+    files = write_report(
+        [evaluation],
+        out,
+        metadata={"command": "erc", "pairs": str(pairs_path), "scores": str(scores_path)},
+    )
+    return files, evaluation
+
+
+def load_model(checkpoint: Path, device_name: str) -> tuple[Any, TrainConfig, torch.device]:
+    """(model, config, device) from a checkpoint; an unusable checkpoint is one clear error line."""
+    from pipeline.checkpoint import CheckpointError
+    from pipeline.method.model import load_inference_model
+    from pipeline.parallel.env import resolve_device
+
+    device = resolve_device(device_name)
+    try:
+        model, config = load_inference_model(checkpoint, device)
+    except CheckpointError as exc:
+        raise UserError(str(exc)) from exc
+    return model, config, device
+
+
+def checkpoint_lineage(checkpoint: Path) -> tuple[str, int]:
+    """(MLflow run id of the training run, global step) stored in the checkpoint (memory-mapped read)."""
+    from pipeline.checkpoint import CheckpointError, training_lineage
+
+    try:
+        return training_lineage(checkpoint)
+    except CheckpointError as exc:
+        raise UserError(str(exc)) from exc
+
+
+@dataclass(frozen=True)
+class CheckpointEvaluation:
+    """An evaluated checkpoint: the outcome, its config and the training run it came from."""
+
+    outcome: EvalOutcome
+    config: TrainConfig
+    train_run_id: str
+    step: int
+
+
+def evaluate_checkpoint_file(
+    checkpoint: Path,
+    data: Path,
+    out: Path,
+    *,
+    name: str | None = None,
+    device: str = "auto",
+    fr_model: Path | None = None,
+    fr_bgr: bool = False,
+    fr_embeddings: Path | None = None,
+    batch_size: int = 64,
+    flip: bool = False,
+    fmrs: Sequence[float] | None,
+    discard_limit: float = 0.2,
+    crfiqa_refit: bool = False,
+    progress: bool = True,
+) -> CheckpointEvaluation:
+    """`igfiqa eval`: the checkpoint's quality, verification and EDC/ERC on every set under `data`.
+
+    Embeddings come from the checkpoint's backbone, an ONNX FR model or precomputed `.npz`
+    embeddings; the method is named `name` (default: the run name) in tables and plots.
+    """
+    from pipeline.evaluation.embeddings import OnnxEmbedder, load_embeddings_npz
+    from pipeline.evaluation.evaluate import evaluate_checkpoint
+
+    model, config, torch_device = load_model(checkpoint, device)
+    with evaluation_input_errors():
+        embedder = None
+        if fr_model is not None:
+            embedder = OnnxEmbedder(fr_model, channel_order="bgr" if fr_bgr else "rgb")
+        embeddings = load_embeddings_npz(fr_embeddings) if fr_embeddings is not None else None
+        train_run_id, step = checkpoint_lineage(checkpoint)
+        outcome = evaluate_checkpoint(
+            model,
+            data,
+            out,
+            method=name or config.run.name,
+            device=torch_device,
+            fr_model=embedder,
+            fr_embeddings=embeddings,
+            batch_size=batch_size,
+            flip=flip,
+            fmrs=fmrs,
+            discard_limit=discard_limit,
+            crfiqa_refit=crfiqa_refit,
+            metadata={
+                "checkpoint": str(checkpoint),
+                "global_step": step,
+                "train_run_id": train_run_id,
+                "fr_model": str(fr_model or ""),
+                "fr_embeddings": str(fr_embeddings or ""),
+            },
+            progress=progress,
+        )
+    return CheckpointEvaluation(outcome, config, train_run_id, step)
+
+
+def log_evaluation(
+    evaluated: CheckpointEvaluation,
+    *,
+    checkpoint: Path,
+    data: Path,
+    fmrs: Sequence[float] | None,
+    discard_limit: float = 0.2,
+    flip: bool = False,
+    fr_model: Path | None = None,
+    fr_embeddings: Path | None = None,
+    tracking_uri: str = "",
+) -> str | None:
+    """Log the evaluation as an MLflow "eval" run, child of the training run; its id (None without tracking).
+
+    The tracking URI is `tracking_uri`, else the checkpoint config's.
+    """
+    try:
+        from pipeline.tracking import store as tracking
+    except ImportError:  # tracking not part of this installation
+        log.info("pipeline.tracking.store is not available: results not logged to MLflow")
+        return None
+    from data_prep.dataset import dataset_fingerprint
+    from pipeline.evaluation.evaluate import find_verification_sets
+
+    config = evaluated.config
+    uri = tracking.resolve_tracking_uri(tracking_uri or config.run.tracking_uri)
+    tags = {"stage": "eval", "checkpoint": str(checkpoint.resolve())}
+    # lineage: the same `dataset_fingerprint.<set>` tags `igfiqa prep bins` gives its run
+    tags |= {f"dataset_fingerprint.{d.name}": dataset_fingerprint(d) for d in find_verification_sets(data)}
+    if evaluated.train_run_id:
+        tags |= {"mlflow.parentRunId": evaluated.train_run_id, "train_run_id": evaluated.train_run_id}
+    tracker = tracking.RunTracker.start(
+        tracking_uri=uri, experiment=config.run.experiment, run_name=f"eval {checkpoint.name}", tags=tags
+    )
+    try:
+        tracker.log_params(
+            {
+                "checkpoint": checkpoint,
+                "data": data,
+                "fr_model": fr_model or "",
+                "fr_embeddings": fr_embeddings or "",
+                "flip": flip,
+                "fmr": " ".join(f"{f:g}" for f in fmrs) if fmrs else "auto",
+                "discard_limit": discard_limit,
+            }
+        )
+        tracker.log_metrics(evaluated.outcome.metrics, step=evaluated.step)
+        for path in evaluated.outcome.files.all_files():
+            tracker.log_artifact(path, "eval")
+    except Exception:
+        tracker.finish("FAILED")
+        raise
+    tracker.finish()
+    return tracker.run_id
+
+
+@dataclass(frozen=True)
+class ScoredImages:
+    """`igfiqa score`'s result: the table written, and how many images were resized or unreadable."""
+
+    table: pd.DataFrame  # image, <column>, height, width, resized, error
+    failed: pd.DataFrame  # the unreadable files' rows
+    embeddings_written: bool
+
+
+def score_images(
+    checkpoint: Path,
+    paths: Sequence[Path],
+    out: Path,
+    *,
+    column: str = "quality",
+    embeddings: Path | None = None,
+    device: str = "auto",
+    batch_size: int = 64,
+    flip: bool = False,
+    workers: int = 2,
+    progress: bool = True,
+) -> ScoredImages:
+    """Score every image under `paths` and write the table to `out` (.parquet, or .csv); embeddings too."""
+    from pipeline.data.image_io import find_image_files
+    from pipeline.evaluation.embeddings import save_embeddings_npz
+    from pipeline.evaluation.scoring import score_files
+
+    files = find_image_files(list(paths))
+    if not files:
+        raise UserError(f"no .jpg/.jpeg/.png images under {', '.join(map(str, paths))}")
+    if out.suffix.lower() not in SCORE_TABLE_SUFFIXES:
+        raise UserError(f"{out}: the output must end in .parquet or .csv")
+    model, _config, torch_device = load_model(checkpoint, device)
+    scored = score_files(
+        model,
+        files,
+        device=torch_device,
+        batch_size=batch_size,
+        flip=flip,
+        workers=workers,
+        progress=progress,
+    )
+    table = scored.table.rename(columns={"quality": column})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix.lower() == ".csv":
+        table.to_csv(out, index=False)
+    else:
+        table.to_parquet(out, index=False)
+    embeddings_written = embeddings is not None and len(scored.embeddings) > 0
+    if embeddings is not None and embeddings_written:
+        readable = table["error"].isna().to_numpy()
+        save_embeddings_npz(embeddings, table["image"][readable].tolist(), scored.embeddings)
+    return ScoredImages(table, scored.failed, embeddings_written)
+
+
+def export_checked_onnx(
+    checkpoint: Path, onnx: Path, *, with_embedding: bool, opset: int, exporter: str, tolerance: float
+) -> ParityReport:
+    """Export the checkpoint's model to ONNX, compare it with torch, and publish the file only when
+    it agrees within `tolerance` (a model with NaN weights or a failed check writes nothing)."""
+    from pipeline.evaluation.export import ExportError, export_checked
+
+    model, _config, _device = load_model(checkpoint, "cpu")
+    try:
+        return export_checked(
+            model, onnx, with_embedding=with_embedding, tolerance=tolerance, opset=opset, exporter=exporter
+        )
+    except ExportError as exc:
+        raise UserError(str(exc)) from exc

@@ -1,0 +1,294 @@
+"""The training stage: reuse a completed run, else train on SLURM through submitit or here.
+
+A finished training leaves `<label>-train.json` in its run directory (checkpoint, MLflow run,
+step, where it ran); a submission leaves `<label>-job.json`, so a later call does not submit a
+second job while the first one still runs. The run directory keeps checkpoints: an interrupted
+training resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+from jobs import slurm
+from jobs.errors import UserError
+from jobs.stages.work import (
+    StageRecord,
+    WorkFolder,
+    marker_name,
+    read_json_object,
+    shown_path,
+    write_json_atomically,
+)
+
+if TYPE_CHECKING:
+    from jobs.cluster import ClusterProfile
+    from jobs.submit_train import Submission
+    from pipeline.config import TrainConfig
+
+PENDING_NOTE_EVERY_S = 30.0
+POLL_S = 2.0
+SQUEUE_TIMEOUT_S = 15.0
+
+
+@dataclass
+class TrainOutcome:
+    """A completed training: where its checkpoint is, which MLflow run it logged to, how it ran."""
+
+    checkpoint: str
+    mlflow_run_id: str
+    global_step: int
+    where: str  # "on SLURM (job 87, 2 tasks, ...)" or "here with 2 processes, not on SLURM because ..."
+    seconds: float = math.nan  # wall time of the call that trained it
+    seconds_per_step: float = math.nan
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "checkpoint": self.checkpoint,
+            "mlflow_run_id": self.mlflow_run_id,
+            "global_step": self.global_step,
+            "where": self.where,
+            "seconds": self.seconds,
+            "seconds_per_step": self.seconds_per_step,
+        }
+
+    @classmethod
+    def from_dict(cls, recorded: dict[str, Any]) -> TrainOutcome:
+        """From a marker; fields an older marker lacks get their defaults."""
+        return cls(
+            checkpoint=str(recorded["checkpoint"]),
+            mlflow_run_id=str(recorded.get("mlflow_run_id", "")),
+            global_step=int(recorded.get("global_step", 0)),
+            where=str(recorded.get("where", "")),
+            seconds=float(recorded.get("seconds", math.nan)),
+            seconds_per_step=float(recorded.get("seconds_per_step", math.nan)),
+        )
+
+    @classmethod
+    def from_result(cls, result: dict[str, Any], where: str, seconds: float) -> TrainOutcome:
+        """From rank 0's `TrainResult.as_dict()`."""
+        return cls(
+            checkpoint=str(result["checkpoint"]),
+            mlflow_run_id=str(result["mlflow_run_id"]),
+            global_step=int(result["global_step"]),
+            where=where,
+            seconds=seconds,
+            seconds_per_step=float(result.get("metrics", {}).get("seconds_per_step", math.nan)),
+        )
+
+
+@dataclass(frozen=True)
+class ActiveJob:
+    """A SLURM job of an earlier call that SLURM still queues or runs."""
+
+    job_id: str
+    state: str
+    folder: str  # its submitit folder
+
+
+def training_config(base: Path, paths: WorkFolder, run_dir: Path, overrides: Sequence[str]) -> TrainConfig:
+    """`base` with the folder's training shards, `run_dir` and MLflow store, then `overrides`."""
+    from pipeline.config import load_config
+
+    folder_overrides = [
+        f"data.dataset={paths.train}",
+        f"run.dir={Path(run_dir).resolve()}",
+        f"run.tracking_uri={paths.tracking_uri}",
+    ]
+    return load_config(base, [*folder_overrides, *overrides])
+
+
+def check_run_dir_matches(config: TrainConfig) -> None:
+    """A run directory holding a checkpoint trained on other data or settings is an error, not a resume
+    (the trainer's own guard, asked before anything is submitted)."""
+    from data_prep.dataset import dataset_fingerprint
+    from pipeline.checkpoint import CheckpointError, check_resumable, load_resume_checkpoint
+
+    try:
+        found = load_resume_checkpoint(config.run.dir)
+        if found is not None:
+            fingerprint = dataset_fingerprint(Path(config.data.dataset))
+            check_resumable(*found, config, dataset_fingerprint=fingerprint)
+    except CheckpointError as exc:
+        raise UserError(str(exc)) from None
+
+
+def completed_training(config: TrainConfig, label: str) -> TrainOutcome | None:
+    """The outcome an earlier call recorded for a completed training, if its checkpoint is still there."""
+    recorded = read_json_object(Path(config.run.dir) / marker_name(label, "train"))
+    if recorded is None or not Path(str(recorded.get("checkpoint", ""))).is_file():
+        return None
+    return TrainOutcome.from_dict(recorded)
+
+
+def active_job(run_dir: Path, label: str) -> ActiveJob | None:
+    """The SLURM job an earlier call submitted for `run_dir`, when SLURM still queues or runs it."""
+    recorded = read_json_object(run_dir / marker_name(label, "job"))
+    if recorded is None:
+        return None
+    job_id = str(recorded.get("job_id", ""))
+    try:
+        queued = slurm.queued_job(job_id, timeout_s=SQUEUE_TIMEOUT_S)
+    except slurm.MissingSlurmClientError:
+        return None
+    if queued is None or queued.state not in slurm.ACTIVE_STATES:
+        return None
+    return ActiveJob(job_id, queued.state, str(recorded.get("folder", "")))
+
+
+def submit_or_reason(config: TrainConfig, profile: ClusterProfile) -> Submission | str:
+    """The `Submission` of the training job, or why sbatch refused it (a reason to train here)."""
+    from submitit.core.utils import FailedJobError, FailedSubmissionError
+
+    from jobs.submit_train import submit_training
+
+    try:
+        return submit_training(config, profile)
+    except (FailedJobError, FailedSubmissionError, OSError) as exc:  # sbatch failed or is missing
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return f"the submission to SLURM failed ({first_line})"
+
+
+def follow_until_done(submission: Submission, *, say: Callable[[str], None], job_log: TextIO) -> str:
+    """Copy rank 0's log to `job_log` as it grows until the job ends (requeues included); its final state.
+
+    A job pending for long gets a note with SLURM's reason every PENDING_NOTE_EVERY_S.
+    """
+    from jobs.submit_train import follow_job
+
+    pending_since = time.monotonic()
+    last_note = pending_since
+
+    def explain_pending(state: str) -> None:
+        nonlocal last_note
+        now = time.monotonic()
+        if state == "PENDING" and now - last_note >= PENDING_NOTE_EVERY_S:
+            queued = slurm.queued_job(submission.job_id, timeout_s=SQUEUE_TIMEOUT_S)
+            reason = queued.reason if queued is not None and queued.reason else "unknown"
+            say(
+                f"  job {submission.job_id} still pending after {now - pending_since:.0f} s "
+                f"(reason: {reason}); other jobs may hold the cluster"
+            )
+            last_note = now
+
+    return follow_job(submission, out=job_log, poll_s=POLL_S, line_prefix="  | ", on_poll=explain_pending)
+
+
+def follow_training(
+    submission: Submission,
+    config: TrainConfig,
+    profile: ClusterProfile,
+    *,
+    label: str,
+    say: Callable[[str], None],
+    job_log: TextIO,
+) -> dict[str, Any]:
+    """Follow the submitted job's log until it ends; rank 0's result, or a clear error."""
+    write_json_atomically(
+        Path(config.run.dir) / marker_name(label, "job"),
+        {"job_id": submission.job_id, "folder": str(submission.folder)},
+    )
+    say(
+        f"  submitted SLURM job {submission.job_id}: {submission.world_size} tasks on {submission.nodes} "
+        f"node(s) of cluster profile {profile.name}; MLflow run {submission.mlflow_run_id}"
+    )
+    say(f"  following {shown_path(submission.stdout)} (and .err)")
+    try:
+        state = follow_until_done(submission, say=say, job_log=job_log)
+    except KeyboardInterrupt:
+        submission.job.cancel(check=False)
+        say(f"  cancelled job {submission.job_id}; run the {label} again to resume from its last checkpoint")
+        raise
+    if state != "COMPLETED":
+        tail = ""
+        if submission.stderr.is_file():
+            tail = "\n".join(submission.stderr.read_text(errors="replace").splitlines()[-15:])
+        raise UserError(
+            f"training job {submission.job_id} ended {state}; its log: {submission.stderr}\n{tail}\n"
+            f"run the {label} again to resume from the last checkpoint in {config.run.dir}"
+        )
+    return submission.job.results()[0]  # one dict per task; rank 0 knows the checkpoint
+
+
+def train_here(config: TrainConfig, nproc: int, *, label: str) -> dict[str, Any]:
+    """launch_local with `nproc` processes (gloo), one core's worth of threads each; rank 0's result."""
+    from jobs.local_launch import launch_local
+    from pipeline.config import validate_for_launch
+
+    validate_for_launch(config, nproc)
+    # one process per core, as the SLURM profile does with OMP_NUM_THREADS=1
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    result = launch_local(config, nproc=nproc)
+    if result["status"] != "completed":
+        raise UserError(
+            f"training stopped at step {result['global_step']} ({result['status']}); "
+            f"run the {label} again to resume from {result['checkpoint']}"
+        )
+    return result
+
+
+def train_stage(
+    config: TrainConfig,
+    record: StageRecord,
+    *,
+    label: str,
+    nproc: int,
+    here_because: str | None,
+    cluster: Path | None,
+    say: Callable[[str], None],
+    job_log: TextIO,
+) -> TrainOutcome:
+    """Reuse a completed training, else train and record the outcome in `<label>-train.json`.
+
+    With `here_because` set, it trains here with `nproc` processes for that reason; otherwise on
+    the SLURM cluster of the profile `cluster`, or here when that cannot run (saying why).
+    """
+    from jobs.cluster import load_profile
+
+    run_dir = Path(config.run.dir)
+    check_run_dir_matches(config)
+    done = completed_training(config, label)
+    if done is not None:
+        record.reused, record.note = True, f"step {done.global_step}, trained {done.where}"
+        return done
+    active = active_job(run_dir, label)
+    if active is not None:
+        raise UserError(
+            f"SLURM job {active.job_id} of an earlier {label} is still {active.state} in {run_dir}: follow it "
+            f"with `igfiqa jobs logs {active.job_id} --folder {active.folder}` or cancel it with "
+            f"`igfiqa jobs cancel {active.job_id}`, then run the {label} again"
+        )
+
+    started = time.monotonic()
+    why_here = here_because
+    result, where = None, ""
+    if why_here is None:
+        if cluster is None:
+            raise ValueError("train_stage needs a cluster profile or a reason to train here")
+        profile = load_profile(cluster)
+        why_here = slurm.slurm_unavailable_reason(profile)
+        if why_here is None:
+            submitted = submit_or_reason(config, profile)
+            if isinstance(submitted, str):
+                why_here = submitted
+            else:
+                result = follow_training(submitted, config, profile, label=label, say=say, job_log=job_log)
+                where = (
+                    f"on SLURM (job {submitted.job_id}, {submitted.world_size} tasks, "
+                    f"cluster profile {profile.name})"
+                )
+    if result is None:
+        say(f"  training HERE, not on SLURM, because {why_here}")
+        result = train_here(config, nproc, label=label)
+        processes = f"{nproc} process{'es' if nproc > 1 else ''}"
+        where = f"here with {processes}, not on SLURM because {why_here}"
+    outcome = TrainOutcome.from_result(result, where, time.monotonic() - started)
+    write_json_atomically(run_dir / marker_name(label, "train"), outcome.as_dict())
+    record.note = f"step {outcome.global_step}, {outcome.where}"
+    return outcome

@@ -391,7 +391,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--worker", default="0/1", help="I/N: take every N-th run starting at I (default 0/1)"
     )
     parser.add_argument("--docs-img", type=Path, default=None, help="also copy the plots here (docs/img)")
-    parser.add_argument("--no-mlflow", action="store_true", help="do not log the summary run")
+    parser.add_argument("--no-track", action="store_true", help="do not log the summary run to MLflow")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra config override")
     args = parser.parse_args(argv)
     index, _, count = args.worker.partition("/")
@@ -441,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
     summary = write_report(paths, runs, args, images)
-    if not args.no_mlflow:
+    if not args.no_track:
         run_id = log_summary_run(paths, args, summary)
         log.info("summary logged to MLflow run %s (%s)", run_id, paths.tracking_uri)
     log.info("report in %s (%.0f s in this call)", paths.report, time.monotonic() - started)

@@ -73,17 +73,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _is_user_error(exc: Exception) -> bool:
-    """Errors that carry a complete message for the user (bad input, bad config)."""
+    """Errors that carry a complete message for the user (bad input, bad config, a bad checkpoint)."""
+    from data_prep.errors import DataError
+    from pipeline.checkpoint import CheckpointError
     from pipeline.config import ConfigError
 
-    user_types: tuple[type[BaseException], ...] = (UserError, ConfigError, FileNotFoundError)
-    try:
-        from data_prep.errors import DataError
-
-        user_types = (*user_types, DataError)
-    except ImportError:
-        pass
-    return isinstance(exc, user_types)
+    return isinstance(exc, UserError | ConfigError | FileNotFoundError | DataError | CheckpointError)
 
 
 if __name__ == "__main__":

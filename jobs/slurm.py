@@ -238,7 +238,12 @@ class CancelOutcome:
 
 
 def cancel_job(job_id: str, *, wait_s: float = 30.0, poll_s: float = 0.5) -> CancelOutcome:
-    """scancel the job, then wait up to `wait_s` until squeue drops it and sacct shows it ended."""
+    """scancel the job, then wait up to `wait_s` until squeue drops it and sacct shows it ended.
+
+    A job SLURM does not know (neither queued nor in accounting) is a UserError at once.
+    """
+    if queued_job(job_id) is None and not sacct_rows(job_id):
+        raise UserError(f"job {job_id} is unknown to SLURM (neither queued nor in accounting)")
     result = _run("scancel", job_id)
     if result.returncode != 0:
         raise UserError(f"scancel {job_id} failed: {result.stderr.strip() or result.stdout.strip()}")

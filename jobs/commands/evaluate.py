@@ -153,7 +153,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument(
         "--tracking-uri", default="", help="MLflow tracking URI (default: the run's, or sqlite)"
     )
-    evaluate.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    evaluate.add_argument("--no-track", action="store_true", help="do not log this evaluation to MLflow")
     evaluate.set_defaults(func=run_eval)
 
     score = subparsers.add_parser(
@@ -268,7 +268,7 @@ def run_eval(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     _print_outcome(evaluated.outcome.files, [s.quality for s in evaluated.outcome.sets])
-    if not args.no_mlflow:
+    if not args.no_track:
         run_id = log_evaluation(
             evaluated,
             checkpoint=args.checkpoint,

@@ -84,6 +84,8 @@ def run_train(args: argparse.Namespace) -> int:
     check_local_launch(config, args.nproc)
     result = launch_local(config, nproc=args.nproc)
     print(f"{result['status']} at step {result['global_step']}: checkpoint {result['checkpoint']}")
+    if result["status"] == "interrupted":
+        print("run the same command again to resume from that checkpoint (same MLflow run)")
     print(f"MLflow run {result['mlflow_run_id']} in {config.run.tracking_uri}")
     return 0 if result["status"] == "completed" else 1
 

@@ -133,7 +133,7 @@ def score_files(
                         }
                     )
                 else:
-                    log.warning("skipped unreadable image: %s", d)
+                    log.debug("skipped unreadable image: %s", d)  # the caller reports the failures
                     rows.append(
                         {
                             "image": str(path),

@@ -32,7 +32,14 @@ def resolve_tracking_uri(configured: str = "", base_dir: str | Path | None = Non
     if from_env:
         return from_env
     base = Path(base_dir) if base_dir is not None else Path.cwd()
-    return f"sqlite:///{(base / DEFAULT_DB).resolve()}"
+    database = (base / DEFAULT_DB).resolve()
+    if not database.exists():
+        log.warning(
+            "MLflow: no tracking URI given, creating the default store %s "
+            "(--tracking-uri or MLFLOW_TRACKING_URI to use another)",
+            database,
+        )
+    return f"sqlite:///{database}"
 
 
 def _artifact_root_for(uri: str) -> str | None:

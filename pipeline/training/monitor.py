@@ -156,6 +156,14 @@ def _hosts(env: DistEnv) -> list[str]:
     return sorted(set(map(str, names)))
 
 
+def _duration(seconds: float) -> str:
+    """1h02m, 3m05s, 12s: how long the rest of training will take at the current pace."""
+    whole = max(round(seconds), 0)
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
 class TrainingMonitor:
     """Rank 0's MLflow run, log lines and progress bar for one call of `train()`.
 
@@ -271,7 +279,8 @@ class TrainingMonitor:
             f"step {step}/{self.total} epoch {epoch} loss_arc {metrics['loss_arc']:.4f} "
             f"loss_ig {metrics['loss_ig']:.5f} cr {metrics['cr_mean']:.3f} "
             f"w0 {metrics.get('class_weight_zero_frac', 0.0):.1%} alpha {metrics['alpha']:.4f} lr {lr:.4g} "
-            f"{metrics['images_per_s']:.1f} img/s data-wait {metrics['data_wait_frac']:.1%}"
+            f"{metrics['images_per_s']:.1f} img/s data-wait {metrics['data_wait_frac']:.1%} "
+            f"ETA {_duration(metrics.get('seconds_per_step', 0.0) * (self.total - step))}"
         )
         if self._bar is not None:
             self._bar.set_postfix_str(

@@ -178,7 +178,7 @@ def test_eval_with_own_backbone_agrees_with_score(workspace, tmp_path, capsys):
     root, checkpoint, _ = workspace
     out = tmp_path / "eval"
     args = ["eval", str(checkpoint), "--data", str(root / "val"), "--out", str(out), "--fmr", "0.1", "0.01"]
-    assert main([*args, "--no-mlflow", "--no-progress", "--batch-size", "7"]) == 0
+    assert main([*args, "--no-track", "--no-progress", "--batch-size", "7"]) == 0
     printed = capsys.readouterr().out
     assert "Verification accuracy (10-fold)" in printed and "quality_cfp.png" in printed
     for name in ("table.md", "results.json", "verification.csv", "quality_lfw.png", "quality_cfp.png"):
@@ -255,7 +255,7 @@ def test_eval_cross_model_with_precomputed_embeddings(workspace, tmp_path):
     npz = _npz_for(root, tmp_path, break_pair0=True)
     out = tmp_path / "eval"
     args = ["eval", str(checkpoint), "--data", str(root / "val"), "--out", str(out), "--fmr", "0.1"]
-    assert main([*args, "--fr-embeddings", str(npz), "--no-mlflow", "--no-progress", "--name", "ours"]) == 0
+    assert main([*args, "--fr-embeddings", str(npz), "--no-track", "--no-progress", "--name", "ours"]) == 0
     verification = pd.read_csv(out / "verification.csv").set_index("dataset")
     # pair 0 (mated, but orthogonal embeddings) is wrong: fold 0 (pairs 0, 1) scores 1/2, the rest 1 → 0.95
     assert verification.loc["lfw", "accuracy"] == pytest.approx(0.95)
@@ -293,7 +293,7 @@ def test_eval_cross_model_with_an_onnx_fr_model(workspace, tmp_path):
     )
     out = tmp_path / "eval"
     args = ["eval", str(checkpoint), "--data", str(root / "val"), "--out", str(out), "--fmr", "0.1"]
-    assert main([*args, "--fr-model", str(onnx_path), "--no-mlflow", "--no-progress"]) == 0
+    assert main([*args, "--fr-model", str(onnx_path), "--no-track", "--no-progress"]) == 0
     # the comparisons used the FR model's embeddings ("embedding" output), not our backbone's
     from pipeline.data.image_io import decode_image
     from pipeline.evaluation.verification import cosine_similarity
@@ -365,7 +365,7 @@ def test_eval_bad_input_is_one_clear_line(workspace, tmp_path, capsys, case, mes
     elif case == "missing_checkpoint":
         checkpoint = tmp_path / "absent.ckpt"
     code = main(
-        ["eval", str(checkpoint), "--data", str(data), "--out", str(tmp_path / "o"), "--no-mlflow", *extra]
+        ["eval", str(checkpoint), "--data", str(data), "--out", str(tmp_path / "o"), "--no-track", *extra]
     )
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err

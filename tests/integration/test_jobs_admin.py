@@ -94,3 +94,10 @@ def test_bad_or_unknown_job_ids_are_clear_errors(slurm_cluster, capsys, argv) ->
 def test_logs_of_a_forgotten_job_ask_for_the_folder(slurm_cluster, capsys) -> None:
     assert main(["jobs", "logs", "999999999"]) == 2
     assert "pass --folder" in capsys.readouterr().err
+
+
+def test_cancelling_an_unknown_job_answers_at_once(slurm_cluster, capsys) -> None:
+    started = time.monotonic()
+    assert main(["jobs", "cancel", "999999998", "--no-track"]) == 2
+    assert time.monotonic() - started < 10.0  # it used to wait 30 s to say "still unknown"
+    assert "job 999999998 is unknown to SLURM" in capsys.readouterr().err

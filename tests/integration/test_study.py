@@ -102,7 +102,7 @@ def test_study_reports_every_number_and_reuses_finished_runs(tmp_path: Path) -> 
         )
         for r in runs
     }
-    assert main(["--out", str(out), "--no-mlflow", *ARGS]) == 0
+    assert main(["--out", str(out), "--no-track", *ARGS]) == 0
     for r in runs:
         assert (
             (out / "runs" / r.name / TRAIN_MARKER).stat().st_mtime_ns,

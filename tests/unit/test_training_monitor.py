@@ -153,3 +153,19 @@ def test_tracking_off_logs_lines_only(tmp_path: Path, caplog: pytest.LogCaptureF
         monitor.finish("", completed=True)
     assert "step 2/4" in caplog.text and monitor.last_metrics["loss_arc"] == 1.0
     assert not list(tmp_path.rglob("*.db"))
+
+
+def test_eta_is_readable() -> None:
+    from pipeline.training.monitor import _duration
+
+    assert [_duration(s) for s in (0.4, 12, 185, 3725)] == ["0s", "12s", "3m05s", "1h02m"]
+
+
+def test_the_default_store_is_announced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    from pipeline.tracking.store import resolve_tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with caplog.at_level("WARNING"):
+        uri = resolve_tracking_uri("", base_dir=tmp_path)
+    assert uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert f"creating the default store {tmp_path / 'mlflow.db'}" in caplog.text

@@ -20,12 +20,14 @@ COMMAND_MODULES = ("prep", "data", "train", "evaluate", "demo", "jobs_admin")
 DESCRIPTION = """\
 IG-FIQA: train and evaluate face image quality assessment models.
 
-typical flow:
-  igfiqa prep synth --out work/synth            # or real InsightFace data
+typical flow (each line runs as written from the repository root, in this order; README
+"Preparing real datasets" does the same with InsightFace's data):
+  igfiqa prep synth --out work/synth --identities 40
   igfiqa prep convert work/synth --out work/train
-  igfiqa train configs/tiny_cpu.yaml --set data.dataset=work/train
-  igfiqa submit configs/protocol_s.yaml --cluster slurm/clusters/local.yaml
-  igfiqa eval runs/igfiqa/checkpoints/last.ckpt --data work/val --out work/eval
+  igfiqa prep bins work/synth/clean.bin work/synth/mixed.bin --out work/val
+  igfiqa train configs/tiny_cpu.yaml --set data.dataset=work/train --set optim.max_steps=20
+  igfiqa eval runs/tiny-cpu/checkpoints/last.ckpt --data work/val --out work/eval
+  igfiqa submit configs/tiny_cpu.yaml --cluster slurm/clusters/local.yaml --set data.dataset=work/train --wait
 """
 
 

@@ -19,19 +19,12 @@ import logging
 import signal
 import time
 from collections.abc import Callable
-from enum import IntEnum
 from types import FrameType
 from typing import Any
 
+from pipeline.training.checkpointer import StopRequest  # what the loop polls; larger wins
+
 log = logging.getLogger(__name__)
-
-
-class StopRequest(IntEnum):
-    """What the training loop should do at the end of its step; a larger value wins over a smaller one."""
-
-    NONE = 0
-    SAVE_AND_EXIT = 1
-    SAVE_AND_REQUEUE = 2
 
 
 class StopSignals:

@@ -18,7 +18,7 @@ tile captioned with what it received. Augmentation settings come from the config
 (data.augment.*), e.g. --set data.augment.p_erase=1.0 to see only erased versions.
 
 examples:
-  igfiqa data preview work/demo/train --out work/demo/preview.png
+  igfiqa data preview work/train --out work/preview.png
   igfiqa data preview work/train --out grid.png --config configs/protocol_s.yaml --identities 8 --versions 7
 """
 

@@ -61,7 +61,7 @@ The results go to MLflow as an "eval" run, a child of the checkpoint's training 
 (experiment and tracking URI from the checkpoint's config unless --tracking-uri).
 
 example:
-  igfiqa eval runs/igfiqa/checkpoints/last.ckpt --data work/val --out work/eval
+  igfiqa eval runs/tiny-cpu/checkpoints/last.ckpt --data work/val --out work/eval
 """
 
 EVAL_EXTRA_OUTPUTS = """\
@@ -80,7 +80,7 @@ Output (parquet, or CSV when --out ends in .csv), one row per file:
 It is a SCORES table for `igfiqa erc` when the image column matches the pairs' keys.
 
 example:
-  igfiqa score runs/igfiqa/checkpoints/last.ckpt photos/ extra.jpg --out scores.parquet
+  igfiqa score runs/tiny-cpu/checkpoints/last.ckpt photos/ extra.jpg --out scores.parquet
 """
 
 EXPORT_DESCRIPTION = """\
@@ -93,7 +93,7 @@ The command prints the largest absolute difference between onnxruntime and torch
 random images (batches of 1 and 3) and fails when it exceeds --tolerance.
 
 example:
-  igfiqa export runs/igfiqa/checkpoints/last.ckpt --onnx quality.onnx --with-embedding
+  igfiqa export runs/tiny-cpu/checkpoints/last.ckpt --onnx quality.onnx --with-embedding
 """
 
 
@@ -110,7 +110,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         + WHAT_IS_COMPUTED
         + "\n"
         + OUTPUTS
-        + "\nexample:\n  igfiqa erc --pairs lfw_pairs.csv --scores lfw_scores.parquet --out work/erc --fmr 1e-3 1e-4",
+        + "\nexample (the pairs and scores `igfiqa eval` wrote):\n  igfiqa erc --pairs work/eval/pairs_mixed.parquet "
+        "--scores work/eval/scores_mixed.parquet --out work/erc",
         formatter_class=formatter,
     )
     erc.add_argument("--pairs", required=True, type=Path, help="comparison pairs table (CSV or parquet)")

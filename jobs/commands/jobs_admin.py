@@ -21,7 +21,7 @@ Look after SLURM jobs submitted by igfiqa (training, prep arrays, evaluation).
 examples:
   igfiqa jobs status 1234
   igfiqa jobs logs 1234 --tail 100
-  igfiqa jobs logs 1234_7 --folder runs/igfiqa/submitit/20250101-120000
+  igfiqa jobs logs 1234_7 --folder runs/tiny-cpu/submitit/20250101-120000
   igfiqa jobs cancel 1234
 """
 

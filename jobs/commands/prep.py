@@ -59,7 +59,7 @@ DIR at a time: a second refuses at once, naming the host and pid of the first
 
 examples:
   igfiqa prep convert data/faces_webface_112x112 --out work/casia --workers 8
-  igfiqa prep convert data/ms1m/train.rec --out /shared/ms1m --submit slurm/clusters/local.yaml
+  igfiqa prep convert data/ms1m/train.rec --out work/ms1m --submit slurm/clusters/local.yaml
 """
 
 BINS_DESCRIPTION = """\
@@ -90,7 +90,7 @@ identities (--low-variance-fraction) has near-duplicate images, most of them
 degraded alike: the case IG-FIQA's variance weighting is about.
 
 example:
-  igfiqa prep synth --out work/synth --identities 200 --images-per-identity 12
+  igfiqa prep synth --out work/synth-200 --identities 200 --images-per-identity 12
 """
 
 INSPECT_DESCRIPTION = """\

@@ -14,8 +14,8 @@ Train an IG-FIQA model on this machine: one process (default) or N local process
 (gloo on CPU, NCCL on GPUs). Resumes by itself from RUN_DIR/checkpoints/last.ckpt.
 
 examples:
-  igfiqa train configs/tiny_cpu.yaml
-  igfiqa train configs/tiny_cpu.yaml --nproc 2 --set optim.max_steps=50 --set run.dir=runs/try
+  igfiqa train configs/tiny_cpu.yaml --set data.dataset=work/train
+  igfiqa train configs/tiny_cpu.yaml --nproc 2 --set data.dataset=work/train --set optim.max_steps=10 --set run.dir=runs/try
   igfiqa train configs/protocol_s.yaml --set data.dataset=/data/casia-shards --set optim.lr=0.05
 """
 
@@ -26,7 +26,7 @@ preemption/timeout signals and periodically, and requeues itself; every attempt
 logs into the same MLflow run, which is created now and printed.
 
 examples:
-  igfiqa submit configs/tiny_cpu.yaml --cluster slurm/clusters/local.yaml --wait
+  igfiqa submit configs/tiny_cpu.yaml --cluster slurm/clusters/local.yaml --set data.dataset=work/train --wait
   igfiqa submit configs/protocol_l.yaml --cluster slurm/clusters/example-multinode-gpu.yaml --nodes 4
 """
 

@@ -13,6 +13,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,7 @@ def _real_data_stand_ins(cwd: Path) -> None:
     face_image(9).save(cwd / "extra.jpg")
 
 
+@pytest.mark.timeout(2400)
 def test_every_help_example_runs_as_written(slurm_cluster, tmp_path: Path) -> None:
     lines = examples()
     typical = [m.group(1) for line in _help([]).splitlines() if (m := EXAMPLE.match(line))]
@@ -104,11 +106,13 @@ def test_every_help_example_runs_as_written(slurm_cluster, tmp_path: Path) -> No
         if "photos/" in line and not (tmp_path / "photos").exists():
             _real_data_stand_ins(tmp_path)
         command = f"{sys.executable} -m jobs.cli {line.removeprefix('igfiqa ')}"
+        started = time.monotonic()
         proc = subprocess.run(
             ["bash", "-c", command], cwd=tmp_path, capture_output=True, text=True, timeout=900
         )
         assert proc.returncode == 0, f"{line}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
         ran.append(line)
+        print(f"{time.monotonic() - started:6.1f} s  {line}", flush=True)
     assert len(ran) >= 15, ran
 
 

@@ -15,9 +15,11 @@ both read files through `load_checkpoint`.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
+import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,10 +124,33 @@ def save_checkpoint(state: dict[str, Any], run_dir: str | Path, *, keep: int) ->
     path = directory / f"step-{int(state['global_step']):08d}.ckpt"
     directory.mkdir(parents=True, exist_ok=True)
     state = {**state, PAYLOAD_DIGEST: payload_digest(state)}
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    try:
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
+    except (OSError, RuntimeError) as exc:
+        # torch's zip writer turns a full disk into RuntimeError("... iostream error"): ask the disk
+        needed, free = _tensor_bytes(state), shutil.disk_usage(directory).free
+        full = getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or free < needed
+        if not full:
+            raise
+        raise CheckpointError(
+            f"no space left in {directory} for the checkpoint of step {int(state['global_step'])}: it needs "
+            f"about {needed / 1e6:.1f} MB, {free / 1e6:.1f} MB are free; make room (run.keep_checkpoints "
+            "keeps fewer) and resume: the last checkpoint is intact"
+        ) from None
     _link(path, directory / LAST_NAME)  # last.ckpt: a hard link to the newest file
     _prune(directory, keep)
     return path
+
+
+def _tensor_bytes(node: Any) -> int:
+    """Bytes of every tensor in a nested state: about what its file takes."""
+    if isinstance(node, torch.Tensor):
+        return node.numel() * node.element_size()
+    if isinstance(node, dict):
+        return sum(_tensor_bytes(v) for v in node.values())
+    if isinstance(node, list | tuple):
+        return sum(_tensor_bytes(v) for v in node)
+    return 0
 
 
 def _link(target: Path, name: Path) -> None:

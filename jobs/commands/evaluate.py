@@ -79,6 +79,12 @@ Output (parquet, or CSV when --out ends in .csv), one row per file:
   image (path), quality (or --column), height, width (before resizing), resized, error
 It is a SCORES table for `igfiqa erc` when the image column matches the pairs' keys.
 
+The quality scale: the head regresses the certainty ratio CR = CCS / (NNCCS + 1 + eps) of the
+training images, so scores lie mostly in [0, 1] (about 0: the face is as close to another
+identity as to its own; near 1 only in theory), higher = more likely to be recognised. Only the
+order matters: scores of two models, or of one model after more training, are not on one
+scale; set a threshold from the scores of data you know (e.g. `igfiqa curate` percentiles).
+
 example:
   igfiqa score runs/tiny-cpu/checkpoints/last.ckpt photos/ extra.jpg --out scores.parquet
 """

@@ -232,3 +232,34 @@ def test_a_state_dict_of_another_model_is_a_clear_error(tmp_path: Path) -> None:
         CheckpointError, match=r"step-00000000\.ckpt: the checkpoint does not hold a model .*head"
     ):
         load_inference_model(path)
+
+
+def test_a_full_disk_is_one_clear_error_and_the_last_checkpoint_stays(tmp_path: Path) -> None:
+    import shutil as _shutil
+
+    from tests.unit.test_convert_runs import in_small_filesystem
+
+    if _shutil.which("unshare") is None or in_small_filesystem(tmp_path / "p", "64k", "pass").returncode:
+        pytest.skip("needs unprivileged user + mount namespaces (unshare -Urm) for a small tmpfs")
+    mount = tmp_path / "small"
+    code = (
+        "from pathlib import Path\n"
+        "from pipeline.checkpoint import CheckpointError, TrainingPosition, save_checkpoint, load_resume_checkpoint\n"
+        "from tests.unit.test_checkpoint import _Parts, _config, _state\n"
+        f"config = _config(Path({str(mount)!r}))\n"
+        "parts = _Parts(config, seed=0)\n"
+        "save_checkpoint(_state(parts, config, TrainingPosition(global_step=1)), config.run.dir, keep=9)\n"
+        "try:\n"
+        "    for step in range(2, 50):\n"
+        "        save_checkpoint(_state(parts, config, TrainingPosition(global_step=step)), config.run.dir, keep=9)\n"
+        "except CheckpointError as exc:\n"
+        "    print('ERROR', exc)\n"
+        "    print('RESUMES', load_resume_checkpoint(config.run.dir)[1]['global_step'])\n"
+    )
+    result = in_small_filesystem(mount, "12m", code)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    error = next(line for line in result.stdout.splitlines() if line.startswith("ERROR"))
+    assert "no space left in" in error and "MB are free" in error and "the last checkpoint is intact" in error
+    resumes = int(next(line for line in result.stdout.splitlines() if line.startswith("RESUMES")).split()[1])
+    assert resumes >= 1

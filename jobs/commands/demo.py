@@ -151,6 +151,7 @@ def summary_text(
         ("augmentation grid", [paths.preview]),
         ("EDC/ERC curves", evaluated.pngs),
         ("weight histogram", [plots / "class_weights.png"]),
+        ("  vs ground truth", [plots / "class_weights_vs_truth.png"]),
         ("  per epoch", epoch_histograms),
         ("training curves", [plots / "training_curves.png"]),
     ]
@@ -191,7 +192,7 @@ def run_demo(args: argparse.Namespace) -> int:
     """Handler of `igfiqa demo`."""
     from jobs.stages.data import SynthSpec, bins_stage, convert_stage, preview_stage, synth_stage
     from jobs.stages.evaluate import evaluate_stage
-    from jobs.stages.train import train_stage, training_config
+    from jobs.stages.train import plot_weights_against_ground_truth, train_stage, training_config
 
     if args.steps < 0 or args.identities < 2 or args.images_per_identity < 1:
         raise UserError("--steps must be >= 0, --identities >= 2 and --images-per-identity >= 1")
@@ -237,6 +238,7 @@ def run_demo(args: argparse.Namespace) -> int:
     with clock.stage("evaluate", evaluate_what) as record:
         evaluated = evaluate_stage(paths, trained, args.fmr, record, label=LABEL)
 
+    plot_weights_against_ground_truth(paths, Path(config.run.dir))
     summary = summary_text(paths, config, trained, evaluated, clock)
     print(summary, flush=True)
     (paths.out / "SUMMARY.txt").write_text(summary + "\n")

@@ -292,3 +292,31 @@ def train_stage(
     write_json_atomically(run_dir / marker_name(label, "train"), outcome.as_dict())
     record.note = f"step {outcome.global_step}, {outcome.where}"
     return outcome
+
+
+def plot_weights_against_ground_truth(paths: WorkFolder, run_dir: Path) -> Path | None:
+    """The final class-weight histogram with the synthetic data's known low-variance identities marked
+    (`plots/class_weights_vs_truth.png`); None when the run kept no weights or the truth is absent."""
+    import numpy as np
+    import pandas as pd
+
+    from data_prep.manifest import read_manifest
+    from pipeline.training.plots import plot_weight_histogram
+
+    weights_file = Path(run_dir) / "plots" / "class_weights.npy"
+    truth_file = paths.synth / "ground_truth.parquet"
+    if not weights_file.is_file() or not truth_file.is_file():
+        return None
+    weights = np.load(weights_file)
+    labels = read_manifest(paths.train)[["record", "label"]].merge(
+        pd.read_parquet(truth_file, columns=["record", "low_variance"]), on="record"
+    )
+    low = labels.groupby("label")["low_variance"].max()
+    marked = np.zeros(weights.size, dtype=bool)
+    marked[low.index.to_numpy()] = low.to_numpy(bool)
+    return plot_weight_histogram(
+        weights,
+        weights_file.with_name("class_weights_vs_truth.png"),
+        title="final class weights: the known low-variance identities marked",
+        marked=marked,
+    )

@@ -175,3 +175,23 @@ def test_an_earlier_job_still_queued_is_not_submitted_twice(tmp_path: Path, monk
             say=print,
             job_log=None,  # type: ignore[arg-type]
         )
+
+
+def test_the_weight_histogram_marks_the_known_low_variance_identities(tmp_path: Path) -> None:
+    import numpy as np
+    import pandas as pd
+
+    from data_prep.convert import convert
+    from data_prep.synth import synthesize
+
+    paths = WorkFolder(tmp_path)
+    synthesize(paths.synth, identities=20, images_per_identity=4, seed=0)
+    convert(paths.synth, paths.train, progress=False)
+    assert train.plot_weights_against_ground_truth(paths, paths.run) is None  # no weights kept yet
+    plots = paths.run / "plots"
+    plots.mkdir(parents=True)
+    np.save(plots / "class_weights.npy", np.linspace(0, 1, 20))
+    png = train.plot_weights_against_ground_truth(paths, paths.run)
+    assert png == plots / "class_weights_vs_truth.png" and png.stat().st_size > 5_000
+    truth = pd.read_parquet(paths.synth / "ground_truth.parquet")
+    assert truth.groupby("identity")["low_variance"].max().sum() >= 1  # something was marked

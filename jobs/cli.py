@@ -15,7 +15,7 @@ import sys
 from jobs.errors import UserError
 
 # (module under jobs.commands, in the order --help lists them)
-COMMAND_MODULES = ("prep", "data", "train", "evaluate", "demo", "jobs_admin")
+COMMAND_MODULES = ("prep", "data", "train", "evaluate", "curate", "demo", "jobs_admin")
 
 DESCRIPTION = """\
 IG-FIQA: train and evaluate face image quality assessment models.
@@ -26,6 +26,7 @@ typical flow:
   igfiqa train configs/tiny_cpu.yaml --set data.dataset=work/train
   igfiqa submit configs/protocol_s.yaml --cluster slurm/clusters/local.yaml
   igfiqa eval runs/igfiqa/checkpoints/last.ckpt --data work/val --out work/eval
+  igfiqa curate score runs/igfiqa/checkpoints/last.ckpt --data work/train --out work/quality
 """
 
 

@@ -163,13 +163,16 @@ class Rule:
         return cls(kind, value, min_per_identity=min_per_identity, below_min=below_min)
 
     def describe(self) -> str:
-        """One line a person reads, e.g. `drop the lowest 20% of all images; an identity left with fewer than 2: remove it`."""
+        """One line a person reads, e.g. "drop the lowest 20% of all images; an identity left with
+        fewer than 2: remove it"."""
         if self.kind == "lowest":
             what = f"drop the lowest {self.value * 100:.4g}% of all images"
         elif self.kind == "lowest-per-identity":
             what = f"drop the lowest {self.value * 100:.4g}% of every identity's images"
         else:
             what = f"drop images with quality below {self.value:.6g}"
+        if self.min_per_identity == 1:
+            return f"{what} (an identity left with none is gone)"
         then = "remove it" if self.below_min == "drop" else "give back its best images"
         return f"{what}; an identity left with fewer than {self.min_per_identity}: {then}"
 

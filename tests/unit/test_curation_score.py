@@ -178,3 +178,17 @@ def test_a_killed_scoring_resumes_and_ends_identical(
     assert len(after) == 8
     assert (killed / "quality.parquet").read_bytes() == (whole / "quality.parquet").read_bytes()
     assert pq.read_metadata(killed / "quality.parquet").num_rows == len(read_manifest(many_shards))
+
+
+@pytest.mark.gpu
+def test_gpu_scoring_matches_the_cpu(
+    train_dataset: Path, model_checkpoint: tuple[Path, torch.nn.Module], tmp_path: Path
+) -> None:
+    """The "mixed" (nvJPEG) decoder and the GPU model: the CPU's scores up to the decoders' rounding."""
+    path, _ = model_checkpoint
+    cpu = score_dataset(path, train_dataset, tmp_path / "cpu", device="cpu", progress=False)
+    gpu = score_dataset(path, train_dataset, tmp_path / "gpu", device="cuda", progress=False)
+    spread = float(cpu.quality.max() - cpu.quality.min())
+    assert np.corrcoef(cpu.quality, gpu.quality)[0, 1] > 0.999
+    assert float(np.abs(cpu.quality - gpu.quality).max()) < 0.02 * spread
+    assert read_quality_table(gpu.path)["key"].tolist() == read_quality_table(cpu.path)["key"].tolist()

@@ -214,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     measures: dict[str, Any] = {
         "rule": rule.describe(),
         "checkpoint": str(checkpoint),
-        "scoring_images_per_s": round(scored.images_per_s, 1),
+        # None when the scores came from an earlier run of this script
+        "scoring_images_per_s": round(scored.images_per_s, 1) if math.isfinite(scored.images_per_s) else None,
         **degradation_measures(ground_truth(demo / "synth", plan)),
     }
     if not args.skip_training:

@@ -81,7 +81,12 @@ class ScoringArray:
             raise
         if self.failed:
             raise ScoreTaskError(self._failure_report())
-        self.result = finalize_scoring(self.out)
+        from data_prep.dataset import load_dataset_info
+        from pipeline.evaluation.curation import load_scoring_plan
+
+        shards = load_dataset_info(Path(load_scoring_plan(self.out).dataset)).shards
+        scored_now = sum(shards[s].count for shard_range in self.ranges for s in shard_range)
+        self.result = finalize_scoring(self.out, scored_now=scored_now)
         return self.result
 
     def _failure_report(self) -> str:

@@ -196,9 +196,14 @@ def _run_score(args: argparse.Namespace) -> int:
     scored = outcome.scored
     where = f" (SLURM array job {outcome.array_job_id})" if outcome.array_job_id else ""
     q = scored.quality
+    if scored.scored_now == scored.plan.num_images:
+        how = f"in {outcome.seconds:.1f} s ({outcome.images_per_s:.0f} images/s)"
+    elif scored.scored_now:
+        how = f"({scored.scored_now} now, the rest by an earlier run; {outcome.images_per_s:.0f} images/s)"
+    else:
+        how = "(all by an earlier run)"
     print(
-        f"scored {scored.plan.num_images} images{where} in {outcome.seconds:.1f} s "
-        f"({outcome.images_per_s:.0f} images/s): quality {q.min():.4g} … {q.max():.4g}, "
+        f"scored {scored.plan.num_images} images{where} {how}: quality {q.min():.4g} … {q.max():.4g}, "
         f"median {float(_median(q)):.4g} -> {scored.path}"
     )
     if outcome.mlflow_run_id:

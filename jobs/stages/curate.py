@@ -40,7 +40,8 @@ class ScoreOutcome:
 
     @property
     def images_per_s(self) -> float:
-        return self.scored.plan.num_images / max(self.seconds, 1e-9)
+        """Images scored by this call per second of its wall time (NaN when it only resumed a finished run)."""
+        return self.scored.scored_now / self.seconds if self.scored.scored_now else float("nan")
 
 
 def run_score(
@@ -114,8 +115,9 @@ def run_score(
             tags=tags,
             metrics={
                 "images": float(scored.plan.num_images),
+                "scored_now": float(scored.scored_now),
                 "seconds": seconds,
-                "images_per_s": scored.plan.num_images / max(seconds, 1e-9),
+                **({"images_per_s": scored.scored_now / seconds} if scored.scored_now else {}),
             },
             tracking_uri=tracking_uri,
         )

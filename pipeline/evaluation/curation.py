@@ -447,10 +447,13 @@ class ScoredDataset:
     path: Path
     plan: ScoringPlan
     quality: np.ndarray  # per manifest row
+    scored_now: int = 0  # images this call scored (the others were scored by an earlier run)
 
 
-def finalize_scoring(out: Path) -> ScoredDataset:
-    """Join every shard's part into OUT/quality.parquet (manifest order), written last and atomically."""
+def finalize_scoring(out: Path, *, scored_now: int = 0) -> ScoredDataset:
+    """Join every shard's part into OUT/quality.parquet (manifest order), written last and atomically.
+
+    `scored_now`: how many images the caller scored (reported back, for speeds)."""
     out = Path(out)
     plan = load_scoring_plan(out)
     images = ScoringImages(Path(plan.dataset))
@@ -480,7 +483,7 @@ def finalize_scoring(out: Path) -> ScoredDataset:
     finally:
         images.close()
     write_quality_file(out / QUALITY_FILE, table, plan.quality_source())
-    return ScoredDataset(out / QUALITY_FILE, plan, quality)
+    return ScoredDataset(out / QUALITY_FILE, plan, quality, scored_now)
 
 
 def score_dataset(
@@ -504,7 +507,7 @@ def score_dataset(
         done = [s for s in range(plan.num_shards) if part_is_done_for(out, plan, s)]
         if done:
             log.info("resuming: %d of %d shards already scored (skipped)", len(done), plan.num_shards)
-        score_shards(
+        scored = score_shards(
             out,
             range(plan.num_shards),
             device=torch_device,
@@ -512,7 +515,8 @@ def score_dataset(
             model=model,
             progress=progress,
         )
-        return finalize_scoring(out)
+        info = load_dataset_info(Path(plan.dataset))
+        return finalize_scoring(out, scored_now=sum(info.shards[s].count for s in scored))
 
 
 def part_is_done_for(out: Path, plan: ScoringPlan, shard: int) -> bool:

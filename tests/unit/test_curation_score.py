@@ -143,6 +143,7 @@ def _parts(out: Path) -> dict[str, int]:
     return {p.name: p.stat().st_ino for p in sorted((out / SCORE_DIR).glob("part-*.parquet"))}
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_a_killed_scoring_resumes_and_ends_identical(
     many_shards: Path, model_checkpoint: tuple[Path, torch.nn.Module], tmp_path: Path

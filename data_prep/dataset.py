@@ -58,6 +58,9 @@ class DatasetInfo:
     source: tuple[SourceFile, ...]
     created_by: str
     dropped: int = 0  # bad source records left out (listed in dropped.parquet)
+    curation: dict[str, Any] | None = (
+        None  # lineage of a curated dataset (data_prep.curate); absent otherwise
+    )
 
     @property
     def tar_paths(self) -> list[Path]:
@@ -92,6 +95,8 @@ class DatasetInfo:
         fields = asdict(self)
         del fields["root"]
         fields["image_size"] = list(self.image_size)
+        if self.curation is None:  # absent, so datasets that are not curated keep their bytes (fingerprints)
+            del fields["curation"]
         return fields
 
 
@@ -128,6 +133,7 @@ def load_dataset_info(directory: Path) -> DatasetInfo:
             source=tuple(SourceFile(**s) for s in raw["source"]),
             created_by=str(raw["created_by"]),
             dropped=int(raw.get("dropped", 0)),
+            curation=_curation(raw.get("curation")),
         )
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, IndexError) as exc:
         raise DataError(f"malformed {DATASET_FILE}: {exc!r}", path=path) from None
@@ -139,6 +145,15 @@ def load_dataset_info(directory: Path) -> DatasetInfo:
             path=path,
         )
     return info
+
+
+def _curation(raw: Any) -> dict[str, Any] | None:
+    """The `curation` object of a curated dataset's dataset.json (None when absent)."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise TypeError(f"curation must be an object, got {type(raw).__name__}")
+    return raw
 
 
 def dataset_fingerprint(directory: Path) -> str:

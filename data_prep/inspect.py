@@ -64,6 +64,7 @@ class InspectReport:
     checks: list[Check] = field(default_factory=list)
     children: list[InspectReport] = field(default_factory=list)
     bad_records: list[dict[str, Any]] = field(default_factory=list)  # every bad record or image found
+    lineage: dict[str, Any] = field(default_factory=dict)  # a curated dataset's `curation` (dataset.json)
 
     @property
     def ok(self) -> bool:
@@ -85,6 +86,7 @@ class InspectReport:
             "checks": [asdict(c) for c in self.checks],
             "children": [child.to_dict() for child in self.children],
             "bad_records": self.bad_records,
+            "lineage": self.lineage,
         }
 
     def format(self) -> str:
@@ -103,6 +105,7 @@ class InspectReport:
                 f"{count_text(len(self.shards), 'shards')}, images per shard {min(counts)}–{max(counts)}, "
                 f"size {_human(min(sizes))}–{_human(max(sizes))}, total {_human(sum(sizes))}"
             )
+        lines += lineage_lines(self.lineage)
         for c in self.checks:
             lines.append(f"  {'ok  ' if c.ok else 'FAIL'} {c.name}: {c.detail}")
         for child in self.children:
@@ -110,6 +113,24 @@ class InspectReport:
         if not self.children:
             lines.append("all checks passed" if self.ok else "SOME CHECKS FAILED")
         return "\n".join(lines)
+
+
+def lineage_lines(curation: dict[str, Any]) -> list[str]:
+    """What a curated dataset was made from (its dataset.json `curation`), as report lines."""
+    if not curation:
+        return []
+    c = curation
+    run = f", training run {c['train_run_id']}" if c.get("train_run_id") else ""
+    return [
+        f"curated from {c.get('source_dir')} (fingerprint {c.get('source_fingerprint')}, "
+        f"{c.get('source_images')} images, {c.get('source_classes')} classes)",
+        f"  rule: {c.get('rule_text')}",
+        f"  removed {c.get('removed_images')} images ({c.get('removed_by_rule')} by the rule, "
+        f"{c.get('removed_with_identity')} with their identity, {c.get('restored')} given back) and "
+        f"{c.get('removed_classes')} identities",
+        f"  quality: {c.get('quality_file')} (xxh128 {str(c.get('quality_xxh128'))[:16]}), model "
+        f"{c.get('model_fingerprint')} from {c.get('checkpoint') or '?'} (step {c.get('global_step')}{run})",
+    ]
 
 
 def _human(nbytes: int) -> str:
@@ -169,6 +190,7 @@ def inspect_dataset(directory: Path, *, verify: bool = False, decode: bool = Fal
     if info.dropped:
         report.counts["dropped"] = info.dropped
     report.check("dataset.json", True, f"format {info.format_version}, made by {info.created_by}")
+    report.lineage = dict(info.curation or {})
     if not _check_shard_files(report, info):
         return report
     manifest = _check_manifest(report, info)

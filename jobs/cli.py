@@ -15,7 +15,7 @@ import sys
 from jobs.errors import UserError
 
 # (module under jobs.commands, in the order --help lists them)
-COMMAND_MODULES = ("prep", "data", "train", "evaluate", "demo", "jobs_admin")
+COMMAND_MODULES = ("prep", "data", "train", "evaluate", "curate", "demo", "jobs_admin")
 
 DESCRIPTION = """\
 IG-FIQA: train and evaluate face image quality assessment models.
@@ -28,6 +28,8 @@ typical flow (each line runs as written from the repository root, in this order;
   igfiqa train configs/tiny_cpu.yaml --set data.dataset=work/train --set optim.max_steps=20
   igfiqa eval runs/tiny-cpu/checkpoints/last.ckpt --data work/val --out work/eval
   igfiqa submit configs/tiny_cpu.yaml --cluster slurm/clusters/local.yaml --set data.dataset=work/train --wait
+  igfiqa curate score runs/tiny-cpu/checkpoints/last.ckpt --data work/train --out work/quality
+  igfiqa curate filter work/train --quality work/quality/quality.parquet --out work/train-curated --rule lowest:0.2
 """
 
 

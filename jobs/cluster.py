@@ -236,16 +236,24 @@ def executor_parameters(
     timeout_min: int | None = None,
     array_parallelism: int | None = None,
     array_task: bool = False,
+    task_gpus: int = 0,
+    task_cpus: int = 1,
 ) -> dict[str, Any]:
     """The profile as `AutoExecutor.update_parameters` keywords (the one profile → submitit mapping).
 
-    `array_task=True` is for single-process CPU work such as one shard of a conversion: one node,
-    one task, one CPU, no GPU, no memory request, never exclusive; the rest of the profile
-    (partition, account, time, setup, env, ...) still applies.
+    `array_task=True` is for single-process work such as one shard of a conversion: one node,
+    one task, `task_cpus` CPUs, `task_gpus` GPUs (default: one CPU, no GPU), no memory request,
+    never exclusive; the rest of the profile (partition, account, time, setup, env, ...) still applies.
     """
     if array_task:
         profile = dataclasses.replace(
-            profile, nodes=1, tasks_per_node=1, gpus_per_node=0, cpus_per_task=1, mem_gb=None, exclusive=False
+            profile,
+            nodes=1,
+            tasks_per_node=1,
+            gpus_per_node=task_gpus,
+            cpus_per_task=task_cpus,
+            mem_gb=None,
+            exclusive=False,
         )
         nodes = 1
     nodes = profile.nodes if nodes is None else nodes
@@ -305,10 +313,12 @@ def make_executor(
     timeout_min: int | None = None,
     array_parallelism: int | None = None,
     array_task: bool = False,
+    task_gpus: int = 0,
+    task_cpus: int = 1,
 ) -> Any:
     """A `submitit.AutoExecutor` writing its scripts and logs under `folder` (`%j` = job id).
 
-    `array_task`: see `executor_parameters`.
+    `array_task`, `task_gpus`, `task_cpus`: see `executor_parameters`.
 
     Use a fresh folder per submission: a folder reused across clusters whose job ids restart
     would hand back an older job's result file.
@@ -329,6 +339,8 @@ def make_executor(
             timeout_min=timeout_min,
             array_parallelism=array_parallelism,
             array_task=array_task,
+            task_gpus=task_gpus,
+            task_cpus=task_cpus,
         )
     )
     return executor

@@ -69,7 +69,7 @@ class ConversionArray:
         try:
             with tqdm(total=len(self.jobs), desc="shard tasks", unit="task", disable=not progress) as bar:
                 for job in submitit.helpers.as_completed(self.jobs, poll_frequency=1.0):
-                    failure = _task_failure(self.jobs.index(job), job)
+                    failure = task_failure(self.jobs.index(job), job)
                     if failure is not None:
                         self.failed.append(failure)
                     bar.update()
@@ -84,7 +84,7 @@ class ConversionArray:
         return self.info
 
 
-def _task_failure(shard: int, job: Any) -> FailedShard | None:
+def task_failure(shard: int, job: Any) -> FailedShard | None:
     """None when the task completed; otherwise what went wrong and where its log is."""
     import submitit
 

@@ -50,6 +50,7 @@ COLOR_TERM_MAX = float(np.iinfo(np.int16).max)
 RESCALE_DOWN_INTERP = types.INTERP_NN
 # Outputs of the graph, in order (names used by the torch iterator).
 OUTPUT_NAMES = ("images", "rows", "flip", "flags")
+DECODE_OUTPUT_NAMES = ("images", "rows")  # of the decode-only graph (build_decode_pipeline)
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,37 @@ def _training_graph(source: Callable[[], tuple], image_size: int, on_gpu: bool):
             images, anchor=erase_anchor, shape=erase_shape, axis_names="HW", fill_value=int(ERASE_FILL)
         )
     return _normalise(images, flip), rows, flip, flags
+
+
+@pipeline_def
+def _decode_graph(source: Callable[[], tuple], on_gpu: bool):
+    """Decode and normalise only: what the FR half sees without a flip (scoring, curation)."""
+    encoded, rows = fn.external_source(source=source, num_outputs=2, batch=True)
+    images = fn.decoders.image(encoded, device="mixed" if on_gpu else "cpu", output_type=types.RGB)
+    return _normalise(images, 0), rows
+
+
+def build_decode_pipeline(
+    source: Callable[[], tuple],
+    *,
+    batch_size: int,
+    device_id: int | None,
+    num_threads: int,
+    prefetch: int,
+) -> Pipeline:
+    """The decode-only graph fed by `source` (called once per batch, returns `(encoded, rows)`: a
+    list of uint8 arrays and int64 manifest rows, at most `batch_size` of them; raises StopIteration
+    at the end). Outputs `DECODE_OUTPUT_NAMES`. Built like the training graph: the device chosen
+    by `device_id` (None: CPU decoder and operators; an int: "mixed" decoder, images on that GPU)."""
+    return _decode_graph(
+        source,
+        device_id is not None,
+        batch_size=batch_size,
+        num_threads=num_threads,
+        device_id=device_id,
+        prefetch_queue_depth=prefetch,
+        exec_dynamic=True,  # as build_pipeline: outputs reach torch without a copy
+    )
 
 
 def run_graph(

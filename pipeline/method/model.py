@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,18 @@ class FIQAModel(nn.Module):
         head_input = embeddings if self.quality_grad_to_backbone else embeddings.detach()
         quality = self.head(head_input).squeeze(1)
         return embeddings, quality
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A short content id of a model's weights: the first 16 hex of the SHA-256 over its state dict
+    (names, dtypes, shapes and bytes, in name order). The same weights give the same id whichever
+    checkpoint file (last.ckpt, step-N.ckpt, a copy) they were read from."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        value = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{value.dtype}|{tuple(value.shape)}|".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def build_model(model_cfg: ModelConfig, *, quality_grad_to_backbone: bool = True) -> FIQAModel:

@@ -37,6 +37,9 @@ COMMANDS = [
     ["score"],
     ["export"],
     ["data", "preview"],
+    ["curate"],
+    ["curate", "score"],
+    ["curate", "filter"],
     ["demo"],
     ["jobs"],
 ]

@@ -1,0 +1,194 @@
+"""`quality.parquet`: one quality score per image of a converted dataset, and what produced them.
+
+Written by `igfiqa curate score` (pipeline.evaluation.curation), read by `igfiqa curate filter`
+(data_prep.curate). Columns, one row per manifest row and in manifest order:
+
+    key      the manifest key
+    record   the source record (a verification set: the image's index in its .bin)
+    label    the class (a verification set: the image index, as its manifest's label)
+    quality  float32, higher = better
+
+The parquet schema metadata `igfiqa.quality` holds a JSON object (`QualitySource`): the
+fingerprint of the dataset that was scored (data_prep.dataset.dataset_fingerprint), the
+model's fingerprint (SHA-256 of its weights), the checkpoint path, its training run id and
+step. A quality file is only ever applied to the dataset whose fingerprint it carries.
+
+`aligned_quality` reads a file against a dataset's manifest and refuses, naming the file
+and the row, anything that would make a curation silently wrong: another dataset's
+fingerprint, missing, duplicated or unknown keys, keys whose record or label disagree with
+the manifest, NaN or infinite scores.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from data_prep.atomic import atomic_write
+from data_prep.errors import DataError
+
+QUALITY_FILE = "quality.parquet"
+QUALITY_VERSION = 1
+METADATA_KEY = b"igfiqa.quality"
+QUALITY_SCHEMA = pa.schema(
+    [("key", pa.string()), ("record", pa.int64()), ("label", pa.int64()), ("quality", pa.float32())]
+)
+LISTED_ROWS = 5  # rows an error message names (its count covers all)
+
+
+@dataclass(frozen=True)
+class QualitySource:
+    """What a quality file scored and with which model (its parquet metadata)."""
+
+    dataset_fingerprint: str
+    model_fingerprint: str
+    dataset_kind: str = "train"
+    num_images: int = 0
+    checkpoint: str = ""
+    train_run_id: str = ""
+    global_step: int = 0
+    version: int = QUALITY_VERSION
+
+
+def write_quality_file(path: Path, table: pd.DataFrame | pa.Table, source: QualitySource) -> None:
+    """Write `table` (key, record, label, quality) with `source` as metadata, atomically.
+
+    The same rows and source give the same bytes (no timestamps), so a resumed scoring
+    ends byte-identical to an uninterrupted one.
+    """
+    if isinstance(table, pd.DataFrame):
+        table = pa.Table.from_pandas(table, preserve_index=False)
+    missing = [name for name in QUALITY_SCHEMA.names if name not in table.column_names]
+    if missing:
+        raise ValueError(f"a quality table needs the columns {QUALITY_SCHEMA.names}; missing {missing}")
+    table = table.select(QUALITY_SCHEMA.names).cast(QUALITY_SCHEMA)
+    metadata = {METADATA_KEY: json.dumps(asdict(source), sort_keys=True).encode()}
+    table = table.replace_schema_metadata(metadata)
+    atomic_write(
+        Path(path),
+        lambda tmp: pq.write_table(table, tmp, compression="zstd", use_dictionary=False),
+        durable=True,
+    )
+
+
+def read_quality_source(path: Path) -> QualitySource:
+    """The metadata of a quality file; DataError when it is not one `igfiqa curate score` wrote."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError("no such quality file", path=path)
+    try:
+        metadata = pq.read_schema(path).metadata or {}
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise DataError(f"cannot read parquet: {exc}", path=path) from None
+    raw = metadata.get(METADATA_KEY)
+    if raw is None:
+        raise DataError(
+            f"no {METADATA_KEY.decode()} metadata (the scored dataset's fingerprint): not a quality file "
+            "written by `igfiqa curate score` (data_prep.quality_file.write_quality_file writes one)",
+            path=path,
+        )
+    try:
+        fields = json.loads(raw)
+        source = QualitySource(**fields)
+    except (ValueError, TypeError) as exc:
+        raise DataError(f"malformed {METADATA_KEY.decode()} metadata: {exc}", path=path) from None
+    if source.version != QUALITY_VERSION:
+        raise DataError(
+            f"quality file version {source.version}; this code reads version {QUALITY_VERSION}", path=path
+        )
+    return source
+
+
+def read_quality_table(path: Path) -> pd.DataFrame:
+    """The rows of a quality file (key, record, label, quality), as stored."""
+    path = Path(path)
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise DataError(f"cannot read parquet: {exc}", path=path) from None
+    missing = [name for name in QUALITY_SCHEMA.names if name not in table.column_names]
+    if missing:
+        raise DataError(f"missing columns {missing} (a quality file has {QUALITY_SCHEMA.names})", path=path)
+    try:
+        table = table.select(QUALITY_SCHEMA.names).cast(QUALITY_SCHEMA)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise DataError(f"columns of the wrong type: {exc}", path=path) from None
+    return table.to_pandas()
+
+
+def _rows_text(rows: np.ndarray, keys: pd.Series) -> str:
+    named = ", ".join(f"row {int(r)} (key {keys.iloc[int(r)]})" for r in rows[:LISTED_ROWS])
+    more = f" and {len(rows) - LISTED_ROWS} more" if len(rows) > LISTED_ROWS else ""
+    return named + more
+
+
+def aligned_quality(
+    path: Path, manifest: pd.DataFrame, *, dataset_fingerprint: str, dataset_dir: Path | None = None
+) -> tuple[np.ndarray, QualitySource]:
+    """(quality per manifest row as float64, the file's source) after checking the file fits the dataset.
+
+    `manifest` is the dataset's manifest (data_prep.manifest.read_manifest); rows of the file
+    may come in any order, every manifest key must appear exactly once. DataError naming the
+    file and its first offending rows otherwise.
+    """
+    path = Path(path)
+    source = read_quality_source(path)
+    where = f" {dataset_dir}" if dataset_dir is not None else ""
+    if source.dataset_fingerprint != dataset_fingerprint:
+        raise DataError(
+            f"scores another dataset: its fingerprint is {source.dataset_fingerprint}, the dataset"
+            f"{where} has {dataset_fingerprint} (score this dataset with `igfiqa curate score`)",
+            path=path,
+        )
+    table = read_quality_table(path)
+    keys = table["key"]
+    duplicated = np.flatnonzero(keys.duplicated(keep="first").to_numpy())
+    if duplicated.size:
+        raise DataError(
+            f"{duplicated.size} keys appear more than once: {_rows_text(duplicated, keys)}", path=path
+        )
+    manifest_keys = manifest["key"].astype(str)
+    position = pd.Index(keys).get_indexer(manifest_keys)
+    missing = np.flatnonzero(position < 0)
+    if missing.size:
+        listed = ", ".join(
+            f"key {manifest_keys.iloc[int(r)]} (manifest row {int(r)})" for r in missing[:LISTED_ROWS]
+        )
+        more = f" and {missing.size - LISTED_ROWS} more" if missing.size > LISTED_ROWS else ""
+        raise DataError(
+            f"has no score for {missing.size} of the dataset's {len(manifest)} images: {listed}{more}",
+            path=path,
+        )
+    unknown = np.flatnonzero(~keys.isin(manifest_keys).to_numpy())
+    if unknown.size:
+        raise DataError(
+            f"{unknown.size} keys are not in the dataset's manifest: {_rows_text(unknown, keys)}", path=path
+        )
+    expected_record = manifest["record"] if "record" in manifest else manifest["index"]
+    expected_label = manifest["label"] if "label" in manifest else manifest["index"]
+    for column, expected in (("record", expected_record), ("label", expected_label)):
+        stored = table[column].to_numpy()[position]
+        wrong = np.flatnonzero(stored != expected.to_numpy())
+        if wrong.size:
+            rows = position[wrong]
+            raise DataError(
+                f"{column} disagrees with the dataset's manifest in {wrong.size} rows: "
+                f"{_rows_text(rows, keys)} (first: {column} {stored[wrong[0]]}, the manifest says "
+                f"{expected.iloc[int(wrong[0])]})",
+                path=path,
+            )
+    quality = table["quality"].to_numpy(dtype=np.float64)
+    bad = np.flatnonzero(~np.isfinite(quality))
+    if bad.size:
+        raise DataError(
+            f"{bad.size} scores are NaN or infinite: {_rows_text(bad, keys)} (first: {quality[bad[0]]}); "
+            "score the dataset again, or check the model",
+            path=path,
+        )
+    return quality[position], source

@@ -1,0 +1,108 @@
+"""`curate score --submit`: one SLURM array task per shard range on the local cluster gives the scores
+of a local run; re-submitting after a lost shard runs one task for that shard only; the command
+line path writes the quality file and logs the array job id."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_prep.convert import convert
+from data_prep.dataset import load_dataset_info
+from data_prep.quality_file import read_quality_source, read_quality_table
+from data_prep.synth import synthesize
+from jobs.curate_job import shard_ranges, start_scoring
+from pipeline.evaluation.curation import SCORE_DIR, score_dataset
+from tests.eval_fixtures import make_checkpoint
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """~100 images in about five shards of 21."""
+    root = tmp_path_factory.mktemp("curate_slurm")
+    synthesize(root / "synth", identities=10, images_per_identity=10, seed=4)
+    convert(root / "synth", root / "train", samples_per_shard=21, progress=False)
+    return root / "train"
+
+
+def test_shard_ranges_cover_every_shard_once() -> None:
+    assert shard_ranges(5, 2) == [[0, 1], [2, 3], [4]]
+    assert shard_ranges(3, 5) == [[0, 1, 2]]
+    assert shard_ranges(0, 2) == []
+
+
+@pytest.mark.timeout(600)
+def test_slurm_array_scoring_matches_local_and_resumes(
+    slurm_cluster, submitit_folder, dataset: Path, tmp_path: Path
+) -> None:
+    checkpoint, _ = make_checkpoint(tmp_path / "model.ckpt", run_id="r1")
+    local = score_dataset(
+        checkpoint, dataset, tmp_path / "local", device="cpu", batch_size=16, progress=False
+    )
+
+    out = tmp_path / "slurm"
+    array = start_scoring(
+        checkpoint,
+        dataset,
+        out,
+        profile=slurm_cluster.profile,
+        shards_per_task=2,
+        device="cpu",
+        batch_size=16,
+        num_threads=1,
+        folder=submitit_folder(),
+    )
+    num_shards = len(load_dataset_info(dataset).shards)
+    assert num_shards >= 4 and array.ranges == shard_ranges(num_shards, 2)
+    assert len({str(job.job_id).split("_")[0] for job in array.jobs}) == 1  # one array job, a task per range
+    result = array.wait(progress=False)
+    remote_table, local_table = read_quality_table(result.path), read_quality_table(local.path)
+    assert remote_table[["key", "record", "label"]].equals(local_table[["key", "record", "label"]])
+    # other processes, other thread counts: the same numbers to float rounding
+    np.testing.assert_allclose(remote_table["quality"], local_table["quality"], rtol=1e-5, atol=1e-5)
+    assert read_quality_source(result.path) == read_quality_source(local.path)
+
+    # a lost shard and no quality file (as after a failed task): only that shard is submitted again
+    (out / SCORE_DIR / "part-00003.parquet").unlink()
+    (out / "quality.parquet").unlink()
+    kept = {p.name: p.stat().st_ino for p in (out / SCORE_DIR).glob("part-*.parquet")}
+    again = start_scoring(
+        checkpoint,
+        dataset,
+        out,
+        profile=slurm_cluster.profile,
+        shards_per_task=2,
+        device="cpu",
+        batch_size=16,
+        num_threads=1,
+        folder=submitit_folder(),
+    )
+    assert again.ranges == [[3]] and len(again.jobs) == 1
+    again.wait(progress=False)
+    assert {name: (out / SCORE_DIR / name).stat().st_ino for name in kept} == kept
+    assert read_quality_table(out / "quality.parquet")["quality"].tolist() == remote_table["quality"].tolist()
+
+
+@pytest.mark.timeout(600)
+def test_curate_score_submit_command(
+    slurm_cluster, submitit_folder, dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from jobs.cli import main
+
+    submitit_folder()  # PYTHONPATH for the tasks
+    checkpoint, _ = make_checkpoint(tmp_path / "model.ckpt")
+    out = tmp_path / "cli"
+    profile = REPO / "slurm" / "clusters" / "local.yaml"
+    command = ["curate", "score", str(checkpoint), "--data", str(dataset), "--out", str(out), "--no-track"]
+    assert main([*command, "--submit", str(profile), "--shards-per-task", "3", "--device", "cpu"]) == 0
+    info = load_dataset_info(dataset)
+    assert f"scored {info.num_images} images (SLURM array job " in capsys.readouterr().out
+    assert (out / "quality.parquet").is_file()
+    logs = list((out / SCORE_DIR / "slurm").glob("*/*_log.err"))
+    assert len(logs) == len(shard_ranges(len(info.shards), 3))  # one task per range of three shards

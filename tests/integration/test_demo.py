@@ -101,7 +101,8 @@ def check_outputs(out: Path, stdout: str) -> tuple[str, str]:
     child = children[0]
     assert child.info.status == "FINISHED"
     assert 0.0 <= child.data.metrics["clean.accuracy"] <= 1.0
-    assert "clean.IG-FIQA.erc_auc.fmr_1e-3" in child.data.metrics
+    assert "clean.IG-FIQA.erc_auc.fmr_1e-1" in child.data.metrics  # the FMR the small sets resolve
+    assert "mixed.IG-FIQA.edc_pauc_vs_random.fmr_1e-1" in child.data.metrics
     assert train.info.run_id in stdout and child.info.run_id in stdout
     check_prep_lineage(out, train.data.tags["dataset_fingerprint"], child.data.tags)
     return train.info.run_id, child.info.run_id

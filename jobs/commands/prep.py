@@ -18,10 +18,10 @@ log = logging.getLogger(__name__)
 PREP_DESCRIPTION = """\
 Offline data stages: turn InsightFace-style data into DALI-readable shards.
 
-  igfiqa prep synth --out work/synth                 # the embedded synthetic dataset
-  igfiqa prep convert work/synth --out work/train    # train.rec/.idx/property -> shards
-  igfiqa prep bins work/synth/*.bin --out work/val   # verification .bin files -> shards
-  igfiqa prep inspect work/train                     # counts, histograms, checks
+  igfiqa prep synth --out work/full/synth                      # the embedded synthetic dataset
+  igfiqa prep convert work/full/synth --out work/full/train    # train.rec/.idx/property -> shards
+  igfiqa prep bins work/full/synth/*.bin --out work/full/val   # verification .bin files -> shards
+  igfiqa prep inspect work/full/train                          # counts, histograms, checks
 
 Every stage is idempotent: run it again after a failure or a kill and it resumes.
 Bad input stops with one line naming the file, the record and the byte offset.

@@ -16,7 +16,7 @@ Clean a training set with a quality model: score every image, then keep images b
   igfiqa curate score runs/tiny-cpu/checkpoints/last.ckpt --data work/train --out work/quality
   igfiqa curate filter work/train --quality work/quality/quality.parquet --out work/train-q80 --rule lowest:20% --min-per-identity 2
   igfiqa prep inspect work/train-q80          # shows where it came from
-  igfiqa train configs/tiny_cpu.yaml --set data.dataset=work/train-q80
+  igfiqa train configs/tiny_cpu.yaml --set data.dataset=work/train-q80 --set run.dir=runs/curated
 
 Both log an MLflow run (experiments igfiqa-curate-score and igfiqa-curate) with the lineage:
 the datasets' fingerprints, the model's fingerprint, checkpoint and training run, the rule.

@@ -2,7 +2,8 @@
 
     for each step:
         FR half (clean), regression half (degraded)   ← DALI (pipeline.data.loader)
-        embeddings, quality = backbone + head          (one forward of both halves, DDP)
+        embeddings, quality = backbone + head          (FR half, then regression half: separate
+                                                        forwards, BN stats from the FR half only)
         ArcFace on the FR half                         ┐
         CCS, NNCCS → CR on the regression half         │ pipeline.method.objective
         variance table ← 1 − CCS; class weights ŵ      │ (sharded classifier and table)
@@ -319,9 +320,9 @@ class _Trainer:
             for group in optimizer.param_groups:
                 group["lr"] = lr
         progress = training_progress(self.position.global_step, self.total)
-        images = torch.cat([fr_images, reg_images])
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            embeddings, quality = self.ddp_model(images)
+            # one DDP call; inside, the halves go through the backbone as model.forward says
+            embeddings, quality = self.ddp_model(fr_images, reg_images)
         embeddings, quality = embeddings.float(), quality.float()
         n_fr = fr_images.shape[0]
         out = self.objective(

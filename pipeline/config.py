@@ -74,6 +74,8 @@ class ModelConfig:
     # how the regression half passes BatchNorm when separate: running statistics (eval mode) or
     # its own batch statistics without updating the running ones (pipeline/method/model.py)
     reg_bn: Literal["running", "batch"] = "running"
+    # the quality head R's initial weights: zeros, or PyTorch's default uniform draw
+    head_init: Literal["zeros", "uniform"] = "zeros"
 
 
 @dataclass(frozen=True)

@@ -267,6 +267,7 @@ def stage_synth(paths: DemoPaths, args: argparse.Namespace, record: StageRecord)
     """Write the synthetic dataset unless an identical one is there; a different one is an error."""
     from data_prep.synth import synthesize
     from jobs.cli import UserError
+    from jobs.commands.prep import default_synth_workers
 
     wanted = {
         "identities": args.identities,
@@ -296,6 +297,7 @@ def stage_synth(paths: DemoPaths, args: argparse.Namespace, record: StageRecord)
         images_per_identity=args.images_per_identity,
         seed=args.seed,
         progress=True,
+        workers=default_synth_workers(),
     )
     record.note = f"{result.num_images} images of {result.num_identities} identities"
     _log_prep_run(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -164,15 +165,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     synth.add_argument(
         "--clean-fraction",
         type=float,
-        default=0.4,
+        default=0.5,
         metavar="F",
-        help="share of undegraded images (default: 0.4)",
+        help="share of undegraded images in ordinary identities (default: 0.5)",
     )
     synth.add_argument(
         "--verification-identities", type=int, default=None, metavar="N", help="identities in the .bin sets"
     )
     synth.add_argument("--verification-pairs", type=int, default=None, metavar="N", help="pairs per .bin set")
     synth.add_argument("--seed", type=int, default=0, help="everything is a function of it (default: 0)")
+    synth.add_argument(
+        "--workers",
+        type=int,
+        default=default_synth_workers(),
+        metavar="N",
+        help="processes that render the images; the output does not depend on it (default: the CPU "
+        f"count, at most {MAX_SYNTH_WORKERS}: {default_synth_workers()} here)",
+    )
     _add_tracking_options(synth)
     synth.set_defaults(func=_run_synth)
 
@@ -183,6 +192,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     inspect.add_argument("--verify", action="store_true", help="also recompute every checksum")
     inspect.add_argument("--json", action="store_true", help="print the report as JSON")
     inspect.set_defaults(func=_run_inspect)
+
+
+MAX_SYNTH_WORKERS = 8
+
+
+def default_synth_workers() -> int:
+    """Processes for `prep synth` (and the demo's synth stage): the CPU count, at most MAX_SYNTH_WORKERS."""
+    return max(1, min(MAX_SYNTH_WORKERS, os.cpu_count() or 1))
 
 
 def _add_tracking_options(parser: argparse.ArgumentParser) -> None:
@@ -296,6 +313,7 @@ def _run_synth(args: argparse.Namespace) -> int:
         verification_pairs=args.verification_pairs,
         seed=args.seed,
         progress=True,
+        workers=args.workers,
     )
     seconds = time.monotonic() - started
     sets = ", ".join(p.name for p in result.verification_bins.values())

@@ -35,6 +35,7 @@ from pipeline.method.backbones import build_backbone
 
 ForwardMode = Literal["separate", "joint"]
 RegressionBN = Literal["running", "batch"]
+HeadInit = Literal["zeros", "uniform"]
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
@@ -83,6 +84,7 @@ class FIQAModel(nn.Module):
         quality_grad_to_backbone: bool = True,
         forward_mode: ForwardMode = "separate",
         reg_bn: RegressionBN = "running",
+        head_init: HeadInit = "zeros",
     ):
         super().__init__()
         if forward_mode not in ("separate", "joint"):
@@ -91,6 +93,11 @@ class FIQAModel(nn.Module):
             raise ValueError(f"unknown model.reg_bn {reg_bn!r}: use 'running' or 'batch'")
         self.backbone = backbone
         self.head = nn.Linear(embedding_size, 1)
+        if head_init == "zeros":
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+        elif head_init != "uniform":
+            raise ValueError(f"unknown model.head_init {head_init!r}: use 'zeros' or 'uniform'")
         self.embedding_size = embedding_size
         self.quality_grad_to_backbone = quality_grad_to_backbone
         self.forward_mode = forward_mode
@@ -126,4 +133,5 @@ def build_model(model_cfg: ModelConfig, *, quality_grad_to_backbone: bool = True
         quality_grad_to_backbone=quality_grad_to_backbone,
         forward_mode=model_cfg.forward,
         reg_bn=model_cfg.reg_bn,
+        head_init=model_cfg.head_init,
     )

@@ -111,6 +111,14 @@ class ModelConfig:
     embedding_size: int = 512
     dropout: float = 0.0
     fp16: bool = False  # bf16 autocast on GPU when true
+    # separate: the FR half and the regression half through the backbone in two forwards, so the FR
+    # half and BN's running statistics never see the degraded images (paper §3.2); joint: one forward
+    forward: Literal["separate", "joint"] = "separate"
+    # how the regression half passes BatchNorm when separate: running statistics (eval mode) or
+    # its own batch statistics without updating the running ones (pipeline/method/model.py)
+    reg_bn: Literal["running", "batch"] = "running"
+    # the quality head R's initial weights: zeros, or PyTorch's default uniform draw
+    head_init: Literal["zeros", "uniform"] = "zeros"
 
 
 @dataclass(frozen=True)

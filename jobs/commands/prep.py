@@ -198,15 +198,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     synth.add_argument(
         "--clean-fraction",
         type=float,
-        default=0.4,
+        default=0.5,
         metavar="F",
-        help="share of undegraded images (default: 0.4)",
+        help="share of undegraded images in ordinary identities (default: 0.5)",
     )
     synth.add_argument(
         "--verification-identities", type=int, default=None, metavar="N", help="identities in the .bin sets"
     )
     synth.add_argument("--verification-pairs", type=int, default=None, metavar="N", help="pairs per .bin set")
     synth.add_argument("--seed", type=int, default=0, help="everything is a function of it (default: 0)")
+    synth.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="processes that render the images; the output does not depend on it "
+        "(default: the CPU count, at most 8)",
+    )
     _add_tracking_options(synth)
     synth.set_defaults(func=_run_synth)
 
@@ -308,7 +316,7 @@ def _run_synth(args: argparse.Namespace) -> int:
         verification_pairs=args.verification_pairs,
         seed=args.seed,
     )
-    result, run_id = run_synth(args.out, spec, tracking_uri=_tracking_uri(args))
+    result, run_id = run_synth(args.out, spec, tracking_uri=_tracking_uri(args), workers=args.workers)
     sets = ", ".join(p.name for p in result.verification_bins.values())
     print(
         f"synthesized {result.num_images} images of {result.num_identities} identities + {sets}: {result.out}"

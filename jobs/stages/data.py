@@ -58,10 +58,16 @@ def _log_lineage(
     return log_stage_run(stage, params=params, tags=tags, metrics=metrics, tracking_uri=tracking_uri)
 
 
-def run_synth(out: Path, spec: SynthSpec, *, tracking_uri: str | None = "") -> tuple[SynthResult, str | None]:
-    """Write the synthetic dataset; (its result, the MLflow run id). `tracking_uri=None`: no MLflow run."""
+def run_synth(
+    out: Path, spec: SynthSpec, *, tracking_uri: str | None = "", workers: int | None = None
+) -> tuple[SynthResult, str | None]:
+    """Write the synthetic dataset; (its result, the MLflow run id). `tracking_uri=None`: no MLflow run.
+
+    `workers` processes render the images (default: `default_synth_workers()`); the output does not
+    depend on it.
+    """
     from data_prep.checksums import xxh128_file
-    from data_prep.synth import synthesize
+    from data_prep.synth import default_synth_workers, synthesize
 
     started = time.monotonic()
     result = synthesize(
@@ -74,6 +80,7 @@ def run_synth(out: Path, spec: SynthSpec, *, tracking_uri: str | None = "") -> t
         verification_pairs=spec.verification_pairs,
         seed=spec.seed,
         progress=True,
+        workers=default_synth_workers() if workers is None else workers,
     )
     seconds = time.monotonic() - started
     if tracking_uri is None:

@@ -62,10 +62,10 @@ class TrainStep:
         for optimizer in (self.model_optimizer, self.classifier_optimizer):
             for group in optimizer.param_groups:
                 group["lr"] = values.lr
-        # forward: backbone + quality head on both halves
-        images = torch.cat([fr_images, reg_images])
+        # forward: backbone + quality head on both halves in one DDP call; inside, the halves go
+        # through the backbone as model.forward says (separate: BN statistics from the FR half only)
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            embeddings, quality = self.ddp_model(images)
+            embeddings, quality = self.ddp_model(fr_images, reg_images)
         embeddings, quality = embeddings.float(), quality.float()
         n_fr = fr_images.shape[0]
         # objective: ArcFace on the FR half; CR, variance table, weights and L_IG on the regression half

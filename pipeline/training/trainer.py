@@ -3,7 +3,8 @@
     for each step:
         FR half (clean), regression half (degraded)   ← DALI (pipeline.data.loader)
         LR and α of this step                          ← pipeline.training.schedules
-        embeddings, quality = backbone + head          (DDP over backbone + head)
+        embeddings, quality = backbone + head          (DDP; FR half, then regression half: separate
+                                                        forwards, BN stats from the FR half only)
         ArcFace on the FR half                         ┐
         CCS, NNCCS → CR on the regression half         │ pipeline.method.objective
         variance table ← 1 − CCS; class weights ŵ      │ (sharded classifier and table)

@@ -4,7 +4,8 @@ Same data, seed and global batch (the 2-process global batch is rank 0's local h
 then rank 1's). Compared after every step of a short SGD run: ArcFace loss, CCS,
 NNCCS, CR labels, the variance table, weights, IG loss, total, the DDP-averaged
 gradients of the model, the classifier gradients by class, and at the end the
-unsharded classifier, its momentum and the table. The initial state is saved on one
+unsharded classifier, its momentum and the table. The model is called as the trainer calls it,
+`net(fr, reg)` (one DDP forward; separate backbone forwards in one config, joint in the other). The initial state is saved on one
 process and loaded on two (re-sharding), with a class count (7) that 2 does not divide.
 """
 
@@ -29,10 +30,11 @@ from pipeline.training.schedules import alpha_at
 
 NUM_CLASSES, DIM, IN_FEATURES, STEPS = 7, 16, 24, 3
 CONFIGS = {
-    "paper_defaults": (LossConfig(), VarianceConfig()),
+    "paper_defaults": (LossConfig(), VarianceConfig(), "separate"),
     "switches_flipped": (
         LossConfig(margin="cosface", ig_reduction="sum", smooth_l1_beta=1.0),
         VarianceConfig(update_from="reg", fold="mean", order="weigh_then_update"),
+        "joint",
     ),
 }
 
@@ -59,16 +61,16 @@ def _spec() -> dict[str, Any]:
     return {"steps": steps, "model": model.state_dict(), "initial": initial}
 
 
-def _tiny_model() -> FIQAModel:
+def _tiny_model(forward: str = "separate") -> FIQAModel:
     torch.manual_seed(1)
     backbone = nn.Sequential(nn.Linear(IN_FEATURES, 32), nn.PReLU(32), nn.Linear(32, DIM))
-    return FIQAModel(backbone, DIM)
+    return FIQAModel(backbone, DIM, forward_mode=forward)  # type: ignore[arg-type]
 
 
-def _run(spec: dict[str, Any], loss_cfg: LossConfig, var_cfg: VarianceConfig) -> dict[str, Any]:
+def _run(spec: dict[str, Any], loss_cfg: LossConfig, var_cfg: VarianceConfig, forward: str) -> dict[str, Any]:
     """A short training run on this process's share of every global batch."""
     size, me = world_size(), rank()
-    model = _tiny_model()
+    model = _tiny_model(forward)
     model.load_state_dict(spec["model"])
     net: nn.Module = DistributedDataParallel(model) if size > 1 else model
     objective = IGFIQAObjective(NUM_CLASSES, DIM, loss_cfg, var_cfg, seed=3).train()
@@ -85,7 +87,7 @@ def _run(spec: dict[str, Any], loss_cfg: LossConfig, var_cfg: VarianceConfig) ->
             step["reg_x"][me * n_reg : (me + 1) * n_reg],
             step["reg_y"][me * n_reg : (me + 1) * n_reg],
         )
-        emb, quality = net(torch.cat([fr_x, reg_x]))
+        emb, quality = net(fr_x, reg_x)  # as the trainer calls it: one DDP forward of both halves
         model_opt.zero_grad()
         clf_opt.zero_grad()
         out = objective(

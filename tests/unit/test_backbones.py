@@ -7,6 +7,7 @@ import torch
 
 from pipeline.config import ModelConfig
 from pipeline.method.backbones import available_backbones, build_backbone
+from pipeline.method.backbones.iresnet import IResNet
 from pipeline.method.model import FIQAModel, build_model
 
 
@@ -18,6 +19,7 @@ def test_registry_lists_the_family() -> None:
         "iresnet34",
         "iresnet50",
         "iresnet_mini",
+        "iresnet_tiny",
     ]
     with pytest.raises(ValueError, match=r"unknown backbone 'resnet9'.*iresnet50"):
         build_backbone("resnet9")
@@ -39,7 +41,7 @@ def test_parameter_counts_match_the_reference(name: str, params: int) -> None:
     assert sum(p.numel() for p in model.parameters()) == params
 
 
-@pytest.mark.parametrize("name", ["iresnet18", "iresnet_mini"])
+@pytest.mark.parametrize("name", ["iresnet18", "iresnet_mini", "iresnet_tiny"])
 def test_forward_shape_and_frozen_embedding_scale(name: str) -> None:
     torch.manual_seed(0)
     model = build_backbone(name, embedding_size=128, dropout=0.2).train()
@@ -61,9 +63,56 @@ def test_mini_is_small() -> None:
     assert sum(p.numel() for p in model.parameters()) < 4_000_000
 
 
+def _conv_macs(model: torch.nn.Module) -> int:
+    """Multiply-accumulates of the convolutions for one 112×112 image."""
+    macs = []
+
+    def count(module: torch.nn.Module, _: tuple, out: torch.Tensor) -> None:
+        macs.append(out[0].numel() * module.weight[0].numel())
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        model.eval()(torch.zeros(1, 3, 112, 112))
+    for hook in hooks:
+        hook.remove()
+    return sum(macs)
+
+
+def test_tiny_has_a_stride_two_stem_and_a_third_of_the_work() -> None:
+    tiny, mini = build_backbone("iresnet_tiny"), build_backbone("iresnet_mini")
+    assert tiny.conv1.stride == (2, 2) and tiny.layer4[0].conv2.stride == (1, 1)
+    assert 3.0 < _conv_macs(mini) / _conv_macs(tiny) < 3.6  # 109 M vs 33 M per image
+
+
+def test_channels_last_gives_the_same_embeddings() -> None:
+    torch.manual_seed(0)
+    tiny = build_backbone("iresnet_tiny", embedding_size=32).eval()
+    images = torch.randn(2, 3, 112, 112)
+    with torch.no_grad():
+        fast = tiny(images)
+        tiny.channels_last = False
+        plain = tiny(images)
+    torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-4)
+
+
+def test_quality_head_starts_at_zero_by_default() -> None:
+    model = build_model(ModelConfig(backbone="iresnet_mini", embedding_size=64))
+    assert model.head.weight.abs().sum() == 0 and model.head.bias.abs().sum() == 0
+    uniform = build_model(ModelConfig(backbone="iresnet_mini", embedding_size=64, head_init="uniform"))
+    assert uniform.head.weight.abs().sum() > 0
+    with pytest.raises(ValueError, match="head_init"):
+        build_model(ModelConfig(backbone="iresnet_mini", embedding_size=64, head_init="normal"))  # type: ignore[arg-type]
+
+
+def test_strides_must_reach_seven_by_seven() -> None:
+    with pytest.raises(ValueError, match="multiply to 16"):
+        IResNet((1, 1, 1, 1), (8, 8, 8, 8), stem_width=8, stem_stride=2)
+
+
 def test_fiqa_model_head_and_gradient_switch() -> None:
     torch.manual_seed(0)
-    cfg = ModelConfig(backbone="iresnet_mini", embedding_size=64)
+    # a uniformly drawn head: the default zero head passes no gradient to the backbone at step 0
+    cfg = ModelConfig(backbone="iresnet_mini", embedding_size=64, head_init="uniform")
     images = torch.randn(4, 3, 112, 112)
     for to_backbone in (True, False):
         model = build_model(cfg, quality_grad_to_backbone=to_backbone)

@@ -114,7 +114,8 @@ def test_with_the_mini_backbone_and_the_gradient_switch() -> None:
     labels = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
     for to_backbone in (True, False):
         model = build_model(
-            ModelConfig(backbone="iresnet_mini", embedding_size=DIM), quality_grad_to_backbone=to_backbone
+            ModelConfig(backbone="iresnet_mini", embedding_size=DIM, head_init="uniform"),
+            quality_grad_to_backbone=to_backbone,
         )
         objective = IGFIQAObjective(4, DIM, LossConfig(lambda_ig=10.0), VarianceConfig(), seed=0).train()
         emb, quality = model(images)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -127,10 +128,32 @@ def submit_training(
 
 
 def _job_state(job: submitit.Job, *, refresh: bool) -> str:
-    """SLURM's state of the job's latest attempt; `refresh` asks sacct now instead of submitit's cache."""
+    """SLURM's state of the job's latest attempt; `refresh` asks sacct now instead of submitit's cache.
+
+    NODE_FAIL ends only an attempt when SLURM requeues the job (JobRequeue), but submitit takes
+    it for the job's end and stops asking: the job's state is then asked from SLURM directly.
+    """
     info = job.get_info(mode="force" if refresh else "standard")
-    state = info.get("State") or job.state or "UNKNOWN"
-    return state.split()[0]
+    state = (info.get("State") or job.state or "UNKNOWN").split()[0]
+    if state == "NODE_FAIL":
+        return latest_attempt_state(str(job.job_id)) or state
+    return state
+
+
+def latest_attempt_state(job_id: str) -> str:
+    """The state of a job's latest attempt: squeue's while SLURM holds it, else sacct's ("" if unknown)."""
+    queued = subprocess.run(
+        ["squeue", "--noheader", "--jobs", job_id, "--format=%T"], capture_output=True, text=True, timeout=60
+    ).stdout.split()
+    if queued:
+        return queued[0]
+    accounted = subprocess.run(
+        ["sacct", "--noheader", "--parsable2", "--allocations", "--jobs", job_id, "--format=State"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout.split()
+    return accounted[-1].split()[0] if accounted else ""
 
 
 def follow_job(

@@ -464,6 +464,12 @@ def slurm_unavailable_reason(profile: Any) -> str | None:
     missing = [tool for tool in ("sinfo", "sbatch", "sacct") if shutil.which(tool) is None]
     if missing:
         return f"SLURM is not installed here ({', '.join(missing)} not on PATH){root_note}"
+    from jobs.cluster import ProfileError, select_cluster
+
+    try:
+        select_cluster(profile)  # ask the profile's cluster (slurm_conf), not the default one
+    except ProfileError as exc:
+        return str(exc)
     command = ["sinfo", "--noheader", "--format=%T %c"]
     if profile.partition:
         command.append(f"--partition={profile.partition}")

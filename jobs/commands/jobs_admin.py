@@ -24,6 +24,7 @@ examples:
   igfiqa jobs logs 1234 --tail 100
   igfiqa jobs logs 1234_7 --folder runs/igfiqa/submitit/20250101-120000
   igfiqa jobs cancel 1234
+  igfiqa jobs status 100004 --cluster slurm/clusters/local-2node.yaml   # a job of another cluster
 """
 
 _JOB_ID = re.compile(r"^\d+(_\d+)?$")
@@ -64,6 +65,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     cancel.add_argument("--no-track", action="store_true", help="leave MLflow runs alone")
     cancel.set_defaults(func=run_cancel)
+    for action in (status, logs, cancel):
+        action.add_argument(
+            "--cluster",
+            type=Path,
+            default=None,
+            help="cluster profile of the job's cluster when it is not the default one (its slurm_conf); "
+            "an exported SLURM_CONF works too",
+        )
 
 
 # ----------------------------------------------------------------------------- SLURM commands
@@ -73,6 +82,14 @@ def _user_error(message: str) -> Exception:
     from jobs.cli import UserError
 
     return UserError(message)
+
+
+def _select_cluster(args: argparse.Namespace) -> None:
+    """Ask the cluster of `--cluster PROFILE` (default: the one SLURM_CONF or /etc/slurm names)."""
+    if getattr(args, "cluster", None) is not None:
+        from jobs.cluster import load_profile, select_cluster
+
+        select_cluster(load_profile(args.cluster))
 
 
 def _check_job_id(job_id: str) -> str:
@@ -127,6 +144,7 @@ def log_files(folder: Path, job_id: str, task: int | None = None) -> list[Path]:
 def run_status(args: argparse.Namespace) -> int:
     """Handler of `igfiqa jobs status`."""
     job_id = _check_job_id(args.job_id)
+    _select_cluster(args)
     queued = squeue_state(job_id)
     rows = sacct_rows(job_id)
     if not rows and not queued:
@@ -148,6 +166,7 @@ def run_status(args: argparse.Namespace) -> int:
 def run_logs(args: argparse.Namespace) -> int:
     """Handler of `igfiqa jobs logs`."""
     job_id = _check_job_id(args.job_id)
+    _select_cluster(args)
     folder = args.folder or log_folder_from_scontrol(job_id)
     if folder is None:
         raise _user_error(
@@ -173,6 +192,7 @@ def run_logs(args: argparse.Namespace) -> int:
 def run_cancel(args: argparse.Namespace, *, wait_s: float = 30.0) -> int:
     """Handler of `igfiqa jobs cancel`: scancel, then wait until accounting shows the job ended."""
     job_id = _check_job_id(args.job_id)
+    _select_cluster(args)
     result = _slurm("scancel", job_id)
     if result.returncode != 0:
         raise _user_error(f"scancel {job_id} failed: {result.stderr.strip() or result.stdout.strip()}")

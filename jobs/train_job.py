@@ -45,7 +45,17 @@ _PEER_FAILURE_MARKERS = (
     "Watchdog caught collective operation timeout",
 )
 DEFAULT_SLURMD_TIMEOUT_S = 300  # SLURM's own default, when the controller cannot be asked
-SLURM_GRACE_S = 30  # on top of SlurmdTimeout: SLURM's ping interval and the requeue itself
+SLURM_GRACE_S = 30  # for the requeue itself, after SLURM declared the node DOWN
+
+
+def slurm_reaction_s(slurmd_timeout: int) -> int:
+    """How long a rank waits for SLURM after a peer failure: twice SlurmdTimeout and a grace.
+
+    SLURM marks a silent node DOWN at the first ping round after SlurmdTimeout has passed (it
+    pings every SlurmdTimeout/3); measured on the local two-node cluster (SlurmdTimeout 15 s):
+    not responding after 16 s, DOWN and the job requeued after 28 s.
+    """
+    return 2 * slurmd_timeout + SLURM_GRACE_S
 
 
 class PeerFailureError(RuntimeError):
@@ -138,7 +148,7 @@ class TrainJob:
         self, exc: Exception, env: DistEnv, signals: StopSignals
     ) -> NoReturn:
         """Log the lost peer clearly, give SLURM time to requeue a job whose node failed, then fail."""
-        wait_s = slurmd_timeout_s() + SLURM_GRACE_S
+        wait_s = slurm_reaction_s(slurmd_timeout_s())
         checkpoint = _last_checkpoint(self.config)
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         log.error(

@@ -79,10 +79,21 @@ node_net_ok() {
     netns_exists "$node" && ip -n "$node" -br addr show dev "$NODE_IF" 2>/dev/null | grep -q "$(node_addr "$node")/24"
 }
 
+install_iproute2() {
+    command -v apt-get >/dev/null || die "ip (iproute2) is needed for the two-node cluster and apt-get is not available"
+    say "installing iproute2"
+    export DEBIAN_FRONTEND=noninteractive
+    if ! apt-get install -y -q --no-install-recommends iproute2 >>"$TWO_STATE/apt.log" 2>&1; then
+        apt-get update -q >>"$TWO_STATE/apt.log" 2>&1 || die "apt-get update failed (log: $TWO_STATE/apt.log)"
+        apt-get install -y -q --no-install-recommends iproute2 >>"$TWO_STATE/apt.log" 2>&1 \
+            || die "apt-get install iproute2 failed (log: $TWO_STATE/apt.log)"
+    fi
+}
+
 network_up() {
     if ! ip link show dev "$BRIDGE" >/dev/null 2>&1; then
         say "creating bridge $BRIDGE ($BRIDGE_ADDR/24)"
-        ip link add "$BRIDGE" type bridge
+        ip link add "$BRIDGE" type bridge || die "a Linux bridge is not available here: ip link add type bridge fails"
     fi
     ip addr replace "$BRIDGE_ADDR/24" dev "$BRIDGE"
     ip link set "$BRIDGE" up
@@ -295,9 +306,6 @@ cmd_up() {
         return 0
     fi
     [[ $(id -u) -eq 0 ]] || die "the two-node cluster is not (fully) up and starting it needs root"
-    command -v ip >/dev/null || die "ip (iproute2) is needed for the two-node cluster"
-    command -v nsenter >/dev/null && command -v unshare >/dev/null \
-        || die "nsenter and unshare (util-linux) are needed for the two-node cluster"
     install -d -m 0755 "$TWO_STATE" "$RUN_DIR" "$LOG_DIR" "$TWO_STATE/ctld" "$TWO_STATE/spool"
     exec 8>"$TWO_STATE/lock"
     flock -w 300 8 || die "another twonode.sh held $TWO_STATE/lock for 300 s"
@@ -305,6 +313,11 @@ cmd_up() {
         say "already up (started by a concurrent run)"
         return 0
     fi
+    command -v ip >/dev/null || install_iproute2
+    command -v nsenter >/dev/null && command -v unshare >/dev/null \
+        || die "nsenter and unshare (util-linux) are needed for the two-node cluster"
+    unshare --net --uts true 2>/dev/null \
+        || die "network namespaces are not available here (a container without CAP_SYS_ADMIN?): unshare --net fails"
     munge -n 2>/dev/null | unmunge >/dev/null 2>&1 || die "munge does not work: run slurm/local/start.sh first"
 
     network_up
@@ -400,10 +413,13 @@ cmd_kill_node() {
     rm -f "$(slurmd_pidfile "$node")"
 }
 
-case ${1:-} in
-    up) cmd_up ;;
-    down) cmd_down ;;
-    kill-node) cmd_kill_node "${2:-}" ;;
-    env) echo "export SLURM_CONF=$TWO_CONF" ;;
-    *) die "usage: $0 up | down | kill-node NODE | env" ;;
-esac
+# Sourced (by the tests of its helpers), it only defines them.
+if [[ ${BASH_SOURCE[0]} == "$0" ]]; then
+    case ${1:-} in
+        up) cmd_up ;;
+        down) cmd_down ;;
+        kill-node) cmd_kill_node "${2:-}" ;;
+        env) echo "export SLURM_CONF=$TWO_CONF" ;;
+        *) die "usage: $0 up | down | kill-node NODE | env" ;;
+    esac
+fi

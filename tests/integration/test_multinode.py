@@ -392,8 +392,14 @@ def test_two_nodes_two_tasks_each_train_like_one_node(
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_node_lost_mid_run_is_requeued_and_resumes_into_the_same_run_and_weights(
-    two_node_cluster: Any, dataset: Path, tmp_path: Path, two_nodes_one_task: CliRun, measurements: list[str]
+    two_node_cluster: Any,
+    dataset: Path,
+    tmp_path: Path,
+    two_nodes_one_task: CliRun,
+    measurements: list[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setenv("SLURM_CONF", TWO_CONF)  # latest_attempt_state asks this process's cluster
     config = _config(dataset, tmp_path, "node-lost", PLAN)
     config_file = tmp_path / "config.yaml"
     config_file.write_text(dump_config(config))
@@ -453,6 +459,7 @@ def test_node_lost_mid_run_is_requeued_and_resumes_into_the_same_run_and_weights
     finally:
         if follower.poll() is None:
             follower.kill()
+        start_two_node_cluster()  # whatever happened, the next tests find both nodes up
     assert out_path.read_text().splitlines()[-1] == f"job {job_id}: COMPLETED"
     attempts = _final_attempts(job_id)
     assert [a[0] for a in attempts] == ["NODE_FAIL", "COMPLETED"], attempts
@@ -489,12 +496,18 @@ def test_node_lost_mid_run_is_requeued_and_resumes_into_the_same_run_and_weights
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_hung_peer_fails_the_job_clearly_and_the_run_resumes_on_one_node(
-    two_node_cluster: Any, dataset: Path, tmp_path: Path, two_nodes_one_task: CliRun, measurements: list[str]
+    two_node_cluster: Any,
+    dataset: Path,
+    tmp_path: Path,
+    two_nodes_one_task: CliRun,
+    measurements: list[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     import dataclasses
 
     from jobs.train_job import slurm_reaction_s
 
+    monkeypatch.setenv("SLURM_CONF", TWO_CONF)  # latest_attempt_state asks this process's cluster
     profile = dataclasses.replace(two_node_cluster.profile, collective_timeout_s=HUNG_TIMEOUT_S)
     config = _config(dataset, tmp_path, "hung-peer", PLAN)
     submission = submit_training(config, profile)
@@ -504,14 +517,25 @@ def test_hung_peer_fails_the_job_clearly_and_the_run_resumes_on_one_node(
     os.kill(rank1, signal.SIGSTOP)  # alive, connected, silent: only a timeout can tell
     stopped_at = time.time()
     try:
-        _wait_until(submission.job.done, JOB_TIMEOUT_S, f"job {submission.job_id} to end", poll_s=1.0)
+        _wait_until(
+            lambda: (
+                latest_attempt_state(submission.job_id) in {"FAILED", "COMPLETED", "CANCELLED", "NODE_FAIL"}
+            ),
+            JOB_TIMEOUT_S,
+            f"job {submission.job_id} to end",
+            poll_s=1.0,
+        )
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(rank1, signal.SIGCONT)
     attempts = _final_attempts(submission.job_id)
     assert [a[0] for a in attempts] == ["FAILED"], attempts  # no node failed: SLURM requeues nothing
-    ended_at = time.time()
     log = _log(submission.stderr)
+    ended_at = max(
+        _log_time(line)
+        for line in log.splitlines()
+        if "Submitted job triggered an exception" in line and _LOG_TIME.match(line)
+    )
     assert f"Timed out waiting {HUNG_TIMEOUT_S * 1000}ms" in log, log[-3000:]
     assert "PEER LOST: rank 0 of 2 on igfiqa-n1" in log
     error = [line for line in log.splitlines() if "PeerFailureError: rank 0 on igfiqa-n1" in line]

@@ -174,6 +174,18 @@ def _median_step_s(config: TrainConfig, run_id: str, steps: range) -> float:
     return statistics.median(IMAGES_PER_STEP / history[s] for s in steps if s in history)
 
 
+def _processes_with(command_line: str) -> list[int]:
+    """PIDs whose command line (arguments joined by NUL) contains `command_line`."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and command_line.encode() in (proc / "cmdline").read_bytes():
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
 def _printed(pattern: str, text: str) -> str:
     """The first group of `pattern` in what a command printed."""
     found = re.search(pattern, text)
@@ -300,9 +312,7 @@ def test_stop_removes_what_start_made_and_start_is_idempotent(two_node_cluster: 
         links = subprocess.run(["ip", "-br", "link"], capture_output=True, text=True, check=True).stdout
         assert "igfiqa-br0" not in links and "igfiqa-n1-veth" not in links and "igfiqa-n2-veth" not in links
         assert "igfiqa-n1" not in Path("/etc/hosts").read_text()
-        assert (
-            subprocess.run(["pgrep", "-f", f"slurmctld -f {TWO_CONF}"], capture_output=True).returncode == 1
-        )
+        assert not _processes_with(f"slurmctld\0-f\0{TWO_CONF}")
     # the one-node cluster was left alone
     assert Path("/var/lib/igfiqa-slurm/run/slurmctld.pid").read_text() == one_node_ctld
     assert "is UP" in subprocess.run(["scontrol", "ping"], capture_output=True, text=True).stdout

@@ -19,8 +19,10 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# make slurm-up NODES=2 also starts the two-node cluster (slurm/README.md); slurm-down stops both.
+NODES ?= 1
 slurm-up:
-	bash slurm/local/start.sh
+	bash slurm/local/start.sh --nodes $(NODES)
 
 slurm-down:
 	bash slurm/local/stop.sh

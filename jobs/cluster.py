@@ -8,11 +8,17 @@ that turns a profile into submitit parameters; `make_executor` applies them.
 
 One task per GPU: on a GPU profile `tasks_per_node` equals `gpus_per_node` (it may be left
 out); on a CPU profile (`gpus_per_node: 0`) `tasks_per_node` is the number of processes.
+
+A profile with `slurm_conf` names a cluster other than the machine's default one (the local
+two-node cluster, or one of several clusters a site reaches through `SLURM_CONF`):
+`select_cluster` points this process's SLURM commands at it (submitit's sbatch/sacct/scancel and
+ours), and the job inherits it. One process talks to one cluster at a time.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import shlex
 from dataclasses import dataclass, field
@@ -59,6 +65,7 @@ class ClusterProfile:
 
     name: str
     executor: str = "slurm"  # slurm | local (subprocesses here) | debug (in this process)
+    slurm_conf: str | None = None  # SLURM_CONF of the cluster; None: the machine's default cluster
     partition: str | None = None
     nodes: int = 1
     tasks_per_node: int = 1  # = gpus_per_node on a GPU profile: one task per GPU
@@ -69,6 +76,7 @@ class ClusterProfile:
     time_min: int = 60
     signal_delay_s: int = 90  # USR2 this many seconds before the time limit: checkpoint and requeue
     max_requeues: int = 3  # requeues after a timeout (submitit's slurm_max_num_timeout)
+    collective_timeout_s: int = 1800  # rendezvous and every collective: a lost or hung peer fails after this
     array_parallelism: int = 256  # array tasks running at once
     account: str | None = None
     qos: str | None = None
@@ -168,6 +176,10 @@ def profile_from_dict(raw: dict[str, Any], *, path: Path | str = "<dict>") -> Cl
             path, "signal_delay_s", f"{signal_delay_s} s is not shorter than time_min ({time_min} min)"
         )
 
+    slurm_conf = _optional_str(raw, "slurm_conf", path)
+    if slurm_conf is not None and not Path(slurm_conf).is_absolute():
+        raise _fail(path, "slurm_conf", f"expected an absolute path, got {slurm_conf!r}")
+
     exclusive = raw.get("exclusive", False)
     if not isinstance(exclusive, bool):
         raise _fail(path, "exclusive", f"expected true/false, got {exclusive!r}")
@@ -189,6 +201,7 @@ def profile_from_dict(raw: dict[str, Any], *, path: Path | str = "<dict>") -> Cl
     return ClusterProfile(
         name=name,
         executor=_choice(raw, "executor", "slurm", EXECUTORS, path),
+        slurm_conf=slurm_conf,
         partition=_optional_str(raw, "partition", path),
         nodes=_int(raw, "nodes", 1, 1, path),
         tasks_per_node=tasks,
@@ -199,6 +212,7 @@ def profile_from_dict(raw: dict[str, Any], *, path: Path | str = "<dict>") -> Cl
         time_min=time_min,
         signal_delay_s=signal_delay_s,
         max_requeues=_int(raw, "max_requeues", 3, 0, path),
+        collective_timeout_s=_int(raw, "collective_timeout_s", 1800, 1, path),
         array_parallelism=_int(raw, "array_parallelism", 256, 1, path),
         account=_optional_str(raw, "account", path),
         qos=_optional_str(raw, "qos", path),
@@ -271,7 +285,10 @@ def executor_parameters(
         )
     # Environment variables become setup lines, so they reach every task on every node; they come
     # after the profile's own setup lines (module load, ...) so the profile has the last word.
-    setup = list(profile.setup) + [f"export {var}={shlex.quote(value)}" for var, value in profile.env.items()]
+    env = dict(profile.env)
+    if profile.slurm_conf:  # srun and scontrol inside the job talk to the same cluster
+        env["SLURM_CONF"] = profile.slurm_conf
+    setup = list(profile.setup) + [f"export {var}={shlex.quote(value)}" for var, value in env.items()]
     params: dict[str, Any] = {
         "name": job_name,
         "nodes": nodes,
@@ -304,6 +321,33 @@ def executor_parameters(
     return params
 
 
+_DEFAULT_SLURM_CONF = os.environ.get("SLURM_CONF")  # what this process was started with
+
+
+def select_cluster(profile: ClusterProfile) -> None:
+    """Point this process's SLURM commands at the profile's cluster (sets or restores SLURM_CONF).
+
+    submitit runs sbatch, sacct and scancel as subprocesses of this process, whenever a job's
+    state is asked, so the choice is process-wide: a profile with `slurm_conf` selects that
+    cluster; one without selects the cluster this process started with. A missing file is a
+    ProfileError naming what starts that cluster.
+    """
+    if profile.executor != "slurm":
+        return
+    if profile.slurm_conf is None:
+        if _DEFAULT_SLURM_CONF is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = _DEFAULT_SLURM_CONF
+        return
+    if not Path(profile.slurm_conf).is_file():
+        raise ProfileError(
+            f"cluster profile {profile.source}: slurm_conf: {profile.slurm_conf} does not exist "
+            "(is that cluster up? the local two-node one starts with `make slurm-up NODES=2`)"
+        )
+    os.environ["SLURM_CONF"] = profile.slurm_conf
+
+
 def make_executor(
     profile: ClusterProfile,
     folder: str | Path,
@@ -318,13 +362,15 @@ def make_executor(
 ) -> Any:
     """A `submitit.AutoExecutor` writing its scripts and logs under `folder` (`%j` = job id).
 
-    `array_task`, `task_gpus`, `task_cpus`: see `executor_parameters`.
+    `array_task`, `task_gpus`, `task_cpus`: see `executor_parameters`. Selects the profile's cluster
+    (`select_cluster`).
 
     Use a fresh folder per submission: a folder reused across clusters whose job ids restart
     would hand back an older job's result file.
     """
     import submitit
 
+    select_cluster(profile)
     executor = submitit.AutoExecutor(
         folder=folder,
         cluster=profile.executor,

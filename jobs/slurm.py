@@ -97,6 +97,12 @@ def slurm_unavailable_reason(profile: ClusterProfile) -> str | None:
     missing = [tool for tool in ("sinfo", "sbatch", "sacct") if shutil.which(tool) is None]
     if missing:
         return f"SLURM is not installed here ({', '.join(missing)} not on PATH){root_note}"
+    from jobs.cluster import ProfileError, select_cluster
+
+    try:
+        select_cluster(profile)  # ask the profile's cluster (slurm_conf), not the default one
+    except ProfileError as exc:
+        return str(exc)
     command = ["sinfo", "--noheader", "--format=%T %c"]
     if profile.partition:
         command.append(f"--partition={profile.partition}")
@@ -288,9 +294,24 @@ def job_state(job: Any, *, refresh: bool) -> JobState:
     """The state of a submitit job's latest attempt; `refresh` asks sacct now, not submitit's cache.
 
     submitit refreshes its cache less and less often as a job ages (up to every 10 minutes).
+    NODE_FAIL ends only an attempt when SLURM requeues the job (JobRequeue), but submitit takes
+    it for the job's end and stops asking: the state is then asked from SLURM directly.
     """
     info = job.get_info(mode="force" if refresh else "standard")
-    return JobState.parse(info.get("State") or job.state or "UNKNOWN")
+    state = JobState.parse(info.get("State") or job.state or "UNKNOWN")
+    if state.name == "NODE_FAIL":
+        return latest_attempt_state(str(job.job_id)) or state
+    return state
+
+
+def latest_attempt_state(job_id: str) -> JobState | None:
+    """The state of a job's latest attempt: squeue's while SLURM holds it, else sacct's (None: unknown)."""
+    queued = queued_job(job_id)
+    if queued is not None:
+        return JobState.parse(queued.state)
+    result = _run("sacct", "--noheader", "--parsable2", "--allocations", "--jobs", job_id, "--format=State")
+    lines = [line for line in result.stdout.splitlines() if line.strip()] if result.returncode == 0 else []
+    return JobState.parse(lines[-1]) if lines else None
 
 
 def log_files(folder: Path, job_id: str, task: int | None = None) -> list[Path]:

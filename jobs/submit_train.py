@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ from typing import TextIO
 import submitit
 
 from jobs import slurm
-from jobs.cluster import ClusterProfile, make_executor
+from jobs.cluster import ClusterProfile, ProfileError, make_executor
 from jobs.errors import UserError
 from jobs.train_job import TrainJob
 from pipeline.config import TrainConfig, flatten_config, validate_for_launch
@@ -55,8 +56,32 @@ def sbatch_error(text: str) -> str:
     return (errors or lines or ["no message"])[-1]
 
 
-def submit_training(config: TrainConfig, profile: ClusterProfile, *, nodes: int | None = None) -> Submission:
-    """Validate everything, create the MLflow run, submit one task per GPU/process; nothing runs if invalid."""
+def with_tasks_per_node(profile: ClusterProfile, tasks_per_node: int | None) -> ClusterProfile:
+    """The profile with another number of tasks per node (CPU profiles; GPU ones run one per GPU)."""
+    if tasks_per_node is None or tasks_per_node == profile.tasks_per_node:
+        return profile
+    if tasks_per_node < 1:
+        raise ProfileError(f"--tasks-per-node {tasks_per_node}: need at least one task per node")
+    if profile.gpus_per_node:
+        raise ProfileError(
+            f"cluster profile {profile.source}: tasks_per_node is fixed to gpus_per_node "
+            f"({profile.gpus_per_node}, one task per GPU); --tasks-per-node {tasks_per_node} is refused"
+        )
+    return dataclasses.replace(profile, tasks_per_node=tasks_per_node)
+
+
+def submit_training(
+    config: TrainConfig,
+    profile: ClusterProfile,
+    *,
+    nodes: int | None = None,
+    tasks_per_node: int | None = None,
+) -> Submission:
+    """Validate everything, create the MLflow run, submit one task per GPU/process; nothing runs if invalid.
+
+    `nodes` and `tasks_per_node` override the profile's (e.g. to resume a multi-node run on one node).
+    """
+    profile = with_tasks_per_node(profile, tasks_per_node)
     nodes = nodes or profile.nodes
     world = nodes * profile.tasks_per_node
     validate_for_launch(config, world)
@@ -90,7 +115,7 @@ def submit_training(config: TrainConfig, profile: ClusterProfile, *, nodes: int 
     folder = run_dir / "submitit" / time.strftime("%Y%m%d-%H%M%S")
     executor = make_executor(profile, folder, nodes=nodes, job_name=config.run.name)
     try:
-        job = executor.submit(TrainJob(config, tracker.run_id))
+        job = executor.submit(TrainJob(config, tracker.run_id, profile.collective_timeout_s))
     except Exception as exc:  # sbatch refused the job: no attempt will ever close this run
         if not run_id:
             tracker.finish("FAILED")

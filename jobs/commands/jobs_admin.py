@@ -23,6 +23,7 @@ examples:
   igfiqa jobs logs 1234 --tail 100
   igfiqa jobs logs 1234_7 --folder runs/tiny-cpu/submitit/20250101-120000
   igfiqa jobs cancel 1234
+  igfiqa jobs status 100004 --cluster slurm/clusters/local-2node.yaml   # a job of another cluster
 """
 
 
@@ -60,6 +61,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     cancel.add_argument("--no-track", action="store_true", help="leave MLflow runs alone")
     cancel.set_defaults(func=run_cancel)
+    for action in (status, logs, cancel):
+        action.add_argument(
+            "--cluster",
+            type=Path,
+            default=None,
+            help="cluster profile of the job's cluster when it is not the default one (its slurm_conf); "
+            "an exported SLURM_CONF works too",
+        )
+
+
+def _select_cluster(args: argparse.Namespace) -> None:
+    """Ask the cluster of `--cluster PROFILE` (default: the one SLURM_CONF or /etc/slurm names)."""
+    if getattr(args, "cluster", None) is not None:
+        from jobs.cluster import load_profile, select_cluster
+
+        select_cluster(load_profile(args.cluster))
 
 
 # ----------------------------------------------------------------------------- handlers
@@ -68,6 +85,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_status(args: argparse.Namespace) -> int:
     """Handler of `igfiqa jobs status`."""
     job_id = slurm.check_job_id(args.job_id)
+    _select_cluster(args)
     queued = slurm.queued_job(job_id)
     rows = slurm.sacct_rows(job_id)
     if not rows and queued is None:
@@ -89,6 +107,7 @@ def run_status(args: argparse.Namespace) -> int:
 def run_logs(args: argparse.Namespace) -> int:
     """Handler of `igfiqa jobs logs`."""
     job_id = slurm.check_job_id(args.job_id)
+    _select_cluster(args)
     folder = args.folder or slurm.log_folder_from_scontrol(job_id)
     if folder is None:
         raise UserError(
@@ -114,6 +133,7 @@ def run_logs(args: argparse.Namespace) -> int:
 def run_cancel(args: argparse.Namespace, *, wait_s: float = 30.0) -> int:
     """Handler of `igfiqa jobs cancel`: scancel, then wait until accounting shows the job ended."""
     job_id = slurm.check_job_id(args.job_id)
+    _select_cluster(args)
     outcome = slurm.cancel_job(job_id, wait_s=wait_s)
     if outcome.ended:
         print(f"job {job_id}: {outcome.state}")

@@ -28,6 +28,7 @@ logs into the same MLflow run, which is created now and printed.
 examples:
   igfiqa submit configs/tiny_cpu.yaml --cluster slurm/clusters/local.yaml --set data.dataset=work/train --wait
   igfiqa submit configs/protocol_l.yaml --cluster slurm/clusters/example-multinode-gpu.yaml --nodes 4
+  igfiqa submit configs/tiny_cpu.yaml --cluster slurm/clusters/local-2node.yaml --tasks-per-node 2
 """
 
 
@@ -71,6 +72,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--cluster", required=True, type=Path, help="cluster profile, e.g. slurm/clusters/local.yaml"
     )
     s.add_argument("--nodes", type=int, default=None, help="override the profile's node count")
+    s.add_argument(
+        "--tasks-per-node",
+        type=int,
+        default=None,
+        help="override the profile's tasks per node (CPU profiles; GPU profiles run one task per GPU)",
+    )
     s.add_argument("--wait", action="store_true", help="follow the job's log and return its exit status")
     s.set_defaults(func=run_submit)
 
@@ -98,7 +105,7 @@ def run_submit(args: argparse.Namespace) -> int:
 
     config = load_launch_config(args.config, args.overrides, args.tracking_uri)
     profile = load_profile(args.cluster)
-    submission = submit_training(config, profile, nodes=args.nodes)
+    submission = submit_training(config, profile, nodes=args.nodes, tasks_per_node=args.tasks_per_node)
     print(f"submitted job {submission.job_id} ({submission.world_size} tasks on {submission.nodes} node(s))")
     print(f"  stdout: {submission.stdout}")
     print(f"  stderr: {submission.stderr}")

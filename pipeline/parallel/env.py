@@ -27,6 +27,9 @@ class DistEnv:
     master_port: int = 29500
     job_id: str = ""
     hostname: str = ""
+    # How long the rendezvous and every collective wait for a peer before raising: a lost or hung
+    # peer becomes an error after this long instead of a job that waits until its time limit.
+    collective_timeout_s: float = 1800.0
 
     @property
     def is_main(self) -> bool:

@@ -111,11 +111,16 @@ def _init_process_group(env: DistEnv, device: torch.device) -> bool:
         init_method=env.init_method,
         rank=env.rank,
         world_size=env.world_size,
-        timeout=timedelta(minutes=30),
+        timeout=timedelta(seconds=env.collective_timeout_s),
         device_id=device if device.type == "cuda" else None,
     )
     log.info(
-        "rank %d/%d joined the %s process group at %s", env.rank, env.world_size, backend, env.init_method
+        "rank %d/%d joined the %s process group at %s (collective timeout %g s)",
+        env.rank,
+        env.world_size,
+        backend,
+        env.init_method,
+        env.collective_timeout_s,
     )
     return True
 
@@ -184,7 +189,9 @@ class Trainer:
         resumed_run_id = self._resume()
         # a CPU (gloo) group for the per-step stop poll: it must not synchronise the GPU stream
         control_group = (
-            dist.new_group(backend="gloo") if env.world_size > 1 and device.type == "cuda" else None
+            dist.new_group(backend="gloo", timeout=timedelta(seconds=env.collective_timeout_s))
+            if env.world_size > 1 and device.type == "cuda"
+            else None
         )
         self.checkpointer = PeriodicCheckpointer(
             self.save,

@@ -8,11 +8,32 @@
 # id, and a job id that restarts at 1 would let a reused submitit folder return an older job's result.
 # Accounting (slurmdbd) is not optional: without sacct, submitit cannot see a job that was cancelled
 # or died before writing its result, and job.result() waits forever.
+#
+# --nodes 2 also starts the two-node cluster (slurm/local/twonode.sh: two slurmds, each in its own
+# network + UTS namespace on a private bridge, with a controller of their own) beside this one.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=lib.sh
 source "$HERE/lib.sh"
+
+nodes=1
+while (($#)); do
+    case $1 in
+        --nodes) nodes=${2:-}; shift 2 || shift ;;
+        --nodes=*) nodes=${1#--nodes=}; shift ;;
+        *) die "usage: $0 [--nodes 1|2]" ;;
+    esac
+done
+case $nodes in
+    1) ;;
+    2)
+        # The one-node cluster first (its munge and slurmdbd serve both), then the two nodes.
+        bash "$HERE/start.sh"
+        exec bash "$HERE/twonode.sh" up
+        ;;
+    *) die "--nodes: 1 (the default cluster) or 2 (also the two-node cluster), got '$nodes'" ;;
+esac
 
 PACKAGES=(slurmctld slurmd slurm-client munge slurmdbd mariadb-server)
 WAIT_S=${IGFIQA_SLURM_WAIT_S:-60}

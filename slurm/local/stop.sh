@@ -9,6 +9,15 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=lib.sh
 source "$HERE/lib.sh"
 
+# --nodes 2: only the two-node cluster (slurm/local/twonode.sh); without it, the two-node cluster
+# goes first (it needs this cluster's munge and slurmdbd), then this cluster's daemons.
+case "$*" in
+    "") ;;
+    "--nodes 2" | --nodes=2) exec bash "$HERE/twonode.sh" down ;;
+    *) die "usage: $0 [--nodes 2]" ;;
+esac
+bash "$HERE/twonode.sh" down
+
 [[ -d $RUN_DIR ]] || { say "nothing to stop ($RUN_DIR does not exist)"; exit 0; }
 [[ $(id -u) -eq 0 ]] || die "stopping the local cluster needs root; run: sudo $0"
 

@@ -8,7 +8,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jobs.cluster import ProfileError, executor_parameters, load_profile, make_executor
+import jobs.cluster
+from jobs.cluster import (
+    ProfileError,
+    executor_parameters,
+    load_profile,
+    make_executor,
+    profile_from_dict,
+    select_cluster,
+)
+from jobs.submit_train import with_tasks_per_node
 from pipeline.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -63,6 +72,9 @@ def test_shipped_profiles_load() -> None:
             "tasks_per_node",
         ),
         ("exclusive: yes please\n", "exclusive", "true/false"),
+        ("slurm_conf: etc/slurm.conf\n", "slurm_conf", "absolute path"),
+        ("collective_timeout_s: 0\n", "collective_timeout_s", "must be >= 1"),
+        ("collective_timeout_s: 1.5\n", "collective_timeout_s", "expected an integer"),
     ],
 )
 def test_bad_profiles_are_refused_naming_file_and_key(tmp_path: Path, text: str, key: str, why: str) -> None:
@@ -163,3 +175,49 @@ def test_nodes_override_and_limits(tmp_path: Path) -> None:
     local = load_profile(_write(tmp_path, "executor: local\n"))
     with pytest.raises(ProfileError, match="one node only"):
         executor_parameters(local, job_name="x", nodes=2)
+
+
+def test_two_node_profile_names_its_cluster_interface_and_timeout() -> None:
+    profile = load_profile(PROFILES / "local-2node.yaml")
+    assert (profile.slurm_conf, profile.partition, profile.nodes, profile.tasks_per_node) == (
+        "/etc/slurm/local-2node/slurm.conf",
+        "multi",
+        2,
+        1,
+    )
+    assert profile.env["GLOO_SOCKET_IFNAME"] == "igf0" and profile.collective_timeout_s == 60
+    params = executor_parameters(profile, job_name="x")
+    # srun and scontrol inside the job talk to the same cluster as the submitter
+    assert "export SLURM_CONF=/etc/slurm/local-2node/slurm.conf" in params["slurm_setup"]
+    assert "export GLOO_SOCKET_IFNAME=igf0" in params["slurm_setup"]
+    assert params["slurm_srun_args"] == ["--kill-on-bad-exit=1"]
+    assert load_profile(PROFILES / "local.yaml").collective_timeout_s == 1800  # the default
+
+
+def test_select_cluster_sets_and_restores_slurm_conf(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    conf = tmp_path / "slurm.conf"
+    conf.write_text("ClusterName=other\n")
+    other = profile_from_dict({"slurm_conf": str(conf)}, path="other.yaml")
+    default = profile_from_dict({}, path="default.yaml")
+    for started_with in (None, "/etc/slurm/site-a.conf"):
+        monkeypatch.setattr(jobs.cluster, "_DEFAULT_SLURM_CONF", started_with)
+        monkeypatch.delenv("SLURM_CONF", raising=False)
+        select_cluster(other)
+        assert jobs.cluster.os.environ["SLURM_CONF"] == str(conf)
+        select_cluster(default)  # back to what this process was started with
+        assert jobs.cluster.os.environ.get("SLURM_CONF") == started_with
+    select_cluster(profile_from_dict({"executor": "local", "slurm_conf": str(conf)}))  # no SLURM: no change
+    assert jobs.cluster.os.environ.get("SLURM_CONF") == "/etc/slurm/site-a.conf"
+    missing = profile_from_dict({"slurm_conf": str(tmp_path / "down.conf")}, path="down.yaml")
+    with pytest.raises(ProfileError, match=r"down\.yaml: slurm_conf: .*down\.conf does not exist"):
+        select_cluster(missing)
+
+
+def test_tasks_per_node_override() -> None:
+    two_node = load_profile(PROFILES / "local-2node.yaml")
+    assert with_tasks_per_node(two_node, 2).tasks_per_node == 2
+    assert with_tasks_per_node(two_node, None) is two_node
+    with pytest.raises(ProfileError, match="at least one task"):
+        with_tasks_per_node(two_node, 0)
+    with pytest.raises(ProfileError, match="one task per GPU"):
+        with_tasks_per_node(load_profile(PROFILES / "example-multinode-gpu.yaml"), 4)

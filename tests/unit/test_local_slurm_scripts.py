@@ -7,6 +7,8 @@ real cluster is never touched.
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -64,3 +66,69 @@ def test_stop_daemon_stops_by_recorded_pid(tmp_path: Path) -> None:
         for proc in (target, bystander):
             proc.kill()
             proc.wait()
+
+
+# --------------------------------------------------------------------------- twonode.sh helpers
+
+TWO_NODE = LIB.parent / "twonode.sh"
+HOSTS_BEGIN = "# >>> igfiqa local-2node: added by slurm/local/start.sh --nodes 2, removed by stop.sh"
+
+
+def _two_node(script: str, state: Path, hosts: Path) -> subprocess.CompletedProcess[str]:
+    """Run twonode.sh's helpers (sourced: nothing starts) on a stand-in hosts file."""
+    (state / "2node").mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "IGFIQA_SLURM_STATE": str(state), "IGFIQA_HOSTS_FILE": str(hosts)}
+    return subprocess.run(
+        ["bash", "-c", f"source {TWO_NODE}; {script}"], capture_output=True, text=True, env=env, timeout=30
+    )
+
+
+def test_hosts_entries_are_added_once_and_removed_leaving_every_other_line(tmp_path: Path) -> None:
+    hosts = tmp_path / "hosts"
+    original = "127.0.0.1 localhost\n127.0.1.1 vm.example vm\n::1 ip6-localhost ip6-loopback\n"
+    hosts.write_text(original)
+    for _ in range(2):  # idempotent
+        result = _two_node("hosts_up && hosts_ok", tmp_path / "state", hosts)
+        assert result.returncode == 0, result.stderr
+    text = hosts.read_text()
+    assert text.startswith(original)
+    assert text[len(original) :].splitlines() == [
+        HOSTS_BEGIN,
+        "10.211.0.11 igfiqa-n1",
+        "10.211.0.12 igfiqa-n2",
+        "# <<< igfiqa local-2node",
+    ]
+    assert (tmp_path / "state" / "2node" / "hosts.backup").read_text() == original
+    for _ in range(2):
+        result = _two_node("hosts_down", tmp_path / "state", hosts)
+        assert result.returncode == 0, result.stderr
+    assert hosts.read_text() == original
+    assert _two_node("hosts_ok", tmp_path / "state", hosts).returncode == 1
+
+
+def test_a_block_edited_by_hand_is_replaced_not_duplicated(tmp_path: Path) -> None:
+    hosts = tmp_path / "hosts"
+    hosts.write_text(
+        f"127.0.0.1 localhost\n{HOSTS_BEGIN}\n10.9.9.9 igfiqa-n1\n# <<< igfiqa local-2node\n10.0.0.5 db\n"
+    )
+    assert _two_node("hosts_up", tmp_path / "state", hosts).returncode == 0
+    lines = hosts.read_text().splitlines()
+    assert lines.count(HOSTS_BEGIN) == 1 and "10.9.9.9 igfiqa-n1" not in lines
+    assert lines[:2] == ["127.0.0.1 localhost", "10.0.0.5 db"] and "10.211.0.12 igfiqa-n2" in lines
+
+
+@pytest.mark.skipif(shutil.which("slurmd", path="/usr/sbin:/usr/bin") is None, reason="needs Debian's slurmd")
+def test_two_node_configuration(tmp_path: Path) -> None:
+    result = _two_node("render_conf", tmp_path / "state", tmp_path / "hosts")
+    assert result.returncode == 0, result.stderr
+    conf = result.stdout
+    assert conf.startswith("# Rendered by slurm/local/start.sh --nodes 2")
+    assert "ClusterName=igfiqa2n" in conf and "SlurmctldPort=6917" in conf
+    assert re.search(r"^SlurmctldHost=\S+\(10\.211\.0\.1\)$", conf, re.MULTILINE)
+    assert re.search(r"^NodeName=igfiqa-n1 NodeAddr=10\.211\.0\.11 CPUs=\d+ ", conf, re.MULTILINE)
+    assert re.search(r"^NodeName=igfiqa-n2 NodeAddr=10\.211\.0\.12 CPUs=\d+ ", conf, re.MULTILINE)
+    assert "PartitionName=multi Nodes=igfiqa-n1,igfiqa-n2 Default=YES" in conf and "LLN=YES" in conf
+    assert "FirstJobId=100000" in conf  # no state yet: ids start above the one-node cluster's
+    assert f"StateSaveLocation={tmp_path / 'state' / '2node'}/ctld" in conf
+    settings = [line for line in conf.splitlines() if not line.startswith("#")]
+    assert not [line for line in settings if "@" in line]  # every placeholder was filled in

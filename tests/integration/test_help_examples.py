@@ -44,7 +44,7 @@ COMMANDS = [
     ["jobs"],
 ]
 EXAMPLE = re.compile(r"^\s+(igfiqa .+?)\s*(#.*)?$")
-PARSE_ONLY = ("/data/", "protocol_", "example-multinode", "1234", "igfiqa demo")
+PARSE_ONLY = ("/data/", "protocol_", "example-multinode", "local-2node", "1234", "igfiqa demo")
 
 
 def _help(command: list[str]) -> str:

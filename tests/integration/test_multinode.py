@@ -41,7 +41,8 @@ from typing import Any
 import pytest
 import torch
 
-from jobs.submit_train import latest_attempt_state, submit_training
+from jobs.slurm import latest_attempt_state
+from jobs.submit_train import submit_training
 from pipeline.config import TrainConfig, dump_config, replace_section
 from tests.integration.conftest import TWO_NODE_PROFILE, start_two_node_cluster
 from tests.train_fixtures import tiny_config, tiny_dataset
@@ -268,6 +269,12 @@ def _local_reference(config: TrainConfig, nproc: int, monkeypatch: pytest.Monkey
     return result
 
 
+def _attempt_state(job_id: str) -> str:
+    """The name of the state of the job's latest attempt ("" when SLURM does not know it)."""
+    state = latest_attempt_state(job_id)
+    return state.name if state is not None else ""
+
+
 # --------------------------------------------------------------------------- fixtures
 
 
@@ -459,7 +466,7 @@ def test_node_lost_mid_run_is_requeued_and_resumes_into_the_same_run_and_weights
         node = _slurm("sinfo", "--noheader", "--nodes=igfiqa-n2", "--format=%T").strip()
         assert node.startswith("down"), node
         # requeued: the job waits (PENDING, once the surviving node has finished COMPLETING) for 2 nodes
-        assert latest_attempt_state(job_id) in {"COMPLETING", "PENDING"}
+        assert _attempt_state(job_id) in {"COMPLETING", "PENDING"}
         assert follower.poll() is None, out_path.read_text()[-3000:]  # --wait knows the job goes on
         # the node comes back: start.sh --nodes 2 starts its slurmd again
         back = start_two_node_cluster()
@@ -528,9 +535,7 @@ def test_hung_peer_fails_the_job_clearly_and_the_run_resumes_on_one_node(
     stopped_at = time.time()
     try:
         _wait_until(
-            lambda: (
-                latest_attempt_state(submission.job_id) in {"FAILED", "COMPLETED", "CANCELLED", "NODE_FAIL"}
-            ),
+            lambda: _attempt_state(submission.job_id) in {"FAILED", "COMPLETED", "CANCELLED", "NODE_FAIL"},
             JOB_TIMEOUT_S,
             f"job {submission.job_id} to end",
             poll_s=1.0,

@@ -107,6 +107,10 @@ def _run(spec: dict[str, Any], loss_cfg: LossConfig, var_cfg: VarianceConfig, fo
                     for k in ("cr", "ccs", "nnccs", "weights", "fr_ccs")
                 },
                 "table": objective.variance.full_state(dst=None),
+                # what this rank holds: its class range only (a full copy means sharding is off)
+                "held_classifier_rows": objective.classifier.weight.detach().clone(),
+                "held_table": objective.variance.values.detach().clone(),
+                "variance_stats": torch.stack([out.variance_mean, out.variance_std]).float(),
                 "model_grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
                 "classifier_grad": gather_class_rows(objective.classifier.weight.grad, NUM_CLASSES, dst=None),
             }
@@ -151,6 +155,11 @@ def _close(actual: Any, expected: Any, what: str) -> None:
     )
 
 
+def _global(step: dict[str, Any]) -> dict[str, Any]:
+    """A step's record without what each rank holds for itself (its shards)."""
+    return {k: v for k, v in step.items() if not k.startswith("held_")}
+
+
 def test_one_process_and_two_gloo_processes_agree(tmp_path: Path) -> None:
     spec = _spec()
     spec_path = tmp_path / "spec.pt"
@@ -166,11 +175,27 @@ def test_one_process_and_two_gloo_processes_agree(tmp_path: Path) -> None:
         for r in range(2):
             got = two[r][name]
             for index, (step_two, step_one) in enumerate(zip(got["steps"], one["steps"])):
-                _close(step_two, step_one, f"{name} rank {r} step {index}")
+                _close(_global(step_two), _global(step_one), f"{name} rank {r} step {index}")
             _close(got["final_model"], one["final_model"], f"{name} rank {r} final model")
         _close(two[0][name]["final"], one["final"], f"{name} final sharded state")
         assert set(one["final"]) == {"classifier", "classifier_momentum", "variance"}
         assert two[1][name]["final"] is None
+        # Sharding is on: each rank holds only its class range (7 classes: rows 0-3 and 4-6) of the
+        # classifier and the table, and together the shards are the 1-process state of that step.
+        for index, step_one in enumerate(one["steps"]):
+            held = [two[r][name]["steps"][index] for r in range(2)]
+            assert [h["held_classifier_rows"].shape[0] for h in held] == [4, 3]
+            assert [h["held_table"].shape[0] for h in held] == [4, 3]
+            _close(torch.cat([h["held_table"] for h in held]), step_one["table"], f"{name} step {index} shards")
+            # μ_v and σ_v come from the all-reduce over both shards: every rank has the 1-process
+            # (whole-table) figures, which differ from what either shard alone would give
+            for h in held:
+                _close(h["variance_stats"], step_one["variance_stats"], f"{name} step {index} mu/sigma")
+            table = step_one["table"].double()
+            for shard in (table[:4], table[4:]):
+                assert abs(float(shard.mean()) - float(table.mean())) > 1e-6 or abs(
+                    float(shard.std(unbiased=False)) - float(table.std(unbiased=False))
+                ) > 1e-6
         # the run did something: weights below 1 appeared and the table moved
         weights = torch.cat([s["weights"] for s in one["steps"]])
         assert (weights < 1).any()

@@ -329,6 +329,46 @@ def test_two_processes_match_one_and_resume_on_one(
     assert [s for s, _ in _history(uri, resumed.mlflow_run_id, "loss_arc")] == [1, 2]
 
 
+@pytest.mark.slow
+def test_two_processes_train_exactly_as_one_without_batch_norm(dataset: Path, tmp_path: Path) -> None:
+    """Where the result must not depend on the world size, it does not: without BatchNorm (the only
+    per-rank statistic of the step) 2 gloo processes and 1 train the same 2 steps, loss_arc,
+    loss_ig and weights equal up to float summation order. A broken all-reduce, sharding or
+    per-rank data split would show here as a difference far above that."""
+    from jobs.local_launch import launch_local
+    from pipeline.checkpoint import load_checkpoint
+    from pipeline.parallel.env import DistEnv
+    from pipeline.training.trainer import train
+
+    uri = _sqlite_uri(tmp_path)
+
+    def config(run_dir: Path) -> TrainConfig:
+        return tiny_config(
+            dataset,
+            run_dir,
+            uri,
+            data={"dataset": str(dataset), "fr_batch": 16, "reg_batch": 16, "num_threads": 1, "prefetch": 1},
+            model={"backbone": "iresnet_mini_nobn", "embedding_size": 32},
+            optim={"max_steps": 2},
+            run={"log_every": 1},
+        )
+
+    two = launch_local(config(tmp_path / "two"), nproc=2)
+    one = train(config(tmp_path / "one"), DistEnv.single())
+    assert two["global_step"] == one.global_step == 2
+    for key in ("loss_arc", "loss_ig"):
+        two_values = [v for _, v in _history(uri, two["mlflow_run_id"], key)]
+        one_values = [v for _, v in _history(uri, one.mlflow_run_id, key)]
+        assert len(two_values) == len(one_values) == 2
+        assert two_values == pytest.approx(one_values, rel=1e-4, abs=1e-6), key
+    assert any(v > 0 for _, v in _history(uri, one.mlflow_run_id, "loss_ig"))
+    two_state, one_state = load_checkpoint(two["checkpoint"]), load_checkpoint(one.checkpoint)
+    for name, weights in one_state["model"].items():
+        torch.testing.assert_close(two_state["model"][name], weights, rtol=1e-4, atol=1e-5, msg=name)
+    for name in ("classifier", "variance"):
+        torch.testing.assert_close(two_state[name], one_state[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
 # --------------------------------------------------------------------------- igfiqa train
 
 

@@ -29,6 +29,10 @@ _OUTPUT_SIDE_SHIFT = 4  # stem and stages halve the resolution four times in all
 BN_EPS = 1e-5
 
 
+def _norm2d(channels: int, norm: bool) -> nn.Module:
+    return nn.BatchNorm2d(channels, eps=BN_EPS) if norm else nn.Identity()
+
+
 def _conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=False)
 
@@ -36,19 +40,19 @@ def _conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
 class IBasicBlock(nn.Module):
     """BN-conv-BN-PReLU-conv-BN residual block; the second conv carries the stride."""
 
-    def __init__(self, in_channels: int, channels: int, stride: int = 1) -> None:
+    def __init__(self, in_channels: int, channels: int, stride: int = 1, *, norm: bool = True) -> None:
         super().__init__()
-        self.bn1 = nn.BatchNorm2d(in_channels, eps=BN_EPS)
+        self.bn1 = _norm2d(in_channels, norm)
         self.conv1 = _conv3x3(in_channels, channels)
-        self.bn2 = nn.BatchNorm2d(channels, eps=BN_EPS)
+        self.bn2 = _norm2d(channels, norm)
         self.prelu = nn.PReLU(channels)
         self.conv2 = _conv3x3(channels, channels, stride)
-        self.bn3 = nn.BatchNorm2d(channels, eps=BN_EPS)
+        self.bn3 = _norm2d(channels, norm)
         self.downsample: nn.Module | None = None
         if stride != 1 or in_channels != channels:
             self.downsample = nn.Sequential(
                 nn.Conv2d(in_channels, channels, kernel_size=1, stride=stride, bias=False),
-                nn.BatchNorm2d(channels, eps=BN_EPS),
+                _norm2d(channels, norm),
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -71,6 +75,7 @@ class IResNet(nn.Module):
         channels_last: bool = False,
         embedding_size: int = 512,
         dropout: float = 0.0,
+        batch_norm: bool = True,
     ) -> None:
         super().__init__()
         if len(layers) != _STAGES or len(widths) != _STAGES or len(strides) != _STAGES:
@@ -84,21 +89,21 @@ class IResNet(nn.Module):
             )
         self.channels_last = channels_last
         self.conv1 = _conv3x3(3, stem_width, stem_stride)
-        self.bn1 = nn.BatchNorm2d(stem_width, eps=BN_EPS)
+        self.bn1 = _norm2d(stem_width, batch_norm)
         self.prelu = nn.PReLU(stem_width)
         stages = []
         in_channels = stem_width
         for depth, width, stride in zip(layers, widths, strides):
-            blocks = [IBasicBlock(in_channels, width, stride=stride)]
-            blocks += [IBasicBlock(width, width) for _ in range(depth - 1)]
+            blocks = [IBasicBlock(in_channels, width, stride=stride, norm=batch_norm)]
+            blocks += [IBasicBlock(width, width, norm=batch_norm) for _ in range(depth - 1)]
             stages.append(nn.Sequential(*blocks))
             in_channels = width
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
-        self.bn2 = nn.BatchNorm2d(in_channels, eps=BN_EPS)
+        self.bn2 = _norm2d(in_channels, batch_norm)
         self.dropout = nn.Dropout(p=dropout)
         side = INPUT_SIZE >> _OUTPUT_SIDE_SHIFT
         self.fc = nn.Linear(in_channels * side * side, embedding_size)
-        self.features = nn.BatchNorm1d(embedding_size, eps=BN_EPS)
+        self.features: nn.Module = nn.BatchNorm1d(embedding_size, eps=BN_EPS) if batch_norm else nn.Identity()
         self.embedding_size = embedding_size
         self._init_weights()
 
@@ -110,8 +115,9 @@ class IResNet(nn.Module):
             elif isinstance(module, nn.BatchNorm2d):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
-        nn.init.ones_(self.features.weight)
-        self.features.weight.requires_grad = False
+        if isinstance(self.features, nn.BatchNorm1d):
+            nn.init.ones_(self.features.weight)
+            self.features.weight.requires_grad = False
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.shape[-2:] != (INPUT_SIZE, INPUT_SIZE):
@@ -161,6 +167,24 @@ def iresnet_mini(*, embedding_size: int = 512, dropout: float = 0.0) -> IResNet:
     """A narrow one-block-per-stage iResNet for CPU demos and tests (~0.1 GMAC per image)."""
     return IResNet(
         (1, 1, 1, 1), (16, 32, 64, 128), stem_width=16, embedding_size=embedding_size, dropout=dropout
+    )
+
+
+@register_backbone("iresnet_mini_nobn")
+def iresnet_mini_nobn(*, embedding_size: int = 512, dropout: float = 0.0) -> IResNet:
+    """`iresnet_mini` without BatchNorm layers: for checks that N processes train exactly as one.
+
+    BatchNorm normalises over each rank's share of the batch, so with it N processes only
+    approximate one; without it they compute the same step up to float summation order.
+    It trains worse: not for real runs.
+    """
+    return IResNet(
+        (1, 1, 1, 1),
+        (16, 32, 64, 128),
+        stem_width=16,
+        embedding_size=embedding_size,
+        dropout=dropout,
+        batch_norm=False,
     )
 
 

@@ -36,9 +36,9 @@ from scipy.stats import spearmanr
 from data_prep.bins import convert_bins
 from data_prep.manifest import read_manifest
 from data_prep.synth import VERIFICATION_SETS, synthesize_verification
-from pipeline.method.model import load_inference_model
 from pipeline.evaluation.evaluate import evaluate_set, load_verification_set
 from pipeline.evaluation.quality_metrics import evaluate_quality
+from pipeline.method.model import load_inference_model
 
 DEFAULT_PAIRS = 2000
 DEFAULT_IDENTITIES = 400

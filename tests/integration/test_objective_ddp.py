@@ -186,16 +186,19 @@ def test_one_process_and_two_gloo_processes_agree(tmp_path: Path) -> None:
             held = [two[r][name]["steps"][index] for r in range(2)]
             assert [h["held_classifier_rows"].shape[0] for h in held] == [4, 3]
             assert [h["held_table"].shape[0] for h in held] == [4, 3]
-            _close(torch.cat([h["held_table"] for h in held]), step_one["table"], f"{name} step {index} shards")
+            _close(
+                torch.cat([h["held_table"] for h in held]), step_one["table"], f"{name} step {index} shards"
+            )
             # μ_v and σ_v come from the all-reduce over both shards: every rank has the 1-process
             # (whole-table) figures, which differ from what either shard alone would give
             for h in held:
                 _close(h["variance_stats"], step_one["variance_stats"], f"{name} step {index} mu/sigma")
             table = step_one["table"].double()
             for shard in (table[:4], table[4:]):
-                assert abs(float(shard.mean()) - float(table.mean())) > 1e-6 or abs(
-                    float(shard.std(unbiased=False)) - float(table.std(unbiased=False))
-                ) > 1e-6
+                assert (
+                    abs(float(shard.mean()) - float(table.mean())) > 1e-6
+                    or abs(float(shard.std(unbiased=False)) - float(table.std(unbiased=False))) > 1e-6
+                )
         # the run did something: weights below 1 appeared and the table moved
         weights = torch.cat([s["weights"] for s in one["steps"]])
         assert (weights < 1).any()

@@ -1,7 +1,7 @@
 """`igfiqa demo`: the main job end to end on the embedded synthetic data, in a few minutes on a CPU.
 
-Argument parsing and printing; the six stages (synth, convert, bins, preview, train, evaluate)
-are `jobs.stages`, each reused when an earlier run finished it, so the demo is resumable and a
+Argument parsing and printing; the seven stages (synth, convert, bins, preview, train, evaluate,
+efficacy) are `jobs.stages`, each reused when an earlier run finished it, so the demo is resumable and a
 second run only prints the summary.
 """
 
@@ -28,7 +28,7 @@ DEFAULT_CLUSTER = REPO / "slurm" / "clusters" / "local.yaml"
 # whole demo takes ~3 min on 2 quiet CPU cores and ~5 min on busy ones.
 DEFAULT_STEPS = 0
 DEFAULT_IDENTITIES = 200
-STAGE_COUNT = 6
+STAGE_COUNT = 7
 LABEL = "demo"  # of the stage headers and the marker files (run/demo-train.json, ...)
 
 DESCRIPTION = """\
@@ -42,6 +42,10 @@ Run the whole IG-FIQA job on the embedded synthetic data, in a few minutes on a 
                  submitit (its log is followed until it ends); here instead when no cluster can
                  run (no SLURM, the controller does not answer, --local), saying why
   6 evaluate     EDC/ERC and verification accuracy on both sets, an MLflow child run of training
+  7 efficacy     the model on FRESH clean/mixed sets of another seed (identities never trained
+                 on, --fresh-pairs pairs each): clean accuracy, Spearman(quality, degradation
+                 strength), EDC pAUC against random quality and the oracle's (quality = -strength);
+                 in the summary and as fresh.* metrics in MLflow
 
 Everything goes under --out: synth/, train/, val/, augmentation_preview.png, run/ (checkpoints,
 plots, submitit logs), eval/ (table.md, quality_<set>.png, ...), mlflow.db and mlartifacts/.
@@ -100,6 +104,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data (default: 0)")
     p.add_argument(
+        "--fresh-pairs",
+        type=int,
+        default=2000,
+        metavar="N",
+        help="pairs per fresh verification set of the efficacy stage (default: 2000, so FMR 1e-2 "
+        "is resolved; 0 skips the stage)",
+    )
+    p.add_argument(
         "--config", type=Path, default=DEFAULT_CONFIG, help="training config (default: configs/tiny_cpu.yaml)"
     )
     p.add_argument(
@@ -142,9 +154,16 @@ def mlflow_ui_command(tracking_uri: str) -> str:
 
 
 def summary_text(
-    paths: WorkFolder, config: TrainConfig, trained: TrainOutcome, evaluated: EvalSummary, clock: StageClock
+    paths: WorkFolder,
+    config: TrainConfig,
+    trained: TrainOutcome,
+    evaluated: EvalSummary,
+    clock: StageClock,
+    figures: dict[str, float] | None = None,
 ) -> str:
-    """Where to look: the MLflow UI, the PNGs, the table, the stage timings."""
+    """Where to look: the MLflow UI, the PNGs, the table, the fresh-set figures, the stage timings."""
+    from jobs.stages.efficacy import efficacy_lines
+
     plots = Path(config.run.dir) / "plots"
     epoch_histograms = sorted(plots.glob("weights-epoch-*.png"))
     pictures = [
@@ -164,6 +183,7 @@ def summary_text(
         "",
         evaluated.table_md.read_text().rstrip(),
         "",
+        *([*efficacy_lines(figures), ""] if figures else []),
         "look at:",
         f"  MLflow UI          {mlflow_ui_command(paths.tracking_uri)}",
         f"                     then open http://127.0.0.1:5000, experiment {config.run.experiment!r}: "
@@ -191,6 +211,7 @@ def summary_text(
 def run_demo(args: argparse.Namespace) -> int:
     """Handler of `igfiqa demo`."""
     from jobs.stages.data import SynthSpec, bins_stage, convert_stage, preview_stage, synth_stage
+    from jobs.stages.efficacy import efficacy_stage, fresh_seed
     from jobs.stages.evaluate import evaluate_stage
     from jobs.stages.train import plot_weights_against_ground_truth, train_stage, training_config
 
@@ -200,6 +221,8 @@ def run_demo(args: argparse.Namespace) -> int:
         raise UserError(f"--fmr values must lie in (0, 1), got {args.fmr}")
     if args.nproc < 1:
         raise UserError("--nproc must be >= 1")
+    if args.fresh_pairs < 0:
+        raise UserError("--fresh-pairs must be >= 0 (0 skips the efficacy stage)")
     paths = WorkFolder(args.out)
     if paths.out.exists() and not paths.out.is_dir():
         raise UserError(f"--out {paths.out} exists and is not a folder")
@@ -237,9 +260,24 @@ def run_demo(args: argparse.Namespace) -> int:
     evaluate_what = f"step {trained.global_step} on {shown_path(paths.val)} → {shown_path(paths.eval)}"
     with clock.stage("evaluate", evaluate_what) as record:
         evaluated = evaluate_stage(paths, trained, args.fmr, record, label=LABEL)
+    figures = None
+    seed = fresh_seed(args.seed)
+    with clock.stage("efficacy", f"fresh sets of seed {seed}, {args.fresh_pairs} pairs each") as record:
+        if args.fresh_pairs:
+            figures = efficacy_stage(
+                paths,
+                trained,
+                record,
+                seed=seed,
+                label=LABEL,
+                run_ids=[r for r in (evaluated.mlflow_run_id, trained.mlflow_run_id) if r],
+                pairs=args.fresh_pairs,
+            )
+        else:
+            record.reused, record.note = True, "skipped (--fresh-pairs 0)"
 
     plot_weights_against_ground_truth(paths, Path(config.run.dir))
-    summary = summary_text(paths, config, trained, evaluated, clock)
+    summary = summary_text(paths, config, trained, evaluated, clock, figures)
     print(summary, flush=True)
     (paths.out / "SUMMARY.txt").write_text(summary + "\n")
     return 0

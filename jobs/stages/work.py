@@ -102,7 +102,7 @@ class StageRecord:
 
 @dataclass
 class StageClock:
-    """Numbered stage headers (`[demo 1/6] synth: ...`), per-stage timing and a timing table."""
+    """Numbered stage headers (`[demo 1/7] synth: ...`), per-stage timing and a timing table."""
 
     label: str
     total: int

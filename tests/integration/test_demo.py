@@ -22,6 +22,7 @@ from jobs.slurm import slurm_unavailable_reason
 
 IDENTITIES = "40"
 STEPS = "8"
+FRESH = ("--fresh-pairs", "400")  # a small efficacy stage: its mechanics, not the recipe's figures
 
 
 def run_demo(out: Path, *extra: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -61,8 +62,8 @@ def run_count(out: Path) -> int:
 
 
 def stage_lines(stdout: str) -> dict[str, str]:
-    """{stage: its closing line} from the `[demo i/6] stage: done|reused in ...` lines."""
-    found = re.findall(r"^\[demo \d/6\] (\w+): ((?:done|reused) in .*)$", stdout, flags=re.MULTILINE)
+    """{stage: its closing line} from the `[demo i/7] stage: done|reused in ...` lines."""
+    found = re.findall(r"^\[demo \d/7\] (\w+): ((?:done|reused) in .*)$", stdout, flags=re.MULTILINE)
     return dict(found)
 
 
@@ -134,11 +135,13 @@ def check_second_run_reuses(out: Path, first_stdout: str, cwd: Path) -> None:
     submitit_folders = sorted((out / "run").glob("submitit/*"))
     runs_before = run_count(out)
     start = time.monotonic()
-    again = run_demo(out, "--steps", STEPS, cwd=cwd)
+    again = run_demo(out, "--steps", STEPS, *FRESH, cwd=cwd)
     elapsed = time.monotonic() - start
     assert again.returncode == 0, again.stdout + again.stderr
     stages = stage_lines(again.stdout)
-    assert set(stages) == {"synth", "convert", "bins", "preview", "train", "evaluate"}, again.stdout
+    assert set(stages) == {"synth", "convert", "bins", "preview", "train", "evaluate", "efficacy"}, (
+        again.stdout
+    )
     assert all(line.startswith("reused") for line in stages.values()), stages
     assert elapsed < 60, f"a second run took {elapsed:.0f} s"
     assert {p: p.stat().st_mtime_ns for p in sorted((out / "run" / "checkpoints").glob("*.ckpt"))} == stamps
@@ -147,13 +150,36 @@ def check_second_run_reuses(out: Path, first_stdout: str, cwd: Path) -> None:
     # the same table is printed again
     table_line = next(line for line in first_stdout.splitlines() if line.startswith("| IG-FIQA |"))
     assert table_line in again.stdout
+    efficacy_line = next(line for line in first_stdout.splitlines() if "EDC pAUC / random quality" in line)
+    assert efficacy_line in again.stdout
+
+
+def check_efficacy(out: Path, stdout: str, train_run_id: str, eval_run_id: str) -> None:
+    """The fresh-set figures: in the summary, in the marker file, as fresh.* metrics in MLflow."""
+    from mlflow.tracking import MlflowClient
+
+    seed = 1_000_000  # the training seed 0 + the offset: never trained on
+    assert f"on fresh sets of seed {seed} (400 pairs each" in stdout
+    recorded = json.loads((out / "eval" / "demo-efficacy.json").read_text())
+    figures = recorded["figures"]
+    assert recorded["seed"] == seed and figures["pairs"] == 400
+    assert 0.5 <= figures["clean_accuracy"] <= 1.0 and -1.0 <= figures["mixed_spearman"] <= 1.0
+    assert figures["edc_ratio"] > 0 and figures["oracle_ratio"] > 0
+    assert f"{100 * figures['clean_accuracy']:6.2f} %" in stdout
+    assert f"{figures['edc_ratio']:.3f}" in stdout and f"{figures['oracle_ratio']:.3f}" in stdout
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    for run_id in (train_run_id, eval_run_id):
+        metrics = client.get_run(run_id).data.metrics
+        for name in ("clean_accuracy", "mixed_spearman", "edc_ratio", "oracle_ratio"):
+            assert metrics[f"fresh.{name}"] == pytest.approx(figures[name]), (run_id, name)
+    assert (out / "fresh" / f"seed-{seed}" / "val" / "mixed" / "dataset.json").is_file()
 
 
 @pytest.mark.slow
 @pytest.mark.slurm
 def test_demo_on_the_local_cluster_then_reused(slurm_cluster, tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    first = run_demo(out, "--steps", STEPS, cwd=tmp_path)
+    first = run_demo(out, "--steps", STEPS, *FRESH, cwd=tmp_path)
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
     assert re.search(r"trained 8 steps on SLURM \(job \d+, 2 tasks, cluster profile local\)", first.stdout)
     assert "training HERE" not in first.stdout
@@ -161,7 +187,8 @@ def test_demo_on_the_local_cluster_then_reused(slurm_cluster, tmp_path: Path) ->
     assert re.search(r"^\s+\| .*step 8/8", first.stdout, re.M), "the job's log was not followed"
     train_marker = json.loads((out / "run" / "demo-train.json").read_text())
     assert train_marker["global_step"] == 8 and Path(train_marker["checkpoint"]).is_file()
-    check_outputs(out, first.stdout)
+    train_run_id, eval_run_id = check_outputs(out, first.stdout)
+    check_efficacy(out, first.stdout, train_run_id, eval_run_id)
     assert (out / "SUMMARY.txt").read_text().strip() in first.stdout
     check_second_run_reuses(out, first.stdout, tmp_path)
 
@@ -169,10 +196,12 @@ def test_demo_on_the_local_cluster_then_reused(slurm_cluster, tmp_path: Path) ->
 @pytest.mark.slow
 def test_demo_trains_here_with_local_and_says_why(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    first = run_demo(out, "--steps", "4", "--local", "--nproc", "1", cwd=tmp_path)
+    first = run_demo(out, "--steps", "4", "--local", "--nproc", "1", "--fresh-pairs", "0", cwd=tmp_path)
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
     assert "training HERE, not on SLURM, because --local was given" in first.stdout
     assert "trained 4 steps here with 1 process, not on SLURM because --local was given" in first.stdout
+    assert stage_lines(first.stdout)["efficacy"].startswith("reused in")
+    assert "skipped (--fresh-pairs 0)" in first.stdout and "on fresh sets" not in first.stdout
     check_outputs(out, first.stdout)
 
 

@@ -191,10 +191,10 @@ def draw_variation(rng: np.random.Generator, *, amount: float = 1.0) -> Variatio
         return center + amount * rng.uniform(-spread, spread)
 
     return Variation(
-        angle=around(0.0, 4.0),
+        angle=around(0.0, 2.0),
         scale=around(1.0, 0.04),
-        shift_x=around(0.0, 0.02),
-        shift_y=around(0.0, 0.02),
+        shift_x=around(0.0, 0.01),
+        shift_y=around(0.0, 0.01),
         yaw=around(0.0, 0.35),
         smile=around(0.1, 0.9),
         mouth_open=max(0.0, around(0.0, 0.8)),

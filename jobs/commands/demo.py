@@ -24,10 +24,10 @@ if TYPE_CHECKING:
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO / "configs" / "tiny_cpu.yaml"
 DEFAULT_CLUSTER = REPO / "slurm" / "clusters" / "local.yaml"
-# 0 = the config's full schedule: tiny_cpu's 4 epochs (148 steps at 200 identities), so the
-# whole demo takes ~3 min on 2 quiet CPU cores and ~5 min on busy ones.
+# 0 = the config's full schedule: tiny_cpu's 6 epochs (366 steps at 200 identities x 40 images).
 DEFAULT_STEPS = 0
 DEFAULT_IDENTITIES = 200
+DEFAULT_IMAGES_PER_IDENTITY = 40  # configs/tiny_cpu.yaml's recipe is tuned on 200 x 40 images
 STAGE_COUNT = 7
 LABEL = "demo"  # of the stage headers and the marker files (run/demo-train.json, ...)
 
@@ -77,8 +77,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=DEFAULT_STEPS,
         metavar="N",
-        help="stop training after N steps (default: 0 = the config's full schedule, 4 epochs = 148 steps "
-        "at 200 identities); N beyond the schedule needs --set optim.epochs=E",
+        help="stop training after N steps (default: 0 = the config's full schedule, 6 epochs = 366 steps "
+        "at 200 identities x 40 images); N beyond the schedule needs --set optim.epochs=E",
     )
     p.add_argument(
         "--fmr",
@@ -98,9 +98,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--images-per-identity",
         type=int,
-        default=12,
+        default=DEFAULT_IMAGES_PER_IDENTITY,
         metavar="N",
-        help="mean images per identity (default: 12)",
+        help=f"mean images per identity (default: {DEFAULT_IMAGES_PER_IDENTITY})",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data (default: 0)")
     p.add_argument(

@@ -32,7 +32,7 @@ class SynthSpec:
     identities: int = 200
     images_per_identity: int = 12
     low_variance_fraction: float = 0.15
-    clean_fraction: float = 0.4
+    clean_fraction: float = 0.5  # as `igfiqa prep synth`, which the recipe was tuned with
     verification_identities: int | None = None
     verification_pairs: int | None = None
     seed: int = 0

@@ -280,10 +280,13 @@ def test_two_processes_match_one_and_resume_on_one(
     """2 gloo processes vs 1 from scratch, then the 2-process run continued on 1 process.
 
     The global batch is the same (the loader splits it by rank) and the objective step is the
-    same (method core), but BatchNorm normalises over each rank's half of the batch, so the
-    first step differs a little. Measured here after one step at 48 + 48 images (24 + 24 per
-    rank): loss_arc within 0.3 %, backbone gradients at cosine 0.93 (0.67 at 4 + 4 per rank: the
-    gap shrinks as the per-rank batch grows, as a BatchNorm effect does). Bounds leave ~2× room.
+    same (method core), but BatchNorm normalises over each rank's share of the FR half (the
+    batch that sets BN's statistics since the halves are forwarded separately), so the first
+    step differs a little. Measured here after one step at 48 + 48 images (24 FR images per
+    rank): loss_arc within 2 %, backbone gradients at cosine 0.84 (with the joint forward, 48
+    images per rank set the statistics: 0.3 % and 0.93; the gap shrinks as the per-rank batch
+    grows, as a BatchNorm effect does). Bounds leave ~2x room. Without BatchNorm the two runs
+    agree to float order: test_two_processes_train_exactly_as_one_without_batch_norm.
     """
     from jobs.local_launch import launch_local
     from pipeline.checkpoint import load_checkpoint
@@ -305,13 +308,13 @@ def test_two_processes_match_one_and_resume_on_one(
     two_arc = _history(uri, two["mlflow_run_id"], "loss_arc")
     one_arc = _history(uri, one.mlflow_run_id, "loss_arc")
     assert [s for s, _ in two_arc] == [s for s, _ in one_arc] == [1]
-    assert two_arc[0][1] == pytest.approx(one_arc[0][1], rel=0.01)
+    assert two_arc[0][1] == pytest.approx(one_arc[0][1], rel=0.04)
     two_state, one_state = load_checkpoint(two["checkpoint"]), load_checkpoint(one.checkpoint)
     assert two_state["world_size"] == 2 and one_state["world_size"] == 1
     # after SGD's first step the momentum buffer is the (clipped) gradient + weight decay
     two_grad = torch.cat([b.flatten() for b in _momentum_buffers(two_state)])
     one_grad = torch.cat([b.flatten() for b in _momentum_buffers(one_state)])
-    assert float(torch.nn.functional.cosine_similarity(two_grad, one_grad, dim=0)) > 0.85
+    assert float(torch.nn.functional.cosine_similarity(two_grad, one_grad, dim=0)) > 0.7
     assert float(two_grad.norm() / one_grad.norm()) == pytest.approx(1.0, rel=0.05)
 
     # the 2-process run continued on 1 process to the end of its first epoch (240 // 96 = 2 steps)

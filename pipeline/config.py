@@ -166,6 +166,10 @@ class OptimConfig:
     gamma: float = 0.1
     warmup_epochs: float = 0.0
     grad_clip: float = 5.0  # 0 disables clipping
+    # the quality head's LR = lr x this (1 = the paper's single LR); a larger factor lets the
+    # one-layer head follow CR on short schedules without raising lambda_ig, which also scales
+    # L_IG's gradient into the backbone
+    head_lr_factor: float = 1.0
     max_steps: int = 0  # 0 = epochs × steps per epoch; >0 stops early (tests, demo)
 
 
@@ -428,6 +432,7 @@ def validate_ranges(config: TrainConfig) -> None:
     _check(0 < o.gamma <= 1, f"optim.gamma: {o.gamma} must lie in (0, 1]")
     _check(o.warmup_epochs >= 0, f"optim.warmup_epochs: {o.warmup_epochs} must be >= 0")
     _check(o.grad_clip >= 0, f"optim.grad_clip: {o.grad_clip} must be >= 0")
+    _check(o.head_lr_factor > 0, f"optim.head_lr_factor: {o.head_lr_factor} must be positive")
     _check(o.max_steps >= 0, f"optim.max_steps: {o.max_steps} must be >= 0")
     r = config.run
     _check(r.log_every > 0, f"run.log_every: {r.log_every} must be positive")

@@ -35,9 +35,16 @@ class TrainStep:
         ).to(device)
         # Two optimizers with the same schedule: the replicated backbone+head, and this rank's
         # classifier shard, whose momentum is saved unsharded so any world size can resume.
+        # The model's parameter groups: the backbone, then the quality head at lr x head_lr_factor.
         optim = config.optim
+        head = list(self.model.head.parameters())
+        head_ids = {id(p) for p in head}
+        backbone = [p for p in self.model.parameters() if id(p) not in head_ids]
         self.model_optimizer = torch.optim.SGD(
-            self.model.parameters(), lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay
+            [{"params": backbone, "lr_factor": 1.0}, {"params": head, "lr_factor": optim.head_lr_factor}],
+            lr=optim.lr,
+            momentum=optim.momentum,
+            weight_decay=optim.weight_decay,
         )
         self.classifier_optimizer = torch.optim.SGD(
             self.objective.parameters(), lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay
@@ -61,7 +68,7 @@ class TrainStep:
         half's predicted quality."""
         for optimizer in (self.model_optimizer, self.classifier_optimizer):
             for group in optimizer.param_groups:
-                group["lr"] = values.lr
+                group["lr"] = values.lr * group.get("lr_factor", 1.0)
         # forward: backbone + quality head on both halves in one DDP call; inside, the halves go
         # through the backbone as model.forward says (separate: BN statistics from the FR half only)
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.autocast):

@@ -19,6 +19,7 @@ def test_registry_lists_the_family() -> None:
         "iresnet34",
         "iresnet50",
         "iresnet_mini",
+        "iresnet_mini_nobn",
         "iresnet_tiny",
     ]
     with pytest.raises(ValueError, match=r"unknown backbone 'resnet9'.*iresnet50"):
@@ -102,6 +103,20 @@ def test_quality_head_starts_at_zero_by_default() -> None:
     assert uniform.head.weight.abs().sum() > 0
     with pytest.raises(ValueError, match="head_init"):
         build_model(ModelConfig(backbone="iresnet_mini", embedding_size=64, head_init="normal"))  # type: ignore[arg-type]
+
+
+def test_without_batch_norm_there_is_no_normalisation_layer() -> None:
+    model = build_backbone("iresnet_mini_nobn", embedding_size=32)
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    with_bn = build_backbone("iresnet_mini", embedding_size=32)
+    assert sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in with_bn.modules()) > 10
+    assert model(torch.randn(2, 3, 112, 112)).shape == (2, 32)
+
+
+def test_channels_last_backbones_keep_their_weights_in_that_layout() -> None:
+    model = build_backbone("iresnet_tiny", embedding_size=32)
+    convs = [p for p in model.parameters() if p.dim() == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
 
 
 def test_strides_must_reach_seven_by_seven() -> None:

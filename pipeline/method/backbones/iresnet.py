@@ -106,6 +106,10 @@ class IResNet(nn.Module):
         self.features: nn.Module = nn.BatchNorm1d(embedding_size, eps=BN_EPS) if batch_norm else nn.Identity()
         self.embedding_size = embedding_size
         self._init_weights()
+        if channels_last:
+            # weights in the inputs' layout: DDP's gradient buckets then match the gradients' strides
+            # (otherwise every step warns "Grad strides do not match bucket view strides" and copies)
+            self.to(memory_format=torch.channels_last)
 
     def _init_weights(self) -> None:
         # As arcface_torch: conv N(0, 0.1), BN scale 1 / shift 0, the embedding BN's scale frozen at 1.

@@ -1,7 +1,7 @@
 """Benchmark `prep convert` against a plain byte copy of the same `.rec`.
 
 Builds (once, cached under the temp dir) a synthetic InsightFace dataset of a few
-hundred MB: faces from data_prep.synth, upscaled and noised so each JPEG is large,
+hundred MB: faces from data_prep.synth_faces, upscaled and noised so each JPEG is large,
 which makes the run about bytes rather than per-record overhead. Then, with the page
 cache warm, alternates `shutil.copyfile(train.rec)` and a 1-worker conversion, then
 2-worker conversions, and takes medians. A second, smaller dataset of real-sized
@@ -66,7 +66,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_prep.convert import convert
-from data_prep.synth import draw_traits, draw_variation, render_face, synthesize, write_insightface_recordio
+from data_prep.synth import synthesize, write_insightface_recordio
+from data_prep.synth_faces import draw_traits, draw_variation, render_face
 
 log = logging.getLogger("bench.convert")
 

@@ -19,7 +19,7 @@ Rounds alternate the variants; each reports its best round (the machine is share
 --profile times instead the training graph with one degradation at p = 1 and the others
 off, against all off, and reports each degradation's cost in µs per image (wall and
 process CPU; the CPU figure is steadier on a loaded machine).
-Without --dataset a dataset is synthesised: data_prep.synth faces with mild sensor noise
+Without --dataset a dataset is synthesised: data_prep.synth_faces faces with mild sensor noise
 so the JPEGs (~6 kB) are about as large as real 112×112 face crops.
 
 Logs go to stderr; the last stdout line is one JSON object with images/s per variant,
@@ -78,13 +78,8 @@ NOISE_SIGMA = 5.0  # grey levels of sensor noise added to the synthetic faces
 def build_dataset(folder: Path) -> Path:
     """Synthetic faces with mild noise, written as InsightFace RecordIO and converted to shards."""
     from data_prep.convert import convert
-    from data_prep.synth import (
-        draw_traits,
-        draw_variation,
-        encode_jpeg,
-        render_face,
-        write_insightface_recordio,
-    )
+    from data_prep.synth import write_insightface_recordio
+    from data_prep.synth_faces import draw_traits, draw_variation, encode_jpeg, render_face
 
     rng = np.random.default_rng(0)
     classes = []

@@ -13,7 +13,8 @@ from PIL import Image
 from data_prep.errors import DataError
 from data_prep.recordio import RecordIOReader, read_index, unpack_header
 from data_prep.source import read_source
-from data_prep.synth import (
+from data_prep.synth import synthesize, synthesize_verification
+from data_prep.synth_faces import (
     DEGRADATIONS,
     STORAGE_JPEG_QUALITY,
     degradation_level,
@@ -21,8 +22,6 @@ from data_prep.synth import (
     draw_traits,
     draw_variation,
     render_face,
-    synthesize,
-    synthesize_verification,
 )
 
 IDENTITIES = 40

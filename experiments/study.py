@@ -102,8 +102,14 @@ def run_config(run: StudyRun, paths: StudyPaths, args: argparse.Namespace) -> An
     """The base config with the study's data, run folder, schedule and per-epoch checkpoints, then the run's."""
     from pipeline.config import load_config
 
-    probe = load_config(args.config, [f"data.dataset={paths.train}"])
+    # the batch sizes the run trains with (the study's --set may change them), so one checkpoint per epoch
+    probe = load_config(args.config, [f"data.dataset={paths.train}", *run.overrides, *args.overrides])
     per_epoch = steps_per_epoch(paths, probe)
+    if per_epoch < 1:
+        raise ValueError(
+            f"{paths.train} holds fewer images than one step takes "
+            f"({probe.data.fr_batch} + {probe.data.reg_batch}): synthesize more or --set smaller batches"
+        )
     milestone = max(1, round(0.75 * args.epochs))
     overrides = [
         "data.num_threads=1",

@@ -148,4 +148,6 @@ def test_color_map_holds_for_factors_drawn_over_the_configured_ranges(store: Ima
     grey = np.rint(np.tensordot(np.array([0.299, 0.587, 0.114]), clean, axes=(0, 1)))[:, None]
     b, c, s = (factors[:, k, None, None, None] for k in range(3))
     expected = np.clip(b * (c * (grey + s * (clean - grey) - 128.0) + 128.0), 0, 255)
-    assert np.abs(out - expected).max() <= 1.0
+    # the grey value's rounding (<= 0.5) is scaled by b·c·(1 - s) <= 1.4·1.4·0.4 = 0.78 and the
+    # output's own rounding adds 0.5: 1.28 at most (1.13 seen on the current synthetic faces)
+    assert np.abs(out - expected).max() <= 1.3

@@ -2,13 +2,15 @@
 
     .venv/bin/python -m experiments.study --out work/study --epochs 3 --seeds 0 1 [--worker 0/2]
 
-Trains the small backbone (configs/tiny_cpu.yaml) in three modes with every seed —
-CR (loss.mode=cr), IG without augmentation (the paper's S−), IG with augmentation
-(α linear 0.9 → 1.0) — plus the α ablation (fixed 0.9, fixed 0.99; first seed only),
-saving a checkpoint at every epoch end. Then measures each run against the synthetic
-ground truth (experiments/study_measure.py) and writes the tables and plots
-(experiments/study_report.py) under OUT/report, logs them as an MLflow run
-"study-summary" (each training run is logged by the trainer itself).
+Trains the demo's recipe (configs/tiny_cpu.yaml, its schedule unless --epochs) in four modes with
+every seed — CR (loss.mode=cr), IG without augmentation (the paper's S−), IG with augmentation
+(α linear 0.9 → 1.0), and IG with the joint forward (model.forward=joint: both halves through
+the backbone in one batch, the paper's Tab. 1b ablation) — plus, unless --no-alpha-ablation,
+the α ablation (fixed 0.9, fixed 0.99; first seed only), saving a checkpoint at every epoch
+end. Then measures each run against the synthetic ground truth (experiments/study_measure.py),
+and its final model on fresh verification sets of an unseen seed (the demo's efficacy figures),
+and writes the tables and plots (experiments/study_report.py) under OUT/report, logs them as
+an MLflow run "study-summary" (each training run is logged by the trainer itself).
 
 Resumable: a finished training (OUT/runs/NAME/study-train.json) and a finished measurement
 (OUT/runs/NAME/measurements.json) are reused; an interrupted training resumes from its
@@ -46,6 +48,7 @@ TRAIN_MARKER = marker_name(LABEL, "train")
 MEASUREMENT_FILE = "measurements.json"
 RANDOM_DRAWS = 20
 MAIN_GROUPS = ("CR", "IG S- (no aug)", "IG (aug)")
+FORWARD_GROUPS = ("IG (aug)", "IG joint forward")
 ALPHA_GROUPS = ("IG α fixed 0.9", "IG α fixed 0.99", "IG (aug)")  # the last is α linear 0.9 → 1.0
 
 
@@ -59,7 +62,7 @@ class StudyRun:
     overrides: tuple[str, ...] = field(default_factory=tuple)
 
 
-def study_runs(seeds: list[int]) -> list[StudyRun]:
+def study_runs(seeds: list[int], *, alpha_ablation: bool = True) -> list[StudyRun]:
     """Every mode with every seed, then the α ablation's fixed schedules with the first seed."""
     runs = []
     for seed in seeds:
@@ -67,8 +70,9 @@ def study_runs(seeds: list[int]) -> list[StudyRun]:
             StudyRun(f"cr-s{seed}", "CR", seed, ("loss.mode=cr",)),
             StudyRun(f"ig-noaug-s{seed}", "IG S- (no aug)", seed, NO_AUGMENTATION),
             StudyRun(f"ig-aug-s{seed}", "IG (aug)", seed),
+            StudyRun(f"ig-joint-s{seed}", "IG joint forward", seed, ("model.forward=joint",)),
         ]
-    for alpha in (0.9, 0.99):
+    for alpha in (0.9, 0.99) if alpha_ablation else ():
         runs.append(
             StudyRun(
                 f"ig-alpha{alpha}-s{seeds[0]}",
@@ -110,15 +114,16 @@ def run_config(run: StudyRun, paths: StudyPaths, args: argparse.Namespace) -> An
             f"{paths.train} holds fewer images than one step takes "
             f"({probe.data.fr_batch} + {probe.data.reg_batch}): synthesize more or --set smaller batches"
         )
-    milestone = max(1, round(0.75 * args.epochs))
+    schedule = []  # the config's epochs and milestones unless --epochs
+    if args.epochs is not None:
+        schedule = [f"optim.epochs={args.epochs}", f"optim.milestones=[{max(1, round(0.75 * args.epochs))}]"]
     overrides = [
         "data.num_threads=1",
         "run.experiment=igfiqa-study",
         f"run.name=study-{run.name}",
         f"run.seed={run.seed}",
         f"data.seed={run.seed}",
-        f"optim.epochs={args.epochs}",
-        f"optim.milestones=[{milestone}]",
+        *schedule,
         f"run.checkpoint_every_steps={per_epoch}",
         "run.checkpoint_every_minutes=0",
         "run.keep_checkpoints=1000",
@@ -148,8 +153,25 @@ def train_run(run: StudyRun, config: Any) -> TrainOutcome:
     return outcome
 
 
-def measure(run: StudyRun, config: Any, paths: StudyPaths, images: Any, fmrs: tuple[float, ...]) -> dict:
-    """The run's measurements (experiments/study_measure.py), cached in its folder."""
+def fresh_figures(outcome: TrainOutcome, fresh: Any) -> dict[str, float]:
+    """The demo's efficacy figures of the run's final model on the fresh sets (unseen identities)."""
+    from pipeline.evaluation.efficacy import measure as measure_efficacy
+    from pipeline.method.model import load_inference_model
+
+    model, _ = load_inference_model(Path(outcome.checkpoint))
+    return {k: float(v) for k, v in measure_efficacy(model, fresh).as_dict().items()}
+
+
+def measure(
+    run: StudyRun,
+    config: Any,
+    paths: StudyPaths,
+    images: Any,
+    fmrs: tuple[float, ...],
+    outcome: TrainOutcome,
+    fresh: Any,
+) -> dict:
+    """The run's measurements (experiments/study_measure.py) and fresh-set figures, cached in its folder."""
     from experiments.study_measure import measure_run
 
     run_dir = Path(config.run.dir)
@@ -160,9 +182,14 @@ def measure(run: StudyRun, config: Any, paths: StudyPaths, images: Any, fmrs: tu
 
             add_final_backbone_correlations(cached["epochs"], run_dir, steps_per_epoch(paths, config), images)
             write_json_atomically(run_dir / MEASUREMENT_FILE, cached)
+        if fresh is not None and cached.get("fresh", {}).get("seed") != fresh.seed:
+            cached["fresh"] = fresh_figures(outcome, fresh)
+            write_json_atomically(run_dir / MEASUREMENT_FILE, cached)
         return cached
     started = time.monotonic()
     measured = measure_run(run_dir, steps_per_epoch(paths, config), images, paths.val, paths.synth, fmrs)
+    if fresh is not None:
+        measured["fresh"] = fresh_figures(outcome, fresh)
     measured["seconds"] = time.monotonic() - started
     write_json_atomically(run_dir / MEASUREMENT_FILE, measured)
     log.info("%s: measured in %.0f s", run.name, measured["seconds"])
@@ -263,6 +290,21 @@ def write_report(
     quality_columns = present(
         ["train_quality_spearman", "mixed.quality_spearman", "clean.accuracy", "mixed.accuracy"]
     )
+    fresh_columns = present(
+        [
+            f"fresh.{k}"
+            for k in (
+                "clean_accuracy",
+                "mixed_accuracy",
+                "mixed_spearman",
+                "edc_ratio",
+                "oracle_ratio",
+                "edc_pauc",
+                "random_pauc_mean",
+                "fnmr",
+            )
+        ]
+    )
     variance_columns = [
         "table_pearson",
         "weight_zero_frac",
@@ -272,47 +314,77 @@ def write_report(
         "lowvar_auc_true_variance",
     ]
     main = per_run[per_run["group"].isin(MAIN_GROUPS)]
-    alpha = per_run[per_run["group"].isin(ALPHA_GROUPS) & (per_run["seed"] == runs[0].seed)]
-    alpha_epochs = per_epoch[per_epoch["group"].isin(ALPHA_GROUPS) & (per_epoch["seed"] == runs[0].seed)]
     tables = {
         "edc_erc_paper_fmrs": report.mean_spread(main, paper_fmr_columns),
         f"edc_erc_{_fmr_key(args.extra_fmr)}_vs_random": report.mean_spread(main, resolvable_columns),
-        "quality_vs_ground_truth": report.mean_spread(main, quality_columns),
-        "variance_table": report.mean_spread(main, variance_columns),
-        "alpha_ablation_variance": report.mean_spread(alpha, variance_columns),
-        "alpha_ablation_quality": report.mean_spread(
-            alpha, present([*quality_columns[:2], *paper_fmr_columns, *resolvable_columns])
+        "fresh_sets_unseen_seed": report.mean_spread(
+            per_run[per_run["group"].isin((*MAIN_GROUPS, *FORWARD_GROUPS))], fresh_columns
         ),
-        "alpha_ablation_epochs": report.mean_spread(
-            alpha_epochs.assign(group_epoch=lambda f: f["group"] + " / epoch " + f["epoch"].astype(str)),
-            ["table_pearson", "weight_zero_frac", "lowvar_auc_table"],
-            by="group_epoch",
+        "quality_vs_ground_truth": report.mean_spread(main, quality_columns),
+        "low_variance_failure_case": report.mean_spread(
+            main, ["lowvar_overrating", "lowvar_weight_mean", "other_weight_mean", "train_quality_spearman"]
+        ),
+        "variance_table": report.mean_spread(main, variance_columns),
+        "forward_joint_vs_separate": report.mean_spread(
+            per_run[per_run["group"].isin(FORWARD_GROUPS)],
+            present(["clean.accuracy", "mixed.accuracy", *fresh_columns]),
         ),
     }
-    lines = [f"# Study report ({args.epochs} epochs, seeds {args.seeds})", ""]
+    alpha = per_run[per_run["group"].isin(ALPHA_GROUPS) & (per_run["seed"] == runs[0].seed)]
+    alpha_epochs = per_epoch[per_epoch["group"].isin(ALPHA_GROUPS) & (per_epoch["seed"] == runs[0].seed)]
+    has_alpha = alpha["group"].isin(ALPHA_GROUPS[:2]).any()
+    if has_alpha:
+        tables |= {
+            "alpha_ablation_variance": report.mean_spread(alpha, variance_columns),
+            "alpha_ablation_quality": report.mean_spread(
+                alpha, present([*quality_columns[:2], *paper_fmr_columns, *resolvable_columns])
+            ),
+            "alpha_ablation_epochs": report.mean_spread(
+                alpha_epochs.assign(group_epoch=lambda f: f["group"] + " / epoch " + f["epoch"].astype(str)),
+                ["table_pearson", "weight_zero_frac", "lowvar_auc_table"],
+                by="group_epoch",
+            ),
+        }
+    epochs = args.epochs or "the config's"
+    lines = [
+        f"# Study report ({epochs} epochs, seeds {args.seeds})",
+        "",
+        "mean ± half-width of the 95 % t-interval over seeds",
+        "",
+    ]
     for name, table in tables.items():
         table.to_csv(out / f"table_{name}.csv")
         lines += [f"## {name}", "", report.to_markdown(table), ""]
     main_epochs = per_epoch[per_epoch["group"].isin(MAIN_GROUPS)]
-    for column in ("table_pearson", "table_pearson_final_backbone", "weight_zero_frac", "lowvar_auc_table"):
+    for column in (
+        "table_pearson",
+        "table_pearson_final_backbone",
+        "weight_zero_frac",
+        "lowvar_auc_table",
+        "lowvar_overrating",
+    ):
         table = report.per_epoch_table(main_epochs, column)
         table.to_csv(out / f"table_epochs_{column}.csv")
-        lines += [f"## {column} per epoch (mean ± std over seeds)", "", report.to_markdown(table), ""]
+        lines += [
+            f"## {column} per epoch (mean ± 95 % half-width over seeds)",
+            "",
+            report.to_markdown(table),
+            "",
+        ]
     (out / "tables.md").write_text("\n".join(lines))
     plots = [
         report.plot_weight_histograms(results, list(MAIN_GROUPS), out / "study_weight_histograms.png"),
-        report.plot_weight_histograms(
-            results, list(ALPHA_GROUPS[:2]), out / "study_alpha_weight_histograms.png"
-        ),
         report.plot_epoch_curves(
             per_epoch[per_epoch["group"].isin(MAIN_GROUPS)], MAIN_GROUPS, out / "study_epochs.png"
         ),
-        report.plot_epoch_curves(
-            per_epoch[per_epoch["group"].isin(ALPHA_GROUPS) & (per_epoch["seed"] == runs[0].seed)],
-            ALPHA_GROUPS,
-            out / "study_alpha_epochs.png",
-        ),
     ]
+    if has_alpha:
+        plots += [
+            report.plot_weight_histograms(
+                results, list(ALPHA_GROUPS[:2]), out / "study_alpha_weight_histograms.png"
+            ),
+            report.plot_epoch_curves(alpha_epochs, ALPHA_GROUPS, out / "study_alpha_epochs.png"),
+        ]
     if args.docs_img is not None:
         args.docs_img.mkdir(parents=True, exist_ok=True)
         for plot in plots:
@@ -381,10 +453,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--out", type=Path, default=Path("work/study"))
     parser.add_argument("--config", type=Path, default=BASE_CONFIG)
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument(
+        "--epochs", type=int, default=None, help="train this many epochs (default: the config's schedule)"
+    )
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--identities", type=int, default=200)
-    parser.add_argument("--images-per-identity", type=int, default=12)
+    parser.add_argument("--images-per-identity", type=int, default=40, help="as the demo's data (default 40)")
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic data (default 0)")
     parser.add_argument("--fmr", type=float, nargs="+", default=[1e-3, 1e-4])
     parser.add_argument(
@@ -396,6 +470,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--worker", default="0/1", help="I/N: take every N-th run starting at I (default 0/1)"
     )
+    parser.add_argument(
+        "--fresh-pairs",
+        type=int,
+        default=2000,
+        help="pairs per fresh verification set of seed data-seed + 1,000,000 (the demo's efficacy "
+        "figures for every run; default 2000, 0 skips)",
+    )
+    parser.add_argument(
+        "--no-alpha-ablation",
+        dest="alpha_ablation",
+        action="store_false",
+        help="leave out the α ablation's two runs (fixed 0.9, fixed 0.99)",
+    )
     parser.add_argument("--docs-img", type=Path, default=None, help="also copy the plots here (docs/img)")
     parser.add_argument("--no-track", action="store_true", help="do not log the summary run to MLflow")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra config override")
@@ -404,7 +491,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.worker_index, args.worker_count = int(index), int(count or 1)
     if not 0 <= args.worker_index < args.worker_count:
         parser.error(f"--worker {args.worker}: need 0 <= I < N")
-    if args.epochs < 1 or not args.seeds:
+    if (args.epochs is not None and args.epochs < 1) or not args.seeds:
         parser.error("need --epochs >= 1 and at least one seed")
     return args
 
@@ -429,14 +516,20 @@ def main(argv: list[str] | None = None) -> int:
             ),
         )
         _init_tracking_store(paths)
-    runs = study_runs(args.seeds)
+        fresh = None
+        if args.fresh_pairs:
+            from jobs.stages.efficacy import fresh_seed
+            from pipeline.evaluation.efficacy import make_fresh_sets
+
+            fresh = make_fresh_sets(paths.out / "fresh", fresh_seed(args.data_seed), pairs=args.fresh_pairs)
+    runs = study_runs(args.seeds, alpha_ablation=args.alpha_ablation)
     mine = runs[args.worker_index :: args.worker_count]
     images = load_training_images(paths.train, paths.synth, progress=False)
     fmrs = tuple(args.fmr)
     for run in mine:
         config = run_config(run, paths, args)
-        train_run(run, config)
-        measure(run, config, paths, images, fmrs)
+        outcome = train_run(run, config)
+        measure(run, config, paths, images, fmrs, outcome, fresh)
     missing = [r.name for r in runs if not (paths.runs / r.name / MEASUREMENT_FILE).is_file()]
     if missing:
         log.info(

@@ -5,7 +5,10 @@ Per checkpoint (one per epoch end):
   training images' embeddings under that checkpoint's backbone (paper eq. 6, Fig. 4b);
 - the class weights of eq. 9 computed from that table: fraction at 0, and how the
   low-variance identities (synth ground truth) are singled out (mean weight, AUC);
-- Spearman's ρ between predicted quality and the known degradation strength (training images).
+- Spearman's ρ between predicted quality and the known degradation strength (training images);
+- the paper's failure case directly: how far the quality of the low-variance identities'
+  degraded images sits above that of other identities' images degraded as strongly
+  (`lowvar_overrating`, in quality percentiles; > 0 means overrated, what CR is said to do).
 For the final checkpoint also EDC/ERC on the verification sets (pipeline/evaluation/evaluate.py, own
 backbone's embeddings) and Spearman's ρ on the mixed verification set.
 """
@@ -19,7 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from scipy.stats import mannwhitneyu, spearmanr
+from scipy.stats import mannwhitneyu, rankdata, spearmanr
 from tqdm import tqdm
 
 from data_prep.dataset import load_dataset_info
@@ -89,6 +92,29 @@ def separation_auc(low: np.ndarray, others: np.ndarray) -> float:
     return float(statistic / (len(low) * len(others)))
 
 
+def lowvar_overrating(
+    quality: np.ndarray, strength: np.ndarray, low_variance_image: np.ndarray, bins: int = 5
+) -> float:
+    """Mean quality percentile (0-100) of degraded low-variance images minus that of others of like strength.
+
+    Degraded images are binned by strength quantiles; each low-variance image is compared with the
+    ordinary identities' degraded images of its bin. NaN when either side is empty.
+    """
+    degraded = strength > 0
+    if not (degraded & low_variance_image).any() or not (degraded & ~low_variance_image).any():
+        return float("nan")
+    percentile = 100.0 * (rankdata(quality) - 0.5) / len(quality)
+    edges = np.quantile(strength[degraded], np.linspace(0, 1, bins + 1)[1:-1])
+    bin_of = np.digitize(strength, edges)
+    gaps = []
+    for b in range(bins):
+        low = degraded & low_variance_image & (bin_of == b)
+        ordinary = degraded & ~low_variance_image & (bin_of == b)
+        if low.any() and ordinary.any():
+            gaps.append(percentile[low] - percentile[ordinary].mean())
+    return float(np.concatenate(gaps).mean()) if gaps else float("nan")
+
+
 def _spearman(x: np.ndarray, y: np.ndarray) -> float:
     return float(spearmanr(x, y).statistic)
 
@@ -125,6 +151,9 @@ def measure_checkpoint(path: Path, images: TrainingImages) -> dict[str, Any]:
         "lowvar_auc_table": separation_auc(table.numpy()[low], table.numpy()[~low]),
         "lowvar_auc_true_variance": separation_auc(true_variance.numpy()[low], true_variance.numpy()[~low]),
         "train_quality_spearman": _spearman(out.quality, images.strength),
+        "lowvar_overrating": lowvar_overrating(
+            np.asarray(out.quality, np.float64), images.strength, images.low_variance_class[images.labels]
+        ),
         "weights": weights.tolist(),
     }
 

@@ -1,4 +1,4 @@
-"""Tables and plots of the study: mean ± spread over seeds per mode, curves per epoch, weight histograms."""
+"""Tables and plots of the study: mean ± 95 % interval over seeds per mode, curves per epoch, weight histograms."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from scipy.stats import t as student_t
 
 FINAL_COLUMNS = (
     "table_pearson",
@@ -22,6 +23,7 @@ FINAL_COLUMNS = (
     "lowvar_auc_table",
     "lowvar_auc_true_variance",
     "train_quality_spearman",
+    "lowvar_overrating",
 )
 
 
@@ -31,8 +33,9 @@ def run_rows(results: Sequence[dict[str, Any]]) -> pd.DataFrame:
     for result in results:
         last = result["measurements"]["epochs"][-1]
         row = {"run": result["name"], "group": result["group"], "seed": result["seed"]}
-        row.update({k: last[k] for k in FINAL_COLUMNS})
+        row.update({k: last.get(k, float("nan")) for k in FINAL_COLUMNS})
         row.update(result["measurements"]["final"])
+        row.update({f"fresh.{k}": v for k, v in result["measurements"].get("fresh", {}).items()})
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -51,20 +54,24 @@ def epoch_rows(results: Sequence[dict[str, Any]]) -> pd.DataFrame:
 
 
 def mean_spread(frame: pd.DataFrame, columns: Sequence[str], by: str = "group") -> pd.DataFrame:
-    """'mean ± std' strings (std over seeds, ddof=1; '' when one seed) per group, n seeds in a column."""
+    """'mean ± h' strings per group, h the half-width of the 95 % t-interval over seeds (none with one seed)."""
     grouped = frame.groupby(by, sort=False)
     table = pd.DataFrame(index=list(grouped.groups))
     table["seeds"] = grouped.size()
     for column in columns:
-        mean, std = grouped[column].mean(), grouped[column].std(ddof=1)
+        mean, std, count = grouped[column].mean(), grouped[column].std(ddof=1), grouped[column].count()
+        half = [
+            student_t.ppf(0.975, n - 1) * s / np.sqrt(n) if n > 1 else float("nan")
+            for s, n in zip(std, count)
+        ]
         table[column] = [
-            f"{m:.4f}" if not np.isfinite(s) else f"{m:.4f} ± {s:.4f}" for m, s in zip(mean, std)
+            f"{m:.4f}" if not np.isfinite(h) else f"{m:.4f} ± {h:.4f}" for m, h in zip(mean, half)
         ]
     return table
 
 
 def per_epoch_table(epochs: pd.DataFrame, column: str) -> pd.DataFrame:
-    """Groups × 'epoch k' of `column` as 'mean ± std' over seeds."""
+    """Groups × 'epoch k' of `column` as 'mean ± 95 % half-width' over seeds."""
     table = pd.DataFrame(index=list(dict.fromkeys(epochs["group"])))
     for epoch, frame in epochs.groupby("epoch"):
         table[f"epoch {epoch}"] = mean_spread(frame, [column])[column]

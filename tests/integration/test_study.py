@@ -1,8 +1,9 @@
 """The reproduction study end to end on a tiny synthetic set: the report carries every number.
 
-One seed, 2 epochs of a few steps each: five trainings (CR, IG without augmentation, IG,
-α fixed 0.9 and 0.99), their per-epoch measurements, the tables, plots and the MLflow
-summary run; then a second call reuses every finished run.
+One seed, 2 epochs of a few steps each: six trainings (CR, IG without augmentation, IG, IG with
+the joint forward, α fixed 0.9 and 0.99), their per-epoch measurements, their figures on fresh
+sets of an unseen seed, the tables, plots and the MLflow summary run; then a second call reuses
+every finished run.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ ARGS = [
     "--fmr",
     "1e-1",
     "1e-3",
+    "--fresh-pairs",
+    "100",
     "--set",
     "data.fr_batch=8",
     "--set",
@@ -50,9 +53,11 @@ def test_study_reports_every_number_and_reuses_finished_runs(tmp_path: Path) -> 
         "CR",
         "IG S- (no aug)",
         "IG (aug)",
+        "IG joint forward",
         "IG α fixed 0.9",
         "IG α fixed 0.99",
     ]
+    assert [r.overrides for r in runs if r.group == "IG joint forward"] == [("model.forward=joint",)]
     summary = json.loads((out / "report" / "summary.json").read_text())
     assert {r["run"] for r in summary["runs"]} == {r.name for r in runs}
     for row in summary["runs"]:
@@ -69,14 +74,28 @@ def test_study_reports_every_number_and_reuses_finished_runs(tmp_path: Path) -> 
         assert -1.0 <= row["table_pearson_final_backbone"] <= 1.0
         # the random-quality reference at the resolvable FMR (default 1e-1)
         assert math.isfinite(row["mixed.random.erc_auc.fmr_1e-1"])
+        # the failure case in quality percentile points, and the fresh sets of seed 0 + 1,000,000
+        assert -100.0 <= row["lowvar_overrating"] <= 100.0
+        assert row["fresh.seed"] == 1_000_000 and row["fresh.pairs"] == 100
+        assert 0.0 <= row["fresh.clean_accuracy"] <= 1.0
+        assert row["fresh.edc_ratio"] > 0 and row["fresh.oracle_ratio"] > 0
 
     epochs = pd.read_csv(out / "report" / "epochs.csv")
     assert sorted(epochs.groupby("run")["epoch"].apply(list).explode().unique()) == [1, 2]
     assert (epochs.groupby("run").size() == 2).all()
     # the CR run trains with all weights 1 but still keeps the table; IG (aug) and the α runs differ
     tables = (out / "report" / "tables.md").read_text()
-    for group in ("CR", "IG S- (no aug)", "IG (aug)", "IG α fixed 0.9", "IG α fixed 0.99"):
+    for group in (
+        "CR",
+        "IG S- (no aug)",
+        "IG (aug)",
+        "IG joint forward",
+        "IG α fixed 0.9",
+        "IG α fixed 0.99",
+    ):
         assert group in tables
+    for section in ("fresh_sets_unseen_seed", "low_variance_failure_case", "forward_joint_vs_separate"):
+        assert f"## {section}" in tables
     for plot in ("study_weight_histograms.png", "study_epochs.png", "study_alpha_epochs.png"):
         assert (out / "report" / plot).stat().st_size > 1000
         assert (docs_img / plot).is_file()

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from jobs.array_tasks import FailedTask, array_job_id, wait_for_array
 from jobs.cluster import ClusterProfile, load_profile, make_executor
 from jobs.errors import UserError
-from jobs.prep_job import FailedShard, task_failure
 
 if TYPE_CHECKING:
     from pipeline.evaluation.curation import ScoredDataset
@@ -52,38 +52,21 @@ class ScoringArray:
     ranges: list[list[int]]
     jobs: list[Any]
     result: ScoredDataset | None = None  # set by wait()
-    failed: list[FailedShard] = field(default_factory=list)
+    failed: list[FailedTask] = field(default_factory=list)
 
     @property
     def array_id(self) -> str:
         """The SLURM array job id (`123` of `123_0`, `123_1`, ...)."""
-        return str(self.jobs[0].job_id).split("_")[0] if self.jobs else ""
+        return array_job_id(self.jobs)
 
     def wait(self, *, progress: bool = True) -> ScoredDataset:
         """Wait for every task, then write the quality file; ScoreTaskError names each failed task."""
-        import submitit
-        from tqdm import tqdm
+        from data_prep.dataset import load_dataset_info
+        from pipeline.evaluation.curation import finalize_scoring, load_scoring_plan
 
-        from pipeline.evaluation.curation import finalize_scoring
-
-        self.failed = []
-        try:
-            with tqdm(total=len(self.jobs), desc="score tasks", unit="task", disable=not progress) as bar:
-                for job in submitit.helpers.as_completed(self.jobs, poll_frequency=1.0):
-                    failure = task_failure(self.jobs.index(job), job)
-                    if failure is not None:
-                        self.failed.append(failure)
-                    bar.update()
-        except KeyboardInterrupt:
-            log.warning("interrupted: cancelling array job %s", self.array_id)
-            for job in self.jobs:
-                job.cancel(check=False)
-            raise
+        self.failed = wait_for_array(self.jobs, desc="score tasks", progress=progress)
         if self.failed:
             raise ScoreTaskError(self._failure_report())
-        from data_prep.dataset import load_dataset_info
-        from pipeline.evaluation.curation import load_scoring_plan
-
         shards = load_dataset_info(Path(load_scoring_plan(self.out).dataset)).shards
         scored_now = sum(shards[s].count for shard_range in self.ranges for s in shard_range)
         self.result = finalize_scoring(self.out, scored_now=scored_now)
@@ -92,9 +75,9 @@ class ScoringArray:
     def _failure_report(self) -> str:
         lines = [f"{len(self.failed)} of {len(self.jobs)} score tasks of array job {self.array_id} failed:"]
         for failure in self.failed[:10]:
-            shards = self.ranges[failure.shard]
+            shards = self.ranges[failure.task]
             lines.append(
-                f"  task {failure.shard} (shards {shards[0]}-{shards[-1]}, job {failure.job_id}, "
+                f"  task {failure.task} (shards {shards[0]}-{shards[-1]}, job {failure.job_id}, "
                 f"{failure.state}): {failure.last_error}"
             )
             lines.append(f"    stderr: {failure.stderr}")

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, overload
 
-from jobs import slurm
+from jobs.array_tasks import FailedTask, array_job_id, wait_for_array
 from jobs.cluster import ClusterProfile, load_profile, make_executor
 from jobs.errors import UserError
 
@@ -31,17 +31,6 @@ class ShardTaskError(UserError):
     """One or more array tasks of a conversion did not complete."""
 
 
-@dataclass(frozen=True)
-class FailedShard:
-    """An array task that did not complete, and where to read why."""
-
-    shard: int
-    job_id: str
-    state: str
-    stderr: Path
-    last_error: str
-
-
 @dataclass
 class ConversionArray:
     """A submitted conversion: the array's jobs (one per shard) and, once waited for, the dataset."""
@@ -51,79 +40,28 @@ class ConversionArray:
     num_shards: int
     jobs: list[Any]
     info: DatasetInfo | None = None  # set by wait()
-    failed: list[FailedShard] = field(default_factory=list)
+    failed: list[FailedTask] = field(default_factory=list)
 
     @property
     def array_id(self) -> str:
         """The SLURM array job id (`123` of `123_0`, `123_1`, ...)."""
-        return str(self.jobs[0].job_id).split("_")[0] if self.jobs else ""
+        return array_job_id(self.jobs)
 
     def wait(self, *, progress: bool = True) -> DatasetInfo:
         """Wait for every shard task, then finalise; ShardTaskError names each failed task."""
-        import submitit
-        from tqdm import tqdm
-
         from data_prep.convert import finalize_conversion
 
-        self.failed = []
-        try:
-            with tqdm(total=len(self.jobs), desc="shard tasks", unit="task", disable=not progress) as bar:
-                for job in submitit.helpers.as_completed(self.jobs, poll_frequency=1.0):
-                    failure = task_failure(self.jobs.index(job), job)
-                    if failure is not None:
-                        self.failed.append(failure)
-                    bar.update()
-        except KeyboardInterrupt:
-            log.warning("interrupted: cancelling array job %s", self.array_id)
-            for job in self.jobs:
-                job.cancel(check=False)
-            raise
+        self.failed = wait_for_array(self.jobs, desc="shard tasks", progress=progress)
         if self.failed:
             raise ShardTaskError(_failure_report(self))
         self.info = finalize_conversion(self.out)
         return self.info
 
 
-def task_failure(shard: int, job: Any) -> FailedShard | None:
-    """None when the task completed; otherwise what went wrong and where its log is."""
-    import submitit
-
-    if not job.paths.result_pickle.exists() and job.state != "COMPLETED":
-        # cancelled, timed out, node failure: no result will come, and asking submitit for
-        # one would wait 15 s per task (its grace time for slow shared filesystems)
-        return _describe_failure(shard, job, None, str(slurm.job_state(job, refresh=True)))
-    try:
-        job.result()
-    except submitit.core.utils.FailedJobError as exc:  # the task raised: its traceback is in stderr
-        return _describe_failure(shard, job, exc, "FAILED")
-    except submitit.core.utils.UncompletedJobError as exc:
-        return _describe_failure(shard, job, exc, str(slurm.job_state(job, refresh=True)))
-    return None
-
-
-def _describe_failure(shard: int, job: Any, exc: Exception | None, state: str) -> FailedShard:
-    stderr = Path(job.paths.stderr)
-    last_error = ""
-    if stderr.is_file():
-        # submitit ends a failed task's log with the traceback; its last line names the exception
-        # (srun/slurmstepd may append their own notes after it)
-        lines = [
-            line
-            for line in stderr.read_text(errors="replace").splitlines()
-            if line.strip() and not line.startswith(("srun:", "slurmstepd:"))
-        ]
-        last_error = lines[-1] if lines else ""
-    if not last_error and exc is not None and str(exc).strip():
-        last_error = str(exc).strip().splitlines()[0]
-    if not last_error:
-        last_error = f"ended {state} without a result"
-    return FailedShard(shard=shard, job_id=str(job.job_id), state=state, stderr=stderr, last_error=last_error)
-
-
 def _failure_report(array: ConversionArray) -> str:
     lines = [f"{len(array.failed)} of {array.num_shards} shard tasks of array job {array.array_id} failed:"]
     for failure in array.failed[:10]:
-        lines.append(f"  shard {failure.shard} (job {failure.job_id}, {failure.state}): {failure.last_error}")
+        lines.append(f"  shard {failure.task} (job {failure.job_id}, {failure.state}): {failure.last_error}")
         lines.append(f"    stderr: {failure.stderr}")
     if len(array.failed) > 10:
         lines.append(f"  ... and {len(array.failed) - 10} more (logs under {array.folder})")

@@ -40,6 +40,7 @@ ARGS = [
     "--set",
     "model.embedding_size=32",
 ]
+GROUPS = ("CR", "IG S- (no aug)", "IG (aug)", "IG joint forward", "IG α fixed 0.9", "IG α fixed 0.99")
 
 
 @pytest.mark.slow
@@ -49,14 +50,7 @@ def test_study_reports_every_number_and_reuses_finished_runs(tmp_path: Path) -> 
     assert main(["--out", str(out), "--docs-img", str(docs_img), *ARGS]) == 0
 
     runs = study_runs([0])
-    assert [r.group for r in runs] == [
-        "CR",
-        "IG S- (no aug)",
-        "IG (aug)",
-        "IG joint forward",
-        "IG α fixed 0.9",
-        "IG α fixed 0.99",
-    ]
+    assert [r.group for r in runs] == list(GROUPS)
     assert [r.overrides for r in runs if r.group == "IG joint forward"] == [("model.forward=joint",)]
     summary = json.loads((out / "report" / "summary.json").read_text())
     assert {r["run"] for r in summary["runs"]} == {r.name for r in runs}
@@ -85,14 +79,7 @@ def test_study_reports_every_number_and_reuses_finished_runs(tmp_path: Path) -> 
     assert (epochs.groupby("run").size() == 2).all()
     # the CR run trains with all weights 1 but still keeps the table; IG (aug) and the α runs differ
     tables = (out / "report" / "tables.md").read_text()
-    for group in (
-        "CR",
-        "IG S- (no aug)",
-        "IG (aug)",
-        "IG joint forward",
-        "IG α fixed 0.9",
-        "IG α fixed 0.99",
-    ):
+    for group in GROUPS:
         assert group in tables
     for section in ("fresh_sets_unseen_seed", "low_variance_failure_case", "forward_joint_vs_separate"):
         assert f"## {section}" in tables

@@ -377,6 +377,7 @@ def write_report(
         report.plot_epoch_curves(
             per_epoch[per_epoch["group"].isin(MAIN_GROUPS)], MAIN_GROUPS, out / "study_epochs.png"
         ),
+        report.plot_group_figures(per_run, [*MAIN_GROUPS, *FORWARD_GROUPS[1:]], out / "study_figures.png"),
     ]
     if has_alpha:
         plots += [

@@ -151,3 +151,38 @@ def plot_epoch_curves(epochs: pd.DataFrame, groups: Sequence[str], path: Path) -
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_group_figures(per_run: pd.DataFrame, groups: Sequence[str], path: Path) -> Path:
+    """One panel per headline figure: every seed's value as a dot, the group mean as a bar."""
+    figures = [
+        ("fresh.edc_ratio", "EDC pAUC / random (fresh sets)\nlower is better; oracle as x"),
+        ("fresh.mixed_spearman", "Spearman ρ(quality, strength)\nfresh mixed set; lower is better"),
+        ("lowvar_overrating", "low-variance degraded images:\nquality percentile above like strength"),
+        ("fresh.clean_accuracy", "verification accuracy\nfresh clean set"),
+    ]
+    present = [(c, t) for c, t in figures if c in per_run.columns]
+    fig, axes = plt.subplots(1, len(present), figsize=(3.6 * len(present), 3.6), squeeze=False)
+    rows = per_run[per_run["group"].isin(groups)]
+    order = [g for g in groups if g in set(rows["group"])]
+    for ax, (column, title) in zip(axes[0], present):
+        for x, group in enumerate(order):
+            values = rows.loc[rows["group"] == group, column].to_numpy(float)
+            ax.bar(x, np.nanmean(values), color="lightsteelblue", width=0.6)
+            ax.plot(np.full(len(values), x), values, "o", color="tab:blue", ms=4)
+            if column == "fresh.edc_ratio" and "fresh.oracle_ratio" in rows.columns:
+                oracle = rows.loc[rows["group"] == group, "fresh.oracle_ratio"].to_numpy(float)
+                ax.plot(np.full(len(oracle), x + 0.2), oracle, "x", color="grey", ms=5)
+        if column == "fresh.edc_ratio":
+            ax.axhline(1.0, ls="--", color="grey", lw=0.8)
+        if column == "lowvar_overrating":
+            ax.axhline(0.0, ls="--", color="grey", lw=0.8)
+        if column == "fresh.clean_accuracy":  # near 1 for every group: show the differences
+            ax.set_ylim(max(0.0, float(np.nanmin(rows[column])) - 0.01), 1.0)
+        ax.set_xticks(range(len(order)))
+        ax.set_xticklabels(order, rotation=30, ha="right", fontsize=8)
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -83,7 +83,12 @@ def test_study_reports_every_number_and_reuses_finished_runs(tmp_path: Path) -> 
         assert group in tables
     for section in ("fresh_sets_unseen_seed", "low_variance_failure_case", "forward_joint_vs_separate"):
         assert f"## {section}" in tables
-    for plot in ("study_weight_histograms.png", "study_epochs.png", "study_alpha_epochs.png"):
+    for plot in (
+        "study_weight_histograms.png",
+        "study_epochs.png",
+        "study_alpha_epochs.png",
+        "study_figures.png",
+    ):
         assert (out / "report" / plot).stat().st_size > 1000
         assert (docs_img / plot).is_file()
 

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO / "configs" / "tiny_cpu.yaml"
 DEFAULT_CLUSTER = REPO / "slurm" / "clusters" / "local.yaml"
-# 0 = the config's full schedule: tiny_cpu's 6 epochs (366 steps at 200 identities x 40 images).
+# 0 = the config's full schedule: tiny_cpu's 8 epochs (488 steps at 200 identities x 40 images).
 DEFAULT_STEPS = 0
 DEFAULT_IDENTITIES = 200
 DEFAULT_IMAGES_PER_IDENTITY = 40  # configs/tiny_cpu.yaml's recipe is tuned on 200 x 40 images
@@ -77,7 +77,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=DEFAULT_STEPS,
         metavar="N",
-        help="stop training after N steps (default: 0 = the config's full schedule, 6 epochs = 366 steps "
+        help="stop training after N steps (default: 0 = the config's full schedule, 8 epochs = 488 steps "
         "at 200 identities x 40 images); N beyond the schedule needs --set optim.epochs=E",
     )
     p.add_argument(

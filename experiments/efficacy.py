@@ -25,35 +25,18 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 from pipeline.evaluation.efficacy import (
     DEFAULT_DISCARD_LIMIT,
     DEFAULT_FMR,
     DEFAULT_IDENTITIES,
     DEFAULT_PAIRS,
     DEFAULT_PERMUTATIONS,
-    Efficacy,
     FreshSets,
     convert_sets,
     format_report,
     make_fresh_sets,
-    measure,
+    measure_checkpoint,
 )
-from pipeline.method.model import load_inference_model
-
-
-def measure_checkpoint(
-    checkpoint: Path,
-    sets: FreshSets,
-    *,
-    fmr: float = DEFAULT_FMR,
-    discard_limit: float = DEFAULT_DISCARD_LIMIT,
-    permutations: int = DEFAULT_PERMUTATIONS,
-) -> Efficacy:
-    """`measure` for a training checkpoint (loaded as `igfiqa eval` loads it)."""
-    model, _ = load_inference_model(checkpoint, torch.device("cpu"))
-    return measure(model, sets, fmr=fmr, discard_limit=discard_limit, permutations=permutations)
 
 
 def main(argv: list[str] | None = None) -> int:

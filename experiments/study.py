@@ -155,11 +155,9 @@ def train_run(run: StudyRun, config: Any) -> TrainOutcome:
 
 def fresh_figures(outcome: TrainOutcome, fresh: Any) -> dict[str, float]:
     """The demo's efficacy figures of the run's final model on the fresh sets (unseen identities)."""
-    from pipeline.evaluation.efficacy import measure as measure_efficacy
-    from pipeline.method.model import load_inference_model
+    from pipeline.evaluation.efficacy import measure_checkpoint
 
-    model, _ = load_inference_model(Path(outcome.checkpoint))
-    return {k: float(v) for k, v in measure_efficacy(model, fresh).as_dict().items()}
+    return measure_checkpoint(Path(outcome.checkpoint), fresh).figures()
 
 
 def measure(

@@ -35,10 +35,7 @@ def efficacy_stage(
     pairs: int | None = None,
 ) -> dict[str, float]:
     """The model's figures on fresh sets of `seed` (see the module docstring); reused when recorded."""
-    import torch
-
-    from pipeline.evaluation.efficacy import DEFAULT_PAIRS, make_fresh_sets, measure
-    from pipeline.method.model import load_inference_model
+    from pipeline.evaluation.efficacy import DEFAULT_PAIRS, make_fresh_sets, measure_checkpoint
 
     pairs = pairs or DEFAULT_PAIRS
     marker = paths.eval / marker_name(label, "efficacy")
@@ -54,8 +51,7 @@ def efficacy_stage(
         return {k: float(v) for k, v in recorded["figures"].items()}
 
     sets = make_fresh_sets(paths.out / "fresh", seed, pairs=pairs, progress=True)
-    model, _ = load_inference_model(Path(trained.checkpoint), torch.device("cpu"))
-    figures = {k: float(v) for k, v in measure(model, sets).as_dict().items()}
+    figures = measure_checkpoint(Path(trained.checkpoint), sets).figures()
     for run_id in run_ids or []:
         _log_figures(paths.tracking_uri, run_id, figures, trained.global_step)
     write_json_atomically(

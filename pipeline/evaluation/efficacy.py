@@ -13,6 +13,8 @@ like `igfiqa prep bins`; `measure` scores them with a model's own backbone and q
 - the same ratio for the oracle, quality = -strength, against the same random reference: how much
   quality CAN matter on this data (well below 1 when degraded images fail verification more often).
 
+`measure_checkpoint` does the same for a training checkpoint file.
+
 Used by the demo's efficacy stage (`jobs.stages.efficacy`) and `experiments/efficacy.py`.
 """
 
@@ -33,6 +35,7 @@ from data_prep.manifest import read_manifest
 from data_prep.synth import VERIFICATION_SETS, default_synth_workers, synthesize_verification
 from pipeline.evaluation.evaluate import evaluate_set, load_verification_set
 from pipeline.evaluation.quality_metrics import evaluate_quality
+from pipeline.method.model import load_inference_model
 
 DEFAULT_PAIRS = 2000
 DEFAULT_IDENTITIES = 400
@@ -73,6 +76,10 @@ class Efficacy:
     def as_dict(self) -> dict[str, Any]:
         """Plain dict (the JSON line)."""
         return asdict(self)
+
+    def figures(self) -> dict[str, float]:
+        """Every field as a float (for MLflow metrics and JSON records)."""
+        return {k: float(v) for k, v in self.as_dict().items()}
 
 
 def make_fresh_sets(
@@ -214,3 +221,16 @@ def format_report(result: Efficacy) -> str:
             f"  oracle pAUC ratio     {result.oracle_ratio:.3f}  ({result.oracle_pauc:.4f}, quality = -strength)",
         ]
     )
+
+
+def measure_checkpoint(
+    checkpoint: Path,
+    sets: FreshSets,
+    *,
+    fmr: float = DEFAULT_FMR,
+    discard_limit: float = DEFAULT_DISCARD_LIMIT,
+    permutations: int = DEFAULT_PERMUTATIONS,
+) -> Efficacy:
+    """`measure` for a training checkpoint (loaded on the CPU as `igfiqa eval` loads it)."""
+    model, _ = load_inference_model(checkpoint, torch.device("cpu"))
+    return measure(model, sets, fmr=fmr, discard_limit=discard_limit, permutations=permutations)

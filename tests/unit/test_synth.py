@@ -13,7 +13,7 @@ from PIL import Image
 from data_prep.errors import DataError
 from data_prep.recordio import RecordIOReader, read_index, unpack_header
 from data_prep.source import read_source
-from data_prep.synth import synthesize, synthesize_verification
+from data_prep.synth import MIN_STRENGTH, synthesize, synthesize_verification
 from data_prep.synth_faces import (
     DEGRADATIONS,
     STORAGE_JPEG_QUALITY,
@@ -166,7 +166,9 @@ def test_verification_sets(synth_dir):
     # a minority degraded (MIXED_DEGRADED_FRACTION 0.25; 240 images: binomial std 0.028)
     assert 0.15 < (mixed.degradation != "none").mean() < 0.35
     degraded = mixed[mixed.degradation != "none"]
-    assert set(degraded.degradation) <= set(DEGRADATIONS) and degraded.strength.between(0.15, 1.0).all()
+    assert (
+        set(degraded.degradation) <= set(DEGRADATIONS) and degraded.strength.between(MIN_STRENGTH, 1.0).all()
+    )
     assert (mixed.strength[mixed.degradation == "none"] == 0).all()
 
 

@@ -24,8 +24,19 @@ from pipeline.data.loader import TrainLoader
 pytestmark = pytest.mark.gpu
 
 # nvJPEG (GPU) and libjpeg-turbo (CPU) use different IDCT and chroma-upsampling arithmetic: the
-# same JPEG decodes to pixels up to a few grey levels apart (normalised here)
-DECODER_TOLERANCE = 3.0 / 127.5
+# same JPEG decodes to almost the same pixels, but a few pixels at colour edges may lie far apart
+# (28 grey levels on an H200, 2026-11-30), so the bound is on the mean and the 99th percentile.
+DECODER_TOLERANCE = {"mean": 0.5, "p99": 3.0}  # grey levels of the 0..255 image
+# normalisation rounds differently on the two devices: one float32 ulp of 1.0 is ~1e-5 grey levels
+ROUNDING = 1e-4
+
+
+def assert_decoded_alike(cpu: torch.Tensor, gpu: torch.Tensor) -> None:
+    """Two decodings of the same JPEGs (normalised to [-1, 1]) within DECODER_TOLERANCE."""
+    levels = ((cpu - gpu.cpu()).abs() * 127.5).double().flatten().numpy()
+    measured = {"mean": levels.mean(), "p99": np.percentile(levels, 99), "max": levels.max()}
+    assert measured["mean"] <= DECODER_TOLERANCE["mean"], measured
+    assert measured["p99"] <= DECODER_TOLERANCE["p99"], measured
 
 
 @pytest.fixture(scope="module")
@@ -54,13 +65,14 @@ def test_gpu_variant_matches_cpu_in_shape_range_keys_and_flags(dataset: Path) ->
             assert half_b.images.is_cuda and half_b.labels.is_cuda
             assert half_b.images.shape == half_a.images.shape and half_b.images.dtype == torch.float32
             assert half_b.labels.dtype == torch.int64
-            assert half_b.images.min() >= -1.0 and half_b.images.max() <= 1.0
+            limit = 1.0 + ROUNDING / 127.5
+            assert half_b.images.min() >= -limit and half_b.images.max() <= limit
             assert half_a.keys == half_b.keys
             assert torch.equal(half_a.flags, half_b.flags.cpu()) and torch.equal(
                 half_a.labels, half_b.labels.cpu()
             )
         # the clean half differs only by the JPEG decoder
-        assert (a.fr.images - b.fr.images.cpu()).abs().max() <= DECODER_TOLERANCE
+        assert_decoded_alike(a.fr.images, b.fr.images)
 
 
 def test_gpu_fr_half_is_decode_flip_normalise(dataset: Path) -> None:
@@ -70,12 +82,12 @@ def test_gpu_fr_half_is_decode_flip_normalise(dataset: Path) -> None:
     assert not batch.fr.flags.any() and batch.reg.flags.all()
     store = gpu.store
     rows = {key: i for i, key in enumerate(store.keys_of(np.arange(len(store))))}
-    for key, flipped, image in zip(batch.fr.keys, batch.fr.flipped.tolist(), batch.fr.images.cpu()):
+    references = []
+    for key, flipped in zip(batch.fr.keys, batch.fr.flipped.tolist()):
         (data,) = store.encoded(np.array([rows[key]]))
         reference = torch.from_numpy(decode_image(data, source=key).tensor)
-        if flipped:
-            reference = reference.flip(-1)
-        assert (image - reference).abs().max() <= DECODER_TOLERANCE
+        references.append(reference.flip(-1) if flipped else reference)
+    assert_decoded_alike(torch.stack(references), batch.fr.images)
     # erased rectangles are exact on the GPU too: every regression image holds pixel value 0 (−1)
     assert (batch.reg.images == -1.0).flatten(1).any(1).all()
 
@@ -123,8 +135,8 @@ def test_each_degradation_on_the_gpu_matches_the_cpu(degradation: str) -> None:
         assert np.array_equal(cpu[name], gpu[name]), name
     levels = np.abs(cpu["images"].astype(np.float64) - gpu["images"]) * 127.5
     bound = OPERATOR_TOLERANCE[degradation]
-    assert levels.mean() <= bound["mean"] + 1e-6, (degradation, levels.mean())
-    assert np.percentile(levels, 99) <= bound["p99"] + 1e-6, (degradation, np.percentile(levels, 99))
+    assert levels.mean() <= bound["mean"] + ROUNDING, (degradation, levels.mean())
+    assert np.percentile(levels, 99) <= bound["p99"] + ROUNDING, (degradation, np.percentile(levels, 99))
     if degradation != "none":  # the degradation did something on both devices
         clean = run_graph(_png_batch(16, "none", seed=3), image_size=112, device_id=0)["images"]
         assert np.abs(gpu["images"] - clean).mean() * 127.5 > 1.0

@@ -183,7 +183,7 @@ def test_a_killed_scoring_resumes_and_ends_identical(
 
 @pytest.mark.gpu
 def test_gpu_scoring_matches_the_cpu(
-    train_dataset: Path, model_checkpoint: tuple[Path, torch.nn.Module], tmp_path: Path
+    train_dataset: Path, model_checkpoint: tuple[Path, torch.nn.Module], tmp_path: Path, no_tf32: None
 ) -> None:
     """The "mixed" (nvJPEG) decoder and the GPU model: the CPU's scores up to the decoders' rounding."""
     path, _ = model_checkpoint

@@ -106,7 +106,7 @@ def test_flip_adds_the_mirror_embedding_and_keeps_the_unflipped_quality(tmp_path
 
 
 @pytest.mark.gpu
-def test_scoring_on_cuda_matches_cpu(tmp_path):
+def test_scoring_on_cuda_matches_cpu(tmp_path, no_tf32):
     _, model = make_checkpoint(tmp_path / "m.ckpt")
     images = np.stack([decode_image(jpeg_bytes(face_image(i)), source="x").tensor for i in range(4)])
     on_cpu = infer_batch(model, images, torch.device("cpu"), flip=True)

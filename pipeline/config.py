@@ -119,6 +119,11 @@ class ModelConfig:
     reg_bn: Literal["running", "batch"] = "running"
     # the quality head R's initial weights: zeros, or PyTorch's default uniform draw
     head_init: Literal["zeros", "uniform"] = "zeros"
+    # what the quality head R reads: the embedding (the paper's R = Linear(D, 1)), or the embedding
+    # and its norm / sqrt(D) (Linear(D + 1, 1)): after the backbone's final BatchNorm every embedding
+    # dimension is centred, so a linear head on the embedding alone cannot read its norm, which
+    # tracks image quality (pipeline/method/model.py)
+    head_input: Literal["embedding", "embedding_and_norm"] = "embedding"
 
 
 @dataclass(frozen=True)

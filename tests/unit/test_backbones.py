@@ -143,3 +143,26 @@ def test_fiqa_model_head_and_gradient_switch() -> None:
             assert backbone_grad is not None and backbone_grad.abs().sum() > 0
         else:
             assert backbone_grad is None
+
+
+def test_a_head_that_reads_the_norm_sees_what_a_linear_head_on_the_embedding_cannot() -> None:
+    torch.manual_seed(0)
+    cfg = ModelConfig(backbone="iresnet_mini", embedding_size=64, head_input="embedding_and_norm")
+    model = build_model(cfg).eval()
+    assert model.head.weight.shape == (1, 65)
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.weight[0, -1] = 1.0  # the head reads only the norm column
+        embeddings, quality = model(torch.randn(4, 3, 112, 112))
+    torch.testing.assert_close(quality, embeddings.norm(dim=1) / 8.0)  # ||e|| / sqrt(64)
+    # scaling an embedding moves its quality; the paper's head on a centred embedding has no such term
+    scaled = torch.cat([embeddings, 2.0 * embeddings])
+    with torch.no_grad():
+        assert torch.allclose(model._quality(scaled)[4:], 2.0 * quality)
+    # the norm's gradient reaches the backbone
+    model.train()
+    model.head.weight.data.normal_()
+    model(torch.randn(4, 3, 112, 112))[1].sum().backward()
+    assert model.head.weight.grad[0, -1] != 0 and model.backbone.fc.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="head_input"):
+        build_model(ModelConfig(backbone="iresnet_mini", embedding_size=64, head_input="norm"))  # type: ignore[arg-type]

@@ -92,6 +92,12 @@ class SynthResult:
 MIN_STRENGTH = 0.35
 
 
+def generator_settings() -> dict[str, float]:
+    """The generator's own constants that change what a seed produces; stored in synth.json as
+    "generator", so sets made by an earlier generator are recognised as such."""
+    return {"min_strength": MIN_STRENGTH, "mixed_degraded_fraction": MIXED_DEGRADED_FRACTION}
+
+
 def _draw_degradation(rng: np.random.Generator) -> tuple[str, float]:
     return DEGRADATIONS[int(rng.integers(len(DEGRADATIONS)))], float(rng.uniform(MIN_STRENGTH, 1.0))
 
@@ -325,7 +331,10 @@ def synthesize_verification(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     bins = _write_verification(out, settings, progress, workers)
-    atomic_write_json(out / "synth.json", {**asdict(settings), "identities": 0, "images_per_identity": 0})
+    atomic_write_json(
+        out / "synth.json",
+        {**asdict(settings), "identities": 0, "images_per_identity": 0, "generator": generator_settings()},
+    )
     return bins
 
 
@@ -374,6 +383,6 @@ def synthesize(
     out.mkdir(parents=True, exist_ok=True)
     num_images = _write_train(out, settings, progress, workers)
     bins = _write_verification(out, settings, progress, workers)
-    atomic_write_json(out / "synth.json", asdict(settings))
+    atomic_write_json(out / "synth.json", {**asdict(settings), "generator": generator_settings()})
     log.info("synthesized %d images of %d identities into %s", num_images, identities, out)
     return SynthResult(out=out, num_images=num_images, num_identities=identities, verification_bins=bins)

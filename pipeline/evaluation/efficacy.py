@@ -21,6 +21,8 @@ Used by the demo's efficacy stage (`jobs.stages.efficacy`) and `experiments/effi
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,12 @@ from scipy.stats import spearmanr
 
 from data_prep.bins import convert_bins
 from data_prep.manifest import read_manifest
-from data_prep.synth import VERIFICATION_SETS, default_synth_workers, synthesize_verification
+from data_prep.synth import (
+    VERIFICATION_SETS,
+    default_synth_workers,
+    generator_settings,
+    synthesize_verification,
+)
 from pipeline.evaluation.evaluate import evaluate_set, load_verification_set
 from pipeline.evaluation.quality_metrics import evaluate_quality
 from pipeline.method.model import load_inference_model
@@ -43,6 +50,9 @@ DEFAULT_PERMUTATIONS = 20
 DEFAULT_FMR = 1e-2
 DEFAULT_DISCARD_LIMIT = 0.2
 MODEL, ORACLE = "model", "oracle"
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -90,7 +100,12 @@ def make_fresh_sets(
     identities: int = DEFAULT_IDENTITIES,
     progress: bool = False,
 ) -> FreshSets:
-    """Generate and convert the verification sets of `seed` under WORK/seed-<seed>/, reusing finished ones."""
+    """Generate and convert the verification sets of `seed` under WORK/seed-<seed>/, reusing finished ones.
+
+    Sets that an earlier generator made (other `data_prep.synth.generator_settings()`) are made
+    again: they are a function of the seed and the code, and figures on them would be figures of
+    other data.
+    """
     root = Path(work) / f"seed-{seed}"
     synth, val = root / "synth", root / "val"
     wanted = {"seed": seed, "verification_pairs": pairs, "verification_identities": identities}
@@ -99,7 +114,12 @@ def make_fresh_sets(
         existing = json.loads(settings_path.read_text())
         if any(existing.get(k) != v for k, v in wanted.items()):
             raise ValueError(f"{synth} holds sets of other settings than {wanted}; use another --work")
-    else:
+        if existing.get("generator") != generator_settings():
+            log.warning(
+                "%s: sets of an earlier generator (%s); making them again", synth, existing.get("generator")
+            )
+            shutil.rmtree(root)
+    if not settings_path.is_file():
         synthesize_verification(
             synth,
             identities=identities,

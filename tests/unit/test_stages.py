@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from data_prep.synth import generator_settings
 from jobs.errors import UserError
 from jobs.stages import data, train
 from jobs.stages.train import TrainOutcome, completed_training, train_stage, training_config
@@ -61,14 +62,18 @@ def test_a_broken_marker_is_a_user_error(tmp_path: Path) -> None:
 def test_synth_stage_reuses_the_same_settings_and_refuses_others(tmp_path: Path) -> None:
     paths = WorkFolder(tmp_path)
     paths.synth.mkdir()
-    (paths.synth / "synth.json").write_text(
-        json.dumps({"identities": 40, "images_per_identity": 12, "seed": 0})
-    )
+    settings = {"identities": 40, "images_per_identity": 12, "seed": 0, "generator": generator_settings()}
+    (paths.synth / "synth.json").write_text(json.dumps(settings))
     record = StageRecord("synth")
     data.synth_stage(paths, data.SynthSpec(identities=40), record)
     assert record.reused and record.note == "synth.json exists"
     with pytest.raises(UserError, match=r"synthesized with other settings: identities 40 \(asked 200\)"):
         data.synth_stage(paths, data.SynthSpec(), StageRecord("synth"))
+    # data of an earlier generator (degraded images from 0.15) is not reused as if it were today's
+    earlier = {**settings, "generator": {"min_strength": 0.15, "mixed_degraded_fraction": 0.25}}
+    (paths.synth / "synth.json").write_text(json.dumps(earlier))
+    with pytest.raises(UserError, match=r"other settings: generator \{'min_strength': 0.15"):
+        data.synth_stage(paths, data.SynthSpec(identities=40), StageRecord("synth"))
 
 
 def test_synth_stage_refuses_converted_data_without_its_synth_json(tmp_path: Path) -> None:

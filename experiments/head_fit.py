@@ -33,6 +33,7 @@ from pipeline.checkpoint import load_checkpoint
 from pipeline.data.image_io import decode_image
 from pipeline.evaluation.efficacy import DEFAULT_PAIRS, edc_ratios, make_fresh_sets, strength_by_key
 from pipeline.evaluation.evaluate import evaluate_set, load_verification_set
+from pipeline.method.losses import certainty_ratio
 from pipeline.method.model import inference_model_from_state
 
 HEAD_INPUTS = ("e", "norm", "e+norm")
@@ -62,8 +63,8 @@ def cr_labels(embeddings: torch.Tensor, labels: torch.Tensor, centres: torch.Ten
     cos = torch.nn.functional.normalize(embeddings, dim=1) @ torch.nn.functional.normalize(centres, dim=1).T
     rows = torch.arange(len(labels))
     own = cos[rows, labels].clone()
-    cos[rows, labels] = -2.0
-    return (own / (cos.max(dim=1).values + 1.0 + 1e-9)).double().numpy()
+    cos[rows, labels] = float("-inf")  # the largest cosine over the *other* centres, as in training
+    return certainty_ratio(own, cos.max(dim=1).values).double().numpy()
 
 
 def head_features(embeddings: torch.Tensor, head_input: str) -> np.ndarray:

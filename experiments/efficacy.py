@@ -5,7 +5,8 @@
 Generates (or reuses) clean.bin and mixed.bin of `--seed` (`data_prep.synth.synthesize_verification`:
 identities never seen in training when the seed differs from the training data's), converts them
 like `igfiqa prep bins`, and scores them with the checkpoint's own backbone and quality head through
-`pipeline.evaluation.evaluate.evaluate_set` (10-fold accuracy, EDC at a fixed FMR). It prints:
+`pipeline.evaluation.evaluate.evaluate_set` (10-fold accuracy, EDC at a fixed FMR), each image with
+its mirror image too unless `--no-flip`. It prints:
 
 - clean and mixed verification accuracy;
 - Spearman's ρ between predicted quality and the known degradation strength on the mixed set
@@ -27,6 +28,7 @@ from pathlib import Path
 
 from pipeline.evaluation.efficacy import (
     DEFAULT_DISCARD_LIMIT,
+    DEFAULT_FLIP,
     DEFAULT_FMR,
     DEFAULT_IDENTITIES,
     DEFAULT_PAIRS,
@@ -53,6 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--permutations", type=int, default=DEFAULT_PERMUTATIONS)
     parser.add_argument("--fmr", type=float, default=DEFAULT_FMR)
     parser.add_argument("--discard-limit", type=float, default=DEFAULT_DISCARD_LIMIT)
+    parser.add_argument(
+        "--flip",
+        action=argparse.BooleanOptionalAction,
+        default=DEFAULT_FLIP,
+        help="score each image with its mirror image too: embeddings summed, quality averaged",
+    )
     args = parser.parse_args(argv)
     if args.synth is not None:
         val = convert_sets(args.synth, args.work / f"converted-{args.synth.resolve().name}")
@@ -65,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         fmr=args.fmr,
         discard_limit=args.discard_limit,
         permutations=args.permutations,
+        flip=args.flip,
     )
     print(format_report(result))
     print(json.dumps(result.as_dict()), flush=True)

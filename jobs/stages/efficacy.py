@@ -35,7 +35,7 @@ def efficacy_stage(
     pairs: int | None = None,
 ) -> dict[str, float]:
     """The model's figures on fresh sets of `seed` (see the module docstring); reused when recorded."""
-    from pipeline.evaluation.efficacy import DEFAULT_PAIRS, make_fresh_sets, measure_checkpoint
+    from pipeline.evaluation.efficacy import DEFAULT_FLIP, DEFAULT_PAIRS, make_fresh_sets, measure_checkpoint
 
     pairs = pairs or DEFAULT_PAIRS
     marker = paths.eval / marker_name(label, "efficacy")
@@ -45,6 +45,7 @@ def efficacy_stage(
         and recorded.get("checkpoint") == trained.checkpoint
         and recorded.get("seed") == seed
         and recorded.get("pairs") == pairs
+        and recorded.get("flip") == DEFAULT_FLIP
         and isinstance(recorded.get("figures"), dict)
     ):
         record.reused, record.note = True, f"seed {seed} already measured"
@@ -55,7 +56,14 @@ def efficacy_stage(
     for run_id in run_ids or []:
         _log_figures(paths.tracking_uri, run_id, figures, trained.global_step)
     write_json_atomically(
-        marker, {"checkpoint": trained.checkpoint, "seed": seed, "pairs": pairs, "figures": figures}
+        marker,
+        {
+            "checkpoint": trained.checkpoint,
+            "seed": seed,
+            "pairs": pairs,
+            "flip": DEFAULT_FLIP,
+            "figures": figures,
+        },
     )
     record.note = (
         f"seed {seed}: clean acc {figures['clean_accuracy']:.3f}, Spearman {figures['mixed_spearman']:+.2f}, "
@@ -77,7 +85,9 @@ def efficacy_lines(figures: dict[str, float]) -> list[str]:
     """The SUMMARY's lines: the three figures the issue asks for, the oracle's and the random reference."""
     return [
         f"on fresh sets of seed {int(figures['seed'])} ({int(figures['pairs'])} pairs each, identities never "
-        "trained on):",
+        "trained on"
+        + ("; each image scored with its mirror image, flip" if figures.get("flip") else "")
+        + "):",
         f"  clean verification accuracy       {100 * figures['clean_accuracy']:6.2f} %",
         f"  Spearman(quality, degradation)    {figures['mixed_spearman']:+.3f}   (mixed set; -1 is ideal)",
         f"  EDC pAUC / random quality         {figures['edc_ratio']:.3f}    "

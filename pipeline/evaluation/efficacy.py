@@ -13,6 +13,9 @@ like `igfiqa prep bins`; `measure` scores them with a model's own backbone and q
 - the same ratio for the oracle, quality = -strength, against the same random reference: how much
   quality CAN matter on this data (well below 1 when degraded images fail verification more often).
 
+By default every image is scored with its mirror image too (`flip`, InsightFace's test-time flip:
+embeddings summed, qualities averaged), as face verification is usually measured.
+
 `measure_checkpoint` does the same for a training checkpoint file.
 
 Used by the demo's efficacy stage (`jobs.stages.efficacy`) and `experiments/efficacy.py`.
@@ -49,6 +52,10 @@ DEFAULT_IDENTITIES = 400
 DEFAULT_PERMUTATIONS = 20
 DEFAULT_FMR = 1e-2
 DEFAULT_DISCARD_LIMIT = 0.2
+# Test-time flip (embedding + mirror's embedding, mean quality) since 2026-11-30 evening: on four
+# model × seed pairs it lowered the EDC ratio by 0.02-0.09 and the oracle's by 0-0.05
+# (docs/reproduction.md); figures measured before then are without it.
+DEFAULT_FLIP = True
 MODEL, ORACLE = "model", "oracle"
 
 
@@ -82,6 +89,7 @@ class Efficacy:
     fmr: float
     discard_limit: float
     permutations: int
+    flip: bool  # each image scored with its mirror image too (see `measure`)
 
     def as_dict(self) -> dict[str, Any]:
         """Plain dict (the JSON line)."""
@@ -190,16 +198,28 @@ def measure(
     fmr: float = DEFAULT_FMR,
     discard_limit: float = DEFAULT_DISCARD_LIMIT,
     permutations: int = DEFAULT_PERMUTATIONS,
+    flip: bool = DEFAULT_FLIP,
     device: torch.device | None = None,
 ) -> Efficacy:
-    """Score both sets with `model` (eval mode, own backbone) and compute every figure."""
+    """Score both sets with `model` (eval mode, own backbone) and compute every figure.
+
+    `flip`: embeddings are the image's plus its mirror image's, quality the mean of both
+    (`pipeline.evaluation.scoring.infer_batch`), for both sets and every figure.
+    """
     device = device or torch.device("cpu")
     model = model.to(device).eval()
     results = {}
     for name in VERIFICATION_SETS:
         vset = load_verification_set(sets.val / name)
         results[name] = evaluate_set(
-            model, vset, method=MODEL, device=device, fmrs=(fmr,), discard_limit=discard_limit, progress=False
+            model,
+            vset,
+            method=MODEL,
+            device=device,
+            flip=flip,
+            fmrs=(fmr,),
+            discard_limit=discard_limit,
+            progress=False,
         )
     mixed = results["mixed"]
     quality = pd.Series(mixed.scores[MODEL].to_numpy(np.float64), index=mixed.scores["image"].astype(str))
@@ -223,6 +243,7 @@ def measure(
         fmr=fmr,
         discard_limit=discard_limit,
         permutations=permutations,
+        flip=flip,
         **ratios,
     )
 
@@ -231,7 +252,8 @@ def format_report(result: Efficacy) -> str:
     """Human-readable lines of the figures."""
     return "\n".join(
         [
-            f"fresh sets of seed {result.seed}, {result.pairs} pairs each",
+            f"fresh sets of seed {result.seed}, {result.pairs} pairs each"
+            + (", each image scored with its mirror image (flip)" if result.flip else ""),
             f"  clean accuracy        {100 * result.clean_accuracy:6.2f} %",
             f"  mixed accuracy        {100 * result.mixed_accuracy:6.2f} %",
             f"  Spearman(q, strength) {result.mixed_spearman:+.3f}  (mixed set)",
@@ -250,7 +272,8 @@ def measure_checkpoint(
     fmr: float = DEFAULT_FMR,
     discard_limit: float = DEFAULT_DISCARD_LIMIT,
     permutations: int = DEFAULT_PERMUTATIONS,
+    flip: bool = DEFAULT_FLIP,
 ) -> Efficacy:
     """`measure` for a training checkpoint (loaded on the CPU as `igfiqa eval` loads it)."""
     model, _ = load_inference_model(checkpoint, torch.device("cpu"))
-    return measure(model, sets, fmr=fmr, discard_limit=discard_limit, permutations=permutations)
+    return measure(model, sets, fmr=fmr, discard_limit=discard_limit, permutations=permutations, flip=flip)

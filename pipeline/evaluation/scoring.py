@@ -31,18 +31,25 @@ class Inference:
 
     quality: np.ndarray  # [N] float32
     embeddings: np.ndarray  # [N, D] float32; with flip: embedding(image) + embedding(mirror image)
+    # quality with flip: the mean of the image's and its mirror image's
 
 
 @torch.no_grad()
 def infer_batch(
     model: torch.nn.Module, images: np.ndarray, device: torch.device, *, flip: bool = False
 ) -> Inference:
-    """One batch [N, 3, 112, 112] through the model (eval mode). Quality comes from the unflipped image."""
+    """One batch [N, 3, 112, 112] through the model (eval mode).
+
+    With `flip`, the mirror image goes through too (InsightFace's test-time flip): the embedding
+    is the sum of both, the quality their mean (a face and its mirror image are equally
+    recognisable, so averaging takes out some of the quality head's noise).
+    """
     batch = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(device)
     embeddings, quality = model(batch)
     if flip:
-        flipped_embeddings, _ = model(torch.flip(batch, dims=[3]))
+        flipped_embeddings, flipped_quality = model(torch.flip(batch, dims=[3]))
         embeddings = embeddings + flipped_embeddings
+        quality = (quality + flipped_quality) / 2
     return Inference(quality.float().cpu().numpy(), embeddings.float().cpu().numpy())
 
 

@@ -163,6 +163,8 @@ def check_efficacy(out: Path, stdout: str, train_run_id: str, eval_run_id: str) 
     recorded = json.loads((out / "eval" / "demo-efficacy.json").read_text())
     figures = recorded["figures"]
     assert recorded["seed"] == seed and figures["pairs"] == 400
+    # scored as verification is usually measured: each image with its mirror image (the default)
+    assert recorded["flip"] is True and figures["flip"] == 1.0 and "scored with its mirror image" in stdout
     assert 0.5 <= figures["clean_accuracy"] <= 1.0 and -1.0 <= figures["mixed_spearman"] <= 1.0
     assert figures["edc_ratio"] > 0 and figures["oracle_ratio"] > 0
     assert f"{100 * figures['clean_accuracy']:6.2f} %" in stdout

@@ -93,7 +93,7 @@ def test_score_files_reports_broken_files_and_goes_on(tmp_path):
     assert table["height"].loc[str(folder / "a.jpg")] == 112 and not table["resized"].any()
 
 
-def test_flip_adds_the_mirror_embedding_and_keeps_the_unflipped_quality(tmp_path):
+def test_flip_adds_the_mirror_embedding_and_averages_the_quality(tmp_path):
     _, model = make_checkpoint(tmp_path / "m.ckpt")
     images = np.stack([decode_image(jpeg_bytes(face_image(i)), source="x").tensor for i in range(3)])
     plain = infer_batch(model, images, torch.device("cpu"))
@@ -102,7 +102,9 @@ def test_flip_adds_the_mirror_embedding_and_keeps_the_unflipped_quality(tmp_path
     np.testing.assert_allclose(
         flipped.embeddings, plain.embeddings + mirrored.embeddings, rtol=1e-5, atol=1e-5
     )
-    np.testing.assert_allclose(flipped.quality, plain.quality)
+    # the faces are not mirror-symmetric, so the mirror images' quality differs and the mean shows
+    assert np.abs(plain.quality - mirrored.quality).max() > 1e-4
+    np.testing.assert_allclose(flipped.quality, (plain.quality + mirrored.quality) / 2, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.gpu

@@ -153,7 +153,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--name", default=None, help="method name in tables and plots (default: the run name)"
     )
     evaluate.add_argument(
-        "--flip", action="store_true", help="embedding = embedding(image) + embedding(mirror)"
+        "--flip",
+        action="store_true",
+        help="embedding = embedding(image) + embedding(mirror); quality = the mean of both",
     )
     _add_inference_options(evaluate)
     _add_quality_options(evaluate)
@@ -174,7 +176,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     score.add_argument("--out", required=True, type=Path, help="output table (.parquet or .csv)")
     score.add_argument("--column", default="quality", help="name of the quality column (default: quality)")
     score.add_argument("--embeddings", type=Path, default=None, help="also write the embeddings to this .npz")
-    score.add_argument("--flip", action="store_true", help="embeddings: add the mirror image's embedding")
+    score.add_argument(
+        "--flip", action="store_true", help="add the mirror image's embedding, average the two qualities"
+    )
     score.add_argument("--workers", type=int, default=2, help="image decoding threads (default: 2)")
     _add_inference_options(score)
     score.set_defaults(func=run_score)

@@ -52,9 +52,9 @@ DEFAULT_IDENTITIES = 400
 DEFAULT_PERMUTATIONS = 20
 DEFAULT_FMR = 1e-2
 DEFAULT_DISCARD_LIMIT = 0.2
-# Test-time flip (embedding + mirror's embedding, mean quality) since 2026-11-30 evening: on four
-# model × seed pairs it lowered the EDC ratio by 0.02-0.09 and the oracle's by 0-0.05
-# (docs/reproduction.md); figures measured before then are without it.
+# Test-time flip (embedding + mirror's embedding, mean quality) since 2026-11-30 evening: on six
+# model × seed pairs it lowered the EDC ratio by 0.021-0.086 (mean 0.037) and the oracle's by
+# 0-0.05 (docs/reproduction.md); figures measured before then are without it.
 DEFAULT_FLIP = True
 MODEL, ORACLE = "model", "oracle"
 

@@ -2,7 +2,7 @@
 
 Three variants over the same batches of one converted dataset, alternated round by round:
 
-- score:        what `curate score` runs per shard (pipeline.evaluation.curation.DatasetScorer):
+- score:        what `curate score` runs per shard (pipeline.curation.scoring.DatasetScorer):
                 the shard bytes → decode-only DALI graph (threads, prefetch) → model forward
 - forward_only: the same model on the same batches, already decoded and held in memory: the
                 bound scoring cannot beat (ratio_vs_forward = score ÷ forward_only, ideally ~1)
@@ -41,8 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from pipeline.config import load_config
+from pipeline.curation.scoring import DatasetScorer, ScoringImages
 from pipeline.data.dali_graph import DECODE_OUTPUT_NAMES, build_decode_pipeline
-from pipeline.evaluation.curation import DatasetScorer, ScoringImages
 from pipeline.method.model import build_model, load_inference_model
 from pipeline.parallel.env import resolve_device
 

@@ -1,6 +1,6 @@
 """`quality.parquet`: one quality score per image of a converted dataset, and what produced them.
 
-Written by `igfiqa curate score` (pipeline.evaluation.curation), read by `igfiqa curate filter`
+Written by `igfiqa curate score` (pipeline.curation.scoring), read by `igfiqa curate filter`
 (data_prep.curate). Columns, one row per manifest row and in manifest order:
 
     key      the manifest key

@@ -24,7 +24,7 @@ from jobs.cluster import ClusterProfile, load_profile, make_executor
 from jobs.errors import UserError
 
 if TYPE_CHECKING:
-    from pipeline.evaluation.curation import ScoredDataset
+    from pipeline.curation.scoring import ScoredDataset
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class ScoringArray:
     def wait(self, *, progress: bool = True) -> ScoredDataset:
         """Wait for every task, then write the quality file; ScoreTaskError names each failed task."""
         from data_prep.dataset import load_dataset_info
-        from pipeline.evaluation.curation import finalize_scoring, load_scoring_plan
+        from pipeline.curation.scoring import finalize_scoring, load_scoring_plan
 
         self.failed = wait_for_array(self.jobs, desc="score tasks", progress=progress)
         if self.failed:
@@ -103,7 +103,7 @@ def start_scoring(
 
     The submitit logs go to `folder` (default: OUT/.score/slurm/<time>-<pid>, new every time).
     """
-    from pipeline.evaluation.curation import (
+    from pipeline.curation.scoring import (
         load_scoring_plan,
         part_is_done_for,
         prepare_scoring,

@@ -2,11 +2,11 @@
 
 `run_score` and `run_filter` are what `igfiqa curate score | filter` do:
 
-- `run_score`: the quality of every image (pipeline.evaluation.curation), here or as a SLURM
+- `run_score`: the quality of every image (pipeline.curation.scoring), here or as a SLURM
   array of shard ranges (jobs.curate_job), holding OUT's lock; then an MLflow run
   (experiment igfiqa-curate-score) tagging the scored dataset's and the model's fingerprints.
 - `run_filter`: the curated dataset (data_prep.curate: every input is checked before anything
-  is written, dataset.json last), the report PNGs (pipeline.evaluation.curation_report), and an
+  is written, dataset.json last), the report PNGs (pipeline.curation.report), and an
   MLflow run (experiment igfiqa-curate) with the lineage: source and output fingerprints, the
   quality file, the model and its training run, the rule, what it removed, the PNGs.
 """
@@ -23,8 +23,8 @@ if TYPE_CHECKING:
     from data_prep.curate import Rule
     from data_prep.dataset import DatasetInfo
     from jobs.cluster import ClusterProfile
-    from pipeline.evaluation.curation import ScoredDataset
-    from pipeline.evaluation.curation_report import CurationReport
+    from pipeline.curation.report import CurationReport
+    from pipeline.curation.scoring import ScoredDataset
 
 REPORT_DIR = "report"
 
@@ -80,7 +80,7 @@ def run_score(
             scored = array.wait(progress=progress)
         array_job_id = array.array_id
     else:
-        from pipeline.evaluation.curation import score_dataset
+        from pipeline.curation.scoring import score_dataset
 
         scored = score_dataset(
             checkpoint,
@@ -160,7 +160,7 @@ def run_filter(
     seconds = time.monotonic() - started
     pictures = None
     if report:
-        from pipeline.evaluation.curation_report import write_curation_report
+        from pipeline.curation.report import write_curation_report
 
         pictures = write_curation_report(plan, report_dir or Path(out) / REPORT_DIR, captions=captions)
     run_id = None

@@ -14,7 +14,7 @@ from data_prep.dataset import load_dataset_info
 from data_prep.quality_file import read_quality_source, read_quality_table
 from data_prep.synth import synthesize
 from jobs.curate_job import shard_ranges, start_scoring
-from pipeline.evaluation.curation import SCORE_DIR, score_dataset
+from pipeline.curation.scoring import SCORE_DIR, score_dataset
 from tests.eval_fixtures import make_checkpoint
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]

@@ -1,4 +1,4 @@
-"""`curate score` (pipeline.evaluation.curation): the DALI decode-only graph gives exactly the training
+"""`curate score` (pipeline.curation.scoring): the DALI decode-only graph gives exactly the training
 graph's clean rows, the scores are the model's on those images, aligned to the manifest with the
 fingerprints in the metadata; per-shard resumable (a run killed with SIGKILL and redone skips the
 finished shards and ends byte-identical); an OUT scoring another model is refused."""
@@ -25,12 +25,12 @@ from data_prep.manifest import read_manifest
 from data_prep.quality_file import read_quality_source, read_quality_table
 from data_prep.synth import synthesize
 from pipeline.config import AugmentConfig
+from pipeline.curation.scoring import SCORE_DIR, score_dataset
 from pipeline.data.augment_plan import draw_params
 from pipeline.data.dali_graph import GraphBatch, build_decode_pipeline, run_graph
 from pipeline.data.image_io import decode_image
 from pipeline.data.image_store import ImageStore
 from pipeline.data.sampler import stream_rng
-from pipeline.evaluation.curation import SCORE_DIR, score_dataset
 from pipeline.evaluation.scoring import infer_batch
 from pipeline.method.model import model_fingerprint
 from tests.eval_fixtures import make_checkpoint, make_verification_set

@@ -54,10 +54,7 @@ class ObjectiveOutput:
     ccs: torch.Tensor  # [n_reg_local]
     nnccs: torch.Tensor  # [n_reg_local]
     weights: torch.Tensor  # [n_reg_local] ŵ used in L_IG (ones in mode "cr")
-    alpha: torch.Tensor  # scalar α used for this step's EMA
     fr_ccs: torch.Tensor  # [n_fr_local] CCS of the clean half (monitoring)
-    variance_mean: torch.Tensor  # scalar μ_v over all classes
-    variance_std: torch.Tensor  # scalar σ_v over all classes
 
 
 class IGFIQAObjective(nn.Module):
@@ -115,7 +112,7 @@ class IGFIQAObjective(nn.Module):
         update_first = self.variance_cfg.order == "update_then_weigh"
         if self.training and update_first:
             self.variance.update(update_labels, update_ccs, alpha)
-        weights, v_mean, v_std = self.variance.weights(stats.labels)
+        weights, _, _ = self.variance.weights(stats.labels)
         if self.training and not update_first:
             self.variance.update(update_labels, update_ccs, alpha)
         if self.loss_cfg.mode == "cr":
@@ -135,10 +132,7 @@ class IGFIQAObjective(nn.Module):
             ccs=stats.ccs[mine],
             nnccs=stats.nnccs[mine],
             weights=weights[mine],
-            alpha=torch.tensor(alpha),
             fr_ccs=margin.ccs[me * n_fr : (me + 1) * n_fr],
-            variance_mean=v_mean,
-            variance_std=v_std,
         )
 
     def _global_regression_loss(

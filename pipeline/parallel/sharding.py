@@ -42,18 +42,6 @@ def shard_sizes(num_classes: int, world_size: int) -> list[int]:
     return [class_range(num_classes, r, world_size)[1] for r in range(world_size)]
 
 
-def owner_of(class_id: int, num_classes: int, world_size: int) -> int:
-    """The rank whose range holds `class_id`."""
-    if not 0 <= class_id < num_classes:
-        raise ValueError(f"class id {class_id} is outside [0, {num_classes})")
-    base, extra = divmod(num_classes, world_size)
-    boundary = (base + 1) * extra  # the first `extra` ranks hold base + 1 classes each
-    if class_id < boundary:
-        return class_id // (base + 1)
-    return extra + (class_id - boundary) // base
-
-
-@torch.no_grad()
 def gather_class_rows(
     shard: torch.Tensor, num_classes: int, group: ProcessGroup = None, dst: int | None = 0
 ) -> torch.Tensor | None:

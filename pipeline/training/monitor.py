@@ -122,23 +122,32 @@ class StepMeter:
         return out
 
 
+def _full_table(objective: IGFIQAObjective) -> torch.Tensor | None:
+    """The unsharded variance table v on rank 0, float64 on the CPU (collective; None elsewhere)."""
+    full = objective.variance.full_state(dst=0)
+    return None if full is None else full.double().cpu()
+
+
 def _full_class_weights(objective: IGFIQAObjective) -> np.ndarray | None:
     """ŵ of every class from the unsharded variance table on rank 0 (collective; None elsewhere)."""
-    full = objective.variance.full_state(dst=0)
-    if full is None:
+    values = _full_table(objective)
+    if values is None:
         return None
-    values = full.double().cpu()
     mean, std = float(values.mean()), float(values.std(unbiased=False))
     return z_score_weights(values, mean, std).numpy()
 
 
 def class_weight_stats(objective: IGFIQAObjective) -> dict[str, float]:
-    """Summary of the class weights (paper Fig. 1b) on rank 0; {} elsewhere. Collective."""
-    weights = _full_class_weights(objective)
-    if weights is None:
+    """μ_v, σ_v and a summary of the class weights (paper Fig. 1b) on rank 0; {} elsewhere. Collective."""
+    values = _full_table(objective)
+    if values is None:
         return {}
+    mean, std = float(values.mean()), float(values.std(unbiased=False))
+    weights = z_score_weights(values, mean, std).numpy()
     p10, p50, p90 = np.percentile(weights, [10, 50, 90])
     return {
+        "variance_mean": mean,
+        "variance_std": std,
         "class_weight_mean": float(weights.mean()),
         "class_weight_zero_frac": float(np.mean(weights <= 1e-6)),
         "class_weight_p10": float(p10),

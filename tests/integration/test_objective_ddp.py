@@ -101,7 +101,7 @@ def _run(spec: dict[str, Any], loss_cfg: LossConfig, var_cfg: VarianceConfig, fo
         out.total.backward()
         record["steps"].append(
             {
-                **{k: getattr(out, k).detach().clone() for k in ("loss_arc", "loss_ig", "total", "alpha")},
+                **{k: getattr(out, k).detach().clone() for k in ("loss_arc", "loss_ig", "total")},
                 **{
                     k: all_gather_no_grad(getattr(out, k))
                     for k in ("cr", "ccs", "nnccs", "weights", "fr_ccs")
@@ -110,7 +110,10 @@ def _run(spec: dict[str, Any], loss_cfg: LossConfig, var_cfg: VarianceConfig, fo
                 # what this rank holds: its class range only (a full copy means sharding is off)
                 "held_classifier_rows": objective.classifier.weight.detach().clone(),
                 "held_table": objective.variance.values.detach().clone(),
-                "variance_stats": torch.stack([out.variance_mean, out.variance_std]).float(),
+                # μ_v and σ_v as the weights use them (collective: every rank calls it)
+                "variance_stats": torch.stack(
+                    objective.variance.weights(torch.arange(NUM_CLASSES))[1:]
+                ).float(),
                 "model_grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
                 "classifier_grad": gather_class_rows(objective.classifier.weight.grad, NUM_CLASSES, dst=None),
             }

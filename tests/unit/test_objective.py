@@ -64,7 +64,6 @@ def test_three_steps_match_dense_reference(mode: str, update_from: str, order: s
         torch.testing.assert_close(fr_emb.grad, fr_ref.grad, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(reg_q.grad, q_ref.grad, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(objective.classifier.weight.grad, weight_ref.grad, rtol=1e-4, atol=1e-6)
-        assert float(out.alpha) == pytest.approx(0.9 + 0.1 * progress)
         if mode == "cr":
             assert (out.weights == 1).all()
     assert not torch.equal(objective.variance.values, torch.ones(NUM_CLASSES))

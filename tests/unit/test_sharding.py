@@ -1,10 +1,10 @@
-"""Class-range sharding: contiguous, covering, PartialFC's arithmetic, owner lookup."""
+"""Class-range sharding: contiguous, covering, PartialFC's arithmetic."""
 
 from __future__ import annotations
 
 import pytest
 
-from pipeline.parallel.sharding import class_range, owner_of, shard_sizes
+from pipeline.parallel.sharding import class_range, shard_sizes
 
 
 @pytest.mark.parametrize("num_classes", [0, 1, 7, 10, 85_742, 10_572])
@@ -28,18 +28,8 @@ def test_matches_partial_fc_formula() -> None:
     assert class_range(85_742, 0, 64) == (0, 1340)
 
 
-@pytest.mark.parametrize(("num_classes", "world_size"), [(10, 4), (7, 3), (5, 8), (85_742, 64), (9, 1)])
-def test_owner_of_agrees_with_ranges(num_classes: int, world_size: int) -> None:
-    for rank in range(world_size):
-        start, count = class_range(num_classes, rank, world_size)
-        for class_id in range(start, start + count):
-            assert owner_of(class_id, num_classes, world_size) == rank
-
-
 def test_bad_arguments_are_refused() -> None:
     with pytest.raises(ValueError, match="rank 2"):
         class_range(10, 2, 2)
     with pytest.raises(ValueError, match="world_size"):
         class_range(10, 0, 0)
-    with pytest.raises(ValueError, match="class id 10"):
-        owner_of(10, 10, 2)

@@ -28,10 +28,7 @@ def _output(
         ccs=torch.zeros(len(cr)),
         nnccs=torch.zeros(len(cr)),
         weights=scalar(weights),
-        alpha=scalar(0.5 + loss_ig),
         fr_ccs=scalar(fr_ccs),
-        variance_mean=scalar(0.0),
-        variance_std=scalar(0.0),
     )
 
 
@@ -84,6 +81,7 @@ def test_class_weight_stats_follow_the_z_score_weights() -> None:
     stats = class_weight_stats(objective)
     mean, std = float(values.mean()), float(values.std(unbiased=False))
     expected = 1.0 + np.clip((values.numpy() - mean) / std, -1.0, 0.0)
+    assert (stats["variance_mean"], stats["variance_std"]) == pytest.approx((0.55, 0.2872281))
     assert stats["class_weight_mean"] == pytest.approx(expected.mean())
     assert stats["class_weight_zero_frac"] == pytest.approx(0.2)  # 0.1, 0.2 lie ≥ 1 σ (0.287) below 0.55
     assert [stats[f"class_weight_p{p}"] for p in (10, 50, 90)] == pytest.approx(

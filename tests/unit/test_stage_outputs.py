@@ -1,19 +1,19 @@
 """The bytes the three sharded stages write (conversion, curation filter, curation scoring), pinned.
 
 `stage_outputs` converts a small synthetic source (one record made bad, so `--skip-bad`'s
-dropped list is written too), filters it with a hand-made quality file and scores it with a
-small model whose quality head is zero (the converted set: the curated one's dataset.json, and so
-its fingerprint, holds absolute paths) (every score is exactly 0.0, so the bytes do not hang on
-the CPU's floating-point kernels). Every file of the three output folders, bookkeeping
-included, is hashed with the work folder's path and the source's mtime replaced by fixed text
-(in parquet files also inside the base64 copy of their Arrow schema).
-GOLDEN holds those digests as the code wrote them before the stages shared
-data_prep.sharded_output: the same source and settings must keep giving the same bytes.
+dropped list is written too), filters it with a hand-made quality file, and scores the
+converted set with a small model whose quality head is zero: every score is exactly 0.0, so
+the bytes do not hang on the CPU's floating-point kernels (the curated set is not scored: its
+dataset.json, and so its fingerprint, holds absolute paths). Every file of the three output
+folders, bookkeeping included, is hashed with the work folder's path and the source's mtime
+replaced by fixed text (in parquet files also inside the base64 copy of their Arrow schema).
 
-The bytes also depend on the libraries that encode the source images (Pillow), draw them
-(numpy), write parquet (pyarrow) and initialise the model (torch); GOLDEN_VERSIONS names the
-versions the digests were recorded with, and the test says so and skips under others (record
-new digests by printing `stage_outputs(tmp)` with code that is known to be right).
+GOLDEN holds the digests of a version of the stages known to be right; any change of what the
+stages write, resumable state included, shows here. The bytes also depend on the libraries
+that encode the source images (Pillow), draw them (numpy), write parquet (pyarrow) and
+initialise the model (torch): GOLDEN_VERSIONS names the versions the digests were recorded
+with, and under others the test skips saying so (record new digests by printing
+`stage_outputs(tmp)` with code known to be right).
 """
 
 from __future__ import annotations

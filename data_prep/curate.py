@@ -35,14 +35,12 @@ what it removed.
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import hashlib
-import json
 import logging
 import math
 import re
 import shutil
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,10 +49,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from data_prep.atomic import atomic_write, atomic_write_json, canonical_json, remove_temp_files_in
+from data_prep.atomic import atomic_write, canonical_json
 from data_prep.checksums import xxh128_file
 from data_prep.dataset import (
     CLASSES_FILE,
@@ -62,29 +59,25 @@ from data_prep.dataset import (
     DROPPED_FILE,
     FORMAT_VERSION,
     MANIFEST_FILE,
-    SHARDS_DIR,
     DatasetInfo,
-    ShardInfo,
     dataset_fingerprint,
     load_dataset_info,
 )
 from data_prep.errors import DataError
-from data_prep.lock import LOCK_DIR, OutputLock
 from data_prep.manifest import CLASSES_SCHEMA, TRAIN_MANIFEST_SCHEMA, read_manifest, write_table
 from data_prep.quality_file import QualitySource, aligned_quality
 from data_prep.shard_reader import ShardReader
-from data_prep.shards import shard_stem, write_webdataset_shard
+from data_prep.sharded_output import ShardedOutput, disk_full_is_a_data_error, run_shards, sample_keys
+from data_prep.shards import write_webdataset_shard
 
 log = logging.getLogger(__name__)
 
 CREATED_BY = "igfiqa data_prep.curate"
-PREP_DIR = LOCK_DIR  # OUT/.prep: the plan, per-shard done records and parts, the lock
 PLAN_FILE = "curate.json"
 CLASS_MAP_FILE = "class_map.parquet"
 REMOVED_FILE = "removed.parquet"
 RULE_KINDS = ("lowest", "lowest-per-identity", "below")
 BELOW_MIN_ACTIONS = ("drop", "restore")
-MIN_KEY_WIDTH = 9  # as data_prep.convert: keys are the zero-padded position
 SHARDS_IN_FLIGHT = 2
 _COUNT_SLACK = 1e-9  # ⌊F·N⌋ computed as floor(F·N + slack): 0.29·100 is 28.999… in binary
 KEPT, REMOVED_BY_RULE, REMOVED_WITH_IDENTITY = 0, 1, 2
@@ -312,9 +305,9 @@ class CurationPlan:
     def num_shards(self) -> int:
         return -(-self.num_images // self.samples_per_shard)
 
-    @property
-    def key_width(self) -> int:
-        return max(MIN_KEY_WIDTH, len(str(self.num_images - 1)))
+    def shard_count(self, shard: int) -> int:
+        """Number of images in output shard `shard`."""
+        return min(self.samples_per_shard, self.num_images - shard * self.samples_per_shard)
 
     @property
     def plan_id(self) -> str:
@@ -401,111 +394,48 @@ def plan_curation(
 # ----------------------------------------------------------------------------- the output folder
 
 
-def _prep(out: Path) -> Path:
-    return Path(out) / PREP_DIR
+def curation_output(out: Path) -> ShardedOutput:
+    """OUT as the output folder of a curation (data_prep.sharded_output): plan in .prep/curate.json."""
+    return ShardedOutput(out, plan_file=PLAN_FILE)
 
 
 def check_output_folder(out: Path, plan_id: str) -> bool:
     """True when OUT holds an unfinished curation of this plan (resume), False when OUT is new or
     empty; DataError for anything else (a dataset, other files, another curation or conversion)."""
-    out = Path(out)
-    if not out.exists():
+    output = curation_output(out)
+    if not output.exists():
         return False
-    if not out.is_dir():
-        raise DataError("output path exists and is not a folder", path=out)
-    if (out / DATASET_FILE).exists():
+    if (output.root / DATASET_FILE).exists():
         raise DataError(
             f"already holds a dataset ({DATASET_FILE}): refusing to write over it; choose a new --out",
-            path=out,
+            path=output.root,
         )
-    plan_file = _prep(out) / PLAN_FILE
-    resuming = plan_file.is_file()
-    if resuming:
-        try:
-            existing = json.loads(plan_file.read_text()).get("plan_id")
-        except (OSError, ValueError):
-            existing = None
-        if existing != plan_id:
-            raise DataError(
-                "holds an unfinished curation of other inputs (another source, quality file, rule or "
-                "shard size): choose a new --out, or remove it",
-                path=out,
-            )
-    own = (PREP_DIR, SHARDS_DIR, *(_OUTPUT_FILES if resuming else ()))
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in own and ".tmp-" not in p.name)
-    if foreign:
+    resuming = output.refuse_another_plan(
+        plan_id,
+        holds="an unfinished curation of other inputs (another source, quality file, rule or shard "
+        "size): choose a new --out, or remove it",
+    )
+    output.refuse_foreign(
+        writing="a curated dataset", own=_OUTPUT_FILES if resuming else (), resuming=resuming
+    )
+    if not resuming and output.holds_files():
         raise DataError(
-            f"exists and is not empty (holds {', '.join(foreign[:5])}): refusing to write a curated "
-            "dataset into it; choose a new --out",
-            path=out,
+            "holds an unfinished conversion or another stage's files: choose a new --out", path=output.root
         )
-    if resuming:
-        return True
-    leftovers = [p.name for p in _prep(out).glob("*") if p.name != "lock"] if _prep(out).is_dir() else []
-    if leftovers or ((out / SHARDS_DIR).is_dir() and any((out / SHARDS_DIR).iterdir())):
-        raise DataError(
-            "holds an unfinished conversion or another stage's files: choose a new --out", path=out
-        )
-    return False
-
-
-@contextlib.contextmanager
-def _locked(out: Path, *, wait: float) -> Iterator[None]:
-    """Hold OUT's lock; when the body fails before the plan is written, remove what it created."""
-    created = [p for p in (out, _prep(out), out / SHARDS_DIR) if not p.exists()]
-    lock = OutputLock(out, wait=wait)
-    lock.acquire()
-    try:
-        yield
-    except BaseException:
-        if not (_prep(out) / PLAN_FILE).is_file():
-            lock.release(remove=_prep(out) in created)
-            for folder in reversed(created):
-                with contextlib.suppress(OSError):
-                    folder.rmdir()
-        raise
-    finally:
-        lock.release()
+    return resuming
 
 
 # ----------------------------------------------------------------------------- writing
 
 
-def _shard_paths(out: Path, shard: int) -> dict[str, Path]:
-    stem = shard_stem(shard)
-    return {
-        "tar": out / SHARDS_DIR / f"{stem}.tar",
-        "index": out / SHARDS_DIR / f"{stem}.idx",
-        "manifest": _prep(out) / f"{stem}.parquet",
-        "done": _prep(out) / f"{stem}.json",
-    }
-
-
-def _shard_done(out: Path, plan: CurationPlan, shard: int) -> dict[str, Any] | None:
-    """The done record of a written shard whose files are still the ones recorded, else None."""
-    paths = _shard_paths(out, shard)
-    try:
-        done = json.loads(paths["done"].read_text())
-    except (OSError, ValueError):
-        return None
-    count = min(plan.samples_per_shard, plan.num_images - shard * plan.samples_per_shard)
-    if done.get("plan_id") != plan.plan_id or done.get("count") != count:
-        return None
-    if not all(paths[name].is_file() for name in ("tar", "index", "manifest")):
-        return None
-    if paths["tar"].stat().st_size != done.get("size") or xxh128_file(paths["tar"]) != done.get("xxh128"):
-        return None
-    return done
-
-
-def _write_shard(out: Path, plan: CurationPlan, shard: int, reader: ShardReader) -> None:
+def _write_shard(output: ShardedOutput, plan: CurationPlan, shard: int, *, reader: ShardReader) -> None:
     """Copy the kept images of output shard `shard` from the source shards; done record last."""
-    if _shard_done(out, plan, shard) is not None:
+    count = plan.shard_count(shard)
+    if output.done_record(shard, plan_id=plan.plan_id, count=count, verify=True) is not None:
         return
-    paths = _shard_paths(out, shard)
-    paths["done"].unlink(missing_ok=True)
+    paths = output.begin_shard(shard)
     start = shard * plan.samples_per_shard
-    positions = np.arange(start, min(start + plan.samples_per_shard, plan.num_images), dtype=np.int64)
+    positions = np.arange(start, start + count, dtype=np.int64)
     rows = plan.kept_rows[positions]
     m = plan.manifest
     shards, offsets, nbytes = (m[c].to_numpy(dtype=np.int64)[rows] for c in ("shard", "offset", "nbytes"))
@@ -513,15 +443,15 @@ def _write_shard(out: Path, plan: CurationPlan, shard: int, reader: ShardReader)
         memoryview(reader.read(int(s), int(o), int(n)))
         for s, o, n in zip(shards.tolist(), offsets.tolist(), nbytes.tolist())
     ]
-    keys = [f"{p:0{plan.key_width}d}" for p in positions.tolist()]
+    keys = sample_keys(positions.tolist(), plan.num_images)
     labels = plan.selection.new_labels(m["label"].to_numpy(dtype=np.int64))[rows]
-    written = write_webdataset_shard(paths["tar"], paths["index"], keys, images, labels.tolist())
+    written = write_webdataset_shard(paths.tar, paths.index, keys, images, labels.tolist())
     del images
     expected = m["sha256"].to_numpy()[rows]
     differs = np.flatnonzero(np.asarray(written.image_sha256) != expected)
     if differs.size:
-        paths["tar"].unlink(missing_ok=True)
-        paths["index"].unlink(missing_ok=True)
+        paths.tar.unlink(missing_ok=True)
+        paths.index.unlink(missing_ok=True)
         row = int(rows[differs[0]])
         raise DataError(
             f"key {m['key'].iloc[row]} (manifest row {row}): its bytes do not match the manifest's sha256 "
@@ -543,68 +473,44 @@ def _write_shard(out: Path, plan: CurationPlan, shard: int, reader: ShardReader)
         },
         schema=TRAIN_MANIFEST_SCHEMA,
     )
-    write_table(paths["manifest"], manifest, durable=False)
-    done = {
-        "plan_id": plan.plan_id,
-        "count": written.count,
-        "size": written.size,
-        "xxh128": written.xxh128,
-        "index_xxh128": written.index_xxh128,
-    }
-    atomic_write(paths["done"], lambda tmp: tmp.write_bytes(canonical_json(done)), durable=False)
+    output.finish_shard(shard, plan_id=plan.plan_id, written=written, manifest=manifest)
 
 
 def write_curation(
     plan: CurationPlan, out: Path, *, progress: bool = True, wait_lock: float = 0.0
 ) -> DatasetInfo:
     """Write the curated dataset of `plan` into OUT (new, empty, or this plan's unfinished run)."""
-    out = Path(out)
-    check_output_folder(out, plan.plan_id)  # before creating anything
-    with _locked(out, wait=wait_lock):
-        resuming = check_output_folder(out, plan.plan_id)  # again, now that no one else writes here
-        _prep(out).mkdir(parents=True, exist_ok=True)
-        (out / SHARDS_DIR).mkdir(exist_ok=True)
+    output = curation_output(out)
+    check_output_folder(output.root, plan.plan_id)  # before creating anything
+    with (
+        output.locked(wait=wait_lock),
+        disk_full_is_a_data_error(output.root, space=lambda: None, elsewhere="write into another --out"),
+    ):
+        resuming = check_output_folder(output.root, plan.plan_id)  # again, now that no one else writes here
+        output.create_shards_dir()
         if resuming:
-            for folder in (out / SHARDS_DIR, _prep(out)):
-                remove_temp_files_in(folder)
-        atomic_write_json(_prep(out) / PLAN_FILE, plan.to_json_dict())
+            output.remove_temp_files()
+        output.write_plan(plan.to_json_dict())
         with (
             ShardReader(plan.source.tar_paths) as reader,
-            ThreadPoolExecutor(max_workers=SHARDS_IN_FLIGHT) as pool,
             tqdm(total=plan.num_shards, desc="curate shards", unit="shard", disable=not progress) as bar,
         ):
-            futures = [pool.submit(_write_shard, out, plan, i, reader) for i in range(plan.num_shards)]
-            try:
-                for future in futures:
-                    future.result()
-                    bar.update()
-            except BaseException:
-                pool.shutdown(cancel_futures=True)
-                raise
-        return _finalize(out, plan)
+            task = functools.partial(_write_shard, output, plan, reader=reader)
+            pool = ThreadPoolExecutor(max_workers=SHARDS_IN_FLIGHT)
+            run_shards(pool, task, range(plan.num_shards), lambda _: bar.update())
+        return _finalize(output, plan)
 
 
-def _finalize(out: Path, plan: CurationPlan) -> DatasetInfo:
+def _finalize(output: ShardedOutput, plan: CurationPlan) -> DatasetInfo:
     """manifest, classes, class map, removed list (and the source's dropped list), then dataset.json."""
-    shards = []
-    for i in range(plan.num_shards):
-        done = _shard_done(out, plan, i)
-        if done is None:
-            raise DataError(
-                f"shard {shard_stem(i)} was not written completely: run the curation again", path=out
-            )
-        paths = _shard_paths(out, i)
-        shards.append(
-            ShardInfo(
-                tar=paths["tar"].relative_to(out).as_posix(),
-                index=paths["index"].relative_to(out).as_posix(),
-                count=done["count"],
-                xxh128=done["xxh128"],
-            )
-        )
-    manifest = pa.concat_tables(
-        [pq.read_table(_shard_paths(out, i)["manifest"]) for i in range(plan.num_shards)]
-    ).cast(TRAIN_MANIFEST_SCHEMA)
+    out = output.root
+    shards = output.finished_shards(
+        plan_id=plan.plan_id,
+        counts=[plan.shard_count(i) for i in range(plan.num_shards)],
+        verify=True,
+        stage="curation",
+    )
+    manifest = output.manifest(plan.num_shards)
     write_table(out / MANIFEST_FILE, manifest)
     sel = plan.selection
     counts = np.bincount(manifest.column("label").to_numpy(), minlength=plan.num_classes)
@@ -648,14 +554,13 @@ def _finalize(out: Path, plan: CurationPlan) -> DatasetInfo:
         image_size=plan.source.image_size,
         seed=plan.source.seed,
         samples_per_shard=plan.samples_per_shard,
-        shards=tuple(shards),
+        shards=shards,
         source=plan.source.source,
         created_by=CREATED_BY,
         dropped=plan.source.dropped,
         curation=plan.lineage(),
     )
-    atomic_write_json(out / DATASET_FILE, info.to_json_dict())
-    return load_dataset_info(out)
+    return output.write_dataset(info)
 
 
 def curate(

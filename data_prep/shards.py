@@ -51,32 +51,6 @@ def _header_template() -> bytes:
 
 _TEMPLATE = _header_template()
 _NAME_END, _SIZE_START, _SIZE_END, _CHKSUM_START, _CHKSUM_END = 100, 124, 136, 148, 156
-# checksum of the template with its checksum field read as 8 spaces and an all-zero name/size
-_BASE_CHKSUM = (
-    sum(_TEMPLATE[:_CHKSUM_START])
-    + 8 * ord(" ")
-    + sum(_TEMPLATE[_CHKSUM_END:])
-    - sum(_TEMPLATE[_SIZE_START:_SIZE_END])
-)
-
-
-def ustar_header(name: str, size: int) -> bytes:
-    """The 512-byte ustar header `tarfile` writes for a regular file with our fixed metadata."""
-    name_bytes = name.encode("ascii")
-    if len(name_bytes) >= _NAME_END:
-        raise ValueError(f"tar member name too long for ustar: {name!r}")
-    size_field = b"%011o\0" % size
-    chksum = _BASE_CHKSUM + sum(name_bytes) + sum(size_field)
-    return b"".join(
-        (
-            name_bytes.ljust(_NAME_END, b"\0"),
-            _TEMPLATE[_NAME_END:_SIZE_START],
-            size_field,
-            _TEMPLATE[_SIZE_END:_CHKSUM_START],
-            b"%06o\0 " % chksum,
-            _TEMPLATE[_CHKSUM_END:],
-        )
-    )
 
 
 @dataclass(frozen=True)
@@ -114,7 +88,8 @@ def _octal(values: np.ndarray, digit_shifts: np.ndarray) -> np.ndarray:
 
 
 def ustar_headers(names: Sequence[str], sizes: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """`ustar_header(names[i], sizes[i])` for every i, as rows of a (count, 512) uint8 array.
+    """The 512-byte ustar header `tarfile` writes for a regular file `names[i]` of `sizes[i]` bytes with
+    our fixed metadata, for every i, as rows of a (count, 512) uint8 array.
 
     Vectorised with numpy: building headers one by one in Python cost ~3 µs per member.
     """

@@ -1,6 +1,8 @@
 """`igfiqa curate score`: the quality of every image of a converted dataset, resumable per shard.
 
-Three stages, each idempotent, so the same code runs here and as a SLURM array (jobs/curate_job.py):
+Three stages, each idempotent, so the same code runs here and as a SLURM array (jobs/curate_job.py);
+the output folder's plan, lock and temp files are data_prep.sharded_output's, with the plan and
+the per-shard parts in OUT/.score/:
 
 1. `prepare_scoring(checkpoint, dataset, out)` loads the model, takes its fingerprint
    (`pipeline.method.model.model_fingerprint`) and the dataset's, and writes the plan
@@ -10,20 +12,19 @@ Three stages, each idempotent, so the same code runs here and as a SLURM array (
    through the decode-only DALI graph (`pipeline.data.dali_graph.build_decode_pipeline`: the
    training graph's decoder and normalisation, no augmentation; CPU operators with
    `device_id=None`, the "mixed" decoder on a GPU) and the model in eval mode, and writes
-   `OUT/.score/part-NNNNN.parquet` atomically. A part already written for this plan is
-   skipped, so a killed run redone scores only what is missing; batches never cross a shard,
+   `OUT/.score/part-NNNNN.parquet` atomically (the plan id in its metadata is its done
+   record). A part already written for this plan is skipped, so a killed run redone scores only what is missing; batches never cross a shard,
    so a shard scored again gives the same numbers on the same device.
 3. `finalize_scoring(out)` joins the parts in manifest order and writes `OUT/quality.parquet`
    (data_prep.quality_file: key, record, label, quality; the dataset's and the model's
    fingerprints, the checkpoint and its training run in the metadata), atomically and last.
 
-`score_dataset` runs the three here under OUT's lock (data_prep.lock).
+`score_dataset` runs the three here under OUT's lock (`ShardedOutput.locked`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -35,13 +36,13 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from data_prep.atomic import atomic_write, atomic_write_json, canonical_json
+from data_prep.atomic import atomic_write, canonical_json
 from data_prep.dataset import DatasetInfo, dataset_fingerprint, load_dataset_info
 from data_prep.errors import DataError
 from data_prep.images import BadImageError, check_image, image_size, jpeg_sizes_quick
-from data_prep.lock import OutputLock
 from data_prep.quality_file import QUALITY_FILE, QualitySource, write_quality_file
 from data_prep.shard_reader import ShardReader
+from data_prep.sharded_output import ShardedOutput, disk_full_is_a_data_error, fault_point
 from data_prep.shards import shard_stem
 from pipeline.checkpoint import training_lineage
 from pipeline.config import TrainConfig
@@ -269,25 +270,24 @@ class ScoringPlan:
         )
 
 
-def _score_dir(out: Path) -> Path:
-    return Path(out) / SCORE_DIR
+def scoring_output(out: Path) -> ShardedOutput:
+    """OUT as the output folder of a scoring (data_prep.sharded_output): plan and parts in .score/."""
+    return ShardedOutput(out, plan_file=PLAN_FILE, bookkeeping=SCORE_DIR)
 
 
 def _part_path(out: Path, shard: int) -> Path:
-    return _score_dir(out) / f"part-{shard_stem(shard)[len('shard-') :]}.parquet"
+    return scoring_output(out).prep / f"part-{shard_stem(shard)[len('shard-') :]}.parquet"
 
 
 def load_scoring_plan(out: Path) -> ScoringPlan:
     """The plan in OUT/.score/plan.json; DataError when there is none."""
-    path = _score_dir(out) / PLAN_FILE
-    if not path.is_file():
-        raise DataError("no scoring plan here: run `igfiqa curate score` first", path=out)
+    output = scoring_output(out)
+    raw = output.read_plan(missing="no scoring plan here: run `igfiqa curate score` first")
+    raw.pop("plan_id", None)
     try:
-        raw = json.loads(path.read_text())
-        raw.pop("plan_id", None)
         return ScoringPlan(**raw)
     except (ValueError, TypeError) as exc:
-        raise DataError(f"malformed scoring plan: {exc}", path=path) from None
+        raise DataError(f"malformed scoring plan: {exc}", path=output.plan_path) from None
 
 
 def prepare_scoring(
@@ -325,14 +325,13 @@ def prepare_scoring(
         num_shards=len(info.shards),
         batch_size=batch_size,
     )
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise DataError("output path exists and is not a folder", path=out)
-    if (_score_dir(out) / PLAN_FILE).is_file():
+    output = scoring_output(out)
+    output.exists()  # refuses a file
+    if output.has_plan():
         existing = load_scoring_plan(out)
         if existing.plan_id == plan.plan_id:
             if existing != plan:  # moved files, same content: keep the scores, record where they are now
-                atomic_write_json(_score_dir(out) / PLAN_FILE, {"plan_id": plan.plan_id, **asdict(plan)})
+                output.write_plan({"plan_id": plan.plan_id, **asdict(plan)})
             return plan
         differs = [
             f"{name} {getattr(existing, name)} (now {getattr(plan, name)})"
@@ -342,10 +341,9 @@ def prepare_scoring(
         raise DataError(
             f"holds the scores of another run ({'; '.join(differs)}): choose another --out", path=out
         )
-    if (out / QUALITY_FILE).exists():
-        raise DataError(f"holds a {QUALITY_FILE} of another run: choose another --out", path=out)
-    _score_dir(out).mkdir(parents=True, exist_ok=True)
-    atomic_write_json(_score_dir(out) / PLAN_FILE, {"plan_id": plan.plan_id, **asdict(plan)})
+    if (output.root / QUALITY_FILE).exists():
+        raise DataError(f"holds a {QUALITY_FILE} of another run: choose another --out", path=output.root)
+    output.write_plan({"plan_id": plan.plan_id, **asdict(plan)})
     return plan
 
 
@@ -438,6 +436,7 @@ def _write_part(out: Path, plan: ScoringPlan, shard: int, parts: list[tuple[np.n
     atomic_write(
         _part_path(out, shard), lambda tmp: pq.write_table(table, tmp, use_dictionary=False), durable=False
     )
+    fault_point(shard)
 
 
 @dataclass(frozen=True)
@@ -456,6 +455,7 @@ def finalize_scoring(out: Path, *, scored_now: int = 0) -> ScoredDataset:
     `scored_now`: how many images the caller scored (reported back, for speeds)."""
     out = Path(out)
     plan = load_scoring_plan(out)
+    scoring_output(out).remove_temp_files()  # leftovers of killed part writers
     images = ScoringImages(Path(plan.dataset))
     try:
         quality = np.full(len(images), np.nan, dtype=np.float32)
@@ -502,7 +502,10 @@ def score_dataset(
 
     torch_device = resolve_device(device)
     model, config = load_inference_model(checkpoint, torch_device)
-    with OutputLock(Path(out), wait=wait_lock):
+    with (
+        scoring_output(out).locked(wait=wait_lock),
+        disk_full_is_a_data_error(Path(out), space=lambda: None, elsewhere="score into another --out"),
+    ):
         plan = prepare_scoring(checkpoint, dataset, out, batch_size=batch_size, loaded=(model, config))
         done = [s for s in range(plan.num_shards) if part_is_done_for(out, plan, s)]
         if done:

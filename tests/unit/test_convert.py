@@ -12,7 +12,6 @@ import struct
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,7 @@ from data_prep.convert import convert, finalize_conversion, prepare_conversion, 
 from data_prep.dataset import load_dataset_info
 from data_prep.errors import DataError
 from data_prep.recordio import RecordIOReader, read_index, unpack_header
+from data_prep.sharded_output import FAULT_ENV
 from data_prep.synth import synthesize
 from jobs.cli import main as cli_main
 from tests.unit import recordio_reference_writer as ref
@@ -293,6 +293,7 @@ def test_plan_of_an_older_version_is_made_again_and_its_shards_kept(synth_source
 
 @pytest.mark.timeout(120)
 def test_sigkill_then_resume_is_byte_identical(tmp_path):
+    """SIGKILL as soon as shard 1 is written (IGFIQA_FAULT), the other writer thread mid-shard."""
     source = tmp_path / "src"
     synthesize(source, identities=60, images_per_identity=12, verification_pairs=2, seed=8)
     reference = tmp_path / "reference"
@@ -302,22 +303,13 @@ def test_sigkill_then_resume_is_byte_identical(tmp_path):
         "import sys; from data_prep.convert import convert; "
         f"convert({str(source)!r}, {str(out)!r}, samples_per_shard=8, progress=False)"
     )
-    killed_midway = False
-    for _ in range(3):  # retry if the machine was so fast the run finished before the kill
-        process = subprocess.Popen([sys.executable, "-c", code], cwd=REPO)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not list((out / ".prep").glob("shard-0001*.json")):
-            time.sleep(0.005)
-        os.kill(process.pid, signal.SIGKILL)
-        process.wait()
-        if not (out / "dataset.json").exists():
-            killed_midway = True
-            break
-        (out / "dataset.json").unlink()
-    assert killed_midway
+    env = {**os.environ, "PYTHONPATH": str(REPO), FAULT_ENV: "after-shard:1:KILL"}
+    killed = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, timeout=100)
+    assert killed.returncode == -signal.SIGKILL
+    assert not (out / "dataset.json").exists()
     done = list((out / ".prep").glob("shard-*.json"))
     plan = json.loads((out / ".prep" / "plan.json").read_text())
-    assert 0 < len(done) < plan["num_shards"]
+    assert (out / ".prep" / "shard-00001.json").is_file() and 0 < len(done) < plan["num_shards"]
     convert(source, out, samples_per_shard=8, progress=False)
     assert all_files(out) == all_files(reference)
 

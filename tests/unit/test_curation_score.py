@@ -1,7 +1,8 @@
 """`curate score` (pipeline.curation.scoring): the DALI decode-only graph gives exactly the training
 graph's clean rows, the scores are the model's on those images, aligned to the manifest with the
-fingerprints in the metadata; per-shard resumable (a run killed with SIGKILL and redone skips the
-finished shards and ends byte-identical); an OUT scoring another model is refused."""
+fingerprints in the metadata; per-shard resumable (a run killed with SIGKILL once a part is
+written, and redone, skips the finished shards and ends byte-identical); an OUT scoring another
+model is refused."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +23,7 @@ from data_prep.dataset import dataset_fingerprint
 from data_prep.errors import DataError
 from data_prep.manifest import read_manifest
 from data_prep.quality_file import read_quality_source, read_quality_table
+from data_prep.sharded_output import FAULT_ENV
 from data_prep.synth import synthesize
 from pipeline.config import AugmentConfig
 from pipeline.curation.scoring import SCORE_DIR, score_dataset
@@ -156,16 +157,15 @@ def test_a_killed_scoring_resumes_and_ends_identical(
     )
 
     killed = tmp_path / "killed"
-    process = subprocess.Popen(
-        _score_command(path, many_shards, killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    process = subprocess.run(  # killed (SIGKILL) as soon as the part of shard 1 is written
+        _score_command(path, many_shards, killed),
+        env={**env, FAULT_ENV: "after-shard:1:KILL"},
+        capture_output=True,
+        timeout=300,
     )
-    deadline = time.monotonic() + 240
-    while len(_parts(killed)) < 2 and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait(timeout=30)
+    assert process.returncode == -signal.SIGKILL, process.stderr
     before = _parts(killed)
-    assert 2 <= len(before) < 8, f"the kill came too late or too early: parts {sorted(before)}"
+    assert sorted(before) == ["part-00000.parquet", "part-00001.parquet"]
     assert not (killed / "quality.parquet").exists()
 
     resumed = subprocess.run(

@@ -1,40 +1,21 @@
 """Benchmark `prep convert` against a plain byte copy of the same `.rec`.
 
-Builds (once, cached under the temp dir) a synthetic InsightFace dataset of a few
-hundred MB: faces from data_prep.synth_faces, upscaled and noised so each JPEG is large,
-which makes the run about bytes rather than per-record overhead. Then, with the page
-cache warm, alternates `shutil.copyfile(train.rec)` and a 1-worker conversion, then
-2-worker conversions, and takes medians. A second, smaller dataset of real-sized
-112×112 images reports images per second, where per-record overhead dominates.
+Two synthetic InsightFace datasets, built once and cached under `--cache`: a few hundred MB of
+large JPEGs (data_prep.synth_faces faces, upscaled and noised), where a conversion is about
+bytes, and real-sized 112×112 faces, where per-record overhead dominates. With the page cache
+warm, copies (`shutil.copyfile`) and 1- and 2-worker conversions alternate. Every timed run
+starts after `os.sync()`, and each ratio uses the copies timed beside its own contender:
+background writeback slows copies timed anywhere else. A worker is a process that also runs
+threads (hashing beside validation, two shards in flight), so one worker may keep two cores busy.
 
 Logs go to stderr; the last stdout line is one JSON object:
-ratio_vs_copy = conversion throughput (source bytes/s, 1 worker) ÷ copy throughput.
-
-A worker is a process (`--workers`); one worker process also uses threads (hashing in
-one thread while validating in another, two shards written at once), so "1 worker"
-may keep two cores busy. `cpu_s` is the conversion's CPU time (user + system, all
-threads), less sensitive to other load than wall time. Every timed run starts after
-`os.sync()`, so no earlier run's dirty pages are written back during it, and each ratio
-uses the copies timed beside its own contender (copies timed elsewhere in the run were
-up to 1.6× slower, which once made the ratio look better than it was);
-`ratio_vs_copy_paired_median` is the median over (copy, conversion) pairs.
-
-`floor_s` is the least work any conversion must do, run for real in this process with
-every core busy: each image's SHA-256 (the manifest's content id; the images are split
-between all cores), one XXH3-128 pass over the source and one over the written bytes
-(the checksums in dataset.json), and one write of the image bytes into a new file, and
-nothing else (no validation, no tar headers, no manifests). `ratio_vs_copy_at_floor` =
-floor_copy_s ÷ floor_s (copies timed beside the floor) is the best ratio a conversion can
-reach on this machine. The legs' single-core speeds are reported too (`sha256_mb_per_s`
-is OpenSSL's SHA-NI speed here).
-
-`image_checks` times 1-worker conversions of both datasets at each image check level
-(data_prep.images): "magic" (the magic bytes only: what conversion checked before the
-structural check existed), "structure" (the default) and "decode" (a full Pillow decode,
-`--verify-decode`), interleaved; `*_ratio` = that level's time ÷ the "magic" time of the
-same repeat (median over repeats). Where the machine's noise exceeds the check's cost, the
-validation pass alone says more: `check_us_per_image` and `check_share_of_conversion`
-(see `image_check_costs`). `--image-checks-only` runs just that part.
+- ratio_vs_copy: conversion throughput (source bytes/s, 1 worker) ÷ copy throughput;
+  ratio_vs_copy_paired_median: the median over (copy, conversion) pairs; cpu_s: user + system.
+- floor_s: the least work any conversion must do (`floor_once`); ratio_vs_copy_at_floor: the best
+  ratio a conversion can reach on this machine; the legs' single-core speeds beside it.
+- image_checks: 1-worker conversions at each image check level ("magic": the magic bytes only,
+  "structure": the default, "decode": `--verify-decode`) and what the check costs per image
+  (`image_check_costs`). `--image-checks-only` runs just that part.
 
     .venv/bin/python benchmarks/convert.py [--mb 300] [--repeats 3] [--image-checks-only]
 """

@@ -4,7 +4,7 @@
 pair-quality lookup (`pair_qualities`) and the whole `evaluate_quality` (EDC + ERC at
 two FMRs) at each size, medians of `--repeats` runs. The scaling exponent is the slope
 of log(time) against log(pairs) between the smallest and largest size: 1 is linear,
-2 quadratic (what the sort-based set difference on object arrays was).
+2 quadratic.
 
 Prints ONE JSON object as the last stdout line.
 

@@ -2,13 +2,12 @@
 
 Prints logs to stderr and ONE JSON object as the last stdout line:
 
-- cpu: the small backbone (configs/tiny_cpu.yaml's sizes: iresnet_mini, embedding 128,
-  32 + 32 images per step) on a synthetic dataset made in a temporary folder. The real
-  DALI loader feeding the real train step (`pipeline.training.trainer`'s step: forward of both
-  halves, objective, backward, clip, SGD) is timed side by side with the same step on
-  one cached batch (no data loading): `ratio_vs_cached` = loader img/s ÷ cached img/s.
-  Loader-fed and cached steps alternate one by one and the figures are medians of
-  step times, because the machine is shared and noisy.
+- cpu: configs/tiny_cpu.yaml as it is (its backbone, embedding and batch) on a synthetic
+  dataset made in a temporary folder. The real DALI loader feeding the real train step
+  (`pipeline.training.step.TrainStep`: forward of both halves, objective, backward, clip, SGD)
+  is timed side by side with the same step on one cached batch (no data loading):
+  `ratio_vs_cached` = loader img/s ÷ cached img/s. Loader-fed and cached steps alternate one
+  by one and the figures are medians of step times, because the machine is shared and noisy.
 - gpu: when CUDA is available, iResNet-50 at a global batch of 512 (256 FR + 256
   regression) on one GPU with bf16 autocast, the same two measurements, plus the
   backbone's FLOPs per step (forward + backward, counted by
@@ -16,7 +15,7 @@ Prints logs to stderr and ONE JSON object as the last stdout line:
   against this card's bf16 matmul peak measured in the same run (a large `torch.matmul`).
   Without CUDA: {"gpu": "not available"}.
 
-    .venv/bin/python benchmarks/train_step.py [--steps 10] [--identities 100]
+    .venv/bin/python benchmarks/train_step.py [--steps 16] [--identities 100] [--gpu-only]
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ the same digest). Each image's bytes get SHA-256 (the manifest's content id): at
 ~1.8 GB/s per core with SHA-NI this is the one pass that bounds the conversion's speed,
 so it is computed once, in threads (hashlib releases the GIL for buffers over 2 KiB),
 over zero-copy slices of the source's memory map. (A multi-buffer SHA-NI kernel hashing
-2–4 images interleaved was prototyped in C: 1.2–1.4× OpenSSL's speed on this AMD core,
+2–4 images interleaved reaches 1.2–1.4× OpenSSL's speed in a C prototype on an AMD core:
 not enough to change the conversion's bound, and no maintained Python library offers one.)
 """
 

@@ -87,14 +87,14 @@ class SynthResult:
 # Degraded images draw their strength from U(MIN_STRENGTH, 1). Below ~0.35 no kind changes
 # recognition (the calibration in synth_faces: 1-2 % of pairs fail, as for clean ones), so a
 # degradation there is invisible to a recognition-based quality and its "strength" ranks nothing;
-# from 0.35 up every degraded image costs recognition something, more the stronger it is.
-# (Drawn from 0.15 until 2026-11-30: docs/reproduction.md measures both.)
+# from 0.35 up every degraded image costs recognition something, more the stronger it is
+# (docs/reproduction.md compares sets drawn from 0.15 and from 0.35).
 MIN_STRENGTH = 0.35
 
 
 def generator_settings() -> dict[str, float]:
     """The generator's own constants that change what a seed produces; stored in synth.json as
-    "generator", so sets made by an earlier generator are recognised as such."""
+    "generator", so data made with other constants is recognised as such."""
     return {"min_strength": MIN_STRENGTH, "mixed_degraded_fraction": MIXED_DEGRADED_FRACTION}
 
 

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.gpu
 
 # nvJPEG (GPU) and libjpeg-turbo (CPU) use different IDCT and chroma-upsampling arithmetic: the
 # same JPEG decodes to almost the same pixels, but a few pixels at colour edges may lie far apart
-# (28 grey levels on an H200, 2026-11-30), so the bound is on the mean and the 99th percentile.
+# (28 grey levels on an H200), so the bound is on the mean and the 99th percentile.
 DECODER_TOLERANCE = {"mean": 0.5, "p99": 3.0}  # grey levels of the 0..255 image
 # normalisation rounds differently on the two devices: one float32 ulp of 1.0 is ~1e-5 grey levels
 ROUNDING = 1e-4

@@ -9,8 +9,8 @@ one of two configs, each with its uninterrupted baseline run:
   interrupt their job after its first periodic checkpoint.
 - LONG (375 steps, ~75 s of training at ~0.2 s/step on 2 quiet cores, so one 1-minute attempt
   can never finish it): the timeout test's job, which must still be training when SLURM's
-  time-limit warning comes, and its own uninterrupted baseline. (150 steps was too short: on a
-  quiet machine the job finished before the warning and nothing was requeued.) The two LONG
+  time-limit warning comes, and its own uninterrupted baseline. (A plan that a quiet machine
+  finishes before the warning would requeue nothing.) The two LONG
   runs take ~9 min together, so the test is marked `long`: `make test` runs it, CI (.ci/run)
   leaves it out to stay within its 40 minutes.
 

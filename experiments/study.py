@@ -1,4 +1,4 @@
-"""The small-scale reproduction study of IG-FIQA on the synthetic data (issue 7).
+"""The small-scale reproduction study of IG-FIQA on the synthetic data.
 
     .venv/bin/python -m experiments.study --out work/study --epochs 3 --seeds 0 1 [--worker 0/2]
 

@@ -144,8 +144,9 @@ def train_curated(
 def verification(checkpoint: Path, val: Path, out: Path) -> dict[str, Any]:
     """Verification accuracy (own backbone, 10-fold) per set of val/, evaluated as `igfiqa eval` does."""
     from jobs.evaluation import evaluate_checkpoint_file
+    from pipeline.evaluation.options import EvalOptions
 
-    evaluated = evaluate_checkpoint_file(checkpoint, val, out, fmrs=None, progress=False)
+    evaluated = evaluate_checkpoint_file(checkpoint, val, out, EvalOptions(progress=False))
     return {
         s.name: {
             "accuracy": round(float(s.verification.accuracy), 4),

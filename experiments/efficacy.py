@@ -5,8 +5,8 @@
 Generates (or reuses) clean.bin and mixed.bin of `--seed` (`data_prep.synth.synthesize_verification`:
 identities never seen in training when the seed differs from the training data's), converts them
 like `igfiqa prep bins`, and scores them with the checkpoint's own backbone and quality head through
-`pipeline.evaluation.evaluate.evaluate_set` (10-fold accuracy, EDC at a fixed FMR), each image with
-its mirror image too unless `--no-flip`. It prints:
+`pipeline.evaluation.evaluate.evaluate_set` (10-fold accuracy, EDC at a fixed FMR), one forward
+pass per image, or with `--flip` each image with its mirror image too (the demo's protocol). It prints:
 
 - clean and mixed verification accuracy;
 - Spearman's ρ between predicted quality and the known degradation strength on the mixed set
@@ -22,17 +22,16 @@ The last printed line is the JSON object of every figure.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
 from pipeline.evaluation.efficacy import (
-    DEFAULT_DISCARD_LIMIT,
-    DEFAULT_FLIP,
     DEFAULT_FMR,
     DEFAULT_IDENTITIES,
     DEFAULT_PAIRS,
-    DEFAULT_PERMUTATIONS,
+    EFFICACY_OPTIONS,
     FreshSets,
     convert_sets,
     format_report,
@@ -52,13 +51,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--synth", type=Path, help="take these clean.bin/mixed.bin (+ ground truth) instead")
     parser.add_argument("--pairs", type=int, default=DEFAULT_PAIRS, help="pairs per set (fresh sets)")
     parser.add_argument("--identities", type=int, default=DEFAULT_IDENTITIES, help="identities (fresh sets)")
-    parser.add_argument("--permutations", type=int, default=DEFAULT_PERMUTATIONS)
+    parser.add_argument("--permutations", type=int, default=EFFICACY_OPTIONS.permutations)
     parser.add_argument("--fmr", type=float, default=DEFAULT_FMR)
-    parser.add_argument("--discard-limit", type=float, default=DEFAULT_DISCARD_LIMIT)
+    parser.add_argument("--discard-limit", type=float, default=EFFICACY_OPTIONS.discard_limit)
     parser.add_argument(
         "--flip",
         action=argparse.BooleanOptionalAction,
-        default=DEFAULT_FLIP,
+        default=EFFICACY_OPTIONS.flip,
         help="score each image with its mirror image too: embeddings summed, quality averaged",
     )
     args = parser.parse_args(argv)
@@ -67,14 +66,14 @@ def main(argv: list[str] | None = None) -> int:
         sets = FreshSets(args.synth, val, args.seed)
     else:
         sets = make_fresh_sets(args.work, args.seed, pairs=args.pairs, identities=args.identities)
-    result = measure_checkpoint(
-        args.checkpoint,
-        sets,
-        fmr=args.fmr,
+    options = dataclasses.replace(
+        EFFICACY_OPTIONS,
+        fmrs=(args.fmr,),
         discard_limit=args.discard_limit,
         permutations=args.permutations,
         flip=args.flip,
     )
+    result = measure_checkpoint(args.checkpoint, sets, options)
     print(format_report(result))
     print(json.dumps(result.as_dict()), flush=True)
     return 0

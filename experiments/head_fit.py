@@ -33,6 +33,7 @@ from pipeline.checkpoint import load_checkpoint
 from pipeline.data.image_io import decode_image
 from pipeline.evaluation.efficacy import DEFAULT_PAIRS, edc_ratios, make_fresh_sets, strength_by_key
 from pipeline.evaluation.evaluate import evaluate_set, load_verification_set
+from pipeline.evaluation.options import EvalOptions
 from pipeline.method.losses import certainty_ratio
 from pipeline.method.model import inference_model_from_state
 
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sets = make_fresh_sets(args.work, args.seed, pairs=args.pairs)
     mixed = load_verification_set(sets.val / "mixed")
-    trained = evaluate_set(model, mixed, method="model", device=torch.device("cpu"), progress=False)
+    trained = evaluate_set(model, mixed, EvalOptions(device="cpu", progress=False), method="model")
     keys = trained.scores["image"].astype(str)
     fresh_embeddings = embed(
         model, mixed.info.tar_paths, mixed.manifest.set_index("key").loc[keys].reset_index()

@@ -154,10 +154,20 @@ def train_run(run: StudyRun, config: Any) -> TrainOutcome:
 
 
 def fresh_figures(outcome: TrainOutcome, fresh: Any) -> dict[str, float]:
-    """The demo's efficacy figures of the run's final model on the fresh sets (unseen identities)."""
+    """The demo's efficacy figures of the run's final model on the fresh sets (unseen identities),
+    measured as the demo measures them (`jobs.stages.efficacy.efficacy_options`)."""
+    from jobs.stages.efficacy import efficacy_options
     from pipeline.evaluation.efficacy import measure_checkpoint
 
-    return measure_checkpoint(Path(outcome.checkpoint), fresh).figures()
+    return measure_checkpoint(Path(outcome.checkpoint), fresh, efficacy_options()).figures()
+
+
+def _fresh_figures_current(cached: dict, fresh: Any) -> bool:
+    """Whether cached fresh-set figures are of these sets and of the demo's protocol (flip or not)."""
+    from jobs.stages.efficacy import efficacy_options
+
+    figures = cached.get("fresh", {})
+    return figures.get("seed") == fresh.seed and figures.get("flip") == float(efficacy_options().flip)
 
 
 def measure(
@@ -180,7 +190,7 @@ def measure(
 
             add_final_backbone_correlations(cached["epochs"], run_dir, steps_per_epoch(paths, config), images)
             write_json_atomically(run_dir / MEASUREMENT_FILE, cached)
-        if fresh is not None and cached.get("fresh", {}).get("seed") != fresh.seed:
+        if fresh is not None and not _fresh_figures_current(cached, fresh):
             cached["fresh"] = fresh_figures(outcome, fresh)
             write_json_atomically(run_dir / MEASUREMENT_FILE, cached)
         return cached

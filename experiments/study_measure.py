@@ -194,11 +194,11 @@ def evaluate_final(
 ) -> dict[str, float]:
     """EDC pAUC / ERC AUC per set and FMR (own backbone) and Spearman ρ(quality, strength) on each set."""
     from pipeline.evaluation.evaluate import evaluate_checkpoint
+    from pipeline.evaluation.options import EvalOptions
 
     model, _ = load_inference_model(checkpoint)
-    outcome = evaluate_checkpoint(
-        model, val_dir, out_dir, device=torch.device("cpu"), fmrs=fmrs, progress=False
-    )
+    options = EvalOptions(fmrs=fmrs, device="cpu", progress=False)
+    outcome = evaluate_checkpoint(model, val_dir, out_dir, options)
     metrics = dict(outcome.metrics)
     for result in outcome.sets:
         truth_path = synth_dir / f"{result.name}_ground_truth.parquet"

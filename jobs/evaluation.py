@@ -2,7 +2,8 @@
 
 A checkpoint becomes a model with one clear error line when it is unusable; an evaluation of a
 checkpoint is logged as an MLflow "eval" run, a child of the checkpoint's training run, with
-the same parameters, metrics and artifacts whoever asked for it. Torch, pandas and MLflow are
+the same parameters, metrics and artifacts whoever asked for it. How to evaluate is one
+`pipeline.evaluation.options.EvalOptions`, built by the caller. Torch, pandas and MLflow are
 imported inside the functions so `igfiqa --help` stays instant.
 """
 
@@ -19,11 +20,11 @@ from jobs.errors import UserError
 
 if TYPE_CHECKING:
     import pandas as pd
-    import torch
 
     from pipeline.config import TrainConfig
     from pipeline.evaluation.evaluate import EvalOutcome
     from pipeline.evaluation.export import ParityReport
+    from pipeline.evaluation.options import EvalOptions
     from pipeline.evaluation.quality_metrics import QualityEvaluation
     from pipeline.evaluation.report import ReportFiles
 
@@ -65,13 +66,10 @@ def evaluate_score_tables(
     pairs_path: Path,
     scores_path: Path,
     out: Path,
+    options: EvalOptions,
     *,
     name: str | None = None,
     methods: Sequence[str] | None = None,
-    fmrs: Sequence[float] | None,
-    discard_limit: float,
-    crfiqa_refit: bool = False,
-    nan_policy: str = "error",
 ) -> tuple[ReportFiles, QualityEvaluation]:
     """`igfiqa erc`: EDC/ERC of the SCORES table's methods on the PAIRS table; the report written to `out`."""
     from pipeline.evaluation.quality_metrics import evaluate_quality
@@ -85,10 +83,10 @@ def evaluate_score_tables(
             scores,
             dataset=name or pairs_path.stem,
             methods=list(methods) if methods is not None else None,
-            fmrs=fmrs,
-            discard_limit=discard_limit,
-            crfiqa_refit=crfiqa_refit,
-            nan_policy=nan_policy,
+            fmrs=options.fmrs,
+            discard_limit=options.discard_limit,
+            crfiqa_refit=options.crfiqa_refit,
+            nan_policy=options.nan_policy,
             pairs_source=str(pairs_path),
             scores_source=str(scores_path),
         )
@@ -100,8 +98,9 @@ def evaluate_score_tables(
     return files, evaluation
 
 
-def load_model(checkpoint: Path, device_name: str) -> tuple[Any, TrainConfig, torch.device]:
-    """(model, config, device) from a checkpoint; an unusable checkpoint is one clear error line."""
+def load_model(checkpoint: Path, device_name: str) -> tuple[Any, TrainConfig]:
+    """(model, config) from a checkpoint, the model on `device_name`; an unusable checkpoint is one
+    clear error line."""
     from pipeline.checkpoint import CheckpointError
     from pipeline.method.model import load_inference_model
     from pipeline.parallel.env import resolve_device
@@ -111,7 +110,7 @@ def load_model(checkpoint: Path, device_name: str) -> tuple[Any, TrainConfig, to
         model, config = load_inference_model(checkpoint, device)
     except CheckpointError as exc:
         raise UserError(str(exc)) from exc
-    return model, config, device
+    return model, config
 
 
 def checkpoint_lineage(checkpoint: Path) -> tuple[str, int]:
@@ -126,8 +125,11 @@ def checkpoint_lineage(checkpoint: Path) -> tuple[str, int]:
 
 @dataclass(frozen=True)
 class CheckpointEvaluation:
-    """An evaluated checkpoint: the outcome, its config and the training run it came from."""
+    """An evaluated checkpoint: what was evaluated and how, the outcome, its config and training run."""
 
+    checkpoint: Path
+    data: Path
+    options: EvalOptions
     outcome: EvalOutcome
     config: TrainConfig
     train_run_id: str
@@ -135,74 +137,36 @@ class CheckpointEvaluation:
 
 
 def evaluate_checkpoint_file(
-    checkpoint: Path,
-    data: Path,
-    out: Path,
-    *,
-    name: str | None = None,
-    device: str = "auto",
-    fr_model: Path | None = None,
-    fr_bgr: bool = False,
-    fr_embeddings: Path | None = None,
-    batch_size: int = 64,
-    flip: bool = False,
-    fmrs: Sequence[float] | None,
-    discard_limit: float = 0.2,
-    crfiqa_refit: bool = False,
-    progress: bool = True,
+    checkpoint: Path, data: Path, out: Path, options: EvalOptions, *, name: str | None = None
 ) -> CheckpointEvaluation:
     """`igfiqa eval`: the checkpoint's quality, verification and EDC/ERC on every set under `data`.
 
     Embeddings come from the checkpoint's backbone, an ONNX FR model or precomputed `.npz`
-    embeddings; the method is named `name` (default: the run name) in tables and plots.
+    embeddings (`options`); the method is named `name` (default: the run name) in tables and plots.
     """
-    from pipeline.evaluation.embeddings import OnnxEmbedder, load_embeddings_npz
     from pipeline.evaluation.evaluate import evaluate_checkpoint
 
-    model, config, torch_device = load_model(checkpoint, device)
+    model, config = load_model(checkpoint, options.device)
     with evaluation_input_errors():
-        embedder = None
-        if fr_model is not None:
-            embedder = OnnxEmbedder(fr_model, channel_order="bgr" if fr_bgr else "rgb")
-        embeddings = load_embeddings_npz(fr_embeddings) if fr_embeddings is not None else None
         train_run_id, step = checkpoint_lineage(checkpoint)
         outcome = evaluate_checkpoint(
             model,
             data,
             out,
+            options,
             method=name or config.run.name,
-            device=torch_device,
-            fr_model=embedder,
-            fr_embeddings=embeddings,
-            batch_size=batch_size,
-            flip=flip,
-            fmrs=fmrs,
-            discard_limit=discard_limit,
-            crfiqa_refit=crfiqa_refit,
             metadata={
                 "checkpoint": str(checkpoint),
                 "global_step": step,
                 "train_run_id": train_run_id,
-                "fr_model": str(fr_model or ""),
-                "fr_embeddings": str(fr_embeddings or ""),
+                "fr_model": str(options.fr_model or ""),
+                "fr_embeddings": str(options.fr_embeddings or ""),
             },
-            progress=progress,
         )
-    return CheckpointEvaluation(outcome, config, train_run_id, step)
+    return CheckpointEvaluation(checkpoint, data, options, outcome, config, train_run_id, step)
 
 
-def log_evaluation(
-    evaluated: CheckpointEvaluation,
-    *,
-    checkpoint: Path,
-    data: Path,
-    fmrs: Sequence[float] | None,
-    discard_limit: float = 0.2,
-    flip: bool = False,
-    fr_model: Path | None = None,
-    fr_embeddings: Path | None = None,
-    tracking_uri: str = "",
-) -> str | None:
+def log_evaluation(evaluated: CheckpointEvaluation, *, tracking_uri: str = "") -> str | None:
     """Log the evaluation as an MLflow "eval" run, child of the training run; its id (None without tracking).
 
     The tracking URI is `tracking_uri`, else the checkpoint config's.
@@ -215,11 +179,14 @@ def log_evaluation(
     from data_prep.dataset import dataset_fingerprint
     from pipeline.evaluation.evaluate import find_verification_sets
 
-    config = evaluated.config
+    config, checkpoint, options = evaluated.config, evaluated.checkpoint, evaluated.options
     uri = tracking.resolve_tracking_uri(tracking_uri or config.run.tracking_uri)
     tags = {"stage": "eval", "checkpoint": str(checkpoint.resolve())}
     # lineage: the same `dataset_fingerprint.<set>` tags `igfiqa prep bins` gives its run
-    tags |= {f"dataset_fingerprint.{d.name}": dataset_fingerprint(d) for d in find_verification_sets(data)}
+    tags |= {
+        f"dataset_fingerprint.{d.name}": dataset_fingerprint(d)
+        for d in find_verification_sets(evaluated.data)
+    }
     if evaluated.train_run_id:
         tags |= {"mlflow.parentRunId": evaluated.train_run_id, "train_run_id": evaluated.train_run_id}
     tracker = tracking.RunTracker.start(
@@ -229,12 +196,12 @@ def log_evaluation(
         tracker.log_params(
             {
                 "checkpoint": checkpoint,
-                "data": data,
-                "fr_model": fr_model or "",
-                "fr_embeddings": fr_embeddings or "",
-                "flip": flip,
-                "fmr": " ".join(f"{f:g}" for f in fmrs) if fmrs else "auto",
-                "discard_limit": discard_limit,
+                "data": evaluated.data,
+                "fr_model": options.fr_model or "",
+                "fr_embeddings": options.fr_embeddings or "",
+                "flip": options.flip,
+                "fmr": " ".join(f"{f:g}" for f in options.fmrs) if options.fmrs else "auto",
+                "discard_limit": options.discard_limit,
             }
         )
         tracker.log_metrics(evaluated.outcome.metrics, step=evaluated.step)
@@ -260,14 +227,11 @@ def score_images(
     checkpoint: Path,
     paths: Sequence[Path],
     out: Path,
+    options: EvalOptions,
     *,
     column: str = "quality",
     embeddings: Path | None = None,
-    device: str = "auto",
-    batch_size: int = 64,
-    flip: bool = False,
     workers: int = 2,
-    progress: bool = True,
 ) -> ScoredImages:
     """Score every image under `paths` and write the table to `out` (.parquet, or .csv); embeddings too."""
     from pipeline.data.image_io import find_image_files
@@ -279,16 +243,8 @@ def score_images(
         raise UserError(f"no .jpg/.jpeg/.png images under {', '.join(map(str, paths))}")
     if out.suffix.lower() not in SCORE_TABLE_SUFFIXES:
         raise UserError(f"{out}: the output must end in .parquet or .csv")
-    model, _config, torch_device = load_model(checkpoint, device)
-    scored = score_files(
-        model,
-        files,
-        device=torch_device,
-        batch_size=batch_size,
-        flip=flip,
-        workers=workers,
-        progress=progress,
-    )
+    model, _config = load_model(checkpoint, options.device)
+    scored = score_files(model, files, options, workers=workers)
     table = scored.table.rename(columns={"quality": column})
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix.lower() == ".csv":
@@ -309,7 +265,7 @@ def export_checked_onnx(
     it agrees within `tolerance` (a model with NaN weights or a failed check writes nothing)."""
     from pipeline.evaluation.export import ExportError, export_checked
 
-    model, _config, _device = load_model(checkpoint, "cpu")
+    model, _config = load_model(checkpoint, "cpu")
     try:
         return export_checked(
             model, onnx, with_embedding=with_embedding, tolerance=tolerance, opset=opset, exporter=exporter

@@ -1,7 +1,8 @@
 """`igfiqa erc | eval | score | export`: quality evaluation, scoring of images and ONNX export.
 
 Argument parsing and printing; the work is in `jobs.evaluation` (imported by the handlers, so
-`igfiqa --help` stays instant).
+`igfiqa --help` stays instant). Each handler turns its flags into one
+`pipeline.evaluation.options.EvalOptions` (`eval_options`) and passes that down.
 """
 
 from __future__ import annotations
@@ -9,9 +10,26 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipeline.evaluation.options import EvalOptions
 
 log = logging.getLogger(__name__)
+
+# flag (argparse dest) → EvalOptions field; a command has the flags of its option groups
+OPTION_FLAGS = {
+    "flip": "flip",
+    "batch_size": "batch_size",
+    "device": "device",
+    "fmr": "fmrs",
+    "discard_limit": "discard_limit",
+    "crfiqa_refit": "crfiqa_refit",
+    "nan_quality": "nan_policy",
+    "fr_model": "fr_model",
+    "fr_bgr": "fr_bgr",
+    "fr_embeddings": "fr_embeddings",
+}
 
 PAIRS_SCORES_HELP = """\
 PAIRS  a CSV or parquet table, one row per comparison:
@@ -239,20 +257,23 @@ def _add_quality_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def eval_options(args: argparse.Namespace) -> EvalOptions:
+    """The command's one EvalOptions: the fields of the flags it has, EvalOptions' defaults for the rest."""
+    from pipeline.evaluation.options import EvalOptions
+
+    flags = vars(args)
+    fields: dict[str, Any] = {field: flags[flag] for flag, field in OPTION_FLAGS.items() if flag in flags}
+    if "no_progress" in flags:
+        fields["progress"] = not flags["no_progress"]
+    return EvalOptions(**fields)
+
+
 def run_erc(args: argparse.Namespace) -> int:
     """Handler of `igfiqa erc`."""
     from jobs.evaluation import evaluate_score_tables
 
     files, evaluation = evaluate_score_tables(
-        args.pairs,
-        args.scores,
-        args.out,
-        name=args.name,
-        methods=args.methods,
-        fmrs=args.fmr,
-        discard_limit=args.discard_limit,
-        crfiqa_refit=args.crfiqa_refit,
-        nan_policy=args.nan_quality,
+        args.pairs, args.scores, args.out, eval_options(args), name=args.name, methods=args.methods
     )
     _print_outcome(files, [evaluation])
     return 0
@@ -263,34 +284,11 @@ def run_eval(args: argparse.Namespace) -> int:
     from jobs.evaluation import evaluate_checkpoint_file, log_evaluation
 
     evaluated = evaluate_checkpoint_file(
-        args.checkpoint,
-        args.data,
-        args.out,
-        name=args.name,
-        device=args.device,
-        fr_model=args.fr_model,
-        fr_bgr=args.fr_bgr,
-        fr_embeddings=args.fr_embeddings,
-        batch_size=args.batch_size,
-        flip=args.flip,
-        fmrs=args.fmr,
-        discard_limit=args.discard_limit,
-        crfiqa_refit=args.crfiqa_refit,
-        progress=not args.no_progress,
+        args.checkpoint, args.data, args.out, eval_options(args), name=args.name
     )
     _print_outcome(evaluated.outcome.files, [s.quality for s in evaluated.outcome.sets])
     if not args.no_track:
-        run_id = log_evaluation(
-            evaluated,
-            checkpoint=args.checkpoint,
-            data=args.data,
-            fmrs=args.fmr,
-            discard_limit=args.discard_limit,
-            flip=args.flip,
-            fr_model=args.fr_model,
-            fr_embeddings=args.fr_embeddings,
-            tracking_uri=args.tracking_uri,
-        )
+        run_id = log_evaluation(evaluated, tracking_uri=args.tracking_uri)
         train_run_id = evaluated.train_run_id
         if run_id:
             print(
@@ -307,13 +305,10 @@ def run_score(args: argparse.Namespace) -> int:
         args.checkpoint,
         args.paths,
         args.out,
+        eval_options(args),
         column=args.column,
         embeddings=args.embeddings,
-        device=args.device,
-        batch_size=args.batch_size,
-        flip=args.flip,
         workers=args.workers,
-        progress=not args.no_progress,
     )
     table, failed = scored.table, scored.failed
     if scored.embeddings_written:

@@ -44,10 +44,14 @@ def evaluate_stage(
         pngs = [Path(p) for p in recorded.get("pngs", []) if Path(p).is_file()]
         return EvalSummary(table_md, pngs, str(recorded.get("mlflow_run_id", "")))
 
-    checkpoint = Path(trained.checkpoint)
-    evaluated = evaluate_checkpoint_file(checkpoint, paths.val, paths.eval, name=METHOD_NAME, fmrs=fmrs)
+    from pipeline.evaluation.options import EvalOptions
+
+    options = EvalOptions(fmrs=fmrs)  # `igfiqa eval`'s defaults: own backbone, one forward pass
+    evaluated = evaluate_checkpoint_file(
+        Path(trained.checkpoint), paths.val, paths.eval, options, name=METHOD_NAME
+    )
     # the same MLflow record as `igfiqa eval CHECKPOINT --data VAL` makes
-    run_id = log_evaluation(evaluated, checkpoint=checkpoint, data=paths.val, fmrs=fmrs) or ""
+    run_id = log_evaluation(evaluated) or ""
     pngs = list(evaluated.outcome.files.pngs)
     write_json_atomically(
         marker,

@@ -2,8 +2,9 @@
 
 `make_fresh_sets` writes clean.bin and mixed.bin of a seed (`data_prep.synth.synthesize_verification`:
 identities never seen in training when the seed differs from the training data's) and converts them
-like `igfiqa prep bins`; `measure` scores them with a model's own backbone and quality head through
-`pipeline.evaluation.evaluate.evaluate_set` (10-fold accuracy, EDC at a fixed FMR) and gives:
+like `igfiqa prep bins`; `measure` scores them with a model through
+`pipeline.evaluation.evaluate.evaluate_set` (own backbone unless the options name an FR model;
+10-fold accuracy, EDC at one fixed FMR) and gives:
 
 - clean and mixed verification accuracy;
 - Spearman's rho between predicted quality and the known degradation strength on the mixed set
@@ -13,12 +14,13 @@ like `igfiqa prep bins`; `measure` scores them with a model's own backbone and q
 - the same ratio for the oracle, quality = -strength, against the same random reference: how much
   quality CAN matter on this data (well below 1 when degraded images fail verification more often).
 
-By default every image is scored with its mirror image too (`flip`, InsightFace's test-time flip:
-embeddings summed, qualities averaged), as face verification is usually measured.
+How it measures is one `EvalOptions` (`EFFICACY_OPTIONS` unless the caller gives others): one
+forward pass per image by default; with `flip`, each image with its mirror image too (the
+secondary protocol, `pipeline.evaluation.mirror`), and every result says which (`Efficacy.flip`).
 
 `measure_checkpoint` does the same for a training checkpoint file.
 
-Used by the demo's efficacy stage (`jobs.stages.efficacy`) and `experiments/efficacy.py`.
+Used by the demo's efficacy stage (`jobs.stages.efficacy`), the study and `experiments/efficacy.py`.
 """
 
 from __future__ import annotations
@@ -44,18 +46,17 @@ from data_prep.synth import (
     synthesize_verification,
 )
 from pipeline.evaluation.evaluate import evaluate_set, load_verification_set
+from pipeline.evaluation.options import EvalOptions
 from pipeline.evaluation.quality_metrics import evaluate_quality
 from pipeline.method.model import load_inference_model
+from pipeline.parallel.env import resolve_device
 
 DEFAULT_PAIRS = 2000
 DEFAULT_IDENTITIES = 400
-DEFAULT_PERMUTATIONS = 20
-DEFAULT_FMR = 1e-2
-DEFAULT_DISCARD_LIMIT = 0.2
-# Test-time flip (embedding + mirror's embedding, mean quality) since 2026-11-30 evening: on six
-# model × seed pairs it lowered the EDC ratio by 0.021-0.086 (mean 0.037) and the oracle's by
-# 0-0.05 (docs/reproduction.md); figures measured before then are without it.
-DEFAULT_FLIP = True
+DEFAULT_FMR = 1e-2  # 2,000 pairs hold ~1,000 non-mated ones: FMR 1e-2 rests on ~10 false matches
+# The figures at one FMR the sets resolve, on the CPU (the same figures on any machine), quietly;
+# flip, discard limit and permutations are EvalOptions' defaults.
+EFFICACY_OPTIONS = EvalOptions(fmrs=(DEFAULT_FMR,), device="cpu", progress=False)
 MODEL, ORACLE = "model", "oracle"
 
 
@@ -89,7 +90,7 @@ class Efficacy:
     fmr: float
     discard_limit: float
     permutations: int
-    flip: bool  # each image scored with its mirror image too (see `measure`)
+    flip: bool  # each image scored with its mirror image too (the secondary protocol)
 
     def as_dict(self) -> dict[str, Any]:
         """Plain dict (the JSON line)."""
@@ -155,29 +156,37 @@ def strength_by_key(val_set: Path, truth_path: Path) -> pd.Series:
     return pd.Series(joined["strength"].to_numpy(np.float64), index=joined["key"].astype(str))
 
 
+def efficacy_fmr(options: EvalOptions) -> float:
+    """The one FMR of the figures (`options.fmrs` must hold exactly one)."""
+    if options.fmrs is None or len(options.fmrs) != 1:
+        raise ValueError(f"the efficacy figures are measured at one FMR; the options give {options.fmrs}")
+    return options.fmrs[0]
+
+
 def edc_ratios(
     pairs: pd.DataFrame,
     quality: pd.Series,
     strength: pd.Series,
+    options: EvalOptions = EFFICACY_OPTIONS,
     *,
-    fmr: float = DEFAULT_FMR,
-    discard_limit: float = DEFAULT_DISCARD_LIMIT,
-    permutations: int = DEFAULT_PERMUTATIONS,
     seed: int = 0,
 ) -> dict[str, float]:
     """EDC pAUC of `quality`, of the oracle (−strength) and the mean of random permutations of `quality`.
 
-    `pairs` has left, right, similarity, mated; `quality` and `strength` are indexed by image key.
+    `pairs` has left, right, similarity, mated; `quality` and `strength` are indexed by image key;
+    FMR, discard limit and the number of permutations come from `options`.
     """
     rng = np.random.default_rng(seed)
     keys = quality.index.astype(str)
     values = quality.to_numpy(np.float64)
     columns: dict[str, np.ndarray] = {MODEL: values, ORACLE: -strength.reindex(keys).to_numpy(np.float64)}
-    randoms = [f"random_{i}" for i in range(permutations)]
+    randoms = [f"random_{i}" for i in range(options.permutations)]
     for name in randoms:
         columns[name] = rng.permutation(values)
     scores = pd.DataFrame({"image": keys, **columns})
-    evaluation = evaluate_quality(pairs, scores, dataset="mixed", fmrs=(fmr,), discard_limit=discard_limit)
+    evaluation = evaluate_quality(
+        pairs, scores, dataset="mixed", fmrs=(efficacy_fmr(options),), discard_limit=options.discard_limit
+    )
     pauc = {r.method: r.edc_pauc for r in evaluation.results}
     model_curve = next(r for r in evaluation.results if r.method == MODEL).edc
     random_mean = float(np.mean([pauc[name] for name in randoms]))
@@ -191,48 +200,18 @@ def edc_ratios(
     }
 
 
-def measure(
-    model: torch.nn.Module,
-    sets: FreshSets,
-    *,
-    fmr: float = DEFAULT_FMR,
-    discard_limit: float = DEFAULT_DISCARD_LIMIT,
-    permutations: int = DEFAULT_PERMUTATIONS,
-    flip: bool = DEFAULT_FLIP,
-    device: torch.device | None = None,
-) -> Efficacy:
-    """Score both sets with `model` (eval mode, own backbone) and compute every figure.
-
-    `flip`: embeddings are the image's plus its mirror image's, quality the mean of both
-    (`pipeline.evaluation.scoring.infer_batch`), for both sets and every figure.
-    """
-    device = device or torch.device("cpu")
-    model = model.to(device).eval()
+def measure(model: torch.nn.Module, sets: FreshSets, options: EvalOptions = EFFICACY_OPTIONS) -> Efficacy:
+    """Score both sets with `model` (eval mode, on `options.device`) and compute every figure."""
+    fmr = efficacy_fmr(options)
+    model = model.to(resolve_device(options.device)).eval()
     results = {}
     for name in VERIFICATION_SETS:
         vset = load_verification_set(sets.val / name)
-        results[name] = evaluate_set(
-            model,
-            vset,
-            method=MODEL,
-            device=device,
-            flip=flip,
-            fmrs=(fmr,),
-            discard_limit=discard_limit,
-            progress=False,
-        )
+        results[name] = evaluate_set(model, vset, options, method=MODEL)
     mixed = results["mixed"]
     quality = pd.Series(mixed.scores[MODEL].to_numpy(np.float64), index=mixed.scores["image"].astype(str))
     strength = strength_by_key(sets.val / "mixed", sets.synth / "mixed_ground_truth.parquet")
-    ratios = edc_ratios(
-        mixed.pairs,
-        quality,
-        strength,
-        fmr=fmr,
-        discard_limit=discard_limit,
-        permutations=permutations,
-        seed=sets.seed,
-    )
+    ratios = edc_ratios(mixed.pairs, quality, strength, options, seed=sets.seed)
     rho = float(spearmanr(quality.to_numpy(), strength.reindex(quality.index).to_numpy()).statistic)
     return Efficacy(
         seed=sets.seed,
@@ -241,9 +220,9 @@ def measure(
         mixed_accuracy=mixed.verification.accuracy,
         mixed_spearman=rho,
         fmr=fmr,
-        discard_limit=discard_limit,
-        permutations=permutations,
-        flip=flip,
+        discard_limit=options.discard_limit,
+        permutations=options.permutations,
+        flip=options.flip,
         **ratios,
     )
 
@@ -266,14 +245,8 @@ def format_report(result: Efficacy) -> str:
 
 
 def measure_checkpoint(
-    checkpoint: Path,
-    sets: FreshSets,
-    *,
-    fmr: float = DEFAULT_FMR,
-    discard_limit: float = DEFAULT_DISCARD_LIMIT,
-    permutations: int = DEFAULT_PERMUTATIONS,
-    flip: bool = DEFAULT_FLIP,
+    checkpoint: Path, sets: FreshSets, options: EvalOptions = EFFICACY_OPTIONS
 ) -> Efficacy:
-    """`measure` for a training checkpoint (loaded on the CPU as `igfiqa eval` loads it)."""
-    model, _ = load_inference_model(checkpoint, torch.device("cpu"))
-    return measure(model, sets, fmr=fmr, discard_limit=discard_limit, permutations=permutations, flip=flip)
+    """`measure` for a training checkpoint (loaded on `options.device`, as `igfiqa eval` loads it)."""
+    model, _ = load_inference_model(checkpoint, resolve_device(options.device))
+    return measure(model, sets, options)

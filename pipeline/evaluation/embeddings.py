@@ -17,6 +17,8 @@ Two sources besides our own backbone:
 
   Write one with `save_embeddings_npz(path, keys, embeddings)` or
   `np.savez(path, keys=np.array(keys), embeddings=matrix)`.
+
+`load_matcher(options)` loads the one `EvalOptions` names, once per evaluation.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.evaluation.options import EvalOptions
 from pipeline.evaluation.verification import EmbeddingError
 
 
@@ -52,10 +55,6 @@ class EmbeddingTable:
         self.source = source
         self.embeddings = embeddings.astype(np.float32, copy=False)
         self._index = index
-
-    @property
-    def dimension(self) -> int:
-        return int(self.embeddings.shape[1])
 
     def __len__(self) -> int:
         return len(self._index)
@@ -172,3 +171,12 @@ class OnnxEmbedder:
             (out,) = self.session.run([self.output], {self.input.name: part})
             outputs.append(np.asarray(out, dtype=np.float32).reshape(len(part), -1)[: len(part) - pad])
         return np.concatenate(outputs) if outputs else np.zeros((0, 0), np.float32)
+
+
+def load_matcher(options: EvalOptions) -> OnnxEmbedder | EmbeddingTable | None:
+    """The FR model or precomputed embeddings `options` name for the comparisons (None: own backbone)."""
+    if options.fr_model is not None:
+        return OnnxEmbedder(options.fr_model, channel_order="bgr" if options.fr_bgr else "rgb")
+    if options.fr_embeddings is not None:
+        return load_embeddings_npz(options.fr_embeddings)
+    return None

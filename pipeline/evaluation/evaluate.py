@@ -3,7 +3,8 @@
 For every set: quality of every image (our head), embeddings for the comparisons
 (our backbone by default, or cross-model: an ONNX FR model or precomputed `.npz`
 embeddings, see pipeline/evaluation/embeddings.py), 10-fold verification accuracy, and the
-EDC / ERC quality evaluation of pipeline/evaluation/quality_metrics.py. Layout of a set
+EDC / ERC quality evaluation of pipeline/evaluation/quality_metrics.py, all as one
+`EvalOptions` (pipeline/evaluation/options.py) says. Layout of a set
 (docs/contracts.md): `dataset.json` (kind "verification"), `shards/*.tar`,
 `manifest.parquet` (key, index, sha256, nbytes, shard, offset) and `pairs.parquet`
 (left, right, issame).
@@ -26,14 +27,12 @@ from data_prep.dataset import DATASET_FILE, DatasetInfo, load_dataset_info
 from data_prep.errors import DataError
 from data_prep.shard_reader import ShardReader
 from pipeline.data.image_io import decode_image
-from pipeline.evaluation.embeddings import EmbeddingTable, OnnxEmbedder
-from pipeline.evaluation.quality_metrics import (
-    DEFAULT_DISCARD_LIMIT,
-    QualityEvaluation,
-    evaluate_quality,
-)
+from pipeline.evaluation.embeddings import EmbeddingTable, OnnxEmbedder, load_matcher
+from pipeline.evaluation.mirror import with_mirror
+from pipeline.evaluation.options import EvalOptions
+from pipeline.evaluation.quality_metrics import QualityEvaluation, evaluate_quality
 from pipeline.evaluation.report import ReportFiles, write_report
-from pipeline.evaluation.scoring import DEFAULT_BATCH_SIZE, infer_batch
+from pipeline.evaluation.scoring import infer_batch
 from pipeline.evaluation.verification import (
     VerificationResult,
     check_pair_embeddings,
@@ -41,6 +40,7 @@ from pipeline.evaluation.verification import (
     squared_distance,
     ten_fold_accuracy,
 )
+from pipeline.parallel.env import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -157,27 +157,19 @@ class EvalOutcome:
 
 
 def embed_set(
-    model: torch.nn.Module,
-    vset: VerificationSet,
-    *,
-    device: torch.device,
-    batch_size: int,
-    flip: bool,
-    fr_model: OnnxEmbedder | None,
-    progress: bool,
+    model: torch.nn.Module, vset: VerificationSet, options: EvalOptions, matcher: OnnxEmbedder | None = None
 ) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray | None]:
     """(keys, quality, own embeddings, FR-model embeddings or None) for every image of a set."""
+    device = resolve_device(options.device)
     keys, qualities, own, other = [], [], [], []
-    bar = tqdm(total=len(vset.manifest), desc=f"eval {vset.name}", unit="img", disable=not progress)
-    for batch_keys, images in vset.images(batch_size):
-        out = infer_batch(model, images, device, flip=flip)
+    bar = tqdm(total=len(vset.manifest), desc=f"eval {vset.name}", unit="img", disable=not options.progress)
+    for batch_keys, images in vset.images(options.batch_size):
+        out = infer_batch(model, images, device, flip=options.flip)
         keys += batch_keys
         qualities.append(out.quality)
         own.append(out.embeddings)
-        if fr_model is not None:
-            embedded = fr_model.embed(images)
-            if flip:
-                embedded = embedded + fr_model.embed(np.ascontiguousarray(images[..., ::-1]))
+        if matcher is not None:
+            embedded, _ = with_mirror(lambda batch: (matcher.embed(batch), None), images, flip=options.flip)
             other.append(embedded)
         bar.update(len(batch_keys))
     bar.close()
@@ -187,24 +179,21 @@ def embed_set(
 def evaluate_set(
     model: torch.nn.Module,
     vset: VerificationSet,
+    options: EvalOptions,
     *,
     method: str,
-    device: torch.device,
-    fr_model: OnnxEmbedder | None = None,
-    fr_embeddings: EmbeddingTable | None = None,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    flip: bool = False,
-    fmrs: Sequence[float] | None = None,
-    discard_limit: float = DEFAULT_DISCARD_LIMIT,
-    crfiqa_refit: bool = False,
-    progress: bool = True,
+    matcher: OnnxEmbedder | EmbeddingTable | None = None,
 ) -> SetOutputs:
-    """Quality, verification accuracy and EDC/ERC on one set."""
-    keys, quality, own, from_fr = embed_set(
-        model, vset, device=device, batch_size=batch_size, flip=flip, fr_model=fr_model, progress=progress
-    )
-    if fr_embeddings is not None:
-        from_fr = fr_embeddings.lookup(keys, prefix=vset.name)
+    """Quality, verification accuracy and EDC/ERC on one set.
+
+    `matcher`: the comparisons' FR model, `load_matcher(options)`; loaded here when not given.
+    """
+    if matcher is None:
+        matcher = load_matcher(options)
+    onnx = matcher if isinstance(matcher, OnnxEmbedder) else None
+    keys, quality, own, from_fr = embed_set(model, vset, options, onnx)
+    if isinstance(matcher, EmbeddingTable):
+        from_fr = matcher.lookup(keys, prefix=vset.name)
     comparison = from_fr if from_fr is not None else own
     row_of = {key: row for row, key in enumerate(keys)}
     left = np.array([row_of[k] for k in vset.pairs["left"]])
@@ -228,9 +217,10 @@ def evaluate_set(
         pairs,
         scores,
         dataset=vset.name,
-        fmrs=fmrs,
-        discard_limit=discard_limit,
-        crfiqa_refit=crfiqa_refit,
+        fmrs=options.fmrs,
+        discard_limit=options.discard_limit,
+        crfiqa_refit=options.crfiqa_refit,
+        nan_policy=options.nan_policy,
         pairs_source=str(vset.info.pairs_path),
         scores_source=f"{vset.name} quality scores",
     )
@@ -241,18 +231,10 @@ def evaluate_checkpoint(
     model: torch.nn.Module,
     data_dir: str | Path,
     out_dir: str | Path,
+    options: EvalOptions,
     *,
     method: str = "IG-FIQA",
-    device: torch.device,
-    fr_model: OnnxEmbedder | None = None,
-    fr_embeddings: EmbeddingTable | None = None,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    flip: bool = False,
-    fmrs: Sequence[float] | None = None,
-    discard_limit: float = DEFAULT_DISCARD_LIMIT,
-    crfiqa_refit: bool = False,
     metadata: dict | None = None,
-    progress: bool = True,
 ) -> EvalOutcome:
     """Evaluate `model` on every verification set under `data_dir`; write the report to `out_dir`.
 
@@ -260,27 +242,13 @@ def evaluate_checkpoint(
     `pairs_<set>.parquet` (left, right, similarity, mated) and `scores_<set>.parquet`
     (image, <method>), the inputs `igfiqa erc` takes, e.g. to add other methods.
     """
-    if fr_model is not None and fr_embeddings is not None:
-        raise ValueError("give either an ONNX FR model or precomputed embeddings, not both")
+    matcher = load_matcher(options)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sets = [load_verification_set(path) for path in find_verification_sets(data_dir)]
     outputs = []
     for vset in sets:
-        result = evaluate_set(
-            model,
-            vset,
-            method=method,
-            device=device,
-            fr_model=fr_model,
-            fr_embeddings=fr_embeddings,
-            batch_size=batch_size,
-            flip=flip,
-            fmrs=fmrs,
-            discard_limit=discard_limit,
-            crfiqa_refit=crfiqa_refit,
-            progress=progress,
-        )
+        result = evaluate_set(model, vset, options, method=method, matcher=matcher)
         result.pairs.to_parquet(out / f"pairs_{vset.name}.parquet", index=False)
         result.scores.to_parquet(out / f"scores_{vset.name}.parquet", index=False)
         log.info(
@@ -295,12 +263,11 @@ def evaluate_checkpoint(
         verification[result.name] = result.verification
         if result.own_backbone_verification is not None:
             verification[f"{result.name} (own backbone)"] = result.own_backbone_verification
-    source = "onnx" if fr_model is not None else "npz" if fr_embeddings is not None else "own backbone"
     files = write_report(
         [r.quality for r in outputs],
         out,
         verification=verification,
-        metadata={"embeddings": source, "flip": flip, **(metadata or {})},
+        metadata={"embeddings": options.matcher, "flip": options.flip, **(metadata or {})},
     )
     return EvalOutcome(outputs, files, eval_metrics(outputs))
 

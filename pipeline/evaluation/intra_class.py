@@ -1,4 +1,4 @@
-"""True intra-class variance (paper eq. 6) and how well the variance table tracks it (Fig. 4b).
+"""True intra-class variance (paper eq. 6) and Pearson's r: how well the variance table tracks it (Fig. 4b).
 
     var_y = 1/N_y Σ_i ||f(x_i) − μ_y||²,   μ_y = 1/N_y Σ_i f(x_i)   over the samples of class y
 
@@ -44,15 +44,3 @@ def pearson_correlation(x: torch.Tensor, y: torch.Tensor) -> float:
     if denominator == 0:
         return float("nan")
     return float((x * y).sum() / denominator)
-
-
-def table_correlation(
-    table: torch.Tensor, embeddings: torch.Tensor, labels: torch.Tensor, *, min_samples: int = 2
-) -> float:
-    """Pearson's r between the unsharded variance table [C] and the true variance of eq. 6,
-    over classes with at least `min_samples` samples among `embeddings`."""
-    variance, counts = intra_class_variance(embeddings, labels, table.shape[0])
-    keep = counts >= min_samples
-    if int(keep.sum()) < 2:
-        raise ValueError(f"fewer than 2 classes have {min_samples}+ samples: no correlation to compute")
-    return pearson_correlation(table[keep].double(), variance[keep])

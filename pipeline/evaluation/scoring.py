@@ -1,6 +1,6 @@
 """Run a trained FIQA model on images: quality (and embeddings) in batches.
 
-`infer` is the one place where images meet the model, used by `igfiqa score`,
+`infer_batch` is the one place where images meet the model, used by `igfiqa score`,
 `igfiqa eval` and the ONNX parity check. `score_files` scores image files and
 records unreadable ones instead of stopping.
 """
@@ -19,37 +19,28 @@ import torch
 from tqdm import tqdm
 
 from pipeline.data.image_io import DecodedImage, ImageDecodeError, read_image_file
+from pipeline.evaluation.mirror import with_mirror
+from pipeline.evaluation.options import EvalOptions
+from pipeline.parallel.env import resolve_device
 
 log = logging.getLogger(__name__)
-
-DEFAULT_BATCH_SIZE = 64
 
 
 @dataclass(frozen=True)
 class Inference:
-    """Model outputs for a set of images, in input order."""
+    """Model outputs for a set of images, in input order (with flip: combined with the mirror images')."""
 
     quality: np.ndarray  # [N] float32
-    embeddings: np.ndarray  # [N, D] float32; with flip: embedding(image) + embedding(mirror image)
-    # quality with flip: the mean of the image's and its mirror image's
+    embeddings: np.ndarray  # [N, D] float32
 
 
 @torch.no_grad()
 def infer_batch(
     model: torch.nn.Module, images: np.ndarray, device: torch.device, *, flip: bool = False
 ) -> Inference:
-    """One batch [N, 3, 112, 112] through the model (eval mode).
-
-    With `flip`, the mirror image goes through too (InsightFace's test-time flip): the embedding
-    is the sum of both, the quality their mean (a face and its mirror image are equally
-    recognisable, so averaging takes out some of the quality head's noise).
-    """
+    """One batch [N, 3, 112, 112] through the model (eval mode); `flip`: see `pipeline.evaluation.mirror`."""
     batch = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(device)
-    embeddings, quality = model(batch)
-    if flip:
-        flipped_embeddings, flipped_quality = model(torch.flip(batch, dims=[3]))
-        embeddings = embeddings + flipped_embeddings
-        quality = (quality + flipped_quality) / 2
+    embeddings, quality = with_mirror(model, batch, flip=flip)
     return Inference(quality.float().cpu().numpy(), embeddings.float().cpu().numpy())
 
 
@@ -58,14 +49,13 @@ def infer(
     batches: Iterable[np.ndarray],
     device: torch.device,
     *,
-    flip: bool = False,
     progress: tqdm | None = None,
 ) -> Inference:
-    """Quality and embeddings of every image in `batches`, concatenated in order."""
+    """Quality and embeddings of every image in `batches` (one forward pass each), concatenated in order."""
     model.eval()
     qualities, embeddings = [], []
     for images in batches:
-        out = infer_batch(model, images, device, flip=flip)
+        out = infer_batch(model, images, device)
         qualities.append(out.quality)
         embeddings.append(out.embeddings)
         if progress is not None:
@@ -103,27 +93,21 @@ class ScoredFiles:
 
 
 def score_files(
-    model: torch.nn.Module,
-    files: Sequence[Path],
-    *,
-    device: torch.device,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    flip: bool = False,
-    workers: int = 2,
-    progress: bool = True,
+    model: torch.nn.Module, files: Sequence[Path], options: EvalOptions, *, workers: int = 2
 ) -> ScoredFiles:
     """Quality of every file; a file that cannot be read gets NaN quality and its error, and scoring goes on."""
+    device = resolve_device(options.device)
     rows: list[dict] = []
     embeddings: list[np.ndarray] = []
     model.eval()
-    bar = tqdm(total=len(files), desc="scoring", unit="img", disable=not progress)
+    bar = tqdm(total=len(files), desc="scoring", unit="img", disable=not options.progress)
     # PIL decodes with the GIL released for most of the work: a few threads keep the model fed.
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for chunk in batched(list(files), batch_size):
+        for chunk in batched(list(files), options.batch_size):
             decoded = list(pool.map(_try_read, chunk))
             good = [(path, d) for path, d in zip(chunk, decoded, strict=True) if isinstance(d, DecodedImage)]
             if good:
-                out = infer_batch(model, np.stack([d.tensor for _, d in good]), device, flip=flip)
+                out = infer_batch(model, np.stack([d.tensor for _, d in good]), device, flip=options.flip)
                 embeddings.append(out.embeddings)
                 results = iter(out.quality.tolist())
             for path, d in zip(chunk, decoded, strict=True):

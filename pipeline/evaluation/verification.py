@@ -7,9 +7,8 @@ shuffling, into 10 contiguous folds (the first n mod 10 folds one pair longer, a
 sklearn's KFold does). For each fold the threshold from the grid 0, 0.01, …, 3.99
 with the best accuracy on the other nine folds (the lowest one on ties) is applied
 to the held-out fold. Reported: mean and standard deviation of the 10 held-out
-accuracies. With flip augmentation (optional, as InsightFace's `test` does) an
-image's embedding is the sum of the embeddings of the image and its mirror image,
-normalised afterwards.
+accuracies. With test-time flip (`pipeline.evaluation.mirror`) an image's embedding
+is the sum of its own and its mirror image's, normalised here like any other.
 """
 
 from __future__ import annotations
@@ -51,17 +50,6 @@ def l2_normalize(embeddings: np.ndarray) -> np.ndarray:
     embeddings = np.asarray(embeddings, dtype=np.float64)
     norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
     return embeddings / np.where(norms > 0, norms, 1.0)
-
-
-def flip_sum(embeddings: np.ndarray, flipped_embeddings: np.ndarray) -> np.ndarray:
-    """InsightFace's flip augmentation: the embedding of an image plus that of its mirror image."""
-    embeddings = np.asarray(embeddings, dtype=np.float64)
-    flipped_embeddings = np.asarray(flipped_embeddings, dtype=np.float64)
-    if embeddings.shape != flipped_embeddings.shape:
-        raise EmbeddingError(
-            f"embeddings {embeddings.shape} and flipped embeddings {flipped_embeddings.shape} differ in shape"
-        )
-    return embeddings + flipped_embeddings
 
 
 def check_pair_embeddings(left: np.ndarray, right: np.ndarray, what: str = "embeddings") -> None:
@@ -139,14 +127,3 @@ def ten_fold_accuracy(
         accuracies.append(float(np.mean((distance[test] < best) == issame[test])))
     acc = np.asarray(accuracies)
     return VerificationResult(float(acc.mean()), float(acc.std()), acc, np.asarray(chosen), distance.size)
-
-
-def verification_accuracy(
-    left: np.ndarray,
-    right: np.ndarray,
-    issame: np.ndarray,
-    *,
-    num_folds: int = DEFAULT_FOLDS,
-) -> VerificationResult:
-    """10-fold verification accuracy of embedding pairs (rows of `left` and `right`)."""
-    return ten_fold_accuracy(squared_distance(left, right), issame, num_folds=num_folds)

@@ -21,6 +21,7 @@ import torch
 
 from pipeline.config import ConfigError
 from pipeline.evaluation.evaluate import evaluate_set, find_verification_sets, load_verification_set
+from pipeline.evaluation.options import EvalOptions
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,9 @@ class Validator:
         self, data_dir: str | Path, *, fmr: float, device: torch.device, batch_size: int = 256
     ) -> None:
         self.sets = [load_verification_set(path) for path in find_verification_sets(data_dir)]
-        self.fmr, self.device, self.batch_size = fmr, device, batch_size
+        self.options = EvalOptions(
+            batch_size=batch_size, device=str(device), fmrs=(fmr,) if fmr > 0 else None, progress=False
+        )
 
     @property
     def names(self) -> list[str]:
@@ -62,15 +65,7 @@ class Validator:
         metrics: dict[str, float] = {}
         try:
             for vset in self.sets:
-                out = evaluate_set(
-                    model,
-                    vset,
-                    method=METHOD,
-                    device=self.device,
-                    batch_size=self.batch_size,
-                    fmrs=[self.fmr] if self.fmr > 0 else None,
-                    progress=False,
-                )
+                out = evaluate_set(model, vset, self.options, method=METHOD)
                 ours = next(r for r in out.quality.results if r.method == METHOD)
                 summary = ours.summary()
                 prefix = f"val.{vset.name}"

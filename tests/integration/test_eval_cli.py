@@ -305,6 +305,16 @@ def test_eval_cross_model_with_an_onnx_fr_model(workspace, tmp_path):
     right = infer_batch(fr_model, np.stack([tensors[k] for k in pairs.right]), torch.device("cpu")).embeddings
     np.testing.assert_allclose(pairs["similarity"], cosine_similarity(left, right), atol=1e-4)
 
+    # with --flip the ONNX model's embeddings add the mirror image's, as our model's do in torch
+    assert main([*args, "--fr-model", str(onnx_path), "--flip", "--no-track", "--no-progress"]) == 0
+    flipped = pd.read_parquet(out / "pairs_cfp.parquet")
+    cpu = torch.device("cpu")
+    left = infer_batch(fr_model, np.stack([tensors[k] for k in pairs.left]), cpu, flip=True).embeddings
+    right = infer_batch(fr_model, np.stack([tensors[k] for k in pairs.right]), cpu, flip=True).embeddings
+    np.testing.assert_allclose(flipped["similarity"], cosine_similarity(left, right), atol=1e-4)
+    assert np.abs(flipped["similarity"] - pairs["similarity"]).max() > 1e-3  # the mirror images count
+    assert json.loads((out / "results.json").read_text())["metadata"]["flip"] is True
+
 
 def test_eval_logs_to_mlflow_as_a_child_of_the_training_run(workspace, tmp_path):
     from mlflow.tracking import MlflowClient
@@ -325,6 +335,8 @@ def test_eval_logs_to_mlflow_as_a_child_of_the_training_run(workspace, tmp_path)
     assert len(runs) == 1
     run = runs[0]
     assert run.data.tags["mlflow.parentRunId"] == train.run_id and run.info.status == "FINISHED"
+    assert run.data.params["flip"] == "False" and run.data.params["fmr"] == "0.1"
+    assert run.data.params["discard_limit"] == "0.2" and run.data.params["fr_model"] == ""
     assert run.data.metrics["lfw.accuracy"] == pytest.approx(
         pd.read_csv(out / "verification.csv")["accuracy"][0]
     )

@@ -21,7 +21,7 @@ def test_npz_round_trip_and_lookup_with_set_prefix(tmp_path):
     matrix = np.arange(9, dtype=np.float32).reshape(3, 3)
     path = save_embeddings_npz(tmp_path / "e.npz", keys, matrix)
     table = load_embeddings_npz(path)
-    assert len(table) == 3 and table.dimension == 3
+    assert len(table) == 3 and table.embeddings.shape == (3, 3)
     # "<set>/<key>" first, then the bare key
     np.testing.assert_array_equal(table.lookup(["00001", "00000", "00002"], prefix="lfw"), matrix[[1, 0, 2]])
     with pytest.raises(EmbeddingError, match=r"no embedding for 1 of 2 images, e.g. \['cfp/00000'\]"):
@@ -30,7 +30,9 @@ def test_npz_round_trip_and_lookup_with_set_prefix(tmp_path):
 
 def test_npz_written_by_plain_numpy_is_read(tmp_path):
     np.savez(tmp_path / "plain.npz", keys=np.array(["a", "b"]), embeddings=np.ones((2, 4)))
-    assert load_embeddings_npz(tmp_path / "plain.npz").dimension == 4
+    table = load_embeddings_npz(tmp_path / "plain.npz")
+    assert table.embeddings.dtype == np.float32 and table.embeddings.shape == (2, 4)
+    np.testing.assert_array_equal(table.lookup(["b"]), np.ones((1, 4)))
 
 
 def test_bad_npz_files_are_clear_errors(tmp_path):

@@ -10,6 +10,8 @@ import torch
 from PIL import Image
 
 from pipeline.data.image_io import ImageDecodeError, decode_image, find_image_files, read_image_file
+from pipeline.evaluation.mirror import mirror, with_mirror
+from pipeline.evaluation.options import EvalOptions
 from pipeline.evaluation.scoring import infer_batch, score_files
 from tests.eval_fixtures import face_image, jpeg_bytes, make_checkpoint
 
@@ -74,7 +76,7 @@ def test_score_files_reports_broken_files_and_goes_on(tmp_path):
     (folder / "broken.jpg").write_bytes(jpeg_bytes(face_image(4))[:300])  # truncated JPEG
     (folder / "text.png").write_text("hello")
     files = find_image_files([folder])
-    scored = score_files(model, files, device=torch.device("cpu"), batch_size=2, progress=False)
+    scored = score_files(model, files, EvalOptions(device="cpu", batch_size=2, progress=False))
 
     table = scored.table.set_index("image")
     assert len(table) == 5 and len(scored.failed) == 2
@@ -105,6 +107,33 @@ def test_flip_adds_the_mirror_embedding_and_averages_the_quality(tmp_path):
     # the faces are not mirror-symmetric, so the mirror images' quality differs and the mean shows
     assert np.abs(plain.quality - mirrored.quality).max() > 1e-4
     np.testing.assert_allclose(flipped.quality, (plain.quality + mirrored.quality) / 2, rtol=1e-5, atol=1e-6)
+
+
+def test_mirror_reverses_the_width_axis_of_numpy_and_torch_batches():
+    images = np.arange(2 * 3 * 2 * 4, dtype=np.float32).reshape(2, 3, 2, 4)
+    mirrored = mirror(images)
+    assert mirrored.flags.c_contiguous
+    np.testing.assert_array_equal(mirrored[1, 2, 0], images[1, 2, 0, ::-1])
+    np.testing.assert_array_equal(mirror(torch.from_numpy(images)).numpy(), mirrored)
+
+
+def test_with_mirror_sums_embeddings_averages_quality_and_runs_once_without_flip():
+    calls = []
+
+    def forward(batch):  # embedding: the first pixel row; quality: its first pixel
+        calls.append(batch)
+        return batch[:, 0, 0, :], batch[:, 0, 0, 0]
+
+    images = np.zeros((1, 1, 1, 3), np.float32)
+    images[0, 0, 0] = [1.0, 2.0, 7.0]
+    embeddings, quality = with_mirror(forward, images, flip=False)
+    assert len(calls) == 1 and quality.tolist() == [1.0]
+    embeddings, quality = with_mirror(forward, images, flip=True)
+    np.testing.assert_array_equal(embeddings, [[8.0, 4.0, 8.0]])  # [1, 2, 7] + [7, 2, 1]
+    assert quality.tolist() == [4.0]  # (1 + 7) / 2
+    # a matcher without a quality output (an ONNX FR model)
+    embeddings, quality = with_mirror(lambda b: (b[:, 0, 0, :], None), images, flip=True)
+    assert quality is None and embeddings.tolist() == [[8.0, 4.0, 8.0]]
 
 
 @pytest.mark.gpu

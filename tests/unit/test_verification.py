@@ -8,11 +8,9 @@ import pytest
 from pipeline.evaluation.verification import (
     EmbeddingError,
     cosine_similarity,
-    flip_sum,
     fold_slices,
     squared_distance,
     ten_fold_accuracy,
-    verification_accuracy,
 )
 
 
@@ -68,20 +66,14 @@ def test_accuracy_from_embeddings_uses_normalised_squared_distance():
     # 2 − 2·cos 30° = 0.2679…, 2 − 2·cos 120° = 3
     np.testing.assert_allclose(squared_distance(left, right)[:2], [2 - 2 * np.cos(np.pi / 6), 3.0])
     np.testing.assert_allclose(cosine_similarity(left, right)[:2], [np.cos(np.pi / 6), -0.5])
-    result = verification_accuracy(left, right, issame)
+    result = ten_fold_accuracy(squared_distance(left, right), issame)
     assert result.accuracy == 1.0
     np.testing.assert_allclose(result.fold_thresholds, 0.27)  # lowest grid value above 0.2679
 
 
-def test_flip_sum_adds_the_mirror_embedding():
-    np.testing.assert_allclose(flip_sum(np.array([[1.0, 0.0]]), np.array([[0.0, 1.0]])), [[1.0, 1.0]])
-    with pytest.raises(EmbeddingError, match="differ in shape"):
-        flip_sum(np.zeros((2, 3)), np.zeros((2, 4)))
-
-
 def test_mismatched_embedding_dimensions_are_an_error():
     with pytest.raises(EmbeddingError, match=r"embedding dimensions differ \(512 vs 128\)"):
-        verification_accuracy(np.ones((20, 512)), np.ones((20, 128)), np.ones(20, bool))
+        squared_distance(np.ones((20, 512)), np.ones((20, 128)))
     with pytest.raises(EmbeddingError, match="not finite"):
         cosine_similarity(np.full((3, 2), np.nan), np.ones((3, 2)))
     with pytest.raises(EmbeddingError, match="cannot be split into 10 folds"):

@@ -183,7 +183,8 @@ def _list_folder(root: Path, *, progress: bool) -> FileList:
     names = folders.finish()
     if not len(names):
         raise DataError(
-            "holds no identity folders: expected ROOT/<identity>/<image> (one folder per identity)",
+            "holds neither a RecordIO dataset (train.rec, or one *.rec) nor identity folders "
+            "(an image folder is ROOT/<identity>/<image>, one folder per identity)",
             path=root,
         )
     names = names.take(pc.sort_indices(names))  # UTF-8 byte order = code point order

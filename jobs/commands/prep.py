@@ -129,7 +129,8 @@ INSPECT_DESCRIPTION = """\
 Report on a dataset folder: counts, class-size histogram, shard sizes and checks.
 
 DIR may be a converted dataset (holds dataset.json), a folder of converted
-verification sets (from `prep bins`), or a RecordIO source (train.rec ...).
+verification sets (from `prep bins`), a RecordIO source (train.rec ...), or an
+image folder or .lst list (every file read and checked as `prep convert` would).
 Checks: every shard and index present with the recorded size and count, the
 manifest agrees with the shards, labels within range; --verify also recomputes
 every checksum (shards and images) and checks every image's structure and size

@@ -195,6 +195,8 @@ def test_bad_files_are_all_listed_then_left_out_with_skip_bad(tmp_path, capsys):
     assert code == 2 and "5 of 12 entries are bad" in message and "Nothing was converted" in message
     assert "alice/1.jpg: JPEG has no end-of-image marker" in message
     assert not out.exists()  # a refused conversion leaves nothing behind
+    report = inspect_path(root)  # what `prep inspect ROOT` finds before converting
+    assert not report.ok and len(report.bad_records) == 5 and report.counts["images"] == 7
 
     info = convert(root, out, skip_bad=True, progress=False)
     dropped = pd.read_parquet(out / "dropped.parquet")

@@ -84,6 +84,12 @@ def prepare_file_conversion(
     if resize is not None and not 1 <= resize <= 4096:
         raise DataError(f"resize must be a side length in pixels in [1, 4096], got {resize}")
     out = Path(out)
+    if Path(source).is_dir() and out.resolve().is_relative_to(Path(source).resolve()):
+        raise DataError(
+            f"the output folder {out} lies inside the image folder: it would be listed as an identity; "
+            "choose an --out outside it",
+            path=source,
+        )
     output = conversion_output(out)
     existing = existing_plan(output)
     listing = list_source(Path(source), progress=progress)

@@ -265,6 +265,14 @@ def test_resize_refuses_images_that_are_not_square(tmp_path):
         convert(root, tmp_path / "out", resize=112, progress=False)
 
 
+def test_an_output_inside_the_image_folder_is_refused(tmp_path):
+    root = tmp_path / "faces"
+    make_folder(root)
+    with pytest.raises(DataError, match="lies inside the image folder"):
+        convert(root, root / "converted", progress=False)
+    assert not (root / "converted").exists()
+
+
 def test_resize_is_for_image_folders_only(tmp_path):
     from data_prep.synth import synthesize
 

@@ -40,6 +40,8 @@ from data_prep.dataset import DROPPED_FILE
 from data_prep.errors import DataError
 from data_prep.file_scan import (
     BadFilesError,
+    ScannedFiles,
+    hex_digests,
     listing_stamp,
     log_bad_files,
     read_file,
@@ -163,28 +165,35 @@ def prepare_file_conversion(
         )
         write_table(prep / IDENTITIES_TABLE, names)
     take = kept[np.random.default_rng(seed).permutation(len(kept))]
-    rows = pa.array(take)
-    table = pa.table(
-        {
-            "position": np.arange(len(take), dtype=np.int64),
-            "record": listing.records[take],
-            "label": listing.labels[take],
-            "path": listing.paths.take(rows),
-            "nbytes": scanned.nbytes[take],
-            "mtime_ns": scanned.mtime_ns[take],
-            "resized": scanned.resized[take],
-            "sha256": scanned.sha256.take(rows),
-        },
-        schema=FILE_PLAN_SCHEMA,
-    )
     atomic_write(
-        prep / PLAN_TABLE,
-        lambda tmp: pq.write_table(
-            table, tmp, row_group_size=samples_per_shard, use_dictionary=["label", "resized"]
-        ),
+        prep / PLAN_TABLE, lambda tmp: _write_plan_table(tmp, listing, scanned, take, samples_per_shard)
     )
     output.write_plan(plan.to_json_dict())
     return plan
+
+
+def _write_plan_table(
+    path: Path, listing: FileList, scanned: ScannedFiles, take: np.ndarray, samples_per_shard: int
+) -> None:
+    """plan.parquet: the entries `take` (in the shuffled order), one row group per shard, built a
+    shard at a time (the whole table is never held in memory)."""
+    with pq.ParquetWriter(path, FILE_PLAN_SCHEMA, use_dictionary=["label", "resized"]) as writer:
+        for start in range(0, len(take), samples_per_shard):
+            rows = take[start : start + samples_per_shard]
+            shard = pa.table(
+                {
+                    "position": np.arange(start, start + len(rows), dtype=np.int64),
+                    "record": listing.records[rows],
+                    "label": listing.labels[rows],
+                    "path": listing.paths.take(pa.array(rows)).cast(pa.string()),
+                    "nbytes": scanned.nbytes[rows],
+                    "mtime_ns": scanned.mtime_ns[rows],
+                    "resized": scanned.resized[rows],
+                    "sha256": hex_digests(scanned.digests[rows]),
+                },
+                schema=FILE_PLAN_SCHEMA,
+            )
+            writer.write_table(shard, row_group_size=samples_per_shard)
 
 
 def _reusable(

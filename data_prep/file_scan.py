@@ -13,8 +13,9 @@ threads, BATCH files per task, in list order) and for each:
   into the shard (the manifest's content id: the same bytes unless resized);
 - records its size and mtime, which shard tasks check each file against.
 
-Digests are kept as an [N, 32] byte array and turned into hex strings with numpy
-(`hex_digests`), so memory grows by ~100 bytes per file, not by Python objects per file.
+Per file the pass keeps about 90 bytes (path, label, size, mtime, the 32-byte digest that goes
+into the manifest, flags), in numpy and Arrow arrays, never a Python object per file; hex
+strings are made per shard when the plan is written (`hex_digests`).
 
 The source's lineage (`dataset.json`'s `source`): `file-list`, the XXH3-128 of the text
 `path<TAB>size<LF>` of every listed image file in conversion order (its size: that text's
@@ -75,7 +76,7 @@ class ScannedFiles:
     keep: np.ndarray  # bool: the entry's image is converted
     nbytes: np.ndarray  # int64 size of the file as read (-1: unreadable)
     mtime_ns: np.ndarray  # int64
-    sha256: pa.ChunkedArray  # hex SHA-256 of the bytes that go into the shard
+    digests: np.ndarray  # [N, 32] uint8: SHA-256 of the bytes that go into the shard
     resized: np.ndarray  # bool
     bad: tuple[FileProblem, ...]  # the listing's problems and the bad images, left out
     files: tuple[SourceFile, ...]  # the lineage entries (see the module docstring)
@@ -209,19 +210,13 @@ def _check_batch(
     return batch
 
 
-def hex_digests(digests: np.ndarray) -> pa.ChunkedArray:
-    """Lower-case hex strings of [N, 32] byte digests, built with numpy (no Python string per row)."""
-    chunks = []
-    for start in range(0, len(digests), 1 << 20):  # int32 offsets: at most 2 GiB of text per chunk
-        part = digests[start : start + (1 << 20)]
-        text = np.empty((len(part), 64), dtype=np.uint8)
-        text[:, 0::2] = _HEX[part >> 4]
-        text[:, 1::2] = _HEX[part & 15]
-        offsets = np.arange(0, 64 * (len(part) + 1), 64, dtype=np.int32)
-        chunks.append(
-            pa.StringArray.from_buffers(len(part), pa.py_buffer(offsets), pa.py_buffer(text.tobytes()))
-        )
-    return pa.chunked_array(chunks, pa.string())
+def hex_digests(digests: np.ndarray) -> pa.StringArray:
+    """Lower-case hex strings of [N, 32] byte digests (N < 2**25), built with numpy, not per row."""
+    text = np.empty((len(digests), 64), dtype=np.uint8)
+    text[:, 0::2] = _HEX[digests >> 4]
+    text[:, 1::2] = _HEX[digests & 15]
+    offsets = np.arange(0, 64 * (len(digests) + 1), 64, dtype=np.int32)
+    return pa.StringArray.from_buffers(len(digests), pa.py_buffer(offsets), pa.py_buffer(text.tobytes()))
 
 
 def _text_digest(listing: FileList, columns: list[np.ndarray]) -> tuple[str, int]:
@@ -289,8 +284,8 @@ def scan_files(
     total = len(listing)
     nbytes = np.full(total, -1, dtype=np.int64)
     mtime_ns = np.zeros(total, dtype=np.int64)
-    source_digest = np.zeros((total, 32), dtype=np.uint8)
-    digest = np.zeros((total, 32), dtype=np.uint8)
+    digests = np.zeros((total, 32), dtype=np.uint8)
+    image_bytes = xxhash.xxh3_128()  # of the readable files' SHA-256 digests, in order
     resized = np.zeros(total, dtype=bool)
     keep = np.ones(total, dtype=bool)
     bad_images: list[FileProblem] = []
@@ -313,11 +308,8 @@ def scan_files(
         for batch in batches:
             rows = slice(batch.start, batch.start + len(batch.nbytes))
             nbytes[rows], mtime_ns[rows] = batch.nbytes, batch.mtime_ns
-            source_digest[rows], digest[rows], resized[rows] = (
-                batch.source_digest,
-                batch.digest,
-                batch.resized,
-            )
+            digests[rows], resized[rows] = batch.digest, batch.resized
+            image_bytes.update(batch.source_digest[batch.nbytes >= 0].tobytes())
             for i, reason in sorted(batch.reasons.items()):
                 row = batch.start + i
                 keep[row] = False
@@ -336,11 +328,11 @@ def scan_files(
             f"none of the {total} listed images is usable (first: {bad[0].reason})", path=listing.source
         )
     file_list, list_length = _text_digest(listing, [nbytes])
-    readable = nbytes >= 0
-    image_bytes = xxhash.xxh3_128(source_digest[readable].tobytes()).hexdigest()
     files = [
         SourceFile(name=FILE_LIST_SOURCE, size=list_length, xxh128=file_list),
-        SourceFile(name=IMAGE_BYTES_SOURCE, size=int(nbytes[readable].sum()), xxh128=image_bytes),
+        SourceFile(
+            name=IMAGE_BYTES_SOURCE, size=int(nbytes[nbytes >= 0].sum()), xxh128=image_bytes.hexdigest()
+        ),
     ]
     if listing.layout == LIST:
         files.insert(
@@ -356,7 +348,7 @@ def scan_files(
         keep=keep,
         nbytes=nbytes,
         mtime_ns=mtime_ns,
-        sha256=hex_digests(digest),
+        digests=digests,
         resized=resized,
         bad=bad,
         files=tuple(files),

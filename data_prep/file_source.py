@@ -20,8 +20,8 @@ Besides RecordIO (data_prep.source) a conversion reads two layouts of single ima
                             list's own (non-negative whole numbers; C = the largest + 1).
 
 `list_source(path)` makes one pass over the folders (os.scandir, one listing per folder) or
-over the list's lines. It returns a `FileList`: the entries' relative paths as Arrow string
-arrays and their labels in numpy arrays (memory grows with the number of files by the
+over the list's lines. It returns a `FileList`: the entries' relative paths as one Arrow
+string array and their labels in numpy arrays (memory grows with the number of files by the
 bytes of their paths, not by Python objects per file), and `problems`: every entry that is
 not a convertible image file, each with its path and why: a file whose name is not a JPEG
 or PNG name, a folder inside an identity folder, an identity folder that cannot be listed or
@@ -77,11 +77,11 @@ class FileList:
     layout: str  # FOLDER | LIST
     source: Path  # ROOT, or the .lst file
     root: Path  # what relative paths are resolved against (ROOT, or the list's folder)
-    paths: pa.ChunkedArray  # string: each entry's path, relative to `root` (a list's: as written)
+    paths: pa.LargeStringArray  # each entry's path, relative to `root` (a list's: as written)
     records: np.ndarray  # int64: each entry's record number (folder: its index; list: 0-based line)
     labels: np.ndarray  # int64
     num_classes: int
-    identities: pa.ChunkedArray | None  # folder: the name of label i (None for a list)
+    identities: pa.LargeStringArray | None  # folder: the name of label i (None for a list)
     problems: tuple[FileProblem, ...] = ()
     stray: tuple[str, ...] = field(default=())  # files directly in ROOT: not converted
 
@@ -124,7 +124,7 @@ def list_source(source: Path, *, progress: bool = False) -> FileList:
 
 
 class _PathColumn:
-    """Strings gathered into an Arrow chunked array, PATH_CHUNK at a time."""
+    """Strings gathered into one Arrow array (64-bit offsets), PATH_CHUNK at a time."""
 
     def __init__(self) -> None:
         self.chunks: list[pa.Array] = []
@@ -142,12 +142,12 @@ class _PathColumn:
 
     def flush(self) -> None:
         if self.pending:
-            self.chunks.append(pa.array(self.pending, pa.string()))
+            self.chunks.append(pa.array(self.pending, pa.large_string()))
             self.pending = []
 
-    def finish(self) -> pa.ChunkedArray:
+    def finish(self) -> pa.LargeStringArray:
         self.flush()
-        return pa.chunked_array(self.chunks, pa.string())
+        return pa.concat_arrays(self.chunks) if self.chunks else pa.array([], pa.large_string())
 
 
 def _utf8(name: str) -> bool:
@@ -374,7 +374,9 @@ def _read_list(lst: Path, *, progress: bool) -> FileList:
     )
 
 
-def _first_listing(paths: pa.ChunkedArray, records: np.ndarray, problems: list[FileProblem]) -> np.ndarray:
+def _first_listing(
+    paths: pa.LargeStringArray, records: np.ndarray, problems: list[FileProblem]
+) -> np.ndarray:
     """True for each entry but the repeats of a path listed before (each repeat becomes a problem)."""
     keep = np.ones(len(records), dtype=bool)
     if pc.count_distinct(paths).as_py() == len(records):
@@ -383,7 +385,9 @@ def _first_listing(paths: pa.ChunkedArray, records: np.ndarray, problems: list[F
     grouped = table.group_by("path").aggregate([("row", "min"), ("row", "count")])
     repeated = grouped.filter(pc.greater(grouped["row_count"], 1))
     first = dict(zip(repeated["path"].to_pylist(), repeated["row_min"].to_pylist()))
-    rows = np.flatnonzero(pc.is_in(paths, value_set=repeated["path"].combine_chunks()).to_numpy(False))
+    rows = np.flatnonzero(
+        pc.is_in(paths, value_set=repeated["path"].combine_chunks()).to_numpy(zero_copy_only=False)
+    )
     for row in rows.tolist():
         path = paths[row].as_py()
         if row != first[path]:

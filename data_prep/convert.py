@@ -1,4 +1,5 @@
-"""`igfiqa prep convert`: a RecordIO dataset → globally shuffled webdataset shards + manifests.
+"""`igfiqa prep convert`: a RecordIO dataset, an image folder or a `.lst` list → globally shuffled
+webdataset shards + manifests.
 
 Three stages, each idempotent, so the same code runs locally and as a SLURM array; the output
 folder's bookkeeping (plan, lock, per-shard done records, temp files, dataset.json last) is
@@ -18,6 +19,11 @@ data_prep.sharded_output's:
    uninterrupted one.
 3. `finalize_conversion(out)` checks every shard, writes manifest.parquet and
    classes.parquet, and LAST dataset.json (atomically): its presence means complete.
+
+An image folder (`ROOT/<identity>/<image>`) or a `.lst` list goes through the same three
+stages: data_prep.file_conversion plans it (every file read, checked and hashed once) and
+reads a shard's files back; its manifest also keeps each image's source `path`, and a
+folder's classes.parquet each identity's `name`.
 
 `convert(...)` runs all three locally, with `workers` processes for stage 2. Every
 process also uses threads (hashing beside writing, two shards at a time), so one
@@ -40,7 +46,7 @@ import multiprocessing
 import os
 import signal
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -56,11 +62,11 @@ from data_prep.conversion_plan import (
     PLAN_VERSION,
     ConversionPlan,
     conversion_output,
+    existing_plan,
     load_plan,
 )
 from data_prep.dataset import (
     CLASSES_FILE,
-    DATASET_FILE,
     DROPPED_FILE,
     FORMAT_VERSION,
     MANIFEST_FILE,
@@ -68,18 +74,27 @@ from data_prep.dataset import (
     DatasetInfo,
 )
 from data_prep.errors import DataError
+from data_prep.file_conversion import identity_names, prepare_file_conversion, shard_images
+from data_prep.file_source import FOLDER, is_file_source
 from data_prep.images import IMAGE_CHECKS, ImageCheck
-from data_prep.manifest import CLASSES_SCHEMA, DROPPED_SCHEMA, TRAIN_MANIFEST_SCHEMA, read_table, write_table
+from data_prep.manifest import (
+    CLASSES_SCHEMA,
+    DROPPED_SCHEMA,
+    FILE_MANIFEST_SCHEMA,
+    FOLDER_CLASSES_SCHEMA,
+    TRAIN_MANIFEST_SCHEMA,
+    read_table,
+    write_table,
+)
 from data_prep.recordio import RecordIOReader
 from data_prep.sharded_output import (
-    ShardedOutput,
     check_free_space,
     disk_full_is_a_data_error,
     human_bytes,
     run_shards,
     sample_keys,
 )
-from data_prep.shards import BLOCK, write_webdataset_shard
+from data_prep.shards import BLOCK, WrittenShard, write_webdataset_shard
 from data_prep.source import BadRecordsError, locate_source
 from data_prep.source_scan import (
     dropped_digest,
@@ -114,21 +129,6 @@ def check_settings(*, samples_per_shard: int, seed: int, workers: int = 1) -> No
         raise DataError(f"workers must be >= 1, got {workers}")
 
 
-def _existing_plan(output: ShardedOutput) -> ConversionPlan | None:
-    """The plan already in OUT (None for a new or empty OUT); refuse folders holding anything else."""
-    if not output.exists():
-        return None
-    if output.has_plan():
-        return load_plan(output.root)
-    if (output.root / DATASET_FILE).is_file():
-        raise DataError(
-            f"holds a dataset ({DATASET_FILE}) that this conversion did not plan: choose another --out",
-            path=output.root,
-        )
-    output.refuse_foreign(writing="a dataset")
-    return None
-
-
 def prepare_conversion(
     source: Path,
     out: Path,
@@ -140,8 +140,12 @@ def prepare_conversion(
     reader: RecordIOReader | None = None,
     skip_bad: bool = False,
     image_check: ImageCheck = "structure",
+    resize: int | None = None,
 ) -> ConversionPlan:
     """Validate and hash SOURCE, draw the global shuffle and write OUT's plan (idempotent).
+
+    An image folder or a `.lst` list is planned by data_prep.file_conversion (`resize`: the
+    side images of another size are resized to; RecordIO sources keep their images' size).
 
     `threads` hash the images while one more checksums the whole source file. `reader`, an
     open reader of the source `.rec` the caller will also write shards from, is used
@@ -152,9 +156,26 @@ def prepare_conversion(
     check_settings(samples_per_shard=samples_per_shard, seed=seed)
     if image_check not in IMAGE_CHECKS:
         raise DataError(f"image_check must be one of {IMAGE_CHECKS}, got {image_check!r}")
+    if is_file_source(Path(source)):
+        return prepare_file_conversion(
+            Path(source),
+            Path(out),
+            samples_per_shard=samples_per_shard,
+            seed=seed,
+            progress=progress,
+            threads=threads,
+            skip_bad=skip_bad,
+            image_check=image_check,
+            resize=resize,
+        )
+    if resize is not None:
+        raise DataError(
+            "--resize is for image folders and .lst lists: a RecordIO source's images keep their size",
+            path=source,
+        )
     out = Path(out)
     output = conversion_output(out)
-    existing = _existing_plan(output)
+    existing = existing_plan(output)
     reusable = existing is not None and existing.plan_version == PLAN_VERSION
     try:
         scanned = scan_source(
@@ -273,13 +294,46 @@ def _write_shard(out: Path, shard_index: int, reader: RecordIOReader | None) -> 
             "plan made by an older version of this code: run prepare_conversion (igfiqa prep convert) again",
             path=output.plan_path,
         )
-    _check_source_unchanged(plan)
+    if not plan.from_files:
+        _check_source_unchanged(plan)
     rows = pq.ParquetFile(output.prep / PLAN_TABLE).read_row_group(shard_index).to_pydict()
     if len(rows["position"]) != count:
         raise DataError(
             f"plan table row group {shard_index} has the wrong length", path=output.prep / PLAN_TABLE
         )
     keys = sample_keys(rows["position"], plan.num_images)
+    if plan.from_files:
+        written = write_webdataset_shard(
+            paths.tar, paths.index, keys, shard_images(plan, rows), rows["label"], image_sha256=rows["sha256"]
+        )
+    else:
+        written = _write_recordio_shard(plan, rows, keys, paths.tar, paths.index, reader)
+    columns = {
+        "key": keys,
+        "record": rows["record"],
+        "label": rows["label"],
+        "shard": np.full(len(keys), shard_index, dtype=np.int32),
+        "sha256": written.image_sha256,
+        "nbytes": written.image_nbytes,
+        "offset": written.image_offsets,
+        "position": rows["position"],
+    }
+    if plan.from_files:
+        manifest = pa.table(columns | {"path": rows["path"]}, schema=FILE_MANIFEST_SCHEMA)
+    else:
+        manifest = pa.table(columns, schema=TRAIN_MANIFEST_SCHEMA)
+    output.finish_shard(shard_index, plan_id=plan.plan_id, written=written, manifest=manifest)
+
+
+def _write_recordio_shard(
+    plan: ConversionPlan,
+    rows: dict[str, list],
+    keys: list[str],
+    tar: Path,
+    index: Path,
+    reader: RecordIOReader | None,
+) -> WrittenShard:
+    """A shard of a RecordIO source: its images are slices of the `.rec`'s memory map."""
     with reader_of(plan.rec_path, reader) as reader:
         view = reader.view
         jpeg = starts_with_jpeg_magic(reader, np.asarray(rows["image_offset"], dtype=np.int64))
@@ -296,24 +350,9 @@ def _write_shard(out: Path, shard_index: int, reader: RecordIOReader | None) -> 
                 jpeg.tolist(),
             )
         ]
-        written = write_webdataset_shard(
-            paths.tar, paths.index, keys, images, rows["label"], image_sha256=rows["sha256"]
-        )
+        written = write_webdataset_shard(tar, index, keys, images, rows["label"], image_sha256=rows["sha256"])
         del images
-    manifest = pa.table(
-        {
-            "key": keys,
-            "record": rows["record"],
-            "label": rows["label"],
-            "shard": np.full(len(keys), shard_index, dtype=np.int32),
-            "sha256": written.image_sha256,
-            "nbytes": written.image_nbytes,
-            "offset": written.image_offsets,
-            "position": rows["position"],
-        },
-        schema=TRAIN_MANIFEST_SCHEMA,
-    )
-    output.finish_shard(shard_index, plan_id=plan.plan_id, written=written, manifest=manifest)
+    return written
 
 
 def _check_source_unchanged(plan: ConversionPlan) -> None:
@@ -357,14 +396,20 @@ def _finalize(out: Path, verify_checksums: bool) -> DatasetInfo:
         verify=verify_checksums,
         stage="conversion",
     )
-    manifest = output.manifest(plan.num_shards)
+    manifest = output.manifest(
+        plan.num_shards, schema=FILE_MANIFEST_SCHEMA if plan.from_files else TRAIN_MANIFEST_SCHEMA
+    )
     positions = manifest.column("position").to_numpy()
     if len(positions) != plan.num_images or not np.array_equal(positions, np.arange(plan.num_images)):
         raise DataError("the shards' manifests do not cover every planned position exactly once", path=out)
     write_table(out / MANIFEST_FILE, manifest)
     counts = np.bincount(manifest.column("label").to_numpy(), minlength=plan.num_classes)
     classes = pa.table({"label": np.arange(len(counts), dtype=np.int64), "count": counts.astype(np.int64)})
-    write_table(out / CLASSES_FILE, classes.cast(CLASSES_SCHEMA))
+    if plan.layout == FOLDER:  # an image folder's identity names, by label
+        classes = classes.append_column("name", identity_names(out))
+    write_table(
+        out / CLASSES_FILE, classes.cast(FOLDER_CLASSES_SCHEMA if plan.layout == FOLDER else CLASSES_SCHEMA)
+    )
     if plan.dropped:
         dropped = read_table(output.prep / DROPPED_FILE, DROPPED_SCHEMA)
         if dropped.num_rows != plan.dropped:
@@ -406,18 +451,21 @@ def convert(
     skip_bad: bool = False,
     image_check: ImageCheck = "structure",
     wait_lock: float = 0.0,
+    resize: int | None = None,
 ) -> DatasetInfo:
     """Plan, write every shard (in `workers` processes) and finalise, all on this machine.
 
     Holds OUT's lock throughout (data_prep.lock: a second run refuses at once, or waits up
     to `wait_lock` seconds). A run that fails before its plan is written leaves no folder it
-    created behind. `skip_bad` and `image_check`: see `prepare_conversion`.
+    created behind. `skip_bad`, `image_check` and `resize`: see `prepare_conversion`.
     """
     check_settings(samples_per_shard=samples_per_shard, seed=seed, workers=workers)
     out = Path(out)
-    rec = locate_source(Path(source)).rec
+    source = Path(source)
+    # a RecordIO source is mapped once, for planning and for every shard written in this process
+    opened = nullcontext(None) if is_file_source(source) else RecordIOReader(locate_source(source).rec)
     with locked_output(out, wait=wait_lock):
-        with _disk_full_is_a_data_error(out), RecordIOReader(rec) as reader:
+        with _disk_full_is_a_data_error(out), opened as reader:
             plan = prepare_conversion(
                 source,
                 out,
@@ -428,6 +476,7 @@ def convert(
                 reader=reader,
                 skip_bad=skip_bad,
                 image_check=image_check,
+                resize=resize,
             )
             check_free_space(plan.out, space_needed(plan.out), elsewhere=ELSEWHERE)
             _write_shards(plan, workers=workers, reader=reader, progress=progress)
@@ -439,7 +488,8 @@ def convert(
             info.num_classes,
             plural(len(info.shards), "shard"),
             info.root,
-            f" ({plural(info.dropped, 'bad record')} dropped, listed in {DROPPED_FILE})"
+            f" ({plural(info.dropped, 'bad entry' if plan.from_files else 'bad record')} dropped, "
+            f"listed in {DROPPED_FILE})"
             if info.dropped
             else "",
         )
@@ -464,7 +514,9 @@ def _ignore_interrupts() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _write_shards(plan: ConversionPlan, *, workers: int, reader: RecordIOReader, progress: bool) -> None:
+def _write_shards(
+    plan: ConversionPlan, *, workers: int, reader: RecordIOReader | None, progress: bool
+) -> None:
     """Write every shard of `plan`: two at a time in threads of this process, or in `workers` processes."""
     output = conversion_output(plan.out)
     done = {
@@ -506,15 +558,14 @@ MANIFEST_BYTES_PER_IMAGE = 120  # manifest part + final manifest, zstd (about)
 def space_needed(out: Path) -> int | None:
     """About how many more bytes OUT's conversion will write (None before it is planned).
 
-    Images as in the source, plus tar headers and manifests per image, less the shards
-    already written.
+    Images as in the source (resized images: as large as before, about), plus tar headers
+    and manifests per image, less the shards already written.
     """
     try:
         plan = load_plan(out)
     except DataError:
         return None
-    images = sum(s.size for s in plan.source if s.name.endswith(".rec"))
-    total = images + plan.num_images * (TAR_OVERHEAD_PER_IMAGE + 2 * MANIFEST_BYTES_PER_IMAGE)
+    total = plan.image_bytes + plan.num_images * (TAR_OVERHEAD_PER_IMAGE + 2 * MANIFEST_BYTES_PER_IMAGE)
     written = (
         sum(p.stat().st_size for p in (out / SHARDS_DIR).glob("shard-*.tar"))
         if (out / SHARDS_DIR).is_dir()

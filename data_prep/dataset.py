@@ -20,6 +20,9 @@ CLASSES_FILE = "classes.parquet"
 PAIRS_FILE = "pairs.parquet"
 DROPPED_FILE = "dropped.parquet"  # bad source records a conversion left out (--skip-bad)
 SHARDS_DIR = "shards"
+# `source` entries of a dataset converted from an image folder or a .lst list (data_prep.file_scan):
+FILE_LIST_SOURCE = "file-list"  # XXH3-128 of `path<TAB>size<LF>` of every listed image file
+IMAGE_BYTES_SOURCE = "image-bytes"  # XXH3-128 of the SHA-256 digests of the files' bytes, in order
 KINDS = ("train", "verification")
 
 

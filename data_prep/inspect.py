@@ -1,7 +1,8 @@
 """`igfiqa prep inspect`: counts, class-size histogram, shard sizes and consistency checks.
 
 Works on a converted dataset (dataset.json), a folder of converted verification
-sets, an unfinished conversion, or a RecordIO source. Problems in the data become
+sets, an unfinished conversion, a RecordIO source, or an image folder or .lst list
+(every file read and checked as `prep convert` would). Problems in the data become
 failed checks in the report (exit status 1), not exceptions.
 """
 
@@ -174,6 +175,10 @@ def inspect_path(path: Path, *, verify: bool = False, decode: bool = False) -> I
         report = InspectReport(path=path, kind="folder of datasets", counts={"datasets": len(children)})
         report.children = [inspect_dataset(child, verify=verify, decode=decode) for child in children]
         return report
+    from data_prep.file_source import is_file_source
+
+    if is_file_source(path):
+        return _inspect_files(path, decode=decode)
     return _inspect_source(path, decode=decode)
 
 
@@ -377,4 +382,45 @@ def _inspect_source(path: Path, *, decode: bool = False) -> InspectReport:
         if bad
         else f"{source.num_images} image records valid, images {source.image_size}",
     )
+    return report
+
+
+def _inspect_files(path: Path, *, decode: bool = False) -> InspectReport:
+    """An image folder or .lst list, checked as `prep convert` checks it (112x112 images)."""
+    from data_prep.file_conversion import IMAGE_SIZE
+    from data_prep.file_scan import scan_files
+    from data_prep.file_source import list_source
+
+    listing = list_source(path)  # a folder that is no image folder raises, as an unknown folder does
+    report = InspectReport(path=path, kind=f"image {listing.layout}")
+    try:
+        scanned = scan_files(
+            listing, size=IMAGE_SIZE, image_check="decode" if decode else "structure", skip_bad=True
+        )
+    except DataError as exc:  # no file is usable
+        report.check("files", False, str(exc))
+        return report
+    kept = int(scanned.keep.sum())
+    report.counts = {
+        "images": kept,
+        "classes": listing.num_classes,
+        "bytes": int(scanned.nbytes[scanned.keep].sum()),
+    }
+    report.class_sizes = class_size_summary(listing.labels[scanned.keep], listing.num_classes)
+    bad = scanned.bad
+    report.bad_records = [{"file": b.path, "record": b.record, "offset": -1, "reason": b.reason} for b in bad]
+    listed = "".join(f"; {b.path}: {b.reason}" for b in bad[:LISTED_PROBLEMS])
+    report.check(
+        "files",
+        not bad,
+        f"{len(bad)} bad entries (prep convert refuses them; --skip-bad leaves them out){listed}"
+        if bad
+        else f"{kept} images valid, {IMAGE_SIZE}x{IMAGE_SIZE}",
+    )
+    if listing.stray:
+        report.check(
+            "layout",
+            True,
+            f"{len(listing.stray)} file(s) directly in the folder, not converted: {', '.join(listing.stray[:3])}",
+        )
     return report

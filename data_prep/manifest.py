@@ -2,7 +2,8 @@
 
 - manifest.parquet (train): one row per image, sorted by `position` (the global shuffled order)
 - manifest.parquet (verification): one row per image, sorted by `index`
-- classes.parquet: label, count
+- manifest.parquet (train, converted from an image folder or a .lst list): the train columns + path
+- classes.parquet: label, count (+ name: the identity folder's, for an image folder)
 - pairs.parquet (verification): left, right (image keys), issame
 - dropped.parquet (train, only when --skip-bad left records out): file, record, offset, reason
 """
@@ -41,7 +42,11 @@ VERIFICATION_MANIFEST_SCHEMA = pa.schema(
         ("offset", pa.int64()),
     ]
 )
+# a conversion of an image folder or a .lst list also keeps each image's source path, so tables
+# keyed by path (a ground truth, the user's own metadata) join the manifest
+FILE_MANIFEST_SCHEMA = TRAIN_MANIFEST_SCHEMA.append(pa.field("path", pa.string()))
 CLASSES_SCHEMA = pa.schema([("label", pa.int64()), ("count", pa.int64())])
+FOLDER_CLASSES_SCHEMA = CLASSES_SCHEMA.append(pa.field("name", pa.string()))  # the identity folder's name
 PAIRS_SCHEMA = pa.schema([("left", pa.string()), ("right", pa.string()), ("issame", pa.bool_())])
 # records a conversion left out (--skip-bad): source file, record key, byte offset, why
 DROPPED_SCHEMA = pa.schema(
@@ -51,7 +56,7 @@ DROPPED_SCHEMA = pa.schema(
 
 # columns holding a distinct value per row: a dictionary page would only cost (measured: writing
 # a manifest with them dictionary-encoded takes ~2x as long, and the file is larger)
-UNIQUE_COLUMNS = frozenset({"key", "sha256", "position", "offset", "record", "index"})
+UNIQUE_COLUMNS = frozenset({"key", "sha256", "position", "offset", "record", "index", "path", "name"})
 
 
 def write_table(path: Path, table: pa.Table, *, durable: bool = True) -> None:

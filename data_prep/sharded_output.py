@@ -264,10 +264,10 @@ class ShardedOutput:
             )
         return tuple(shards)
 
-    def manifest(self, num_shards: int) -> pa.Table:
-        """The shards' manifest parts joined in shard order."""
+    def manifest(self, num_shards: int, *, schema: pa.Schema = TRAIN_MANIFEST_SCHEMA) -> pa.Table:
+        """The shards' manifest parts joined in shard order (as `schema`)."""
         parts = [pq.read_table(self.shard_paths(i).manifest) for i in range(num_shards)]
-        return pa.concat_tables(parts).cast(TRAIN_MANIFEST_SCHEMA)
+        return pa.concat_tables(parts).cast(schema)
 
     def write_dataset(self, info: DatasetInfo) -> DatasetInfo:
         """Write dataset.json, last and atomically (its presence means complete); the dataset read back."""

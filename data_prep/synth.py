@@ -13,11 +13,18 @@ Ground truth goes to `ground_truth.parquet` (record, identity, image, degradatio
 strength, low_variance) and `<set>_ground_truth.parquet` per verification set
 (`clean`: undegraded; `mixed`: the same renderings, most of them degraded).
 Everything is a pure function of the seed.
+
+`synthesize_identity_set` writes an identity-labelled evaluation set instead: N identities ×
+K images as an image folder (`OUT/<identity>/<n>.jpg`, what `igfiqa prep convert` reads like
+any user's folder) with `ground_truth.parquet` (path, identity, image, degradation, strength).
+Its identities are the seed's evaluation identities (those of its verification sets, never a
+training identity of any seed); its images are degraded as the mixed verification set's.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import multiprocessing
 import os
@@ -54,7 +61,8 @@ VERIFICATION_SETS = ("clean", "mixed")
 # (the EDC's operating range) can remove most failures when quality is right.
 MIXED_DEGRADED_FRACTION = 0.25
 # stream ids in the seed sequence, so training and verification identities never share a stream
-_TRAIN_STREAM, _VERIFICATION_STREAM, _PAIRS_STREAM = 0, 1, 2
+_TRAIN_STREAM, _VERIFICATION_STREAM, _PAIRS_STREAM, _IDENTITY_SET_STREAM = 0, 1, 2, 3
+IDENTITY_SET_KIND = "identity-set"  # synth.json's `kind` of an identity-labelled set
 
 
 @dataclass(frozen=True)
@@ -386,3 +394,110 @@ def synthesize(
     atomic_write_json(out / "synth.json", {**asdict(settings), "generator": generator_settings()})
     log.info("synthesized %d images of %d identities into %s", num_images, identities, out)
     return SynthResult(out=out, num_images=num_images, num_identities=identities, verification_bins=bins)
+
+
+# ----------------------------------------------------------------------------- identity-labelled sets
+
+
+@dataclass(frozen=True)
+class IdentitySetSettings:
+    """What `synthesize_identity_set` draws; stored in OUT/synth.json (with `kind` and `generator`)."""
+
+    identities: int
+    images_per_identity: int
+    seed: int
+    image_size: int = 112
+
+
+def identity_folder(identity: int, identities: int) -> str:
+    """`id-00042`: the folder of an identity, zero-padded so that name order is number order."""
+    return f"id-{identity:0{max(5, len(str(identities - 1)))}d}"
+
+
+def _identity_set_images(identity: int, *, settings: IdentitySetSettings) -> list[tuple[bytes, str, float]]:
+    """(JPEG, degradation, strength) of every image of one identity of an identity-labelled set:
+    the identity's traits from the seed's verification stream, its images' draws from its own."""
+    traits = draw_traits(np.random.default_rng([settings.seed, _VERIFICATION_STREAM, identity]))
+    rng = np.random.default_rng([settings.seed, _IDENTITY_SET_STREAM, identity])
+    images = []
+    for _ in range(settings.images_per_identity):
+        pixels = render_face(traits, draw_variation(rng), settings.image_size)
+        degraded = rng.random() < MIXED_DEGRADED_FRACTION
+        degradation, strength = _draw_degradation(rng) if degraded else (NO_DEGRADATION, 0.0)
+        shown, quality = degrade(pixels, degradation, strength, rng)
+        images.append((encode_jpeg(shown, quality), degradation, strength))
+    return images
+
+
+def synthesize_identity_set(
+    out: Path,
+    *,
+    identities: int = 300,
+    images_per_identity: int = 8,
+    seed: int = 0,
+    progress: bool = False,
+    workers: int = 1,
+) -> SynthResult:
+    """An identity-labelled evaluation set in OUT (see the module docstring); deterministic by seed.
+
+    Each image is degraded with probability MIXED_DEGRADED_FRACTION, at a strength drawn from
+    U(MIN_STRENGTH, 1), as in the mixed verification set. Writes `OUT/<identity>/<n>.jpg`,
+    `OUT/ground_truth.parquet`, then `OUT/synth.json` last; an OUT whose synth.json holds these
+    settings is complete and left as it is. `workers` processes render the images (the output
+    does not depend on it).
+    """
+    if identities < 2 or images_per_identity < 2:
+        raise DataError(
+            "an identity-labelled set needs at least 2 identities with at least 2 images each (mated "
+            f"and non-mated pairs), got {identities} × {images_per_identity}"
+        )
+    settings = IdentitySetSettings(identities=identities, images_per_identity=images_per_identity, seed=seed)
+    record = {"kind": IDENTITY_SET_KIND, **asdict(settings), "generator": generator_settings()}
+    out = Path(out)
+    result = SynthResult(
+        out=out, num_images=identities * images_per_identity, num_identities=identities, verification_bins={}
+    )
+    if out.exists() and any(out.iterdir()):
+        try:
+            existing = json.loads((out / "synth.json").read_text())
+        except (OSError, ValueError):
+            existing = None
+        if existing == record:
+            log.info("%s already holds this identity-labelled set (synth.json): left as it is", out)
+            return result
+        raise DataError(
+            "exists and holds something else (no synth.json of these settings): write the set into a "
+            "new or empty folder",
+            path=out,
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    per_identity = _map_in_order(
+        functools.partial(_identity_set_images, settings=settings),
+        list(range(identities)),
+        workers,
+        "synth identity set",
+        progress,
+    )
+    width = len(str(images_per_identity - 1))
+    rows: dict[str, list] = {k: [] for k in ("path", "identity", "image", "degradation", "strength")}
+    for identity, images in enumerate(per_identity):
+        folder = identity_folder(identity, identities)
+        (out / folder).mkdir(exist_ok=True)
+        for number, (jpeg, degradation, strength) in enumerate(images):
+            path = f"{folder}/{number:0{width}d}.jpg"
+            atomic_write_bytes(out / path, jpeg, durable=False)
+            for name, value in zip(rows, (path, identity, number, degradation, strength)):
+                rows[name].append(value)
+    truth = pa.table(
+        {
+            "path": pa.array(rows["path"], pa.string()),
+            "identity": pa.array(rows["identity"], pa.int64()),
+            "image": pa.array(rows["image"], pa.int64()),
+            "degradation": pa.array(rows["degradation"], pa.string()),
+            "strength": pa.array(rows["strength"], pa.float32()),
+        }
+    )
+    write_table(out / "ground_truth.parquet", truth, durable=False)
+    atomic_write_json(out / "synth.json", record)
+    log.info("synthesized %d images of %d identities into %s", result.num_images, identities, out)
+    return result

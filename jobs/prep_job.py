@@ -80,11 +80,12 @@ def start_conversion(
     progress: bool = True,
     skip_bad: bool = False,
     image_check: str = "structure",
+    resize: int | None = None,
 ) -> ConversionArray:
     """Plan here and submit the shards as one SLURM array (a task per shard); finalise with `.wait()`.
 
     `profile` is a ClusterProfile or the path of one. The submitit logs go to `folder` (default:
-    OUT/.prep/slurm/<time>-<pid>, new for every submission). `skip_bad`, `image_check`: see
+    OUT/.prep/slurm/<time>-<pid>, new for every submission). `skip_bad`, `image_check`, `resize`: see
     `data_prep.convert.prepare_conversion`.
     """
     from data_prep.convert import prepare_conversion, write_shard
@@ -100,6 +101,7 @@ def start_conversion(
         progress=progress,
         skip_bad=skip_bad,
         image_check=image_check,
+        resize=resize,
     )
     if folder is None:
         folder = out / ".prep" / "slurm" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"

@@ -13,6 +13,8 @@ import os
 import sys
 from pathlib import Path
 
+from jobs.errors import UserError
+
 log = logging.getLogger(__name__)
 
 PREP_DESCRIPTION = """\
@@ -32,34 +34,54 @@ and evaluation runs point back to (their dataset_fingerprint tags). --no-track s
 """
 
 CONVERT_DESCRIPTION = """\
-Convert a RecordIO dataset into globally shuffled webdataset shards.
+Convert a training set into globally shuffled webdataset shards.
 
-SOURCE is a folder holding train.rec (+ train.idx and property, as InsightFace
-ships them) or a path to a .rec file. Without an .idx the .rec is scanned.
+SOURCE is one of:
+  a RecordIO dataset   a folder holding train.rec (+ train.idx and property, as InsightFace
+                       ships them) or a .rec file; without an .idx the .rec is scanned
+  an image folder      ROOT/<identity>/<image> with *.jpg, *.jpeg or *.png images, one
+                       folder per identity (WebFace42M's layout); identity folders sorted
+                       by name get labels 0..C-1
+  a list file          a .lst with one image per line: InsightFace's aligned<TAB>path<TAB>label,
+                       MXNet im2rec's index<TAB>label<TAB>path, or `path label`; relative
+                       paths start at the list's folder
 
 Writes into DIR:
   shards/shard-NNNNN.tar   {key}.jpg (image bytes exactly as stored) + {key}.cls (label)
   shards/shard-NNNNN.idx   DALI webdataset index (what wds2idx writes)
   manifest.parquet         key, record, label, shard, sha256, nbytes, offset, position
-  classes.parquet          label, count
-  dropped.parquet          with --skip-bad: file, record, offset, reason of each record left out
+                           (+ path: the image's source file, for image folders and lists)
+  classes.parquet          label, count (+ name: the identity folder, for image folders)
+  dropped.parquet          with --skip-bad: file, record, offset, reason of each entry left out
   dataset.json             written last: its presence means the conversion is complete
 
 Every image is checked before anything is written: its RecordIO framing and label,
 and its JPEG/PNG structure (markers, a frame header, the end-of-image marker) and
-size (property's, else the most common). Bad records are all listed, then the
-conversion stops; --skip-bad converts without them, --verify-decode also decodes
+size (RecordIO: property's, else the most common; image folders and lists: 112x112).
+Bad records and files are all listed, then the conversion stops; so are, in an image
+folder, files that are not JPEG/PNG, folders inside identity folders and folders that
+cannot be read (files directly in ROOT belong to no identity: they are named in the
+log and not converted). --skip-bad converts without them, --verify-decode also decodes
 every image (about 11x slower with one worker: a Pillow decode per image).
 
+--resize SIZE (image folders and lists): square images of another size are resized
+once, here, to SIZE x SIZE with Pillow's LANCZOS filter (anti-aliased when shrinking,
+the least blurring of Pillow's filters) and stored re-encoded (JPEG quality 95, PNG
+lossless); images already SIZE x SIZE are stored as they are. Training reads 112x112.
+
 Re-running the same command skips shards already written and verified, so a
-killed conversion resumes and ends byte-identical to an uninterrupted one.
-DIR must be new, empty, or hold this same conversion. One conversion writes into
-DIR at a time: a second refuses at once, naming the host and pid of the first
-(--wait-lock waits for it instead).
+killed conversion resumes and ends byte-identical to an uninterrupted one (an
+image folder is listed again and every file stat'ed; its images are read again
+only if something changed). DIR must be new, empty, or hold this same conversion.
+One conversion writes into DIR at a time: a second refuses at once, naming the host
+and pid of the first (--wait-lock waits for it instead).
 
 examples:
   igfiqa prep convert data/faces_webface_112x112 --out work/casia --workers 8
   igfiqa prep convert data/ms1m/train.rec --out work/ms1m --submit slurm/clusters/local.yaml
+  igfiqa prep convert /data/webface42m --out work/webface42m --skip-bad --submit slurm/clusters/local.yaml
+  igfiqa prep convert /data/faces/train.lst --out work/faces --resize 112 --workers 8
+  igfiqa prep convert work/eval/seed-1000000 --out work/eval/seed-1000000-conv
 """
 
 BINS_DESCRIPTION = """\
@@ -89,15 +111,26 @@ Degradations: blur, lowres, noise, occlusion, dark, jpeg. A fraction of
 identities (--low-variance-fraction) has near-duplicate images, most of them
 degraded alike: the case IG-FIQA's variance weighting is about.
 
-example:
+--identity-set writes an identity-labelled evaluation set instead: --identities N
+identities x exactly --images-per-identity K aligned 112x112 images, as an image
+folder DIR/id-NNNNN/<n>.jpg, and DIR/ground_truth.parquet (path, identity, image,
+degradation, strength). Its identities are those of the seed's verification sets,
+never a training identity; as in the mixed set, a quarter of the images is degraded,
+at strengths from 0.35 to 1. `igfiqa prep convert DIR --out CONVERTED` converts it
+like any image folder (label = identity); the manifest's path column joins the
+ground truth.
+
+examples:
   igfiqa prep synth --out work/synth-200 --identities 200 --images-per-identity 12
+  igfiqa prep synth --identity-set --out work/eval/seed-1000000 --identities 300 --images-per-identity 8 --seed 1000000
 """
 
 INSPECT_DESCRIPTION = """\
 Report on a dataset folder: counts, class-size histogram, shard sizes and checks.
 
 DIR may be a converted dataset (holds dataset.json), a folder of converted
-verification sets (from `prep bins`), or a RecordIO source (train.rec ...).
+verification sets (from `prep bins`), a RecordIO source (train.rec ...), or an
+image folder or .lst list (every file read and checked as `prep convert` would).
 Checks: every shard and index present with the recorded size and count, the
 manifest agrees with the shards, labels within range; --verify also recomputes
 every checksum (shards and images) and checks every image's structure and size
@@ -118,10 +151,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     fmt = argparse.RawDescriptionHelpFormatter
 
     convert = sub.add_parser(
-        "convert", help="RecordIO -> shards", description=CONVERT_DESCRIPTION, formatter_class=fmt
+        "convert",
+        help="RecordIO, image folder or .lst list -> shards",
+        description=CONVERT_DESCRIPTION,
+        formatter_class=fmt,
     )
     convert.add_argument(
-        "source", type=Path, help="dataset folder (train.rec, train.idx, property) or a .rec file"
+        "source",
+        type=Path,
+        help="RecordIO dataset folder or .rec file, image folder ROOT/<identity>/<image>, or .lst list",
     )
     convert.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
     convert.add_argument(
@@ -144,6 +182,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--verify-decode",
         action="store_true",
         help="also decode every image fully (slower; the default check reads structure and size only)",
+    )
+    convert.add_argument(
+        "--resize",
+        type=int,
+        default=None,
+        metavar="SIZE",
+        help="image folders and lists: resize square images of another size to SIZE x SIZE (Pillow LANCZOS) "
+        "instead of refusing them",
     )
     convert.add_argument(
         "--wait-lock",
@@ -179,26 +225,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     synth.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
     synth.add_argument(
-        "--identities", type=int, default=200, metavar="N", help="training identities (default: 200)"
+        "--identity-set",
+        action="store_true",
+        help="write an identity-labelled evaluation set (DIR/<identity>/<n>.jpg + ground truth) instead",
+    )
+    synth.add_argument(
+        "--identities",
+        type=int,
+        default=None,
+        metavar="N",
+        help="training identities (default: 200); with --identity-set: its identities (default: 300)",
     )
     synth.add_argument(
         "--images-per-identity",
         type=int,
-        default=12,
+        default=None,
         metavar="N",
-        help="mean images per identity (default: 12)",
+        help="mean images per identity (default: 12); with --identity-set: exactly N (default: 8)",
     )
     synth.add_argument(
         "--low-variance-fraction",
         type=float,
-        default=0.15,
+        default=None,
         metavar="F",
-        help="share of near-duplicate identities",
+        help="share of near-duplicate identities (default: 0.15)",
     )
     synth.add_argument(
         "--clean-fraction",
         type=float,
-        default=0.5,
+        default=None,
         metavar="F",
         help="share of undegraded images in ordinary identities (default: 0.5)",
     )
@@ -271,6 +326,7 @@ def _run_convert(args: argparse.Namespace) -> int:
             skip_bad=args.skip_bad,
             image_check="decode" if args.verify_decode else "structure",
             wait_lock=args.wait_lock,
+            resize=args.resize,
         )
     except KeyboardInterrupt:
         print(
@@ -280,7 +336,10 @@ def _run_convert(args: argparse.Namespace) -> int:
         return 130
     info = converted.info
     dropped = (
-        f"; {plural(info.dropped, 'bad record')} dropped (see {info.dropped_path})" if info.dropped else ""
+        f"; {plural(info.dropped, 'bad entry' if converted.from_files else 'bad record')} dropped "
+        f"(see {info.dropped_path})"
+        if info.dropped
+        else ""
     )
     print(
         f"converted {plural(info.num_images, 'image')} of {plural(info.num_classes, 'class')} into "
@@ -304,14 +363,55 @@ def _run_bins(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_synth(args: argparse.Namespace) -> int:
-    from jobs.stages.data import SynthSpec, run_synth
+IDENTITY_SET_EXCLUDES = (
+    "low_variance_fraction",
+    "clean_fraction",
+    "verification_identities",
+    "verification_pairs",
+)
 
+
+def _run_synth(args: argparse.Namespace) -> int:
+    from jobs.stages.data import IdentitySetSpec, SynthSpec, run_synth, run_synth_identity_set
+
+    if args.identity_set:
+        given = [
+            f"--{name.replace('_', '-')}" for name in IDENTITY_SET_EXCLUDES if getattr(args, name) is not None
+        ]
+        if given:
+            raise UserError(f"{', '.join(given)}: not options of an identity-labelled set (--identity-set)")
+        default = IdentitySetSpec()
+        spec = IdentitySetSpec(
+            identities=args.identities if args.identities is not None else default.identities,
+            images_per_identity=(
+                args.images_per_identity
+                if args.images_per_identity is not None
+                else default.images_per_identity
+            ),
+            seed=args.seed,
+        )
+        result, run_id = run_synth_identity_set(
+            args.out, spec, tracking_uri=_tracking_uri(args), workers=args.workers
+        )
+        print(
+            f"synthesized an identity-labelled set of {result.num_images} images of "
+            f"{result.num_identities} identities: {result.out} (ground truth: "
+            f"{result.out / 'ground_truth.parquet'})"
+        )
+        _print_run("synth", run_id)
+        return 0
+    defaults = SynthSpec()
     spec = SynthSpec(
-        identities=args.identities,
-        images_per_identity=args.images_per_identity,
-        low_variance_fraction=args.low_variance_fraction,
-        clean_fraction=args.clean_fraction,
+        identities=args.identities if args.identities is not None else defaults.identities,
+        images_per_identity=(
+            args.images_per_identity if args.images_per_identity is not None else defaults.images_per_identity
+        ),
+        low_variance_fraction=(
+            args.low_variance_fraction
+            if args.low_variance_fraction is not None
+            else defaults.low_variance_fraction
+        ),
+        clean_fraction=args.clean_fraction if args.clean_fraction is not None else defaults.clean_fraction,
         verification_identities=args.verification_identities,
         verification_pairs=args.verification_pairs,
         seed=args.seed,

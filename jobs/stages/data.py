@@ -39,12 +39,22 @@ class SynthSpec:
 
 
 @dataclass(frozen=True)
+class IdentitySetSpec:
+    """An identity-labelled evaluation set's settings (`data_prep.synth.synthesize_identity_set`'s)."""
+
+    identities: int = 300
+    images_per_identity: int = 8
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class ConvertedTrain:
     """`run_convert`'s result: the dataset, the SLURM array that wrote it (if any), the MLflow run."""
 
     info: DatasetInfo
     array_job_id: str  # "" when converted here
     mlflow_run_id: str | None
+    from_files: bool = False  # converted from an image folder or a .lst list
 
 
 def _log_lineage(
@@ -110,6 +120,45 @@ def run_synth(
     return result, run_id
 
 
+def run_synth_identity_set(
+    out: Path, spec: IdentitySetSpec, *, tracking_uri: str | None = "", workers: int | None = None
+) -> tuple[SynthResult, str | None]:
+    """Write an identity-labelled evaluation set (an image folder + ground truth); (its result, the
+    MLflow run id of experiment igfiqa-synth). `tracking_uri=None`: no MLflow run."""
+    from data_prep.checksums import xxh128_file
+    from data_prep.synth import default_synth_workers, synthesize_identity_set
+
+    started = time.monotonic()
+    result = synthesize_identity_set(
+        out,
+        identities=spec.identities,
+        images_per_identity=spec.images_per_identity,
+        seed=spec.seed,
+        progress=True,
+        workers=default_synth_workers() if workers is None else workers,
+    )
+    if tracking_uri is None:
+        return result, None
+    run_id = _log_lineage(
+        "synth",
+        tracking_uri,
+        params={
+            "out": Path(out).resolve(),
+            "identity_set": True,
+            "identities": spec.identities,
+            "images_per_identity": spec.images_per_identity,
+            "seed": spec.seed,
+        },
+        tags={"output_xxh128.ground_truth.parquet": xxh128_file(result.out / "ground_truth.parquet")},
+        metrics={
+            "images": float(result.num_images),
+            "classes": float(result.num_identities),
+            "seconds": time.monotonic() - started,
+        },
+    )
+    return result, run_id
+
+
 def run_convert(
     source: Path,
     out: Path,
@@ -122,12 +171,18 @@ def run_convert(
     skip_bad: bool = False,
     image_check: str = "structure",
     wait_lock: float = 0.0,
+    resize: int | None = None,
 ) -> ConvertedTrain:
-    """Convert a RecordIO training set into shards, here or as a SLURM array on `cluster`; then log it.
+    """Convert a training set (RecordIO, an image folder or a .lst list) into shards, here or as a
+    SLURM array on `cluster`; then log it.
 
-    Bad image records stop it (all listed) unless `skip_bad`; one conversion writes into `out` at a
-    time (`wait_lock` seconds to wait for another, 0 = refuse at once).
+    Bad image records or files stop it (all listed) unless `skip_bad`; one conversion writes into
+    `out` at a time (`wait_lock` seconds to wait for another, 0 = refuse at once). `resize`: see
+    `data_prep.convert.prepare_conversion`.
     """
+    from data_prep.file_source import is_file_source
+
+    from_files = is_file_source(Path(source))
     started = time.monotonic()
     array_job_id = ""
     if cluster is not None:
@@ -143,6 +198,7 @@ def run_convert(
                 seed=seed,
                 skip_bad=skip_bad,
                 image_check=image_check,
+                resize=resize,
             )
             info = array.wait()
         array_job_id = array.array_id
@@ -158,10 +214,11 @@ def run_convert(
             skip_bad=skip_bad,
             image_check=image_check,
             wait_lock=wait_lock,
+            resize=resize,
         )
     seconds = time.monotonic() - started
     if tracking_uri is None:
-        return ConvertedTrain(info, array_job_id, None)
+        return ConvertedTrain(info, array_job_id, None, from_files)
     from pipeline.tracking.lineage import lineage_tags, stage_metrics
 
     submitted_to = "" if cluster is None else getattr(cluster, "source", None) or str(cluster)
@@ -181,11 +238,12 @@ def run_convert(
             "shards": len(info.shards),
             "skip_bad": skip_bad,
             "image_check": image_check,
+            "resize": resize or "",
         },
         tags=tags,
         metrics=stage_metrics([info], seconds) | {"dropped": float(info.dropped)},
     )
-    return ConvertedTrain(info, array_job_id, run_id)
+    return ConvertedTrain(info, array_job_id, run_id, from_files)
 
 
 def run_bins(

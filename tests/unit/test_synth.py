@@ -13,7 +13,13 @@ from PIL import Image
 from data_prep.errors import DataError
 from data_prep.recordio import RecordIOReader, read_index, unpack_header
 from data_prep.source import read_source
-from data_prep.synth import MIN_STRENGTH, synthesize, synthesize_verification
+from data_prep.synth import (
+    MIN_STRENGTH,
+    MIXED_DEGRADED_FRACTION,
+    synthesize,
+    synthesize_identity_set,
+    synthesize_verification,
+)
 from data_prep.synth_faces import (
     DEGRADATIONS,
     STORAGE_JPEG_QUALITY,
@@ -212,3 +218,90 @@ def test_bad_settings_are_refused(tmp_path):
         synthesize(tmp_path / "x", identities=0)
     with pytest.raises(DataError, match="low_variance_fraction"):
         synthesize(tmp_path / "y", identities=4, low_variance_fraction=1.5)
+
+
+# ----------------------------------------------------------------------------- identity-labelled sets
+
+
+def folder_files(folder) -> dict[str, bytes]:
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def identity_set(tmp_path_factory):
+    out = tmp_path_factory.mktemp("idset") / "seed-1000000"
+    synthesize_identity_set(out, identities=30, images_per_identity=8, seed=1000000)
+    return out
+
+
+def test_identity_set_counts_and_ground_truth(identity_set):
+    folders = sorted(p.name for p in identity_set.iterdir() if p.is_dir())
+    assert folders == [f"id-{i:05d}" for i in range(30)]
+    assert all(
+        sorted(p.name for p in (identity_set / f).iterdir()) == [f"{n}.jpg" for n in range(8)]
+        for f in folders
+    )
+    truth = pd.read_parquet(identity_set / "ground_truth.parquet")
+    assert list(truth.columns) == ["path", "identity", "image", "degradation", "strength"]
+    assert len(truth) == 240 and sorted(truth.path) == sorted(
+        p.relative_to(identity_set).as_posix() for p in identity_set.rglob("*.jpg")
+    )
+    assert (truth.path.str.slice(3, 8).astype(int) == truth.identity).all()
+    for path in truth.path[:5]:
+        assert decode((identity_set / path).read_bytes()).shape == (112, 112, 3)
+    degraded = truth[truth.degradation != "none"]
+    # the mixed verification set's share (0.25) and strength floor; binomial sd at 240 images ≈ 0.028
+    assert abs(len(degraded) / len(truth) - MIXED_DEGRADED_FRACTION) < 0.1
+    assert set(degraded.degradation) <= set(DEGRADATIONS)
+    assert (
+        degraded.strength.between(MIN_STRENGTH, 1.0).all()
+        and (truth.strength[truth.degradation == "none"] == 0).all()
+    )
+
+
+def test_identity_set_is_a_function_of_its_seed(identity_set, tmp_path):
+    again = tmp_path / "again"
+    synthesize_identity_set(again, identities=30, images_per_identity=8, seed=1000000, workers=2)
+    assert folder_files(again) == folder_files(identity_set)
+    other = tmp_path / "other"
+    synthesize_identity_set(other, identities=30, images_per_identity=8, seed=1000001)
+    differing = [
+        p
+        for p, data in folder_files(other).items()
+        if p.endswith(".jpg") and data != (identity_set / p).read_bytes()
+    ]
+    assert len(differing) == 240
+    before = (again / "synth.json").stat().st_mtime_ns
+    synthesize_identity_set(
+        again, identities=30, images_per_identity=8, seed=1000000
+    )  # complete: left as it is
+    assert (again / "synth.json").stat().st_mtime_ns == before
+    with pytest.raises(DataError, match="holds something else"):
+        synthesize_identity_set(again, identities=31, images_per_identity=8, seed=1000000)
+
+
+def test_identity_set_converts_like_any_folder_and_joins_its_ground_truth(identity_set, tmp_path):
+    from data_prep.convert import convert
+
+    info = convert(identity_set, tmp_path / "conv", samples_per_shard=100, progress=False)
+    manifest = pd.read_parquet(info.manifest_path)
+    truth = pd.read_parquet(identity_set / "ground_truth.parquet")
+    joined = manifest.merge(truth, on="path", validate="one_to_one")
+    assert len(joined) == len(truth) == info.num_images and info.num_classes == 30
+    assert (joined.label == joined.identity).all()
+
+
+def test_identity_set_cli_refuses_options_of_the_training_set(tmp_path, capsys):
+    from jobs.cli import main
+
+    out = tmp_path / "set"
+    code = main(
+        ["prep", "synth", "--identity-set", "--out", str(out), "--clean-fraction", "0.2", "--no-track"]
+    )
+    assert (
+        code == 2 and "--clean-fraction: not options of an identity-labelled set" in capsys.readouterr().err
+    )
+    with pytest.raises(DataError, match="at least 2 identities with at least 2 images"):
+        synthesize_identity_set(out, identities=1, images_per_identity=8)

@@ -97,23 +97,23 @@ class StudyPaths(WorkFolder):
 
 
 def steps_per_epoch(paths: StudyPaths, config: Any) -> int:
-    """Steps of one epoch: images // (fr_batch + reg_batch), as pipeline.data.sampler counts them."""
-    info = json.loads((paths.train / "dataset.json").read_text())
-    return int(info["num_images"]) // (config.data.fr_batch + config.data.reg_batch)
+    """Steps of one epoch of `config` on the study's training set: its `BatchLayout` on one process."""
+    from data_prep.dataset import load_dataset_info
+    from pipeline.config import BatchLayout
+
+    return BatchLayout.of(config.data, 1, load_dataset_info(paths.train).num_images).steps_per_epoch
 
 
 def run_config(run: StudyRun, paths: StudyPaths, args: argparse.Namespace) -> Any:
     """The base config with the study's data, run folder, schedule and per-epoch checkpoints, then the run's."""
-    from pipeline.config import load_config
+    from pipeline.config import ConfigError, load_config
 
     # the batch sizes the run trains with (the study's --set may change them), so one checkpoint per epoch
     probe = load_config(args.config, [f"data.dataset={paths.train}", *run.overrides, *args.overrides])
-    per_epoch = steps_per_epoch(paths, probe)
-    if per_epoch < 1:
-        raise ValueError(
-            f"{paths.train} holds fewer images than one step takes "
-            f"({probe.data.fr_batch} + {probe.data.reg_batch}): synthesize more or --set smaller batches"
-        )
+    try:
+        per_epoch = steps_per_epoch(paths, probe)
+    except ConfigError as exc:
+        raise ConfigError(f"{paths.train}: {exc}: synthesize more or --set smaller batches") from None
     schedule = []  # the config's epochs and milestones unless --epochs
     if args.epochs is not None:
         schedule = [f"optim.epochs={args.epochs}", f"optim.milestones=[{max(1, round(0.75 * args.epochs))}]"]

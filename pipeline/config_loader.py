@@ -3,7 +3,8 @@
 A frozen dataclass declares the keys, their types and their defaults (each default written once,
 as the field's default). `from_mapping(cls, values)` builds an instance from plain YAML/JSON
 values: unknown keys and wrong types are refused with the dotted key in the message, and values
-are converted only where lossless (int → float, list → tuple). `load_yaml_mapping(path)` reads a
+are converted only where lossless (int → float, list → tuple); a list, mapping or section given as
+null (a YAML key with nothing under it) is empty. `load_yaml_mapping(path)` reads a
 file through a YAML loader bounded in size and aliases. Callers put where the values came from
 (the file, a `--set` override) in front of the messages, and add their own range checks.
 
@@ -116,6 +117,8 @@ def _refuse(path: str, annotation: Any, value: Any) -> ConfigError:
 def _coerce(value: Any, annotation: Any, path: str) -> Any:
     """Check `value` against a type annotation, converting only where lossless (int → float, list → tuple)."""
     origin = typing.get_origin(annotation)
+    if value is None and (origin in (tuple, dict) or dataclasses.is_dataclass(annotation)):
+        value = {} if origin is not tuple else ()  # a key with nothing under it: empty
     if dataclasses.is_dataclass(annotation):
         if not isinstance(value, dict):
             raise _refuse(path, annotation, value)

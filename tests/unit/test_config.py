@@ -67,6 +67,15 @@ def test_bad_values_are_refused_naming_the_key(tree: dict, message: str) -> None
         config_from_dict(tree)
 
 
+def test_a_section_or_list_with_nothing_under_it_is_empty(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  milestones:\nloss:\n# loss:\n#   mode: cr\n")
+    config = load_config(path)
+    assert config.optim.milestones == () and config.loss == TrainConfig().loss
+    with pytest.raises(ConfigError, match=r"optim\.lr: expected a number, got NoneType"):
+        load_config(None, ["optim.lr=null"])
+
+
 def test_a_bad_file_names_the_file(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("optim:\n  lr: -1\n")

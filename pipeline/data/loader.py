@@ -154,8 +154,7 @@ class TrainLoader:
             seed=self.data.seed,
             epoch=epoch,
             step=step,
-            fr_batch=self.layout.fr_batch,
-            reg_batch=self.layout.reg_batch,
+            layout=self.layout,
         ).take(self._positions)
         all_rows = np.concatenate([rows.fr, rows.reg])
         return GraphBatch(encoded=self.store.encoded(all_rows), rows=all_rows, params=params)

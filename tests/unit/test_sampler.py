@@ -87,7 +87,8 @@ def test_bad_sampler_arguments_are_refused(kwargs: dict, message: str) -> None:
 
 
 def draw(cfg: AugmentConfig, *, step: int = 0, fr: int = 64, reg: int = 4000, seed: int = 0):
-    return step_params(cfg, SIZE, seed=seed, epoch=0, step=step, fr_batch=fr, reg_batch=reg)
+    layout = BatchLayout(fr, reg, num_images=fr + reg)
+    return step_params(cfg, SIZE, seed=seed, epoch=0, step=step, layout=layout)
 
 
 def test_degradation_frequencies_lie_within_binomial_bounds_and_are_zero_in_the_fr_rows() -> None:

@@ -354,6 +354,7 @@ class BatchLayout:
     num_images: int  # of the training set
     world_size: int = 1
     rank: int = 0
+    dataset: str = "the training set"  # its folder, for messages
     # derived, in __post_init__
     global_batch: int = field(init=False)
     fr_per_rank: int = field(init=False)
@@ -366,7 +367,7 @@ class BatchLayout:
     @classmethod
     def of(cls, data: DataConfig, world_size: int, num_images: int, rank: int = 0) -> BatchLayout:
         """The layout of `data`'s batches for process `rank` of `world_size` on `num_images` images."""
-        return cls(data.fr_batch, data.reg_batch, num_images, world_size, rank)
+        return cls(data.fr_batch, data.reg_batch, num_images, world_size, rank, data.dataset)
 
     def __post_init__(self) -> None:
         world = self.world_size
@@ -390,7 +391,7 @@ class BatchLayout:
         _check(
             self.steps_per_epoch > 0,
             f"data.fr_batch + data.reg_batch = {self.fr_batch} + {self.reg_batch}: the {self.num_images} "
-            "images of the training set cannot fill one step",
+            f"images of {self.dataset} cannot fill one step",
         )
 
 

@@ -106,13 +106,9 @@ class TrainLoader:
             raise ConfigError(
                 f"data.num_classes {data.num_classes} disagrees with {data.dataset} ({self.store.num_classes} classes)"
             )
-        self.layout = BatchLayout.of(data, 1, len(self.store)) if layout is None else layout
-        if (self.layout.fr_batch, self.layout.reg_batch, self.layout.num_images) != (
-            data.fr_batch,
-            data.reg_batch,
-            len(self.store),
-        ):
-            raise ValueError(f"{self.layout} is not the layout of {data.dataset} ({len(self.store)} images)")
+        self.layout = layout if layout is not None else BatchLayout.of(data, 1, len(self.store))
+        if self.layout != BatchLayout.of(data, self.layout.world_size, len(self.store), self.layout.rank):
+            raise ValueError(f"{self.layout} is not a layout of {data.dataset} ({len(self.store)} images)")
         self.sampler = EpochSampler(self.layout, seed=data.seed)
         self.device = torch.device(device)
         self._device_id = dali_device_id(self.device)

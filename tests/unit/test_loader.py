@@ -236,7 +236,7 @@ def test_configuration_that_does_not_fit_the_dataset_is_refused(train_dataset: P
     with pytest.raises(ConfigError, match="cannot fill"):
         make_loader(train_dataset, fr_batch=512, reg_batch=512)
     cfg = DataConfig(dataset=str(train_dataset), fr_batch=16, reg_batch=16, num_threads=1)
-    with pytest.raises(ValueError, match="is not the layout of"):
+    with pytest.raises(ValueError, match="is not a layout of"):
         TrainLoader(cfg, BatchLayout.of(cfg, 2, 10_000, 1))  # a layout of another data set
     with pytest.raises(DataError, match="does not exist"):
         make_loader(train_dataset.parent / "nowhere")

@@ -72,6 +72,7 @@ def test_a_section_or_list_with_nothing_under_it_is_empty(tmp_path: Path) -> Non
     path.write_text("optim:\n  milestones:\nloss:\n# loss:\n#   mode: cr\n")
     config = load_config(path)
     assert config.optim.milestones == () and config.loss == TrainConfig().loss
+    assert load_config(path, ["loss.mode=cr"]).loss.mode == "cr"  # an override fills the empty section
     with pytest.raises(ConfigError, match=r"optim\.lr: expected a number, got NoneType"):
         load_config(None, ["optim.lr=null"])
 

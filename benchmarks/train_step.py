@@ -37,7 +37,7 @@ import torch
 
 from data_prep.convert import convert
 from data_prep.synth import synthesize
-from pipeline.config import TrainConfig, load_config, replace_section
+from pipeline.config import BatchLayout, TrainConfig, load_config, replace_section
 from pipeline.data.loader import StepBatch
 from pipeline.parallel.env import DistEnv
 from pipeline.training.schedules import TrainingSchedule
@@ -131,11 +131,11 @@ def measure_steps(config: TrainConfig, *, steps: int, warmup: int) -> dict[str, 
         return {
             "device": str(device),
             "backbone": config.model.backbone,
-            "batch": trainer.monitor.images_per_step,
+            "batch": trainer.layout.global_batch,
             "steps": steps,
-            "img_per_s": round(trainer.monitor.images_per_step / loader_step, 2),
+            "img_per_s": round(trainer.layout.global_batch / loader_step, 2),
             "data_wait_frac": round(sum(waits) / sum(loader_times), 4),
-            "cached_img_per_s": round(trainer.monitor.images_per_step / cached_step, 2),
+            "cached_img_per_s": round(trainer.layout.global_batch / cached_step, 2),
             "ratio_vs_cached": round(cached_step / loader_step, 3),
             "trainer": trainer,
             "cached_batch": cached,
@@ -182,9 +182,11 @@ def synthetic_steps(
     """
     step = TrainStep(config, num_classes, device, world_size=1)
     step.train()
-    fr, reg = config.data.fr_batch, config.data.reg_batch
-    images = torch.rand(fr + reg, 3, 112, 112, device=device) * 2 - 1
-    labels = torch.randint(0, num_classes, (fr + reg,), device=device)
+    data = config.data
+    layout = BatchLayout.of(data, 1, num_images=data.fr_batch + data.reg_batch)  # a data set of one step
+    fr, batch = layout.fr_batch, layout.global_batch
+    images = torch.rand(batch, 3, 112, 112, device=device) * 2 - 1
+    labels = torch.randint(0, num_classes, (batch,), device=device)
     values = TrainingSchedule(config.optim, config.variance, 100, 1000).at(0)
     times = []
     for index in range(warmup + steps):
@@ -198,10 +200,10 @@ def synthetic_steps(
     return {
         "device": str(device),
         "backbone": config.model.backbone,
-        "batch": fr + reg,
+        "batch": batch,
         "steps": steps,
         "data": "synthetic device tensors (no DALI on this machine): data_wait_frac not measured",
-        "cached_img_per_s": round((fr + reg) / seconds, 2),
+        "cached_img_per_s": round(batch / seconds, 2),
         "step": step,
         "images": images,
     }

@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 from data_prep.curate import REMOVED_BY_RULE, CurationPlan, Rule, plan_curation
-from data_prep.dataset import DATASET_FILE
+from data_prep.dataset import DATASET_FILE, load_dataset_info
 
 log = logging.getLogger("experiments.curation_measure")
 REPO = Path(__file__).resolve().parents[1]
@@ -92,11 +92,6 @@ def degradation_measures(joined: pd.DataFrame) -> dict[str, Any]:
     }
 
 
-def _steps_per_epoch(dataset: Path, global_batch: int) -> int:
-    num_images = json.loads((dataset / DATASET_FILE).read_text())["num_images"]
-    return num_images // global_batch
-
-
 def _final_step(run_dir: Path) -> int:
     from pipeline.checkpoint import training_lineage
 
@@ -109,15 +104,14 @@ def train_curated(
 ) -> dict[str, Any]:
     """tiny_cpu.yaml on the curated set for the full run's number of steps; what was changed and why."""
     from jobs.stages.train import train_here
-    from pipeline.config import load_config
+    from pipeline.config import BatchLayout, load_config
 
     full_steps = _final_step(full_run)
     if full_steps <= 0:
         raise SystemExit(f"{full_run}: no trained checkpoint to compare with (run `igfiqa demo` first)")
     base = load_config(CONFIG, [])
-    batch = base.data.fr_batch + base.data.reg_batch
     full_spe = full_steps // base.optim.epochs  # the demo trains the config's epochs
-    curated_spe = _steps_per_epoch(curated, batch)
+    curated_spe = BatchLayout.of(base.data, 1, load_dataset_info(curated).num_images).steps_per_epoch
     epochs = math.ceil(full_steps / curated_spe)
     milestones = [max(1, round(m * full_spe / curated_spe)) for m in base.optim.milestones]
     overrides = [

@@ -62,7 +62,38 @@ class StudyRun:
     overrides: tuple[str, ...] = field(default_factory=tuple)
 
 
-def study_runs(seeds: list[int], *, alpha_ablation: bool = True) -> list[StudyRun]:
+@dataclass(frozen=True)
+class StudySpec:
+    """What the study trains and measures: the keys, types and defaults of its settings, once.
+
+    Built from the command line by the typed loader (`pipeline.config_loader.from_mapping`), so a
+    spec file would be read and checked the same way; `study_runs` turns it into the runs.
+    """
+
+    config: str = str(BASE_CONFIG)  # the training config every run starts from
+    epochs: int | None = None  # None: the config's schedule
+    seeds: tuple[int, ...] = (0, 1, 2)
+    identities: int = 200  # of the synthetic training data
+    images_per_identity: int = 40  # as the demo's data
+    data_seed: int = 0  # of the synthetic data
+    fmr: tuple[float, ...] = (1e-3, 1e-4)
+    extra_fmr: float = 0.1  # also reported, with a random-quality baseline: one the small sets resolve
+    fresh_pairs: int = 2000  # per fresh verification set of seed data_seed + 1,000,000 (0 skips)
+    alpha_ablation: bool = True  # the α ablation's two runs (fixed 0.9, fixed 0.99)
+    overrides: tuple[str, ...] = ()  # config overrides of every run
+
+
+def check_spec(spec: StudySpec) -> None:
+    """ConfigError naming the key of a setting out of range."""
+    from pipeline.config import ConfigError
+
+    if spec.epochs is not None and spec.epochs < 1:
+        raise ConfigError(f"epochs: {spec.epochs} must be >= 1 (or null: the config's schedule)")
+    if not spec.seeds:
+        raise ConfigError("seeds: need at least one seed")
+
+
+def study_runs(seeds: list[int] | tuple[int, ...], *, alpha_ablation: bool = True) -> list[StudyRun]:
     """Every mode with every seed, then the α ablation's fixed schedules with the first seed."""
     runs = []
     for seed in seeds:
@@ -97,26 +128,26 @@ class StudyPaths(WorkFolder):
 
 
 def steps_per_epoch(paths: StudyPaths, config: Any) -> int:
-    """Steps of one epoch: images // (fr_batch + reg_batch), as pipeline.data.sampler counts them."""
-    info = json.loads((paths.train / "dataset.json").read_text())
-    return int(info["num_images"]) // (config.data.fr_batch + config.data.reg_batch)
+    """Steps of one epoch of `config` on the study's training set: its `BatchLayout` on one process."""
+    from data_prep.dataset import load_dataset_info
+    from pipeline.config import BatchLayout
+
+    return BatchLayout.of(config.data, 1, load_dataset_info(paths.train).num_images).steps_per_epoch
 
 
-def run_config(run: StudyRun, paths: StudyPaths, args: argparse.Namespace) -> Any:
+def run_config(run: StudyRun, paths: StudyPaths, spec: StudySpec) -> Any:
     """The base config with the study's data, run folder, schedule and per-epoch checkpoints, then the run's."""
-    from pipeline.config import load_config
+    from pipeline.config import ConfigError, load_config
 
     # the batch sizes the run trains with (the study's --set may change them), so one checkpoint per epoch
-    probe = load_config(args.config, [f"data.dataset={paths.train}", *run.overrides, *args.overrides])
-    per_epoch = steps_per_epoch(paths, probe)
-    if per_epoch < 1:
-        raise ValueError(
-            f"{paths.train} holds fewer images than one step takes "
-            f"({probe.data.fr_batch} + {probe.data.reg_batch}): synthesize more or --set smaller batches"
-        )
+    probe = load_config(spec.config, [f"data.dataset={paths.train}", *run.overrides, *spec.overrides])
+    try:
+        per_epoch = steps_per_epoch(paths, probe)
+    except ConfigError as exc:
+        raise ConfigError(f"{paths.train}: {exc}: synthesize more or --set smaller batches") from None
     schedule = []  # the config's epochs and milestones unless --epochs
-    if args.epochs is not None:
-        schedule = [f"optim.epochs={args.epochs}", f"optim.milestones=[{max(1, round(0.75 * args.epochs))}]"]
+    if spec.epochs is not None:
+        schedule = [f"optim.epochs={spec.epochs}", f"optim.milestones=[{max(1, round(0.75 * spec.epochs))}]"]
     overrides = [
         "data.num_threads=1",
         "run.experiment=igfiqa-study",
@@ -128,9 +159,9 @@ def run_config(run: StudyRun, paths: StudyPaths, args: argparse.Namespace) -> An
         "run.checkpoint_every_minutes=0",
         "run.keep_checkpoints=1000",
         *run.overrides,
-        *args.overrides,
+        *spec.overrides,
     ]
-    return training_config(args.config, paths, paths.runs / run.name, overrides)
+    return training_config(Path(spec.config), paths, paths.runs / run.name, overrides)
 
 
 def train_run(run: StudyRun, config: Any) -> TrainOutcome:
@@ -245,7 +276,7 @@ def reference_metrics(eval_dir: Path, fmr: float, draws: int = RANDOM_DRAWS) -> 
 
 
 def write_report(
-    paths: StudyPaths, runs: list[StudyRun], args: argparse.Namespace, images: Any
+    paths: StudyPaths, runs: list[StudyRun], spec: StudySpec, images: Any, docs_img: Path | None = None
 ) -> dict[str, Any]:
     """Tables (markdown, CSV), plots and summary.json under OUT/report; copies plots to --docs-img."""
     import pandas as pd
@@ -270,7 +301,7 @@ def write_report(
     per_run["train_seconds"] = [r["training"]["seconds"] for r in results]
     per_run["mlflow_run_id"] = [r["training"]["mlflow_run_id"] for r in results]
     extra = pd.DataFrame(
-        [reference_metrics(paths.runs / r["name"] / "eval", args.extra_fmr) for r in results]
+        [reference_metrics(paths.runs / r["name"] / "eval", spec.extra_fmr) for r in results]
     )
     per_run = pd.concat([per_run, extra.drop(columns=[c for c in extra if c in per_run])], axis=1)
     per_run.to_csv(out / "runs.csv", index=False)
@@ -283,13 +314,13 @@ def write_report(
         [
             f"{name}.IG-FIQA.{metric}.{_fmr_key(fmr)}"
             for name in ("clean", "mixed")
-            for fmr in args.fmr
+            for fmr in spec.fmr
             for metric in ("edc_pauc", "erc_auc")
         ]
     )
     resolvable_columns = present(
         [
-            f"{name}.{method}.{metric}.{_fmr_key(args.extra_fmr)}"
+            f"{name}.{method}.{metric}.{_fmr_key(spec.extra_fmr)}"
             for name in ("clean", "mixed")
             for method in ("IG-FIQA", "random")
             for metric in ("edc_pauc", "erc_auc")
@@ -324,7 +355,7 @@ def write_report(
     main = per_run[per_run["group"].isin(MAIN_GROUPS)]
     tables = {
         "edc_erc_paper_fmrs": report.mean_spread(main, paper_fmr_columns),
-        f"edc_erc_{_fmr_key(args.extra_fmr)}_vs_random": report.mean_spread(main, resolvable_columns),
+        f"edc_erc_{_fmr_key(spec.extra_fmr)}_vs_random": report.mean_spread(main, resolvable_columns),
         "fresh_sets_unseen_seed": report.mean_spread(
             per_run[per_run["group"].isin((*MAIN_GROUPS, *FORWARD_GROUPS))], fresh_columns
         ),
@@ -353,9 +384,9 @@ def write_report(
                 by="group_epoch",
             ),
         }
-    epochs = args.epochs or "the config's"
+    epochs = spec.epochs or "the config's"
     lines = [
-        f"# Study report ({epochs} epochs, seeds {args.seeds})",
+        f"# Study report ({epochs} epochs, seeds {list(spec.seeds)})",
         "",
         "mean ± half-width of the 95 % t-interval over seeds",
         "",
@@ -394,15 +425,15 @@ def write_report(
             ),
             report.plot_epoch_curves(alpha_epochs, ALPHA_GROUPS, out / "study_alpha_epochs.png"),
         ]
-    if args.docs_img is not None:
-        args.docs_img.mkdir(parents=True, exist_ok=True)
+    if docs_img is not None:
+        docs_img.mkdir(parents=True, exist_ok=True)
         for plot in plots:
-            shutil.copy2(plot, args.docs_img / plot.name)
+            shutil.copy2(plot, docs_img / plot.name)
     summary = {
-        "epochs": args.epochs,
-        "seeds": args.seeds,
-        "fmrs": args.fmr,
-        "extra_fmr": args.extra_fmr,
+        "epochs": spec.epochs,
+        "seeds": list(spec.seeds),
+        "fmrs": list(spec.fmr),
+        "extra_fmr": spec.extra_fmr,
         "runs": per_run.to_dict(orient="records"),
         "train_seconds_total": float(per_run["train_seconds"].sum()),
     }
@@ -410,7 +441,7 @@ def write_report(
     return summary
 
 
-def log_summary_run(paths: StudyPaths, args: argparse.Namespace, summary: dict[str, Any]) -> str:
+def log_summary_run(paths: StudyPaths, spec: StudySpec, summary: dict[str, Any]) -> str:
     """The study's own MLflow run: params, per-group mean metrics, the report folder as artifacts."""
     import mlflow
     import pandas as pd
@@ -422,7 +453,9 @@ def log_summary_run(paths: StudyPaths, args: argparse.Namespace, summary: dict[s
     frame = pd.DataFrame(summary["runs"])
     numeric = frame.select_dtypes("number").drop(columns=["seed"], errors="ignore")
     with mlflow.start_run(run_name="study-summary") as active:
-        mlflow.log_params({"epochs": args.epochs, "seeds": str(args.seeds), "fmrs": str(args.fmr)})
+        mlflow.log_params(
+            {"epochs": spec.epochs, "seeds": str(list(spec.seeds)), "fmrs": str(list(spec.fmr))}
+        )
         mlflow.set_tags({f"run.{n}": i for n, i in zip(frame["run"], frame["mlflow_run_id"])})
         metrics = {}
         for group, rows in numeric.groupby(frame["group"]):
@@ -454,26 +487,44 @@ def _init_tracking_store(paths: StudyPaths) -> None:
     mlflow.MlflowClient(paths.tracking_uri).search_experiments(max_results=1)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None) -> tuple[StudySpec, argparse.Namespace]:
+    """The study's spec (from the options that set it, checked by the typed loader) and the options
+    of this call: --out, --worker, --docs-img, --no-track."""
+    from pipeline.config import ConfigError
+    from pipeline.config_loader import config_keys, from_mapping
+
     parser = argparse.ArgumentParser(
         prog="python -m experiments.study",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    unset = argparse.SUPPRESS  # an option not given takes StudySpec's default
     parser.add_argument("--out", type=Path, default=Path("work/study"))
-    parser.add_argument("--config", type=Path, default=BASE_CONFIG)
     parser.add_argument(
-        "--epochs", type=int, default=None, help="train this many epochs (default: the config's schedule)"
+        "--config", default=unset, help=f"(default {Path(StudySpec.config).relative_to(REPO)})"
     )
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--identities", type=int, default=200)
-    parser.add_argument("--images-per-identity", type=int, default=40, help="as the demo's data (default 40)")
-    parser.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic data (default 0)")
-    parser.add_argument("--fmr", type=float, nargs="+", default=[1e-3, 1e-4])
+    parser.add_argument(
+        "--epochs", type=int, default=unset, help="train this many epochs (default: the config's schedule)"
+    )
+    parser.add_argument("--seeds", type=int, nargs="+", default=unset)
+    parser.add_argument("--identities", type=int, default=unset)
+    parser.add_argument(
+        "--images-per-identity",
+        type=int,
+        default=unset,
+        help=f"as the demo's data (default {StudySpec.images_per_identity})",
+    )
+    parser.add_argument(
+        "--data-seed",
+        type=int,
+        default=unset,
+        help=f"seed of the synthetic data (default {StudySpec.data_seed})",
+    )
+    parser.add_argument("--fmr", type=float, nargs="+", default=unset)
     parser.add_argument(
         "--extra-fmr",
         type=float,
-        default=0.1,
+        default=unset,
         help="also report this FMR (one the small synthetic sets resolve) with a random-quality baseline",
     )
     parser.add_argument(
@@ -482,33 +533,39 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--fresh-pairs",
         type=int,
-        default=2000,
+        default=unset,
         help="pairs per fresh verification set of seed data-seed + 1,000,000 (the demo's efficacy "
-        "figures for every run; default 2000, 0 skips)",
+        f"figures for every run; default {StudySpec.fresh_pairs}, 0 skips)",
     )
     parser.add_argument(
         "--no-alpha-ablation",
         dest="alpha_ablation",
         action="store_false",
+        default=unset,
         help="leave out the α ablation's two runs (fixed 0.9, fixed 0.99)",
     )
     parser.add_argument("--docs-img", type=Path, default=None, help="also copy the plots here (docs/img)")
     parser.add_argument("--no-track", action="store_true", help="do not log the summary run to MLflow")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra config override")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=unset, help="extra config override"
+    )
     args = parser.parse_args(argv)
     index, _, count = args.worker.partition("/")
     args.worker_index, args.worker_count = int(index), int(count or 1)
     if not 0 <= args.worker_index < args.worker_count:
         parser.error(f"--worker {args.worker}: need 0 <= I < N")
-    if (args.epochs is not None and args.epochs < 1) or not args.seeds:
-        parser.error("need --epochs >= 1 and at least one seed")
-    return args
+    try:
+        spec = from_mapping(StudySpec, {k: v for k, v in vars(args).items() if k in config_keys(StudySpec)})
+        check_spec(spec)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    return spec, args
 
 
 def main(argv: list[str] | None = None) -> int:
     """Prepare, train and measure this worker's runs; write the report once every run is measured."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    args = parse_args(argv)
+    spec, args = parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
 
@@ -521,22 +578,22 @@ def main(argv: list[str] | None = None) -> int:
         prepare_data(
             paths,
             SynthSpec(
-                identities=args.identities, images_per_identity=args.images_per_identity, seed=args.data_seed
+                identities=spec.identities, images_per_identity=spec.images_per_identity, seed=spec.data_seed
             ),
         )
         _init_tracking_store(paths)
         fresh = None
-        if args.fresh_pairs:
+        if spec.fresh_pairs:
             from jobs.stages.efficacy import fresh_seed
             from pipeline.evaluation.efficacy import make_fresh_sets
 
-            fresh = make_fresh_sets(paths.out / "fresh", fresh_seed(args.data_seed), pairs=args.fresh_pairs)
-    runs = study_runs(args.seeds, alpha_ablation=args.alpha_ablation)
+            fresh = make_fresh_sets(paths.out / "fresh", fresh_seed(spec.data_seed), pairs=spec.fresh_pairs)
+    runs = study_runs(spec.seeds, alpha_ablation=spec.alpha_ablation)
     mine = runs[args.worker_index :: args.worker_count]
     images = load_training_images(paths.train, paths.synth, progress=False)
-    fmrs = tuple(args.fmr)
+    fmrs = spec.fmr
     for run in mine:
-        config = run_config(run, paths, args)
+        config = run_config(run, paths, spec)
         outcome = train_run(run, config)
         measure(run, config, paths, images, fmrs, outcome, fresh)
     missing = [r.name for r in runs if not (paths.runs / r.name / MEASUREMENT_FILE).is_file()]
@@ -548,9 +605,9 @@ def main(argv: list[str] | None = None) -> int:
             missing,
         )
         return 0
-    summary = write_report(paths, runs, args, images)
+    summary = write_report(paths, runs, spec, images, args.docs_img)
     if not args.no_track:
-        run_id = log_summary_run(paths, args, summary)
+        run_id = log_summary_run(paths, spec, summary)
         log.info("summary logged to MLflow run %s (%s)", run_id, paths.tracking_uri)
     log.info("report in %s (%.0f s in this call)", paths.report, time.monotonic() - started)
     print(json.dumps({"report": str(paths.report), "seconds": time.monotonic() - started}))

@@ -23,14 +23,11 @@ import re
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-import yaml
+from pipeline.config_loader import NOT_A_KEY, ConfigError, from_mapping, load_yaml_mapping
+from pipeline.parallel.env import DEFAULT_COLLECTIVE_TIMEOUT_S
 
-from pipeline.config import ConfigError
-
-EXECUTORS = ("slurm", "local", "debug")
-GPU_REQUESTS = ("gpus-per-node", "gres")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # sbatch flags the profile's own keys (or submitit) set: additional_parameters must not override them.
 _RESERVED_SBATCH = {
@@ -53,6 +50,7 @@ _RESERVED_SBATCH = {
     "error": "submitit's log files",
     "open_mode": "submitit's log files",
 }
+Scalar = str | int | float | bool  # a value of env or additional_parameters
 
 
 class ProfileError(ConfigError):
@@ -61,32 +59,39 @@ class ProfileError(ConfigError):
 
 @dataclass(frozen=True)
 class ClusterProfile:
-    """Where and how jobs run; see slurm/clusters/example-multinode-gpu.yaml for every key."""
+    """Where and how jobs run; see slurm/clusters/example-multinode-gpu.yaml for every key.
 
-    name: str
-    executor: str = "slurm"  # slurm | local (subprocesses here) | debug (in this process)
+    Each field is a profile key with its default; `load_profile` reads them through the typed
+    loader (`pipeline.config_loader`), then `check_profile` adds the ranges and the rules
+    between keys.
+    """
+
+    name: str  # default: the profile's file name
+    executor: Literal["slurm", "local", "debug"] = "slurm"  # local: subprocesses here; debug: this process
     slurm_conf: str | None = None  # SLURM_CONF of the cluster; None: the machine's default cluster
     partition: str | None = None
     nodes: int = 1
-    tasks_per_node: int = 1  # = gpus_per_node on a GPU profile: one task per GPU
+    tasks_per_node: int = 1  # on a GPU profile: gpus_per_node, one task per GPU
     gpus_per_node: int = 0
-    gpu_request: str = "gpus-per-node"  # how GPUs are asked for: --gpus-per-node=N or --gres=gpu:N
+    # how GPUs are asked for: --gpus-per-node=N or --gres=gpu:N
+    gpu_request: Literal["gpus-per-node", "gres"] = "gpus-per-node"
     cpus_per_task: int = 1
     mem_gb: float | None = None  # None: no --mem; 0: all of each node's memory
     time_min: int = 60
     signal_delay_s: int = 90  # USR2 this many seconds before the time limit: checkpoint and requeue
     max_requeues: int = 3  # requeues after a timeout (submitit's slurm_max_num_timeout)
-    collective_timeout_s: int = 1800  # rendezvous and every collective: a lost or hung peer fails after this
+    # rendezvous and every collective: a lost or hung peer fails after this
+    collective_timeout_s: int = DEFAULT_COLLECTIVE_TIMEOUT_S
     array_parallelism: int = 256  # array tasks running at once
     account: str | None = None
     qos: str | None = None
     constraint: str | None = None
     exclusive: bool = False
     setup: tuple[str, ...] = ()  # shell lines run before the tasks start (module load, conda activate)
-    env: dict[str, str] = field(default_factory=dict)  # exported before the tasks start
-    additional_parameters: dict[str, str | int | bool] = field(default_factory=dict)  # other sbatch flags
+    env: dict[str, Scalar] = field(default_factory=dict)  # exported before the tasks start (as strings)
+    additional_parameters: dict[str, Scalar] = field(default_factory=dict)  # other sbatch flags
     srun_args: tuple[str, ...] = ()
-    source: str = ""  # the file it came from (for messages)
+    source: str = field(default="", metadata=NOT_A_KEY)  # the file it came from (for messages)
 
     @property
     def world_size(self) -> int:
@@ -94,151 +99,83 @@ class ClusterProfile:
         return self.nodes * self.tasks_per_node
 
 
-_KEYS = [f.name for f in dataclasses.fields(ClusterProfile) if f.name != "source"]
+# the smallest value of each number
+_MINIMUM = {
+    "nodes": 1,
+    "tasks_per_node": 1,
+    "gpus_per_node": 0,
+    "cpus_per_task": 1,
+    "mem_gb": 0,
+    "time_min": 1,
+    "signal_delay_s": 0,
+    "max_requeues": 0,
+    "collective_timeout_s": 1,
+    "array_parallelism": 1,
+}
 
 
-def _fail(path: Path | str, key: str, message: str) -> ProfileError:
-    return ProfileError(f"cluster profile {path}: {key}: {message}")
-
-
-def _int(raw: dict[str, Any], key: str, default: int, minimum: int, path: Path) -> int:
-    value = raw.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _fail(path, key, f"expected an integer, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise _fail(path, key, f"must be >= {minimum}, got {value}")
-    return value
-
-
-def _optional_str(raw: dict[str, Any], key: str, path: Path) -> str | None:
-    value = raw.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, str) or not value.strip():
-        raise _fail(path, key, f"expected a non-empty string or null, got {value!r}")
-    return value
-
-
-def _choice(raw: dict[str, Any], key: str, default: str, allowed: tuple[str, ...], path: Path) -> str:
-    value = raw.get(key, default)
-    if value not in allowed:
-        raise _fail(path, key, f"{value!r} is not one of {', '.join(allowed)}")
-    return value
-
-
-def _string_list(raw: dict[str, Any], key: str, path: Path) -> tuple[str, ...]:
-    value = raw.get(key) or []
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise _fail(path, key, f"expected a list of strings, got {value!r}")
-    return tuple(value)
-
-
-def _scalar_map(raw: dict[str, Any], key: str, path: Path) -> dict[str, Any]:
-    value = raw.get(key) or {}
-    if not isinstance(value, dict):
-        raise _fail(path, key, f"expected a mapping, got {type(value).__name__} {value!r}")
-    for k, v in value.items():
-        if not isinstance(k, str) or isinstance(v, dict | list) or v is None:
-            raise _fail(path, f"{key}.{k}", f"expected a string, number or boolean, got {v!r}")
-    return dict(value)
+def check_profile(profile: ClusterProfile) -> None:
+    """ConfigError "KEY: what is wrong" for a value out of range or keys that disagree."""
+    for key, minimum in _MINIMUM.items():
+        value = getattr(profile, key)
+        if value is not None and value < minimum:
+            raise ConfigError(f"{key}: must be >= {minimum}, got {value}")
+    if not profile.name.strip():
+        raise ConfigError(f"name: expected a non-empty string, got {profile.name!r}")
+    for key in ("slurm_conf", "partition", "account", "qos", "constraint"):
+        value = getattr(profile, key)
+        if value is not None and not value.strip():
+            raise ConfigError(f"{key}: expected a non-empty string or null, got {value!r}")
+    if profile.gpus_per_node > 0 and profile.tasks_per_node != profile.gpus_per_node:
+        raise ConfigError(
+            f"tasks_per_node: {profile.tasks_per_node} differs from gpus_per_node {profile.gpus_per_node}: "
+            "jobs run one task per GPU"
+        )
+    if profile.signal_delay_s >= profile.time_min * 60:
+        raise ConfigError(
+            f"signal_delay_s: {profile.signal_delay_s} s is not shorter than time_min ({profile.time_min} min)"
+        )
+    if profile.slurm_conf is not None and not Path(profile.slurm_conf).is_absolute():
+        raise ConfigError(f"slurm_conf: expected an absolute path, got {profile.slurm_conf!r}")
+    for var in profile.env:
+        if not _ENV_NAME.match(var):
+            raise ConfigError(f"env.{var}: not a valid environment variable name")
+    for flag in profile.additional_parameters:
+        owner = _RESERVED_SBATCH.get(flag.replace("-", "_"))
+        if owner is not None:
+            raise ConfigError(f"additional_parameters.{flag}: set by the profile's {owner}; use that instead")
 
 
 def profile_from_dict(raw: dict[str, Any], *, path: Path | str = "<dict>") -> ClusterProfile:
-    """Build and check a profile from a mapping (what `load_profile` reads from YAML)."""
+    """Build and check a profile from a mapping (what `load_profile` reads from YAML).
+
+    Two defaults follow from other values: `name` is the file's name, and on a GPU profile
+    `tasks_per_node` is `gpus_per_node`.
+    """
     path = Path(path)
-    unknown = sorted(set(raw) - set(_KEYS))
-    if unknown:
-        raise _fail(path, unknown[0], f"unknown key (known: {', '.join(_KEYS)})")
-    name = raw.get("name", path.stem)
-    if not isinstance(name, str) or not name:
-        raise _fail(path, "name", f"expected a non-empty string, got {name!r}")
-
-    gpus = _int(raw, "gpus_per_node", 0, 0, path)
-    if gpus > 0:
-        tasks = _int(raw, "tasks_per_node", gpus, 1, path)
-        if tasks != gpus:
-            raise _fail(
-                path,
-                "tasks_per_node",
-                f"{tasks} differs from gpus_per_node {gpus}: jobs run one task per GPU",
-            )
-    else:
-        tasks = _int(raw, "tasks_per_node", 1, 1, path)
-
-    mem_gb = raw.get("mem_gb")
-    if mem_gb is not None and (isinstance(mem_gb, bool) or not isinstance(mem_gb, int | float) or mem_gb < 0):
-        raise _fail(path, "mem_gb", f"expected a number >= 0 or null, got {mem_gb!r}")
-
-    time_min = _int(raw, "time_min", 60, 1, path)
-    signal_delay_s = _int(raw, "signal_delay_s", 90, 0, path)
-    if signal_delay_s >= time_min * 60:
-        raise _fail(
-            path, "signal_delay_s", f"{signal_delay_s} s is not shorter than time_min ({time_min} min)"
-        )
-
-    slurm_conf = _optional_str(raw, "slurm_conf", path)
-    if slurm_conf is not None and not Path(slurm_conf).is_absolute():
-        raise _fail(path, "slurm_conf", f"expected an absolute path, got {slurm_conf!r}")
-
-    exclusive = raw.get("exclusive", False)
-    if not isinstance(exclusive, bool):
-        raise _fail(path, "exclusive", f"expected true/false, got {exclusive!r}")
-
-    env = _scalar_map(raw, "env", path)
-    for var, value in env.items():
-        if not _ENV_NAME.match(var):
-            raise _fail(path, f"env.{var}", "not a valid environment variable name")
-        env[var] = str(value).lower() if isinstance(value, bool) else str(value)
-
-    additional = _scalar_map(raw, "additional_parameters", path)
-    for flag in additional:
-        owner = _RESERVED_SBATCH.get(flag.replace("-", "_"))
-        if owner is not None:
-            raise _fail(
-                path, f"additional_parameters.{flag}", f"set by the profile's {owner}; use that instead"
-            )
-
-    return ClusterProfile(
-        name=name,
-        executor=_choice(raw, "executor", "slurm", EXECUTORS, path),
-        slurm_conf=slurm_conf,
-        partition=_optional_str(raw, "partition", path),
-        nodes=_int(raw, "nodes", 1, 1, path),
-        tasks_per_node=tasks,
-        gpus_per_node=gpus,
-        gpu_request=_choice(raw, "gpu_request", "gpus-per-node", GPU_REQUESTS, path),
-        cpus_per_task=_int(raw, "cpus_per_task", 1, 1, path),
-        mem_gb=None if mem_gb is None else float(mem_gb),
-        time_min=time_min,
-        signal_delay_s=signal_delay_s,
-        max_requeues=_int(raw, "max_requeues", 3, 0, path),
-        collective_timeout_s=_int(raw, "collective_timeout_s", 1800, 1, path),
-        array_parallelism=_int(raw, "array_parallelism", 256, 1, path),
-        account=_optional_str(raw, "account", path),
-        qos=_optional_str(raw, "qos", path),
-        constraint=_optional_str(raw, "constraint", path),
-        exclusive=exclusive,
-        setup=_string_list(raw, "setup", path),
-        env=env,
-        additional_parameters=additional,
-        srun_args=_string_list(raw, "srun_args", path),
-        source=str(path),
-    )
+    try:
+        profile = from_mapping(ClusterProfile, {"name": path.stem, **raw})
+        if "tasks_per_node" not in raw and profile.gpus_per_node > 0:
+            profile = dataclasses.replace(profile, tasks_per_node=profile.gpus_per_node)
+        check_profile(profile)
+    except ConfigError as exc:
+        raise ProfileError(f"cluster profile {path}: {exc}") from None
+    env = {
+        var: str(value).lower() if isinstance(value, bool) else str(value)
+        for var, value in profile.env.items()
+    }
+    return dataclasses.replace(profile, env=env, source=str(path))
 
 
 def load_profile(path: str | Path) -> ClusterProfile:
-    """Read and check a cluster profile YAML file."""
+    """Read and check a cluster profile YAML file (through the bounded loader)."""
     path = Path(path)
     if not path.is_file():
         raise ProfileError(f"cluster profile {path} does not exist (profiles live in slurm/clusters/)")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ProfileError(f"cluster profile {path}: not valid YAML: {exc}") from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ProfileError(f"cluster profile {path}: the top level must be a mapping of keys")
+        raw = load_yaml_mapping(path, what="cluster profile")
+    except ConfigError as exc:
+        raise ProfileError(f"cluster profile {exc}") from None
     return profile_from_dict(raw, path=path)
 
 

@@ -29,7 +29,7 @@ import submitit
 
 from jobs.signals import StopRequest, StopSignals
 from pipeline.config import TrainConfig
-from pipeline.parallel.env import DistEnv
+from pipeline.parallel.env import DEFAULT_COLLECTIVE_TIMEOUT_S, DistEnv
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class PeerFailureError(RuntimeError):
     """A peer of this rank was lost or hung and SLURM did not requeue the job: the job fails."""
 
 
-def dist_env_from_submitit(collective_timeout_s: float = 1800.0) -> DistEnv:
+def dist_env_from_submitit(collective_timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S) -> DistEnv:
     """This SLURM task's place in the job, with MASTER_ADDR/PORT etc. exported for torch."""
     dist = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     job = submitit.JobEnvironment()
@@ -119,7 +119,7 @@ class TrainJob:
 
     config: TrainConfig
     mlflow_run_id: str = ""
-    collective_timeout_s: float = 1800.0  # the cluster profile's
+    collective_timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S  # the cluster profile's
 
     def __call__(self) -> dict[str, Any]:
         from pipeline.training.trainer import train  # heavy imports on the node only

@@ -1,69 +1,31 @@
 """Typed training configuration: defaults, a YAML file, dotted overrides, checked once.
 
 `load_config(path, overrides)` merges the dataclass defaults, the YAML file and
-`section.key=value` overrides (values parsed as YAML scalars), refuses unknown keys
-and wrong types with the dotted path in the message, and returns a frozen
-`TrainConfig`. Derived values (per-rank batch sizes, total steps) come from the
-functions at the bottom, never from ad-hoc arithmetic elsewhere.
+`section.key=value` overrides (values parsed as YAML scalars) through the typed loader of
+`pipeline.config_loader`, which refuses unknown keys and wrong types with the dotted path in
+the message; `validate_ranges` adds the range checks, and a frozen `TrainConfig` comes back.
+Derived values come from this module, never from ad-hoc arithmetic elsewhere: the batch
+layout (global and per-rank halves, this rank's offsets, steps per epoch) is `BatchLayout`,
+computed once per process and passed on; total steps come from `pipeline.training.schedules`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown, of the wrong type or out of range."""
-
-
-MAX_YAML_BYTES = 1 << 20  # a config or profile is a few KB; more is a mistake or an attack
-MAX_YAML_ALIASES = 64  # anchors for reuse are fine; thousands are an alias bomb
-MAX_SHOWN_CHARS = 120  # of a value echoed in an error message
-
-
-def shown(value: Any) -> str:
-    """`repr(value)`, cut to a readable length for an error message."""
-    text = repr(value)
-    return text if len(text) <= MAX_SHOWN_CHARS else text[: MAX_SHOWN_CHARS - 3] + "..."
-
-
-class _BoundedLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that refuses documents with more than MAX_YAML_ALIASES aliases.
-
-    Hand-written (PyYAML has no such limit): a 1 KB "billion laughs" document of nested
-    aliases expands to gigabytes once anything walks or prints it.
-    """
-
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        if self.check_event(yaml.AliasEvent):
-            self._aliases = getattr(self, "_aliases", 0) + 1
-            if self._aliases > MAX_YAML_ALIASES:
-                raise yaml.YAMLError(f"more than {MAX_YAML_ALIASES} aliases (*name): refused")
-        return super().compose_node(parent, index)
-
-
-def load_yaml_file(path: str | Path, what: str = "config") -> Any:
-    """A YAML file's content, bounded in size and aliases; ConfigError naming the file otherwise."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{what} file {path} does not exist")
-    size = path.stat().st_size
-    if size > MAX_YAML_BYTES:
-        raise ConfigError(f"{path}: {size} bytes; a {what} file is at most {MAX_YAML_BYTES} bytes")
-    try:
-        return yaml.load(path.read_text(), Loader=_BoundedLoader)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {shown(str(exc))}") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not a text file ({exc.reason} at byte {exc.start})") from None
+from pipeline.config_loader import (
+    ConfigError,
+    from_mapping,
+    load_yaml_mapping,
+    parse_override,
+    set_dotted,
+    shown,
+    to_plain,
+)
 
 
 @dataclass(frozen=True)
@@ -218,99 +180,9 @@ class TrainConfig:
 # --------------------------------------------------------------------------- loading
 
 
-def _coerce(value: Any, annotation: Any, path: str) -> Any:
-    """Check `value` against a type annotation, converting only where lossless (int → float, list → tuple)."""
-    origin = typing.get_origin(annotation)
-    if dataclasses.is_dataclass(annotation):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__} {shown(value)}")
-        return _build(annotation, value, path)
-    if origin is Literal:
-        allowed = typing.get_args(annotation)
-        if value not in allowed:
-            raise ConfigError(f"{path}: {shown(value)} is not one of {', '.join(map(repr, allowed))}")
-        return value
-    if origin is tuple:
-        (item_type, _ellipsis) = typing.get_args(annotation)
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{path}: expected a list, got {type(value).__name__} {shown(value)}")
-        return tuple(_coerce(v, item_type, f"{path}[{i}]") for i, v in enumerate(value))
-    if origin in (typing.Union, types.UnionType):
-        for option in typing.get_args(annotation):
-            try:
-                return _coerce(value, option, path)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{path}: {shown(value)} does not match {annotation}")
-    if annotation is type(None):
-        if value is not None:
-            raise ConfigError(f"{path}: expected null, got {shown(value)}")
-        return None
-    if annotation is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{path}: expected true/false, got {type(value).__name__} {shown(value)}")
-        return value
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{path}: expected an integer, got {type(value).__name__} {shown(value)}")
-        return value
-    if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{path}: expected a number, got {type(value).__name__} {shown(value)}")
-        if not math.isfinite(value):
-            raise ConfigError(f"{path}: {value} is not a finite number")
-        return float(value)
-    if annotation is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{path}: expected a string, got {type(value).__name__} {shown(value)}")
-        return value
-    raise ConfigError(f"{path}: unsupported annotation {annotation}")  # pragma: no cover
-
-
-def _build(cls: type, values: dict[str, Any], path: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        where = f"{path}." if path else ""
-        raise ConfigError(
-            f"unknown config key {where}{shown(unknown[0]).strip(chr(39))} (known: {', '.join(sorted(known))})"
-        )
-    kwargs = {}
-    for name, value in values.items():
-        kwargs[name] = _coerce(value, hints[name], f"{path}.{name}" if path else name)
-    return cls(**kwargs)
-
-
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    node = tree
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {dotted}: {part} is not a section")
-        node = child
-    node[parts[-1]] = value
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """Split `a.b=value` into the dotted key and a YAML-parsed value."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r}: expected key=value, e.g. optim.lr=0.05")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    if not key:
-        raise ConfigError(f"override {text!r}: empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override {shown(text)}: cannot parse value: {shown(str(exc))}") from None
-    return key, value
-
-
 def config_from_dict(values: dict[str, Any]) -> TrainConfig:
     """Build and check a TrainConfig from a nested dict (e.g. one stored in a checkpoint)."""
-    config = _build(TrainConfig, values, "")
+    config = from_mapping(TrainConfig, values)
     validate_ranges(config)
     return config
 
@@ -322,17 +194,14 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     """
     tree: dict[str, Any] = {}
     if path is not None:
-        loaded = load_yaml_file(path) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
-        tree = loaded
+        tree = load_yaml_mapping(path)
         try:
             config_from_dict(tree)
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
     for text in overrides:
         key, value = parse_override(text)
-        _set_dotted(tree, key, value)
+        set_dotted(tree, key, value)
         try:
             config_from_dict(tree)
         except ConfigError as exc:
@@ -342,15 +211,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
     """The config as plain nested dicts/lists (YAML-, JSON- and checkpoint-safe)."""
-
-    def plain(value: Any) -> Any:
-        if dataclasses.is_dataclass(value):
-            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-        if isinstance(value, tuple | list):
-            return [plain(v) for v in value]
-        return value
-
-    return plain(config)
+    return to_plain(config)
 
 
 def flatten_config(config: TrainConfig) -> dict[str, Any]:
@@ -449,40 +310,19 @@ def validate_ranges(config: TrainConfig) -> None:
     _check(not r.select_by or bool(r.validation_data), "run.select_by needs run.validation_data")
 
 
-def validate_for_world(config: TrainConfig, world_size: int) -> None:
-    """Checks that depend on the number of processes."""
-    d = config.data
-    _check(world_size >= 1, f"world size {world_size} must be >= 1")
-    _check(
-        d.fr_batch % world_size == 0,
-        f"data.fr_batch: {d.fr_batch} is not divisible by the world size {world_size}",
-    )
-    _check(
-        d.reg_batch % world_size == 0,
-        f"data.reg_batch: {d.reg_batch} is not divisible by the world size {world_size}",
-    )
-
-
-def per_rank_batches(config: TrainConfig, world_size: int) -> tuple[int, int]:
-    """(FR half, regression half) per rank."""
-    validate_for_world(config, world_size)
-    return config.data.fr_batch // world_size, config.data.reg_batch // world_size
-
-
 def validate_for_launch(config: TrainConfig, world_size: int) -> None:
-    """Everything checkable before a job starts: ranges, world size, and the dataset on disk.
+    """Everything checkable before a job starts: ranges, the dataset on disk, the batch layout.
 
-    The dataset must be complete (its `dataset.json` exists) and its class count must
-    agree with `data.num_classes` when that is set; the global batches must split
-    evenly over `world_size` processes and one step must fit in an epoch.
+    The dataset must be complete (its `dataset.json` exists) and its class count must agree
+    with `data.num_classes` when that is set; the global batches must split evenly over
+    `world_size` processes and one step must fit in an epoch (`BatchLayout`).
     """
     from data_prep.dataset import load_dataset_info  # pipeline → data_prep, lazily
     from data_prep.errors import DataError
 
     validate_ranges(config)
-    validate_for_world(config, world_size)
     try:
-        info = load_dataset_info(config.data.dataset)
+        info = load_dataset_info(Path(config.data.dataset))
     except DataError as exc:
         raise ConfigError(f"data.dataset: {exc}") from None
     if config.data.num_classes and config.data.num_classes != info.num_classes:
@@ -490,11 +330,68 @@ def validate_for_launch(config: TrainConfig, world_size: int) -> None:
             f"data.num_classes: {config.data.num_classes} disagrees with the dataset "
             f"{config.data.dataset} ({info.num_classes} classes)"
         )
-    per_step = config.data.fr_batch + config.data.reg_batch
-    if info.num_images < per_step:
-        raise ConfigError(
-            f"data.fr_batch + data.reg_batch = {per_step} exceeds the {info.num_images} images of "
-            f"{config.data.dataset}: not even one step per epoch"
+    BatchLayout.of(config.data, world_size, info.num_images)
+
+
+# --------------------------------------------------------------------------- the batch layout
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """How each training step's images split into halves and ranks, and how many steps an epoch has.
+
+    Global step s takes `global_batch` = `fr_batch` + `reg_batch` images of the epoch's order:
+    the FR half, then the regression half. Rank r of `world_size` takes the r-th contiguous slice
+    of each half: `fr_per_rank` images from `fr_offset` of the FR half and `reg_per_rank` from
+    `reg_offset` of the regression half, `rank_batch` in all. An epoch is `steps_per_epoch` whole
+    global steps (the remainder of the `num_images` is dropped), the same on every rank, so 1 and
+    N processes train on the same global batches. Built once per process (`BatchLayout.of`) and
+    handed to the sampler, the loader, the trainer and the monitor.
+    """
+
+    fr_batch: int  # global FR half (data.fr_batch)
+    reg_batch: int  # global regression half (data.reg_batch)
+    num_images: int  # of the training set
+    world_size: int = 1
+    rank: int = 0
+    dataset: str = "the training set"  # its folder, for messages
+    # derived, in __post_init__
+    global_batch: int = field(init=False)
+    fr_per_rank: int = field(init=False)
+    reg_per_rank: int = field(init=False)
+    rank_batch: int = field(init=False)
+    fr_offset: int = field(init=False)
+    reg_offset: int = field(init=False)
+    steps_per_epoch: int = field(init=False)
+
+    @classmethod
+    def of(cls, data: DataConfig, world_size: int, num_images: int, rank: int = 0) -> BatchLayout:
+        """The layout of `data`'s batches for process `rank` of `world_size` on `num_images` images."""
+        return cls(data.fr_batch, data.reg_batch, num_images, world_size, rank, data.dataset)
+
+    def __post_init__(self) -> None:
+        world = self.world_size
+        _check(world >= 1, f"world size {world} must be >= 1")
+        for key, value in (("data.fr_batch", self.fr_batch), ("data.reg_batch", self.reg_batch)):
+            _check(value > 0, f"{key}: {value} must be positive")
+            _check(value % world == 0, f"{key}: {value} is not divisible by the world size {world}")
+        _check(0 <= self.rank < world, f"rank {self.rank} is outside [0, {world})")
+        fr_local, reg_local = self.fr_batch // world, self.reg_batch // world
+        derived = {
+            "global_batch": self.fr_batch + self.reg_batch,
+            "fr_per_rank": fr_local,
+            "reg_per_rank": reg_local,
+            "rank_batch": fr_local + reg_local,
+            "fr_offset": self.rank * fr_local,
+            "reg_offset": self.rank * reg_local,
+            "steps_per_epoch": self.num_images // (self.fr_batch + self.reg_batch),
+        }
+        for name, value in derived.items():
+            object.__setattr__(self, name, value)  # frozen: set once, here
+        _check(
+            self.steps_per_epoch > 0,
+            f"data.fr_batch + data.reg_batch = {self.fr_batch} + {self.reg_batch}: the {self.num_images} "
+            f"images of {self.dataset} cannot fill one step",
         )
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.config import AugmentConfig
+from pipeline.config import AugmentConfig, BatchLayout
 from pipeline.data.sampler import AUGMENT_STREAM, stream_rng
 
 DEGRADATIONS = ("rescale", "erase", "color")  # column order of `flags`
@@ -106,11 +106,12 @@ def draw_params(
 
 
 def step_params(
-    cfg: AugmentConfig, image_size: int, *, seed: int, epoch: int, step: int, fr_batch: int, reg_batch: int
+    cfg: AugmentConfig, image_size: int, *, seed: int, epoch: int, step: int, layout: BatchLayout
 ) -> AugmentParams:
-    """The augmentation of a whole global step: `fr_batch` FR rows (flip only), then `reg_batch` regression rows."""
+    """The augmentation of a whole global step: `layout.fr_batch` FR rows (flip only), then
+    `layout.reg_batch` regression rows."""
     rng = stream_rng(seed, AUGMENT_STREAM, epoch, step)
-    params = draw_params(cfg, image_size, fr_batch + reg_batch, rng)
+    params = draw_params(cfg, image_size, layout.global_batch, rng)
     flags = params.flags.copy()
-    flags[:fr_batch] = False
+    flags[: layout.fr_batch] = False
     return dataclasses.replace(params, flags=flags)

@@ -1,6 +1,7 @@
 """The torch-facing training loader: per step and per rank, a clean FR half and a degraded regression half.
 
-    loader = TrainLoader(config.data, rank=rank, world_size=world, device="cuda:0")
+    layout = BatchLayout.of(config.data, world, num_images, rank)   # pipeline.config
+    loader = TrainLoader(config.data, layout, device="cuda:0")
     for epoch in range(start_epoch, epochs):
         loader.set_epoch(epoch, start_step=step_in_epoch if epoch == start_epoch else 0)
         for batch in loader:          # StepBatch, batch.step counts from start_step
@@ -27,7 +28,7 @@ import torch
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from data_prep.errors import DataError
-from pipeline.config import ConfigError, DataConfig
+from pipeline.config import BatchLayout, ConfigError, DataConfig
 from pipeline.data.augment_plan import step_params
 from pipeline.data.dali_graph import OUTPUT_NAMES, GraphBatch, build_pipeline
 from pipeline.data.image_store import ImageStore
@@ -91,13 +92,9 @@ class TrainLoader:
     """Batches of one rank: `steps_per_epoch` steps per epoch, each a `StepBatch`."""
 
     def __init__(
-        self, data: DataConfig, *, rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu"
+        self, data: DataConfig, layout: BatchLayout | None = None, *, device: str | torch.device = "cpu"
     ) -> None:
-        if data.fr_batch % world_size or data.reg_batch % world_size:
-            raise ConfigError(
-                f"data.fr_batch {data.fr_batch} and data.reg_batch {data.reg_batch} must divide by the "
-                f"world size {world_size}"
-            )
+        """`layout`: this rank's share of the global batches (None: one process reads them all)."""
         self.data = data
         self.store = ImageStore(data.dataset)
         height, width = self.store.image_size
@@ -109,22 +106,12 @@ class TrainLoader:
             raise ConfigError(
                 f"data.num_classes {data.num_classes} disagrees with {data.dataset} ({self.store.num_classes} classes)"
             )
-        try:
-            self.sampler = EpochSampler(
-                len(self.store),
-                data.fr_batch,
-                data.reg_batch,
-                world_size=world_size,
-                rank=rank,
-                seed=data.seed,
-            )
-        except ValueError as exc:
-            raise ConfigError(f"data: {exc} (dataset {data.dataset})") from None
+        self.layout = layout if layout is not None else BatchLayout.of(data, 1, len(self.store))
+        if self.layout != BatchLayout.of(data, self.layout.world_size, len(self.store), self.layout.rank):
+            raise ValueError(f"{self.layout} is not a layout of {data.dataset} ({len(self.store)} images)")
+        self.sampler = EpochSampler(self.layout, seed=data.seed)
         self.device = torch.device(device)
         self._device_id = dali_device_id(self.device)
-        self.rank, self.world_size = rank, world_size
-        self.fr_per_rank = data.fr_batch // world_size
-        self.reg_per_rank = data.reg_batch // world_size
         self._positions = self.sampler.rank_positions()
         self._feeder = _StepFeeder(self)
         self._iterator: DALIGenericIterator | None = None
@@ -136,7 +123,7 @@ class TrainLoader:
     @property
     def steps_per_epoch(self) -> int:
         """Steps of every epoch, the same on every rank (the last partial global step is dropped)."""
-        return self.sampler.steps_per_epoch
+        return self.layout.steps_per_epoch
 
     @property
     def num_classes(self) -> int:
@@ -163,8 +150,7 @@ class TrainLoader:
             seed=self.data.seed,
             epoch=epoch,
             step=step,
-            fr_batch=self.data.fr_batch,
-            reg_batch=self.data.reg_batch,
+            layout=self.layout,
         ).take(self._positions)
         all_rows = np.concatenate([rows.fr, rows.reg])
         return GraphBatch(encoded=self.store.encoded(all_rows), rows=all_rows, params=params)
@@ -174,7 +160,7 @@ class TrainLoader:
     def _build(self) -> None:
         pipe = build_pipeline(
             self._feeder,
-            batch_size=self.fr_per_rank + self.reg_per_rank,
+            batch_size=self.layout.rank_batch,
             image_size=self.data.image_size,
             device_id=self._device_id,
             num_threads=self.data.num_threads,
@@ -255,7 +241,7 @@ class TrainLoader:
         flags = outputs["flags"].to(torch.bool)
         flipped = outputs["flip"].bool()
         keys = self.store.keys_of(rows)
-        n = self.fr_per_rank
+        n = self.layout.fr_per_rank
 
         def half(part: slice) -> Half:
             return Half(

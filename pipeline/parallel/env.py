@@ -15,6 +15,11 @@ import torch
 
 from pipeline.config import ConfigError
 
+# How long the rendezvous and every collective wait for a peer before raising: a lost or hung
+# peer becomes an error after this long instead of a job that waits until its time limit.
+# Cluster profiles may set another (`collective_timeout_s`).
+DEFAULT_COLLECTIVE_TIMEOUT_S = 1800
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -27,9 +32,7 @@ class DistEnv:
     master_port: int = 29500
     job_id: str = ""
     hostname: str = ""
-    # How long the rendezvous and every collective wait for a peer before raising: a lost or hung
-    # peer becomes an error after this long instead of a job that waits until its time limit.
-    collective_timeout_s: float = 1800.0
+    collective_timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S
 
     @property
     def is_main(self) -> bool:

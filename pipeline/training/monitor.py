@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.checkpoint import TrainingPosition
-from pipeline.config import TrainConfig, dump_config, flatten_config
+from pipeline.config import BatchLayout, TrainConfig, dump_config, flatten_config
 from pipeline.method.objective import IGFIQAObjective, ObjectiveOutput
 from pipeline.method.variance_table import z_score_weights
 from pipeline.parallel.env import DistEnv
@@ -186,6 +186,7 @@ class TrainingMonitor:
         env: DistEnv,
         objective: IGFIQAObjective,
         *,
+        layout: BatchLayout,
         total_steps: int,
         run_id: str,
         start_step: int,
@@ -194,7 +195,7 @@ class TrainingMonitor:
         self.config, self.env, self.total = config, env, total_steps
         self.objective = objective
         self.meter = StepMeter(device)
-        self.images_per_step = config.data.fr_batch + config.data.reg_batch
+        self.images_per_step = layout.global_batch  # every rank counts the global step's images
         self.last_metrics: dict[str, float] = {}
         self.plots_dir = Path(config.run.dir) / "plots"
         hosts = _hosts(env)  # collective

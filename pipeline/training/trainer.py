@@ -35,7 +35,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from data_prep.dataset import dataset_fingerprint
+from data_prep.dataset import dataset_fingerprint, load_dataset_info
 from pipeline.checkpoint import (
     TrainingPosition,
     build_training_state,
@@ -46,7 +46,7 @@ from pipeline.checkpoint import (
     rng_state,
     save_checkpoint,
 )
-from pipeline.config import ConfigError, TrainConfig, validate_for_world, validate_ranges
+from pipeline.config import BatchLayout, ConfigError, TrainConfig, validate_ranges
 from pipeline.data.loader import StepBatch, TrainLoader
 from pipeline.method.objective import ObjectiveOutput
 from pipeline.parallel.env import DistEnv, resolve_device
@@ -139,7 +139,6 @@ def train(
     checkpoint being resumed names one.
     """
     validate_ranges(config)
-    validate_for_world(config, env.world_size)
     device = resolve_device(config.run.device, env.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -167,8 +166,10 @@ class Trainer:
         _seed_everything(config)
         self.run_dir = Path(config.run.dir)
         self.dataset_fingerprint = dataset_fingerprint(Path(config.data.dataset))
-        self.loader = TrainLoader(config.data, rank=env.rank, world_size=env.world_size, device=device)
-        self.steps_per_epoch = self.loader.steps_per_epoch
+        num_images = load_dataset_info(Path(config.data.dataset)).num_images
+        self.layout = BatchLayout.of(config.data, env.world_size, num_images, env.rank)
+        self.loader = TrainLoader(config.data, self.layout, device=device)
+        self.steps_per_epoch = self.layout.steps_per_epoch
         self.total = total_steps(self.steps_per_epoch, config.optim)
         self.schedule = TrainingSchedule(config.optim, config.variance, self.steps_per_epoch, self.total)
 
@@ -207,6 +208,7 @@ class Trainer:
             config,
             env,
             self.objective,
+            layout=self.layout,
             total_steps=self.total,
             run_id=resumed_run_id or mlflow_run_id,
             start_step=self.position.global_step,

@@ -19,6 +19,7 @@ from jobs.cluster import (
 )
 from jobs.submit_train import with_tasks_per_node
 from pipeline.config import ConfigError
+from pipeline.parallel.env import DEFAULT_COLLECTIVE_TIMEOUT_S
 
 REPO = Path(__file__).resolve().parents[2]
 PROFILES = REPO / "slurm" / "clusters"
@@ -58,12 +59,13 @@ def test_shipped_profiles_load() -> None:
         ("cpus_per_task: true\n", "cpus_per_task", "expected an integer"),
         ("gpus_per_node: 4\ntasks_per_node: 2\n", "tasks_per_node", "one task per GPU"),
         ("time_min: 1\nsignal_delay_s: 60\n", "signal_delay_s", "not shorter than time_min"),
-        ("mem_gb: -1\n", "mem_gb", "expected a number >= 0"),
+        ("mem_gb: -1\n", "mem_gb", "must be >= 0, got -1"),
+        ("mem_gb: lots\n", "mem_gb", "expected a number or null, got str 'lots'"),
         ("executor: kubernetes\n", "executor", "is not one of"),
         ("gpu_request: cards\n", "gpu_request", "is not one of"),
         ("partition: ''\n", "partition", "non-empty string"),
         ("env:\n  1BAD: x\n", "env.1BAD", "not a valid environment variable name"),
-        ("env:\n  A: [1, 2]\n", "env.A", "expected a string, number or boolean"),
+        ("env:\n  A: [1, 2]\n", "env.A", "expected a string, an integer, a number or true/false"),
         ("setup: module load cuda\n", "setup", "list of strings"),
         ("additional_parameters:\n  time: 10\n", "additional_parameters.time", "time_min"),
         (
@@ -95,6 +97,22 @@ def test_bad_profiles_are_refused_naming_file_and_key(tmp_path: Path, text: str,
 def test_malformed_files_are_refused(tmp_path: Path, text: str, why: str) -> None:
     with pytest.raises(ProfileError, match=why):
         load_profile(_write(tmp_path, text))
+
+
+def test_profiles_are_read_by_the_bounded_loader(tmp_path: Path) -> None:
+    bomb = ['a: &a ["x","x","x","x","x","x","x","x","x"]']
+    bomb += [f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]" for i in range(8)]
+    with pytest.raises(ProfileError, match="more than 64 aliases"):
+        load_profile(_write(tmp_path, "\n".join(bomb) + "\n"))
+    with pytest.raises(ProfileError, match="a cluster profile file is at most"):
+        load_profile(_write(tmp_path, "name: " + "x" * (1 << 20) + "\n"))
+
+
+def test_keys_with_nothing_under_them_are_empty_and_env_values_become_strings(tmp_path: Path) -> None:
+    profile = load_profile(_write(tmp_path, "setup:\nenv:\n  OMP_NUM_THREADS: 8\n  X: true\nsrun_args:\n"))
+    assert (profile.setup, profile.srun_args, profile.additional_parameters) == ((), (), {})
+    assert profile.env == {"OMP_NUM_THREADS": "8", "X": "true"}
+    assert profile.collective_timeout_s == DEFAULT_COLLECTIVE_TIMEOUT_S
 
 
 def test_missing_file_is_refused(tmp_path: Path) -> None:

@@ -7,14 +7,13 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import (
+    BatchLayout,
     ConfigError,
     TrainConfig,
     config_from_dict,
     config_to_dict,
     load_config,
-    per_rank_batches,
     replace_section,
-    validate_for_world,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -46,8 +45,8 @@ def test_yaml_then_overrides_win(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("tree", "message"),
     [
-        ({"optim": {"lrr": 0.1}}, r"unknown config key optim\.lrr \(known: .*lr"),
-        ({"optimizer": {}}, r"unknown config key optimizer"),
+        ({"optim": {"lrr": 0.1}}, r"optim\.lrr: unknown key \(known: .*lr"),
+        ({"optimizer": {}}, r"optimizer: unknown key"),
         ({"optim": {"epochs": 2.5}}, r"optim\.epochs: expected an integer, got float 2\.5"),
         ({"optim": {"epochs": True}}, r"optim\.epochs: expected an integer, got bool"),
         ({"optim": {"lr": "fast"}}, r"optim\.lr: expected a number, got str 'fast'"),
@@ -66,6 +65,16 @@ def test_yaml_then_overrides_win(tmp_path: Path) -> None:
 def test_bad_values_are_refused_naming_the_key(tree: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         config_from_dict(tree)
+
+
+def test_a_section_or_list_with_nothing_under_it_is_empty(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  milestones:\nloss:\n# loss:\n#   mode: cr\n")
+    config = load_config(path)
+    assert config.optim.milestones == () and config.loss == TrainConfig().loss
+    assert load_config(path, ["loss.mode=cr"]).loss.mode == "cr"  # an override fills the empty section
+    with pytest.raises(ConfigError, match=r"optim\.lr: expected a number, got NoneType"):
+        load_config(None, ["optim.lr=null"])
 
 
 def test_a_bad_file_names_the_file(tmp_path: Path) -> None:
@@ -93,11 +102,38 @@ def test_malformed_overrides(override: str, message: str) -> None:
         load_config(None, [override])
 
 
-def test_world_size_must_divide_both_halves() -> None:
-    config = config_from_dict({"data": {"fr_batch": 6, "reg_batch": 4}})
-    assert per_rank_batches(config, 2) == (3, 2)
-    with pytest.raises(ConfigError, match=r"data\.reg_batch: 4 is not divisible by the world size 3"):
-        validate_for_world(config, 3)
+def test_batch_layout_splits_each_half_over_the_ranks() -> None:
+    data = config_from_dict({"data": {"fr_batch": 6, "reg_batch": 4}}).data
+    layouts = [BatchLayout.of(data, 2, 105, rank) for rank in range(2)]
+    for layout in layouts:
+        assert (layout.global_batch, layout.fr_per_rank, layout.reg_per_rank, layout.rank_batch) == (
+            10,
+            3,
+            2,
+            5,
+        )
+        assert layout.steps_per_epoch == 10  # 105 // 10: the remainder is dropped
+    assert [(lay.fr_offset, lay.reg_offset) for lay in layouts] == [(0, 0), (3, 2)]
+    single = BatchLayout.of(data, 1, 105)
+    assert (single.fr_per_rank, single.reg_per_rank, single.steps_per_epoch) == (6, 4, 10)
+
+
+@pytest.mark.parametrize(
+    ("world_size", "rank", "num_images", "message"),
+    [
+        (3, 0, 100, r"^data\.reg_batch: 4 is not divisible by the world size 3$"),
+        (4, 0, 100, r"^data\.fr_batch: 6 is not divisible by the world size 4$"),
+        (0, 0, 100, r"world size 0 must be >= 1"),
+        (2, 2, 100, r"rank 2 is outside \[0, 2\)"),
+        (1, 0, 9, r"data\.fr_batch \+ data\.reg_batch = 6 \+ 4: the 9 images of work/demo/train cannot fill"),
+    ],
+)
+def test_batch_layout_refuses_what_does_not_split(
+    world_size: int, rank: int, num_images: int, message: str
+) -> None:
+    data = config_from_dict({"data": {"fr_batch": 6, "reg_batch": 4}}).data
+    with pytest.raises(ConfigError, match=message):
+        BatchLayout.of(data, world_size, num_images, rank)
 
 
 def test_replace_section_rechecks() -> None:
@@ -112,7 +148,7 @@ def test_replace_section_rechecks() -> None:
 def test_overrides_are_blamed_not_the_file(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("optim:\n  lr: 0.2\n")
-    with pytest.raises(ConfigError, match=r"^--set 'optim\.lrr=0\.1': unknown config key optim\.lrr"):
+    with pytest.raises(ConfigError, match=r"^--set 'optim\.lrr=0\.1': optim\.lrr: unknown key"):
         load_config(path, ["optim.lrr=0.1"])
     with pytest.raises(ConfigError, match=r"^--set 'optim\.lr=-1': optim\.lr: -1\.0 must be positive"):
         load_config(path, ["optim.lr=-1"])

@@ -11,8 +11,9 @@ import pandas as pd
 import pytest
 import torch
 
+from data_prep.dataset import load_dataset_info
 from data_prep.errors import DataError
-from pipeline.config import AugmentConfig, ConfigError, DataConfig
+from pipeline.config import AugmentConfig, BatchLayout, ConfigError, DataConfig
 from pipeline.data.image_io import decode_image
 from pipeline.data.loader import StepBatch, TrainLoader
 
@@ -22,7 +23,11 @@ SIZE = 112
 def make_loader(dataset: Path, *, rank: int = 0, world_size: int = 1, **data) -> TrainLoader:
     augment = data.pop("augment", AugmentConfig())
     cfg = DataConfig(dataset=str(dataset), fr_batch=16, reg_batch=16, num_threads=1, augment=augment)
-    return TrainLoader(dataclasses.replace(cfg, **data), rank=rank, world_size=world_size)
+    cfg = dataclasses.replace(cfg, **data)
+    if world_size == 1:
+        return TrainLoader(cfg)  # one process: the loader lays the batches out itself
+    layout = BatchLayout.of(cfg, world_size, load_dataset_info(dataset).num_images, rank)
+    return TrainLoader(cfg, layout)
 
 
 def epoch_batches(loader: TrainLoader, epoch: int, start_step: int = 0) -> list[StepBatch]:
@@ -230,6 +235,9 @@ def test_configuration_that_does_not_fit_the_dataset_is_refused(train_dataset: P
         make_loader(train_dataset, fr_batch=15, world_size=2)
     with pytest.raises(ConfigError, match="cannot fill"):
         make_loader(train_dataset, fr_batch=512, reg_batch=512)
+    cfg = DataConfig(dataset=str(train_dataset), fr_batch=16, reg_batch=16, num_threads=1)
+    with pytest.raises(ValueError, match="is not a layout of"):
+        TrainLoader(cfg, BatchLayout.of(cfg, 2, 10_000, 1))  # a layout of another data set
     with pytest.raises(DataError, match="does not exist"):
         make_loader(train_dataset.parent / "nowhere")
 

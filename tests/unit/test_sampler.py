@@ -7,11 +7,15 @@ import dataclasses
 import numpy as np
 import pytest
 
-from pipeline.config import AugmentConfig
+from pipeline.config import AugmentConfig, BatchLayout
 from pipeline.data.augment_plan import DEGRADATIONS, step_params
 from pipeline.data.sampler import EpochSampler
 
 SIZE = 112
+
+
+def sampler_of(num_images: int, fr: int, reg: int, *, world_size: int = 1, rank: int = 0, seed: int = 0):
+    return EpochSampler(BatchLayout(fr, reg, num_images, world_size, rank), seed=seed)
 
 
 def binomial_bounds(n: int, p: float, sigmas: float = 4.0) -> tuple[float, float]:
@@ -20,47 +24,47 @@ def binomial_bounds(n: int, p: float, sigmas: float = 4.0) -> tuple[float, float
 
 
 def test_order_is_a_permutation_reproducible_from_seed_and_epoch() -> None:
-    sampler = EpochSampler(1000, 8, 8, seed=3)
+    sampler = sampler_of(1000, 8, 8, seed=3)
     order = sampler.order(0)
     assert sorted(order.tolist()) == list(range(1000))
-    assert np.array_equal(order, EpochSampler(1000, 8, 8, seed=3).order(0))
+    assert np.array_equal(order, sampler_of(1000, 8, 8, seed=3).order(0))
     assert not np.array_equal(order, sampler.order(1))
-    assert not np.array_equal(order, EpochSampler(1000, 8, 8, seed=4).order(0))
+    assert not np.array_equal(order, sampler_of(1000, 8, 8, seed=4).order(0))
 
 
 def test_steps_drop_the_remainder_and_halves_do_not_overlap() -> None:
-    sampler = EpochSampler(1000, 24, 40)
-    assert sampler.steps_per_epoch == 1000 // 64
+    sampler = sampler_of(1000, 24, 40)
+    assert sampler.layout.steps_per_epoch == 1000 // 64
     seen = []
-    for step in range(sampler.steps_per_epoch):
+    for step in range(sampler.layout.steps_per_epoch):
         rows = sampler.global_rows(2, step)
         assert len(rows.fr) == 24 and len(rows.reg) == 40
         assert not set(rows.fr) & set(rows.reg)
         seen += [*rows.fr, *rows.reg]
-    assert len(set(seen)) == len(seen) == sampler.steps_per_epoch * 64
+    assert len(set(seen)) == len(seen) == sampler.layout.steps_per_epoch * 64
     assert np.array_equal(seen, sampler.order(2)[: len(seen)])
     with pytest.raises(IndexError):
-        sampler.global_rows(2, sampler.steps_per_epoch)
+        sampler.global_rows(2, sampler.layout.steps_per_epoch)
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_ranks_are_disjoint_cover_the_epoch_and_concatenate_to_the_global_step(world_size: int) -> None:
-    samplers = [EpochSampler(500, 8, 16, world_size=world_size, rank=r, seed=1) for r in range(world_size)]
-    single = EpochSampler(500, 8, 16, seed=1)
-    assert {s.steps_per_epoch for s in samplers} == {single.steps_per_epoch}
+    samplers = [sampler_of(500, 8, 16, world_size=world_size, rank=r, seed=1) for r in range(world_size)]
+    single = sampler_of(500, 8, 16, seed=1)
+    assert {s.layout.steps_per_epoch for s in samplers} == {single.layout.steps_per_epoch}
     covered = []
-    for step in range(single.steps_per_epoch):
+    for step in range(single.layout.steps_per_epoch):
         parts = [s.rank_rows(0, step) for s in samplers]
         whole = single.global_rows(0, step)
         assert np.array_equal(np.concatenate([p.fr for p in parts]), whole.fr)
         assert np.array_equal(np.concatenate([p.reg for p in parts]), whole.reg)
         for p in parts:
             covered += [*p.fr, *p.reg]
-    assert len(covered) == len(set(covered)) == single.steps_per_epoch * 24
+    assert len(covered) == len(set(covered)) == single.layout.steps_per_epoch * 24
 
 
 def test_rank_positions_pick_this_ranks_rows_of_the_global_step() -> None:
-    sampler = EpochSampler(100, 4, 6, world_size=2, rank=1)
+    sampler = sampler_of(100, 4, 6, world_size=2, rank=1)
     rows = sampler.global_rows(0, 0)
     global_step = np.concatenate([rows.fr, rows.reg])
     mine = sampler.rank_rows(0, 0)
@@ -70,21 +74,21 @@ def test_rank_positions_pick_this_ranks_rows_of_the_global_step() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"fr_batch": 3, "world_size": 2}, "divide"),
+        ({"fr": 3, "world_size": 2}, r"data\.fr_batch: 3 is not divisible by the world size 2"),
         ({"rank": 2, "world_size": 2}, "rank"),
         ({"seed": -1}, "seed"),
-        ({"num_samples": 10}, "cannot fill"),
+        ({"num_images": 10}, "cannot fill"),
     ],
 )
 def test_bad_sampler_arguments_are_refused(kwargs: dict, message: str) -> None:
-    args = {"num_samples": 100, "fr_batch": 8, "reg_batch": 8} | kwargs
-    positional = (args.pop("num_samples"), args.pop("fr_batch"), args.pop("reg_batch"))
-    with pytest.raises(ValueError, match=message):
-        EpochSampler(*positional, **args)
+    args = {"num_images": 100, "fr": 8, "reg": 8} | kwargs
+    with pytest.raises(ValueError, match=message):  # the layout's ConfigError is a ValueError
+        sampler_of(**args)
 
 
 def draw(cfg: AugmentConfig, *, step: int = 0, fr: int = 64, reg: int = 4000, seed: int = 0):
-    return step_params(cfg, SIZE, seed=seed, epoch=0, step=step, fr_batch=fr, reg_batch=reg)
+    layout = BatchLayout(fr, reg, num_images=fr + reg)
+    return step_params(cfg, SIZE, seed=seed, epoch=0, step=step, layout=layout)
 
 
 def test_degradation_frequencies_lie_within_binomial_bounds_and_are_zero_in_the_fr_rows() -> None:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import LossConfig, TrainConfig, VarianceConfig, replace_section
+from pipeline.config import BatchLayout, LossConfig, TrainConfig, VarianceConfig, replace_section
 from pipeline.method.objective import IGFIQAObjective, ObjectiveOutput
 from pipeline.parallel.env import DistEnv
 from pipeline.training.monitor import StepMeter, TrainingMonitor, class_weight_stats
@@ -38,6 +38,10 @@ CPU = torch.device("cpu")
 def _objective(config: TrainConfig) -> IGFIQAObjective:
     """A small objective for the monitor's class-weight summaries (4 classes)."""
     return IGFIQAObjective(4, config.model.embedding_size, config.loss, config.variance)
+
+
+def _layout(config: TrainConfig) -> BatchLayout:
+    return BatchLayout.of(config.data, 1, 1000)
 
 
 def test_step_meter_averages_over_steps_and_samples_then_resets() -> None:
@@ -97,7 +101,14 @@ def test_monitor_run_is_paused_continued_and_marked_failed(tmp_path: Path) -> No
     client = MlflowClient(tracking_uri=uri)
 
     first = TrainingMonitor(
-        config, DistEnv.single(), _objective(config), total_steps=10, run_id="", start_step=0, device=CPU
+        config,
+        DistEnv.single(),
+        _objective(config),
+        layout=_layout(config),
+        total_steps=10,
+        run_id="",
+        start_step=0,
+        device=CPU,
     )
     first.log_step(
         2,
@@ -125,6 +136,7 @@ def test_monitor_run_is_paused_continued_and_marked_failed(tmp_path: Path) -> No
         changed,
         DistEnv.single(),
         _objective(changed),
+        layout=_layout(changed),
         total_steps=10,
         run_id=first.run_id,
         start_step=2,
@@ -142,7 +154,14 @@ def test_monitor_run_is_paused_continued_and_marked_failed(tmp_path: Path) -> No
 def test_tracking_off_logs_lines_only(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     config = tiny_config(tiny_dataset(tmp_path / "data"), tmp_path / "run", "off")
     monitor = TrainingMonitor(
-        config, DistEnv.single(), _objective(config), total_steps=4, run_id="", start_step=0, device=CPU
+        config,
+        DistEnv.single(),
+        _objective(config),
+        layout=_layout(config),
+        total_steps=4,
+        run_id="",
+        start_step=0,
+        device=CPU,
     )
     assert monitor.tracker is None and monitor.run_id == ""
     with caplog.at_level("INFO"):

@@ -597,13 +597,13 @@ def test_prep_array_tasks_run_on_both_nodes_and_match_a_one_node_conversion(
 ) -> None:
     from data_prep.convert import convert
     from data_prep.synth import synthesize
-    from jobs.prep_job import submit_conversion
+    from jobs.prep_job import start_conversion
 
     source = tmp_path / "synth"
     synthesize(source, identities=24, images_per_identity=6, seed=3)
     local = convert(source, tmp_path / "local", samples_per_shard=20, seed=7, progress=False)
     assert len(local.shards) >= 6
-    array = submit_conversion(
+    array = start_conversion(
         source,
         tmp_path / "two-nodes",
         profile=two_node_cluster.profile,
@@ -611,7 +611,6 @@ def test_prep_array_tasks_run_on_both_nodes_and_match_a_one_node_conversion(
         seed=7,
         folder=submitit_folder(),
         progress=False,
-        wait=False,
     )
     info = array.wait(progress=False)
     assert info.num_images == local.num_images and len(info.shards) == len(local.shards)

@@ -41,8 +41,8 @@ from typing import Any
 import pytest
 import torch
 
+from jobs.launch import submit_training
 from jobs.slurm import latest_attempt_state
-from jobs.submit_train import submit_training
 from pipeline.config import TrainConfig, dump_config, replace_section
 from tests.integration.conftest import TWO_NODE_PROFILE, start_two_node_cluster
 from tests.train_fixtures import tiny_config, tiny_dataset
@@ -260,7 +260,7 @@ def _submit_and_wait(config: TrainConfig, root: Path, *extra: str) -> CliRun:
 
 def _local_reference(config: TrainConfig, nproc: int, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     """The same config on ONE node (this machine): `nproc` gloo processes, one thread each."""
-    from jobs.local_launch import launch_local
+    from jobs.launch import launch_local
 
     with monkeypatch.context() as patch:
         patch.setenv("OMP_NUM_THREADS", "1")  # as the profile's tasks: the thread count changes the sums

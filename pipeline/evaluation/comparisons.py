@@ -109,7 +109,9 @@ class PairOrder:
         cut = cut[[int(level) not in self._levels for level in cut]]
         if cut.size == 0:
             return
-        members = np.flatnonzero(np.isin(self._key, cut))
+        is_cut = np.zeros(len(self._before), dtype=bool)
+        is_cut[cut] = True
+        members = np.flatnonzero(is_cut[self._key])
         member_keys = self._key[members]
         for level in cut:
             self._levels[int(level)] = members[member_keys == level]

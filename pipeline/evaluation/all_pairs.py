@@ -76,13 +76,15 @@ def pair_position(i: np.ndarray, j: np.ndarray, num_images: int) -> np.ndarray:
     return i * num_images - i * (i + 1) // 2 + (j - i - 1)
 
 
-def mix64(values: np.ndarray) -> np.ndarray:
-    """SplitMix64's finaliser of uint64 values (wrapping arithmetic), in place; returns `values`."""
-    values ^= values >> np.uint64(30)
-    values *= _MIX1
-    values ^= values >> np.uint64(27)
-    values *= _MIX2
-    values ^= values >> np.uint64(31)
+def mix64(values: np.ndarray, scratch: np.ndarray | None = None) -> np.ndarray:
+    """SplitMix64's finaliser of uint64 values (wrapping arithmetic), in place; returns `values`.
+    `scratch`: a uint64 array of the same shape to reuse for the shifted values."""
+    scratch = np.empty_like(values) if scratch is None else scratch
+    for shift, multiplier in ((30, _MIX1), (27, _MIX2), (31, None)):
+        np.right_shift(values, np.uint64(shift), out=scratch)
+        np.bitwise_xor(values, scratch, out=values)
+        if multiplier is not None:
+            np.multiply(values, multiplier, out=values)
     return values
 
 
@@ -123,6 +125,7 @@ def all_pairs(
     row_start = pair_position(np.arange(n + 1), np.arange(n + 1) + 1, n)  # pairs before row i
     mated_positions = _mated_positions(labels) if sampling else None
     index_type = np.int32 if n < 2**31 else np.int64
+    scratch = np.empty(min(total, block_pairs + n), dtype=np.uint64) if sampling else None
     parts: list[tuple[np.ndarray, ...]] = []
     first = 0
     while first < n - 1:
@@ -132,7 +135,7 @@ def all_pairs(
         if sampling:
             hashed = np.arange(start, stop, dtype=np.uint64)
             hashed += offset
-            keep = mix64(hashed) < limit
+            keep = mix64(hashed, scratch[: stop - start]) < limit
             del hashed
             lo, hi = np.searchsorted(mated_positions, [start, stop])
             keep[mated_positions[lo:hi] - start] = True

@@ -15,6 +15,29 @@ from data_prep.convert import convert
 from data_prep.synth import synthesize
 from pipeline.config import TrainConfig, config_from_dict
 
+# what pipeline.training.monitor logs every run.log_every steps
+STEP_METRICS = {
+    "loss_arc",
+    "loss_ig",
+    "loss_total",
+    "cr_mean",
+    "quality_mean",
+    "sample_weight_mean",
+    "fr_ccs_mean",
+    "alpha",
+    "images_per_s",
+    "data_wait_frac",
+    "seconds_per_step",
+    "class_weight_mean",
+    "class_weight_zero_frac",
+    "class_weight_p10",
+    "class_weight_p50",
+    "class_weight_p90",
+    "variance_mean",
+    "variance_std",
+    "lr",
+    "epoch",
+}
 TINY_IDENTITIES = 40
 TINY_IMAGES_PER_IDENTITY = 6
 

@@ -21,34 +21,13 @@ import torch
 import yaml
 
 from pipeline.config import TrainConfig, config_to_dict, dump_config, flatten_config
-from tests.train_fixtures import tiny_config, tiny_dataset
+from tests.train_fixtures import STEP_METRICS, tiny_config, tiny_dataset
 
 pytest.importorskip("nvidia.dali")
 
 REPO = Path(__file__).resolve().parents[2]
 IGFIQA = Path(sys.executable).parent / "igfiqa"
 
-# what pipeline.training.monitor logs every run.log_every steps
-STEP_METRICS = {
-    "loss_arc",
-    "loss_ig",
-    "loss_total",
-    "cr_mean",
-    "quality_mean",
-    "sample_weight_mean",
-    "fr_ccs_mean",
-    "alpha",
-    "images_per_s",
-    "data_wait_frac",
-    "seconds_per_step",
-    "class_weight_mean",
-    "class_weight_zero_frac",
-    "class_weight_p10",
-    "class_weight_p50",
-    "class_weight_p90",
-    "lr",
-    "epoch",
-}
 # deterministic metrics: equal between two runs that trained on the same steps
 DETERMINISTIC_METRICS = ("loss_arc", "loss_ig", "loss_total", "cr_mean", "quality_mean", "fr_ccs_mean")
 TINY_STEPS = 30  # tiny_config: 240 images, 8 + 8 per step → 15 steps per epoch, 2 epochs

@@ -53,6 +53,9 @@ REPO = Path(__file__).resolve().parents[2]
 TWO_NODE_SCRIPT = REPO / "slurm" / "local" / "twonode.sh"
 NODES = ("igfiqa-n1", "igfiqa-n2")
 TWO_CONF = "/etc/slurm/local-2node/slurm.conf"
+TWO_NODE_RUN = Path("/var/lib/igfiqa-slurm/2node/run")  # PID files of the two-node daemons
+ONE_NODE_LOCK = Path("/var/lib/igfiqa-slurm/lock")  # start.sh takes it only past its check
+TWO_NODE_LOCK = Path("/var/lib/igfiqa-slurm/2node/lock")  # twonode.sh up: the same
 STEPS_PER_EPOCH = 15  # 240 images / (8 + 8) per step
 JOB_TIMEOUT_S = 900.0
 IMAGES_PER_STEP = 16
@@ -336,10 +339,18 @@ def test_stop_removes_what_start_made_and_start_is_idempotent(two_node_cluster: 
             ["ip", "-n", node, "route"], capture_output=True, text=True, check=True
         ).stdout
         assert "default" not in routes and "10.211.0.0/24" in routes
-    t0 = time.monotonic()
+    # started again, both clusters take the check-only path: no daemon restarted, no lock taken
+    pid_files = [*Path("/var/lib/igfiqa-slurm/run").glob("*.pid"), *TWO_NODE_RUN.glob("*.pid")]
+    pids = {p: p.read_text() for p in pid_files}
+    locks = {p: p.stat().st_mtime_ns for p in (ONE_NODE_LOCK, TWO_NODE_LOCK)}
     again = start_two_node_cluster()
-    assert again.returncode == 0 and "already up: cluster igfiqa2n" in again.stderr, again.stderr
-    assert time.monotonic() - t0 < 5.0
+    assert again.returncode == 0, again.stderr
+    said = [line.removeprefix("[slurm-local] ") for line in again.stderr.strip().splitlines()]
+    assert all(line.startswith("already up: cluster ") for line in said), said  # nothing started
+    assert any(line.startswith("already up: cluster igfiqa, node ") for line in said), said
+    assert any(line.startswith("already up: cluster igfiqa2n, nodes igfiqa-n1 igfiqa-n2") for line in said)
+    assert {p: p.read_text() for p in pid_files} == pids
+    assert {p: p.stat().st_mtime_ns for p in locks} == locks
 
 
 # --------------------------------------------------------------------------- 1. training across nodes

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +42,19 @@ def _objective(config: TrainConfig) -> IGFIQAObjective:
     return IGFIQAObjective(4, config.model.embedding_size, config.loss, config.variance)
 
 
-def test_step_meter_averages_over_steps_and_samples_then_resets() -> None:
+class FakeClock:
+    """`time.perf_counter` for the meter: a reading that moves only when the test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+def test_step_meter_averages_over_steps_and_samples_then_resets(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = FakeClock()
+    monkeypatch.setattr("pipeline.training.monitor.time", clock)
     meter = StepMeter(torch.device("cpu"))
     meter.data_wait(0.02)
     meter.add(
@@ -59,7 +70,7 @@ def test_step_meter_averages_over_steps_and_samples_then_resets() -> None:
         images_per_step=4,
         alpha=1.25,
     )
-    time.sleep(0.1)
+    clock.now += 0.4  # two steps in 0.4 s, 0.05 s of it waiting for data
     out = meter.collect()
     assert out["loss_arc"] == pytest.approx(15.0)
     assert out["loss_ig"] == pytest.approx(0.5)
@@ -69,10 +80,9 @@ def test_step_meter_averages_over_steps_and_samples_then_resets() -> None:
     assert out["sample_weight_mean"] == pytest.approx(0.5)
     assert out["fr_ccs_mean"] == pytest.approx(0.4)
     assert out["alpha"] == pytest.approx(1.25)  # the last step's α
-    wall = out["seconds_per_step"] * 2
-    assert wall >= 0.1
-    assert out["images_per_s"] == pytest.approx(8 / wall, rel=0.05)
-    assert out["data_wait_frac"] == pytest.approx(0.05 / wall, rel=0.05)
+    assert out["seconds_per_step"] == pytest.approx(0.2)
+    assert out["images_per_s"] == pytest.approx(8 / 0.4)
+    assert out["data_wait_frac"] == pytest.approx(0.05 / 0.4)
     meter.add(_output(1.0, 0.0, [0.0], [1.0], [0.0]), torch.tensor([0.0]), images_per_step=2, alpha=0.9)
     assert meter.collect()["loss_arc"] == pytest.approx(1.0)  # sums were reset
 

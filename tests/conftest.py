@@ -1,8 +1,10 @@
-"""Shared pytest setup: markers that skip with a reason when a real part is absent."""
+"""Shared pytest setup: markers that skip with a reason when a real part is absent, and the tiny
+training dataset every training test reads, built once per session."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -35,3 +37,12 @@ def no_tf32() -> Iterator[None]:
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     yield
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.fixture(scope="session")
+def tiny_train_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tests/train_fixtures.py's tiny converted dataset (ROOT/train, its source in ROOT/synth),
+    made once for the session: tests read it and write nowhere inside ROOT."""
+    from tests.train_fixtures import tiny_dataset
+
+    return tiny_dataset(tmp_path_factory.mktemp("tiny-data"))

@@ -20,11 +20,15 @@ from jobs.cluster import profile_from_dict
 from jobs.slurm import slurm_unavailable_reason
 
 IDENTITIES = "40"
+# the local-training test: what it checks does not depend on the size of the data
+SMALL_IDENTITIES, SMALL_IMAGES = "20", "10"
 STEPS = "8"
 FRESH = ("--fresh-pairs", "400")  # a small efficacy stage: its mechanics, not the recipe's figures
 
 
-def run_demo(out: Path, *extra: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+def run_demo(
+    out: Path, *extra: str, cwd: Path, identities: str = IDENTITIES
+) -> subprocess.CompletedProcess[str]:
     """The real `igfiqa demo` in a subprocess (as `make demo` runs it)."""
     command = [
         sys.executable,
@@ -34,7 +38,7 @@ def run_demo(out: Path, *extra: str, cwd: Path) -> subprocess.CompletedProcess[s
         "--out",
         str(out),
         "--identities",
-        IDENTITIES,
+        identities,
         *extra,
     ]
     return subprocess.run(
@@ -66,7 +70,7 @@ def stage_lines(stdout: str) -> dict[str, str]:
     return dict(found)
 
 
-def check_outputs(out: Path, stdout: str) -> tuple[str, str]:
+def check_outputs(out: Path, stdout: str, identities: str = IDENTITIES) -> tuple[str, str]:
     """Everything the summary points at exists; returns (training run id, eval run id)."""
     pngs = [
         out / "augmentation_preview.png",
@@ -104,11 +108,11 @@ def check_outputs(out: Path, stdout: str) -> tuple[str, str]:
     assert "clean.IG-FIQA.erc_auc.fmr_1e-1" in child.data.metrics  # the FMR the small sets resolve
     assert "mixed.IG-FIQA.edc_pauc_vs_random.fmr_1e-1" in child.data.metrics
     assert train.info.run_id in stdout and child.info.run_id in stdout
-    check_prep_lineage(out, train.data.tags["dataset_fingerprint"], child.data.tags)
+    check_prep_lineage(out, train.data.tags["dataset_fingerprint"], child.data.tags, identities)
     return train.info.run_id, child.info.run_id
 
 
-def check_prep_lineage(out: Path, train_fingerprint: str, eval_tags: dict[str, str]) -> None:
+def check_prep_lineage(out: Path, train_fingerprint: str, eval_tags: dict[str, str], identities: str) -> None:
     """The data stages' runs carry the fingerprints the training and eval runs name."""
     from mlflow.tracking import MlflowClient
 
@@ -124,7 +128,7 @@ def check_prep_lineage(out: Path, train_fingerprint: str, eval_tags: dict[str, s
     for name in ("clean", "mixed"):
         key = f"dataset_fingerprint.{name}"
         assert runs["bins"].data.tags[key] == eval_tags[key]
-    assert runs["synth"].data.params["identities"] == IDENTITIES
+    assert runs["synth"].data.params["identities"] == identities
 
 
 # what a second run writes again: the summary, the ground-truth plot, and MLflow's store (read)
@@ -211,13 +215,24 @@ def test_demo_on_the_local_cluster_then_reused(slurm_cluster, tmp_path: Path) ->
 @pytest.mark.slow
 def test_demo_trains_here_with_local_and_says_why(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    first = run_demo(out, "--steps", "4", "--local", "--nproc", "1", "--fresh-pairs", "0", cwd=tmp_path)
+    args = (
+        "--steps",
+        "4",
+        "--local",
+        "--nproc",
+        "1",
+        "--fresh-pairs",
+        "0",
+        "--images-per-identity",
+        SMALL_IMAGES,
+    )
+    first = run_demo(out, *args, cwd=tmp_path, identities=SMALL_IDENTITIES)
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
     assert "training HERE, not on SLURM, because --local was given" in first.stdout
     assert "trained 4 steps here with 1 process, not on SLURM because --local was given" in first.stdout
     assert stage_lines(first.stdout)["efficacy"].startswith("reused in")
     assert "skipped (--fresh-pairs 0)" in first.stdout and "on fresh sets" not in first.stdout
-    check_outputs(out, first.stdout)
+    check_outputs(out, first.stdout, SMALL_IDENTITIES)
 
 
 def test_demo_refuses_a_folder_synthesized_with_other_settings(tmp_path: Path, capsys) -> None:

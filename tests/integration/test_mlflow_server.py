@@ -26,7 +26,7 @@ import pytest
 
 from pipeline.config import dump_config, flatten_config
 from pipeline.parallel.env import free_port
-from tests.train_fixtures import tiny_config, tiny_dataset
+from tests.train_fixtures import tiny_config
 
 pytest.importorskip("nvidia.dali")
 
@@ -135,12 +135,13 @@ def _igfiqa_train(config_path: Path, run_dir: Path, url: str, log_path: Path) ->
 
 @pytest.mark.mlflow_server
 @pytest.mark.slow
-def test_concurrent_trainings_and_writers_lose_nothing(mlflow_server: str, tmp_path: Path) -> None:
+def test_concurrent_trainings_and_writers_lose_nothing(
+    mlflow_server: str, tiny_train_dataset: Path, tmp_path: Path
+) -> None:
     from mlflow.tracking import MlflowClient
 
     url = mlflow_server
-    dataset = tiny_dataset(tmp_path / "data")
-    config = tiny_config(dataset, tmp_path / "unused", url)
+    config = tiny_config(tiny_train_dataset, tmp_path / "unused", url)
     config_path = tmp_path / "tiny.yaml"
     config_path.write_text(dump_config(config))
 

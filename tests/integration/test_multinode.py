@@ -45,7 +45,7 @@ from jobs.slurm import latest_attempt_state
 from jobs.submit_train import submit_training
 from pipeline.config import TrainConfig, dump_config, replace_section
 from tests.integration.conftest import TWO_NODE_PROFILE, start_two_node_cluster
-from tests.train_fixtures import tiny_config, tiny_dataset
+from tests.train_fixtures import tiny_config
 
 pytestmark = [pytest.mark.slurm, pytest.mark.multinode]
 
@@ -294,8 +294,8 @@ def restore_slurm_conf() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_dataset(tmp_path_factory.mktemp("tiny-data"))
+def dataset(tiny_train_dataset: Path) -> Path:
+    return tiny_train_dataset
 
 
 @pytest.fixture(scope="module")

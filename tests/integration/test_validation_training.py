@@ -14,15 +14,15 @@ from pipeline.checkpoint import BEST_NAME, checkpoint_dir, load_checkpoint
 from pipeline.config import ConfigError
 from pipeline.parallel.env import DistEnv
 from pipeline.training.trainer import train
-from tests.train_fixtures import tiny_config, tiny_dataset
+from tests.train_fixtures import tiny_config
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("validation")
-    train_dir = tiny_dataset(root)
-    convert_bins([root / "synth" / "clean.bin", root / "synth" / "mixed.bin"], root / "val")
-    return train_dir, root / "val"
+def data(tiny_train_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The tiny training set and its verification sets (clean.bin, mixed.bin) converted."""
+    synth, val = tiny_train_dataset.parent / "synth", tmp_path_factory.mktemp("validation") / "val"
+    convert_bins([synth / "clean.bin", synth / "mixed.bin"], val)
+    return tiny_train_dataset, val
 
 
 def _config(data: tuple[Path, Path], tmp_path: Path, **run: Any) -> Any:

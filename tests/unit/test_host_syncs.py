@@ -22,11 +22,10 @@ from pipeline.checkpoint import TrainingPosition
 from pipeline.parallel.env import DistEnv
 from pipeline.training.trainer import Trainer
 from tests.host_sync_counter import HostSyncCounter
-from tests.train_fixtures import tiny_config, tiny_dataset
+from tests.train_fixtures import tiny_config
 
 
-def _trainer(tmp_path: Path, device: str, **run: Any) -> Trainer:
-    dataset = tiny_dataset(tmp_path / "data")
+def _trainer(dataset: Path, tmp_path: Path, device: str, **run: Any) -> Trainer:
     config = tiny_config(
         dataset, tmp_path / "run", f"sqlite:///{tmp_path / 'mlflow.db'}", run={"device": device, **run}
     )
@@ -46,9 +45,9 @@ def _step_and_meter(trainer: Trainer, batch: Any, values: Any, step: int) -> Non
 
 
 @pytest.fixture(scope="module")
-def trainer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trainer]:
+def trainer(tiny_train_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trainer]:
     """One CPU trainer in training mode for the module: counting needs no fresh weights."""
-    made = _trainer(tmp_path_factory.mktemp("host-syncs"), "cpu", log_every=100)
+    made = _trainer(tiny_train_dataset, tmp_path_factory.mktemp("host-syncs"), "cpu", log_every=100)
     made.ddp_model.train()
     made.objective.train()
     yield made
@@ -122,8 +121,8 @@ def test_host_work_and_casts_in_the_step_are_not_syncs(
 
 
 @pytest.mark.gpu
-def test_a_cuda_step_runs_under_sync_debug_error(tmp_path: Path) -> None:
-    made = _trainer(tmp_path, "cuda", log_every=100, deterministic=False)
+def test_a_cuda_step_runs_under_sync_debug_error(tiny_train_dataset: Path, tmp_path: Path) -> None:
+    made = _trainer(tiny_train_dataset, tmp_path, "cuda", log_every=100, deterministic=False)
     try:
         steps = list(_steps(made, 3))
         _step_and_meter(made, *steps[0], 1)  # warm-up: lazy CUDA initialisation may sync once

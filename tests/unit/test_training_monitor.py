@@ -12,7 +12,7 @@ from pipeline.config import LossConfig, TrainConfig, VarianceConfig, replace_sec
 from pipeline.method.objective import IGFIQAObjective, ObjectiveOutput
 from pipeline.parallel.env import DistEnv
 from pipeline.training.monitor import StepMeter, TrainingMonitor, class_weight_stats
-from tests.train_fixtures import tiny_config, tiny_dataset
+from tests.train_fixtures import tiny_config
 
 
 def _output(
@@ -101,11 +101,11 @@ def test_class_weight_stats_follow_the_z_score_weights() -> None:
     )
 
 
-def test_monitor_run_is_paused_continued_and_marked_failed(tmp_path: Path) -> None:
+def test_monitor_run_is_paused_continued_and_marked_failed(tiny_train_dataset: Path, tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    config = tiny_config(tiny_dataset(tmp_path / "data"), tmp_path / "run", uri)
+    config = tiny_config(tiny_train_dataset, tmp_path / "run", uri)
     client = MlflowClient(tracking_uri=uri)
 
     first = TrainingMonitor(
@@ -151,8 +151,10 @@ def test_monitor_run_is_paused_continued_and_marked_failed(tmp_path: Path) -> No
     assert client.get_run(first.run_id).info.status == "FAILED"
 
 
-def test_tracking_off_logs_lines_only(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    config = tiny_config(tiny_dataset(tmp_path / "data"), tmp_path / "run", "off")
+def test_tracking_off_logs_lines_only(
+    tiny_train_dataset: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = tiny_config(tiny_train_dataset, tmp_path / "run", "off")
     monitor = TrainingMonitor(
         config, DistEnv.single(), _objective(config), total_steps=4, run_id="", start_step=0, device=CPU
     )

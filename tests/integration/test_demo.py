@@ -18,6 +18,7 @@ import pytest
 from jobs.cli import main
 from jobs.cluster import profile_from_dict
 from jobs.slurm import slurm_unavailable_reason
+from tests.train_fixtures import new_mlflow_store
 
 IDENTITIES = "40"
 # the local-training test: what it checks does not depend on the size of the data
@@ -196,8 +197,11 @@ def check_efficacy(out: Path, stdout: str, train_run_id: str, eval_run_id: str) 
 
 @pytest.mark.slow
 @pytest.mark.slurm
-def test_demo_on_the_local_cluster_then_reused(slurm_cluster, tmp_path: Path) -> None:
+def test_demo_on_the_local_cluster_then_reused(
+    slurm_cluster, mlflow_store_template: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "demo"
+    new_mlflow_store(mlflow_store_template, out)
     first = run_demo(out, "--steps", STEPS, *FRESH, cwd=tmp_path)
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
     assert re.search(r"trained 8 steps on SLURM \(job \d+, 2 tasks, cluster profile local\)", first.stdout)
@@ -213,8 +217,9 @@ def test_demo_on_the_local_cluster_then_reused(slurm_cluster, tmp_path: Path) ->
 
 
 @pytest.mark.slow
-def test_demo_trains_here_with_local_and_says_why(tmp_path: Path) -> None:
+def test_demo_trains_here_with_local_and_says_why(mlflow_store_template: Path, tmp_path: Path) -> None:
     out = tmp_path / "demo"
+    new_mlflow_store(mlflow_store_template, out)
     args = (
         "--steps",
         "4",

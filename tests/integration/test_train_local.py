@@ -21,7 +21,7 @@ import torch
 import yaml
 
 from pipeline.config import TrainConfig, config_to_dict, dump_config, flatten_config
-from tests.train_fixtures import tiny_config
+from tests.train_fixtures import new_mlflow_store, tiny_config
 
 pytest.importorskip("nvidia.dali")
 
@@ -64,10 +64,6 @@ class FinishedRun:
     uri: str
 
 
-def _sqlite_uri(folder: Path) -> str:
-    return f"sqlite:///{folder / 'mlflow.db'}"
-
-
 def _client(uri: str) -> Any:
     from mlflow.tracking import MlflowClient
 
@@ -107,12 +103,14 @@ def dataset(tiny_train_dataset: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def finished_run(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> FinishedRun:
+def finished_run(
+    dataset: Path, mlflow_store_template: Path, tmp_path_factory: pytest.TempPathFactory
+) -> FinishedRun:
     from pipeline.parallel.env import DistEnv
     from pipeline.training.trainer import train
 
     folder = tmp_path_factory.mktemp("uninterrupted")
-    uri = _sqlite_uri(folder)
+    uri = new_mlflow_store(mlflow_store_template, folder)
     config = tiny_config(dataset, folder / "run", uri, run={"keep_checkpoints": 2})
     result = train(config, DistEnv.single())
     return FinishedRun(config, result, uri)
@@ -232,13 +230,13 @@ def test_losses_fall_over_the_run(finished_run: FinishedRun) -> None:
 
 @pytest.mark.slow
 def test_interrupted_and_resumed_run_ends_bit_identical(
-    finished_run: FinishedRun, dataset: Path, tmp_path: Path
+    finished_run: FinishedRun, dataset: Path, mlflow_store_template: Path, tmp_path: Path
 ) -> None:
     from pipeline.checkpoint import load_checkpoint
     from pipeline.parallel.env import DistEnv
     from pipeline.training.trainer import train
 
-    uri = _sqlite_uri(tmp_path)
+    uri = new_mlflow_store(mlflow_store_template, tmp_path)
     config = tiny_config(dataset, tmp_path / "run", uri, run={"keep_checkpoints": 2})
     first = train(config, DistEnv.single(), stop_requested=_stop_at(11))
     assert (first.status, first.global_step) == ("interrupted", 11)
@@ -275,7 +273,7 @@ def test_interrupted_and_resumed_run_ends_bit_identical(
 
 @pytest.mark.slow
 def test_igfiqa_train_with_two_processes_matches_one_and_resumes_on_one(
-    dataset: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    dataset: Path, mlflow_store_template: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """`igfiqa train --nproc 2` vs 1 process from scratch, then the 2-process run continued on 1.
 
@@ -293,7 +291,7 @@ def test_igfiqa_train_with_two_processes_matches_one_and_resumes_on_one(
     from pipeline.parallel.env import DistEnv
     from pipeline.training.trainer import train
 
-    uri = _sqlite_uri(tmp_path)
+    uri = new_mlflow_store(mlflow_store_template, tmp_path)
 
     def config(run_dir: Path, max_steps: int) -> TrainConfig:
         data = {"dataset": str(dataset), "fr_batch": 48, "reg_batch": 48, "num_threads": 1, "prefetch": 1}
@@ -351,7 +349,9 @@ def test_igfiqa_train_with_two_processes_matches_one_and_resumes_on_one(
 
 
 @pytest.mark.slow
-def test_two_processes_train_exactly_as_one_without_batch_norm(dataset: Path, tmp_path: Path) -> None:
+def test_two_processes_train_exactly_as_one_without_batch_norm(
+    dataset: Path, mlflow_store_template: Path, tmp_path: Path
+) -> None:
     """Where the result must not depend on the world size, it does not: without BatchNorm (the only
     per-rank statistic of the step) 2 gloo processes and 1 train the same 2 steps, loss_arc,
     loss_ig and weights equal up to float summation order. A broken all-reduce, sharding or
@@ -361,7 +361,7 @@ def test_two_processes_train_exactly_as_one_without_batch_norm(dataset: Path, tm
     from pipeline.parallel.env import DistEnv
     from pipeline.training.trainer import train
 
-    uri = _sqlite_uri(tmp_path)
+    uri = new_mlflow_store(mlflow_store_template, tmp_path)
 
     def config(run_dir: Path) -> TrainConfig:
         return tiny_config(

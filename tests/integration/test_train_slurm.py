@@ -40,7 +40,7 @@ import torch
 
 from jobs.submit_train import Submission, submit_training
 from pipeline.config import TrainConfig, dump_config, load_config
-from tests.train_fixtures import tiny_config
+from tests.train_fixtures import new_mlflow_store, tiny_config
 
 pytestmark = pytest.mark.slurm
 
@@ -252,8 +252,11 @@ class CliRun:
 
 
 @pytest.fixture(scope="module")
-def cli_run(slurm_cluster, dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> CliRun:
+def cli_run(
+    slurm_cluster, dataset: Path, mlflow_store_template: Path, tmp_path_factory: pytest.TempPathFactory
+) -> CliRun:
     root = tmp_path_factory.mktemp("cli-submit")
+    new_mlflow_store(mlflow_store_template, root)
     config = _config(dataset, root, "cli-submit", SHORT)
     config_file = root / "tiny.yaml"
     config_file.write_text(dump_config(config))
@@ -370,8 +373,9 @@ def test_cli_submit_wait_prints_the_job_and_exits_zero(cli_run: CliRun) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_preempted_job_resumes_into_the_same_run_and_weights(
-    slurm_cluster, dataset: Path, tmp_path: Path, cli_run: CliRun
+    slurm_cluster, dataset: Path, mlflow_store_template: Path, tmp_path: Path, cli_run: CliRun
 ) -> None:
+    new_mlflow_store(mlflow_store_template, tmp_path)
     config = _config(dataset, tmp_path, "preempted", SHORT)
     submission = submit_training(config, slurm_cluster.profile)
     _interrupt_after_first_checkpoint(submission, config, SHORT)
@@ -388,8 +392,9 @@ def test_preempted_job_resumes_into_the_same_run_and_weights(
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_scontrol_requeued_job_resumes_into_the_same_run_and_weights(
-    slurm_cluster, dataset: Path, tmp_path: Path, cli_run: CliRun
+    slurm_cluster, dataset: Path, mlflow_store_template: Path, tmp_path: Path, cli_run: CliRun
 ) -> None:
+    new_mlflow_store(mlflow_store_template, tmp_path)
     config = _config(dataset, tmp_path, "requeued", SHORT)
     submission = submit_training(config, slurm_cluster.profile)
     saved_before = _interrupt_after_first_checkpoint(submission, config, SHORT)

@@ -14,7 +14,7 @@ from pipeline.checkpoint import BEST_NAME, checkpoint_dir, load_checkpoint
 from pipeline.config import ConfigError
 from pipeline.parallel.env import DistEnv
 from pipeline.training.trainer import train
-from tests.train_fixtures import tiny_config
+from tests.train_fixtures import new_mlflow_store, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +47,11 @@ def _stop_at(step: int) -> Any:
 
 
 def test_validation_logs_metrics_and_keeps_the_best_checkpoint(
-    data: tuple[Path, Path], tmp_path: Path
+    data: tuple[Path, Path], mlflow_store_template: Path, tmp_path: Path
 ) -> None:
     from mlflow.tracking import MlflowClient
 
+    new_mlflow_store(mlflow_store_template, tmp_path)
     config = _config(data, tmp_path)
     result = train(config, DistEnv.single())
     assert result.status == "completed"
@@ -67,7 +68,10 @@ def test_validation_logs_metrics_and_keeps_the_best_checkpoint(
     assert 0.0 <= history[4] <= 1.0 and result.metrics["val.clean.accuracy"] >= 0.5
 
 
-def test_the_best_so_far_survives_an_interruption(data: tuple[Path, Path], tmp_path: Path) -> None:
+def test_the_best_so_far_survives_an_interruption(
+    data: tuple[Path, Path], mlflow_store_template: Path, tmp_path: Path
+) -> None:
+    new_mlflow_store(mlflow_store_template, tmp_path)
     config = _config(data, tmp_path, checkpoint_every_steps=2)
     first = train(config, DistEnv.single(), stop_requested=_stop_at(6))
     assert first.status == "interrupted" and first.global_step == 6

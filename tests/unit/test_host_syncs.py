@@ -22,7 +22,7 @@ from pipeline.checkpoint import TrainingPosition
 from pipeline.parallel.env import DistEnv
 from pipeline.training.trainer import Trainer
 from tests.host_sync_counter import HostSyncCounter
-from tests.train_fixtures import tiny_config
+from tests.train_fixtures import new_mlflow_store, tiny_config
 
 
 def _trainer(dataset: Path, tmp_path: Path, device: str, **run: Any) -> Trainer:
@@ -45,9 +45,13 @@ def _step_and_meter(trainer: Trainer, batch: Any, values: Any, step: int) -> Non
 
 
 @pytest.fixture(scope="module")
-def trainer(tiny_train_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trainer]:
+def trainer(
+    tiny_train_dataset: Path, mlflow_store_template: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Trainer]:
     """One CPU trainer in training mode for the module: counting needs no fresh weights."""
-    made = _trainer(tiny_train_dataset, tmp_path_factory.mktemp("host-syncs"), "cpu", log_every=100)
+    folder = tmp_path_factory.mktemp("host-syncs")
+    new_mlflow_store(mlflow_store_template, folder)
+    made = _trainer(tiny_train_dataset, folder, "cpu", log_every=100)
     made.ddp_model.train()
     made.objective.train()
     yield made

@@ -12,7 +12,7 @@ from pipeline.config import LossConfig, TrainConfig, VarianceConfig, replace_sec
 from pipeline.method.objective import IGFIQAObjective, ObjectiveOutput
 from pipeline.parallel.env import DistEnv
 from pipeline.training.monitor import StepMeter, TrainingMonitor, class_weight_stats
-from tests.train_fixtures import tiny_config
+from tests.train_fixtures import new_mlflow_store, tiny_config
 
 
 def _output(
@@ -101,10 +101,12 @@ def test_class_weight_stats_follow_the_z_score_weights() -> None:
     )
 
 
-def test_monitor_run_is_paused_continued_and_marked_failed(tiny_train_dataset: Path, tmp_path: Path) -> None:
+def test_monitor_run_is_paused_continued_and_marked_failed(
+    tiny_train_dataset: Path, mlflow_store_template: Path, tmp_path: Path
+) -> None:
     from mlflow.tracking import MlflowClient
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_mlflow_store(mlflow_store_template, tmp_path)
     config = tiny_config(tiny_train_dataset, tmp_path / "run", uri)
     client = MlflowClient(tracking_uri=uri)
 

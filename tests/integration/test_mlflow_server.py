@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -45,8 +46,9 @@ def _healthy(url: str) -> bool:
 
 
 @pytest.fixture
-def mlflow_server(tmp_path: Path) -> Iterator[str]:
+def mlflow_server(mlflow_store_template: Path, tmp_path: Path) -> Iterator[str]:
     """A real `mlflow server` on a free loopback port; its URL. Stopped (process group) at the end."""
+    shutil.copyfile(mlflow_store_template, tmp_path / "server.db")  # its store, tables made
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log_path = tmp_path / "server.log"

@@ -16,10 +16,12 @@ tensor*. A call is counted when it would synchronise on a GPU:
 - its output's shape depends on a device tensor's values: `nonzero`, `unique`, `masked_select`,
   one-argument `where`, boolean-mask indexing, ...
 
-What it cannot see: a copy to `torch.device("cpu")` written as an object (taken for the code's
-own device), and reads inside C++ (a custom operator). The GPU test under
-`torch.cuda.set_sync_debug_mode("error")` is the reference; this counter makes the same check
-on every CPU run.
+What it cannot tell: a copy to `torch.device("cpu")` written as an object (taken for the
+code's own device); a host buffer made before the counter started (taken for a device tensor,
+so a copy into it is missed and a read of it counted); `torch.from_numpy` (no torch function,
+so its tensor counts as a device tensor); reads inside C++ (a custom operator). The GPU test
+under `torch.cuda.set_sync_debug_mode("error")` is the reference; this counter makes the same
+check on every CPU run.
 """
 
 from __future__ import annotations

@@ -342,6 +342,9 @@ def main() -> int:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(1)  # the main process only collects batches; the work is in DALI threads / workers
+    if args.device == "gpu" and not args.profile and not torch.cuda.is_available():
+        print(json.dumps({"benchmark": "dali_pipeline", "gpu": "no CUDA device on this machine"}))
+        return 0  # said before a data set is built for nothing
 
     with tempfile.TemporaryDirectory(prefix="bench_dali_") as scratch:
         dataset = args.dataset or build_dataset(Path(scratch))
@@ -351,9 +354,6 @@ def main() -> int:
             print(json.dumps(profile(store, args)))
             return 0
         plan = Plan(store, args.images, args.batch, AugmentConfig())
-        if args.device == "gpu" and not torch.cuda.is_available():
-            print(json.dumps({"benchmark": "dali_pipeline", "gpu": "no CUDA device on this machine"}))
-            return 0
         if args.device == "gpu":
             print(json.dumps({"benchmark": "dali_pipeline", **gpu_rates_of(store, plan, args)}))
             return 0

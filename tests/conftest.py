@@ -1,8 +1,11 @@
-"""Shared pytest setup: markers that skip with a reason when a real part is absent."""
+"""Shared pytest setup: markers that skip with a reason when a real part is absent; the tiny
+training dataset every training test reads and an empty MLflow store to copy, each made once
+per session."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -35,3 +38,25 @@ def no_tf32() -> Iterator[None]:
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     yield
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.fixture(scope="session")
+def tiny_train_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tests/train_fixtures.py's tiny converted dataset (ROOT/train, its source in ROOT/synth),
+    made once for the session: tests read it and write nowhere inside ROOT."""
+    from tests.train_fixtures import tiny_dataset
+
+    return tiny_dataset(tmp_path_factory.mktemp("tiny-data"))
+
+
+@pytest.fixture(scope="session")
+def mlflow_store_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty MLflow sqlite store, made once: `tests.train_fixtures.new_mlflow_store` copies it
+    where a test's runs go. A store MLflow makes itself first runs MLflow's schema migrations
+    (about 3 s of CPU and a hundred commits each time)."""
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path

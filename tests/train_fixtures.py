@@ -2,12 +2,14 @@
 
 `tiny_dataset(root)` synthesizes and converts 40 identities × 6 images (about 1 s,
 cached per folder); `tiny_config(...)` gives a deterministic CPU config of the
-small backbone that trains a step in well under a second on one core.
+small backbone that trains a step in well under a second on one core;
+`new_mlflow_store(template, folder)` puts an empty MLflow store where a run logs.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +53,13 @@ def tiny_dataset(root: Path) -> Path:
     synthesize(synth, identities=TINY_IDENTITIES, images_per_identity=TINY_IMAGES_PER_IDENTITY, seed=0)
     convert(synth, train, samples_per_shard=100, progress=False)
     return train
+
+
+def new_mlflow_store(template: Path, folder: Path) -> str:
+    """FOLDER/mlflow.db as a copy of `template` (the session's `mlflow_store_template`); its URI."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(template, folder / "mlflow.db")
+    return f"sqlite:///{folder / 'mlflow.db'}"
 
 
 def tiny_config(dataset: Path, run_dir: Path, tracking_uri: str, **sections: dict[str, Any]) -> TrainConfig:

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from jobs.cli import build_parser
+from tests.train_fixtures import new_mlflow_store
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
@@ -93,12 +94,15 @@ def _real_data_stand_ins(cwd: Path) -> None:
 
 
 @pytest.mark.timeout(2400)
-def test_every_help_example_runs_as_written(slurm_cluster, tmp_path: Path) -> None:
+def test_every_help_example_runs_as_written(
+    slurm_cluster, mlflow_store_template: Path, tmp_path: Path
+) -> None:
     lines = examples()
     typical = [m.group(1) for line in _help([]).splitlines() if (m := EXAMPLE.match(line))]
     assert len(typical) >= 5 and lines[: len(typical)] == typical
     for name in ("configs", "slurm"):
         (tmp_path / name).symlink_to(REPO / name)
+    new_mlflow_store(mlflow_store_template, tmp_path)  # the examples' default store: ./mlflow.db
     ran = []
     for line in lines:
         _parses(line)

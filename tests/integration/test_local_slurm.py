@@ -104,10 +104,8 @@ def test_cancelled_job_is_reported_cancelled(slurm_cluster, submitit_folder) -> 
     # submitit waits up to 15 s for a result file a slow shared filesystem might still deliver; on
     # local disk there is none to wait for. What matters here is that the job is seen as ended.
     job._results_timeout_s = 1
-    started = time.monotonic()
     with pytest.raises(submitit.core.utils.UncompletedJobError, match="CANCELLED"):
         job.result()
-    assert time.monotonic() - started < 30
     assert job.state.startswith("CANCELLED")
     assert _sacct_state(str(job.job_id)).startswith("CANCELLED")
 
@@ -119,14 +117,17 @@ def test_submission_to_a_missing_partition_is_refused(slurm_cluster, submitit_fo
         executor.submit(time.sleep, 1)
 
 
-def test_start_script_is_idempotent_and_fast(slurm_cluster) -> None:
+def test_start_script_on_a_running_cluster_only_checks(slurm_cluster) -> None:
+    """On a cluster that is up, start.sh takes its check-only path: it says so in one line, takes
+    no lock, rewrites no configuration and restarts no daemon."""
     pids_before = {p.name: p.read_text() for p in (STATE_DIR / "run").glob("*.pid")}
-    started = time.monotonic()
+    touched = [Path("/etc/slurm/slurm.conf"), STATE_DIR / "lock"]  # written only past the check
+    stamps = {p: p.stat().st_mtime_ns for p in touched if p.exists()}
     result = subprocess.run(
         ["bash", str(slurm_cluster.start_script)], capture_output=True, text=True, timeout=60
     )
-    elapsed = time.monotonic() - started
     assert result.returncode == 0, result.stderr
-    assert "already up" in result.stderr
-    assert elapsed < 3.0
+    said = result.stderr.strip().splitlines()
+    assert len(said) == 1 and said[0].startswith("[slurm-local] already up: cluster igfiqa, node "), said
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert {p.name: p.read_text() for p in (STATE_DIR / "run").glob("*.pid")} == pids_before

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,7 +27,7 @@ import pytest
 
 from pipeline.config import dump_config, flatten_config
 from pipeline.parallel.env import free_port
-from tests.train_fixtures import STEP_METRICS, tiny_config, tiny_dataset
+from tests.train_fixtures import STEP_METRICS, tiny_config
 
 pytest.importorskip("nvidia.dali")
 
@@ -45,8 +46,9 @@ def _healthy(url: str) -> bool:
 
 
 @pytest.fixture
-def mlflow_server(tmp_path: Path) -> Iterator[str]:
+def mlflow_server(mlflow_store_template: Path, tmp_path: Path) -> Iterator[str]:
     """A real `mlflow server` on a free loopback port; its URL. Stopped (process group) at the end."""
+    shutil.copyfile(mlflow_store_template, tmp_path / "server.db")  # its store, tables made
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log_path = tmp_path / "server.log"
@@ -135,12 +137,13 @@ def _igfiqa_train(config_path: Path, run_dir: Path, url: str, log_path: Path) ->
 
 @pytest.mark.mlflow_server
 @pytest.mark.slow
-def test_concurrent_trainings_and_writers_lose_nothing(mlflow_server: str, tmp_path: Path) -> None:
+def test_concurrent_trainings_and_writers_lose_nothing(
+    mlflow_server: str, tiny_train_dataset: Path, tmp_path: Path
+) -> None:
     from mlflow.tracking import MlflowClient
 
     url = mlflow_server
-    dataset = tiny_dataset(tmp_path / "data")
-    config = tiny_config(dataset, tmp_path / "unused", url)
+    config = tiny_config(tiny_train_dataset, tmp_path / "unused", url)
     config_path = tmp_path / "tiny.yaml"
     config_path.write_text(dump_config(config))
 

@@ -21,7 +21,7 @@ import torch
 import yaml
 
 from pipeline.config import TrainConfig, config_to_dict, dump_config, flatten_config
-from tests.train_fixtures import STEP_METRICS, tiny_config, tiny_dataset
+from tests.train_fixtures import STEP_METRICS, new_mlflow_store, tiny_config
 
 pytest.importorskip("nvidia.dali")
 
@@ -41,10 +41,6 @@ class FinishedRun:
     config: TrainConfig
     result: Any  # pipeline.training.trainer.TrainResult
     uri: str
-
-
-def _sqlite_uri(folder: Path) -> str:
-    return f"sqlite:///{folder / 'mlflow.db'}"
 
 
 def _client(uri: str) -> Any:
@@ -81,17 +77,19 @@ def _momentum_buffers(state: dict[str, Any]) -> list[torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_dataset(tmp_path_factory.mktemp("tiny-data"))
+def dataset(tiny_train_dataset: Path) -> Path:
+    return tiny_train_dataset
 
 
 @pytest.fixture(scope="module")
-def finished_run(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> FinishedRun:
+def finished_run(
+    dataset: Path, mlflow_store_template: Path, tmp_path_factory: pytest.TempPathFactory
+) -> FinishedRun:
     from pipeline.parallel.env import DistEnv
     from pipeline.training.trainer import train
 
     folder = tmp_path_factory.mktemp("uninterrupted")
-    uri = _sqlite_uri(folder)
+    uri = new_mlflow_store(mlflow_store_template, folder)
     config = tiny_config(dataset, folder / "run", uri, run={"keep_checkpoints": 2})
     result = train(config, DistEnv.single())
     return FinishedRun(config, result, uri)
@@ -211,13 +209,13 @@ def test_losses_fall_over_the_run(finished_run: FinishedRun) -> None:
 
 @pytest.mark.slow
 def test_interrupted_and_resumed_run_ends_bit_identical(
-    finished_run: FinishedRun, dataset: Path, tmp_path: Path
+    finished_run: FinishedRun, dataset: Path, mlflow_store_template: Path, tmp_path: Path
 ) -> None:
     from pipeline.checkpoint import load_checkpoint
     from pipeline.parallel.env import DistEnv
     from pipeline.training.trainer import train
 
-    uri = _sqlite_uri(tmp_path)
+    uri = new_mlflow_store(mlflow_store_template, tmp_path)
     config = tiny_config(dataset, tmp_path / "run", uri, run={"keep_checkpoints": 2})
     first = train(config, DistEnv.single(), stop_requested=_stop_at(11))
     assert (first.status, first.global_step) == ("interrupted", 11)
@@ -253,11 +251,12 @@ def test_interrupted_and_resumed_run_ends_bit_identical(
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_and_resume_on_one(
-    dataset: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+def test_igfiqa_train_with_two_processes_matches_one_and_resumes_on_one(
+    dataset: Path, mlflow_store_template: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """2 gloo processes vs 1 from scratch, then the 2-process run continued on 1 process.
+    """`igfiqa train --nproc 2` vs 1 process from scratch, then the 2-process run continued on 1.
 
+    The command line: its two lines, the MLflow run of world size 2, `--set` overriding the file.
     The global batch is the same (the loader splits it by rank) and the objective step is the
     same (method core), but BatchNorm normalises over each rank's share of the FR half (the
     batch that sets BN's statistics since the halves are forwarded separately), so the first
@@ -267,12 +266,11 @@ def test_two_processes_match_one_and_resume_on_one(
     grows, as a BatchNorm effect does). Bounds leave ~2x room. Without BatchNorm the two runs
     agree to float order: test_two_processes_train_exactly_as_one_without_batch_norm.
     """
-    from jobs.launch import launch_local
     from pipeline.checkpoint import load_checkpoint
     from pipeline.parallel.env import DistEnv
     from pipeline.training.trainer import train
 
-    uri = _sqlite_uri(tmp_path)
+    uri = new_mlflow_store(mlflow_store_template, tmp_path)
 
     def config(run_dir: Path, max_steps: int) -> TrainConfig:
         data = {"dataset": str(dataset), "fr_batch": 48, "reg_batch": 48, "num_threads": 1, "prefetch": 1}
@@ -280,15 +278,33 @@ def test_two_processes_match_one_and_resume_on_one(
             dataset, run_dir, uri, data=data, optim={"max_steps": max_steps}, run={"log_every": 1}
         )
 
-    two = launch_local(config(tmp_path / "two", 1), nproc=2)
+    # the file names another run dir and 2 steps: the --set flags decide
+    config_path = _write_config(tmp_path / "tiny.yaml", config(tmp_path / "unused", 2))
+    two_dir = tmp_path / "two"
+    result = _igfiqa(
+        ["train", str(config_path), "--nproc", "2", "--set", "optim.max_steps=1", "--set", f"run.dir={two_dir}",
+         "--tracking-uri", uri],
+        cwd=tmp_path,
+        timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    two_checkpoint = two_dir / "checkpoints" / "step-00000001.ckpt"
+    assert f"completed at step 1: checkpoint {two_checkpoint}" in result.stdout
+    run_line = next(line for line in result.stdout.splitlines() if line.startswith("MLflow run "))
+    two_run_id = run_line.split()[2]
+    assert run_line == f"MLflow run {two_run_id} in {uri}"
+    two_run = _client(uri).get_run(two_run_id)
+    assert two_run.info.status == "FINISHED" and two_run.data.tags["world_size"] == "2"
+    assert two_run.data.params["optim.max_steps"] == "1" and two_run.data.params["run.dir"] == str(two_dir)
+    assert two_checkpoint.is_file() and not (tmp_path / "unused").exists()
+
     one = train(config(tmp_path / "one", 1), DistEnv.single())
-    assert two["status"] == one.status == "completed" and two["global_step"] == one.global_step == 1
-    assert _client(uri).get_run(two["mlflow_run_id"]).data.tags["world_size"] == "2"
-    two_arc = _history(uri, two["mlflow_run_id"], "loss_arc")
+    assert one.status == "completed" and one.global_step == 1
+    two_arc = _history(uri, two_run_id, "loss_arc")
     one_arc = _history(uri, one.mlflow_run_id, "loss_arc")
     assert [s for s, _ in two_arc] == [s for s, _ in one_arc] == [1]
     assert two_arc[0][1] == pytest.approx(one_arc[0][1], rel=0.04)
-    two_state, one_state = load_checkpoint(two["checkpoint"]), load_checkpoint(one.checkpoint)
+    two_state, one_state = load_checkpoint(two_checkpoint), load_checkpoint(one.checkpoint)
     assert two_state["world_size"] == 2 and one_state["world_size"] == 1
     # after SGD's first step the momentum buffer is the (clipped) gradient + weight decay
     two_grad = torch.cat([b.flatten() for b in _momentum_buffers(two_state)])
@@ -298,11 +314,11 @@ def test_two_processes_match_one_and_resume_on_one(
 
     # the 2-process run continued on 1 process to the end of its first epoch (240 // 96 = 2 steps)
     with caplog.at_level(logging.WARNING, logger="pipeline.training.trainer"):
-        resumed = train(config(tmp_path / "two", 2), DistEnv.single())
+        resumed = train(config(two_dir, 2), DistEnv.single())
     assert "resuming a checkpoint written by 2 process(es) on 1" in caplog.text
     assert "re-sharded" in caplog.text
     assert (resumed.status, resumed.global_step, resumed.epoch) == ("completed", 2, 1)
-    assert resumed.mlflow_run_id == two["mlflow_run_id"]
+    assert resumed.mlflow_run_id == two_run_id
     state = load_checkpoint(resumed.checkpoint)
     assert state["world_size"] == 1 and state["global_step"] == 2
     assert state["classifier"].shape == state["classifier_momentum"].shape == (TINY_CLASSES, TINY_EMBEDDING)
@@ -312,7 +328,9 @@ def test_two_processes_match_one_and_resume_on_one(
 
 
 @pytest.mark.slow
-def test_two_processes_train_exactly_as_one_without_batch_norm(dataset: Path, tmp_path: Path) -> None:
+def test_two_processes_train_exactly_as_one_without_batch_norm(
+    dataset: Path, mlflow_store_template: Path, tmp_path: Path
+) -> None:
     """Where the result must not depend on the world size, it does not: without BatchNorm (the only
     per-rank statistic of the step) 2 gloo processes and 1 train the same 2 steps, loss_arc,
     loss_ig and weights equal up to float summation order. A broken all-reduce, sharding or
@@ -322,7 +340,7 @@ def test_two_processes_train_exactly_as_one_without_batch_norm(dataset: Path, tm
     from pipeline.parallel.env import DistEnv
     from pipeline.training.trainer import train
 
-    uri = _sqlite_uri(tmp_path)
+    uri = new_mlflow_store(mlflow_store_template, tmp_path)
 
     def config(run_dir: Path) -> TrainConfig:
         return tiny_config(
@@ -366,39 +384,6 @@ def _igfiqa(args: list[str], cwd: Path, timeout: float) -> subprocess.CompletedP
     )
 
 
-@pytest.mark.slow
-def test_igfiqa_train_with_two_processes(dataset: Path, tmp_path: Path) -> None:
-    uri = _sqlite_uri(tmp_path)
-    config_path = _write_config(tmp_path / "tiny.yaml", tiny_config(dataset, tmp_path / "unused", ""))
-    run_dir = tmp_path / "cli-run"
-    result = _igfiqa(
-        [
-            "train",
-            str(config_path),
-            "--nproc",
-            "2",
-            "--set",
-            "optim.max_steps=4",
-            "--set",
-            f"run.dir={run_dir}",
-            "--tracking-uri",
-            uri,
-        ],
-        cwd=tmp_path,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    checkpoint = run_dir / "checkpoints" / "step-00000004.ckpt"
-    assert f"completed at step 4: checkpoint {checkpoint}" in result.stdout
-    run_line = next(line for line in result.stdout.splitlines() if line.startswith("MLflow run "))
-    run_id = run_line.split()[2]
-    assert run_line == f"MLflow run {run_id} in {uri}"
-    run = _client(uri).get_run(run_id)
-    assert run.info.status == "FINISHED" and run.data.tags["world_size"] == "2"
-    assert run.data.params["optim.max_steps"] == "4" and run.data.params["run.dir"] == str(run_dir)
-    assert checkpoint.is_file() and not (tmp_path / "unused").exists()  # --set run.dir took effect
-
-
 def _dataset_without_manifest(dataset: Path, root: Path) -> str:
     """A copy of the dataset's shard files without its dataset.json (an unfinished conversion)."""
     incomplete = root / "incomplete"
@@ -422,8 +407,17 @@ INVALID_CONFIGS = {
 
 @pytest.mark.parametrize("case", sorted(INVALID_CONFIGS))
 def test_igfiqa_train_refuses_invalid_configs_before_anything_runs(
-    case: str, dataset: Path, tmp_path: Path
+    case: str,
+    dataset: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
+    """In this process (the console script's own exit code and output: the zero-processes test)."""
+    from jobs.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     overrides, nproc, message = INVALID_CONFIGS[case]
     run_dir = tmp_path / "run"
     db = tmp_path / "mlflow.db"
@@ -432,12 +426,12 @@ def test_igfiqa_train_refuses_invalid_configs_before_anything_runs(
     args = ["train", str(config_path), "--nproc", str(nproc)]
     for override in overrides:
         args += ["--set", override.format(root=tmp_path, incomplete=incomplete)]
-    result = _igfiqa(args, cwd=tmp_path, timeout=120)
-    assert result.returncode == 2, result.stdout + result.stderr
-    assert "igfiqa: error:" in result.stderr and message in result.stderr, result.stderr
-    assert "Traceback" not in result.stderr
+    status = main(args)
+    printed = capsys.readouterr()
+    assert status == 2, printed.out + printed.err
+    assert "igfiqa: error:" in printed.err and message in printed.err, printed.err
     assert not run_dir.exists() and not db.exists()  # nothing ran, no MLflow run was created
-    assert result.stdout == ""
+    assert printed.out == ""
 
 
 def test_igfiqa_train_refuses_zero_processes(dataset: Path, tmp_path: Path) -> None:

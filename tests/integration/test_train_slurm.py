@@ -4,9 +4,9 @@ end bit-identical to an uninterrupted job; every invalid config is refused befor
 
 All runs use one tiny dataset (tests/train_fixtures.py: 15 steps per epoch at 8 + 8 images) and
 one of two configs, each with its uninterrupted baseline run:
-- SHORT (45 steps): the `igfiqa submit --wait` run and the `submit_training` run (module
-  fixtures), the former the baseline of the preemption and the `scontrol requeue` tests, which
-  interrupt their job after its first periodic checkpoint.
+- SHORT (45 steps): the `igfiqa submit --wait` run (a module fixture), the completed job the
+  first tests look at and the baseline of the preemption and the `scontrol requeue` tests, which
+  submit through `submit_training` and interrupt their job after its first periodic checkpoint.
 - LONG (375 steps, ~75 s of training at ~0.2 s/step on 2 quiet cores, so one 1-minute attempt
   can never finish it): the timeout test's job, which must still be training when SLURM's
   time-limit warning comes, and its own uninterrupted baseline. (A plan that a quiet machine
@@ -35,11 +35,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import submitit
 import torch
 
 from jobs.launch import Submission, submit_training
 from pipeline.config import TrainConfig, dump_config, load_config
-from tests.train_fixtures import tiny_config, tiny_dataset
+from tests.train_fixtures import new_mlflow_store, tiny_config
 
 pytestmark = pytest.mark.slurm
 
@@ -238,8 +239,8 @@ def _interrupt_after_first_checkpoint(submission: Submission, config: TrainConfi
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_dataset(tmp_path_factory.mktemp("tiny-data"))
+def dataset(tiny_train_dataset: Path) -> Path:
+    return tiny_train_dataset
 
 
 @dataclass(frozen=True)
@@ -251,8 +252,11 @@ class CliRun:
 
 
 @pytest.fixture(scope="module")
-def cli_run(slurm_cluster, dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> CliRun:
+def cli_run(
+    slurm_cluster, dataset: Path, mlflow_store_template: Path, tmp_path_factory: pytest.TempPathFactory
+) -> CliRun:
     root = tmp_path_factory.mktemp("cli-submit")
+    new_mlflow_store(mlflow_store_template, root)
     config = _config(dataset, root, "cli-submit", SHORT)
     config_file = root / "tiny.yaml"
     config_file.write_text(dump_config(config))
@@ -291,31 +295,29 @@ def _api_run(profile: Any, dataset: Path, root: Path, plan: Plan) -> ApiRun:
     return ApiRun(submission, results, baseline)
 
 
-@pytest.fixture(scope="module")
-def api_run(slurm_cluster, dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> ApiRun:
-    return _api_run(slurm_cluster.profile, dataset, tmp_path_factory.mktemp("api-submit"), SHORT)
-
-
 # --------------------------------------------------------------------------- 1. a job completes
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
-def test_two_task_job_completes_with_its_mlflow_run(api_run: ApiRun) -> None:
-    submission, results, baseline = api_run.submission, api_run.results, api_run.baseline
-    config, total = baseline.config, SHORT.total_steps
-    assert submission.world_size == 2 and submission.nodes == 1
+def test_two_task_job_completes_with_its_mlflow_run(cli_run: CliRun) -> None:
+    baseline = cli_run.baseline
+    config, total, job_id, run_id = baseline.config, SHORT.total_steps, baseline.job_id, baseline.run_id
+    assert f"submitted job {job_id} (2 tasks on 1 node(s))" in cli_run.process.stdout
+    # each task's result, as submitit keeps it beside the logs
+    results = submitit.SlurmJob(baseline.stderr.parent, job_id, tasks=(0, 1)).results()
     assert [r["status"] for r in results] == ["completed", "completed"]
     assert [r["global_step"] for r in results] == [total, total]
     assert results[0]["checkpoint"] and results[1]["checkpoint"] == ""  # rank 0 writes checkpoints
-    assert _final_sacct_attempts(submission.job_id) == ["COMPLETED"]
-    assert _resumed_steps(_log(submission.stderr)) == []
+    assert results[0]["mlflow_run_id"] == run_id
+    assert _final_sacct_attempts(job_id) == ["COMPLETED"]
+    assert _resumed_steps(_log(baseline.stderr)) == []
 
     client = _mlflow_client(config)
-    run = client.get_run(submission.mlflow_run_id)
+    run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     tags, params = run.data.tags, run.data.params
-    assert tags["slurm_job_id"] == submission.job_id
+    assert tags["slurm_job_id"] == job_id
     assert tags["world_size"] == "2"
     assert tags["kind"] == "train" and tags["code_version"]
     assert tags["run_dir"] == config.run.dir
@@ -325,25 +327,25 @@ def test_two_task_job_completes_with_its_mlflow_run(api_run: ApiRun) -> None:
 
     expected_steps = _logged_steps(total)
     for key in ("loss_arc", "loss_ig", "cr_mean", "class_weight_zero_frac", "alpha", "lr", "images_per_s"):
-        history = client.get_metric_history(submission.mlflow_run_id, key)
+        history = client.get_metric_history(run_id, key)
         assert sorted(m.step for m in history) == expected_steps, key
         assert all(m.value == m.value for m in history), f"{key} has NaN"  # NaN != NaN
-    lr = _metric_steps(client, submission.mlflow_run_id, "lr")
+    lr = _metric_steps(client, run_id, "lr")
     assert lr[2] == pytest.approx(0.05) and lr[total] == pytest.approx(0.005)  # ÷10 at the milestone
-    alpha = _metric_steps(client, submission.mlflow_run_id, "alpha")
+    alpha = _metric_steps(client, run_id, "alpha")
     middle = LOG_EVERY * (total // (2 * LOG_EVERY))  # a logged step half-way
     assert alpha[2] < alpha[middle] < alpha[total] == pytest.approx(1.0)  # 0.9 → 1 over training
     assert results[0]["metrics"]["loss_arc"] == pytest.approx(baseline.loss_arc[total])
 
-    artifacts = {a.path for a in client.list_artifacts(submission.mlflow_run_id)}
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"config.yaml", "class_weights.png", "training_curves.png", "checkpoint.txt"} <= artifacts
-    local = Path(client.download_artifacts(submission.mlflow_run_id, "checkpoint.txt"))
+    local = Path(client.download_artifacts(run_id, "checkpoint.txt"))
     checkpoint = Path(local.read_text().strip())
     assert checkpoint == Path(results[0]["checkpoint"]) and checkpoint.is_file()
-    config_yaml = Path(client.download_artifacts(submission.mlflow_run_id, "config.yaml"))
+    config_yaml = Path(client.download_artifacts(run_id, "config.yaml"))
     assert load_config(config_yaml) == config
     for png in ("training_curves.png", "class_weights.png"):
-        data = Path(client.download_artifacts(submission.mlflow_run_id, png)).read_bytes()
+        data = Path(client.download_artifacts(run_id, png)).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n", png
 
 
@@ -371,8 +373,9 @@ def test_cli_submit_wait_prints_the_job_and_exits_zero(cli_run: CliRun) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_preempted_job_resumes_into_the_same_run_and_weights(
-    slurm_cluster, dataset: Path, tmp_path: Path, cli_run: CliRun
+    slurm_cluster, dataset: Path, mlflow_store_template: Path, tmp_path: Path, cli_run: CliRun
 ) -> None:
+    new_mlflow_store(mlflow_store_template, tmp_path)
     config = _config(dataset, tmp_path, "preempted", SHORT)
     submission = submit_training(config, slurm_cluster.profile)
     _interrupt_after_first_checkpoint(submission, config, SHORT)
@@ -389,8 +392,9 @@ def test_preempted_job_resumes_into_the_same_run_and_weights(
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_scontrol_requeued_job_resumes_into_the_same_run_and_weights(
-    slurm_cluster, dataset: Path, tmp_path: Path, cli_run: CliRun
+    slurm_cluster, dataset: Path, mlflow_store_template: Path, tmp_path: Path, cli_run: CliRun
 ) -> None:
+    new_mlflow_store(mlflow_store_template, tmp_path)
     config = _config(dataset, tmp_path, "requeued", SHORT)
     submission = submit_training(config, slurm_cluster.profile)
     saved_before = _interrupt_after_first_checkpoint(submission, config, SHORT)
@@ -462,20 +466,30 @@ INVALID = {
 
 @pytest.mark.parametrize("case", list(INVALID))
 def test_invalid_config_is_refused_before_submission(
-    slurm_cluster, valid_config_file: Path, tmp_path: Path, case: str
+    slurm_cluster,
+    valid_config_file: Path,
+    tmp_path: Path,
+    case: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
+    """In this process (the console script's own exit code and output: the partition test)."""
+    from jobs.cli import main
+
+    monkeypatch.chdir(tmp_path)
     make_override, message = INVALID[case]
     job_name = f"refused-{case}-{uuid.uuid4().hex[:8]}"
     run_dir, db = tmp_path / "run", tmp_path / "mlflow.db"
-    command = [*IGFIQA_SUBMIT, str(valid_config_file), "--cluster", str(LOCAL_PROFILE), "--wait"]
+    command = ["submit", str(valid_config_file), "--cluster", str(LOCAL_PROFILE), "--wait"]
     command += ["--set", f"run.name={job_name}", "--set", f"run.dir={run_dir}"]
     command += ["--tracking-uri", f"sqlite:///{db}", "--set", make_override(tmp_path)]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    status = main(command)
+    printed = capsys.readouterr()
 
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert re.search(message, proc.stderr), proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith("igfiqa: error: ")
-    assert "Traceback" not in proc.stderr and "submitted job" not in proc.stdout
+    assert status == 2, printed.out + printed.err
+    assert re.search(message, printed.err), printed.err
+    assert printed.err.strip().splitlines()[-1].startswith("igfiqa: error: ")
+    assert "submitted job" not in printed.out
     assert not (run_dir / "submitit").exists() and not db.exists()  # no job, no MLflow run
     jobs = subprocess.run(
         [*SACCT, "--starttime", "now-1hours", "--name", job_name, "--format=JobID"],

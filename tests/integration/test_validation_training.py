@@ -14,15 +14,15 @@ from pipeline.checkpoint import BEST_NAME, checkpoint_dir, load_checkpoint
 from pipeline.config import ConfigError
 from pipeline.parallel.env import DistEnv
 from pipeline.training.trainer import train
-from tests.train_fixtures import tiny_config, tiny_dataset
+from tests.train_fixtures import new_mlflow_store, tiny_config
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("validation")
-    train_dir = tiny_dataset(root)
-    convert_bins([root / "synth" / "clean.bin", root / "synth" / "mixed.bin"], root / "val")
-    return train_dir, root / "val"
+def data(tiny_train_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The tiny training set and its verification sets (clean.bin, mixed.bin) converted."""
+    synth, val = tiny_train_dataset.parent / "synth", tmp_path_factory.mktemp("validation") / "val"
+    convert_bins([synth / "clean.bin", synth / "mixed.bin"], val)
+    return tiny_train_dataset, val
 
 
 def _config(data: tuple[Path, Path], tmp_path: Path, **run: Any) -> Any:
@@ -47,10 +47,11 @@ def _stop_at(step: int) -> Any:
 
 
 def test_validation_logs_metrics_and_keeps_the_best_checkpoint(
-    data: tuple[Path, Path], tmp_path: Path
+    data: tuple[Path, Path], mlflow_store_template: Path, tmp_path: Path
 ) -> None:
     from mlflow.tracking import MlflowClient
 
+    new_mlflow_store(mlflow_store_template, tmp_path)
     config = _config(data, tmp_path)
     result = train(config, DistEnv.single())
     assert result.status == "completed"
@@ -67,7 +68,10 @@ def test_validation_logs_metrics_and_keeps_the_best_checkpoint(
     assert 0.0 <= history[4] <= 1.0 and result.metrics["val.clean.accuracy"] >= 0.5
 
 
-def test_the_best_so_far_survives_an_interruption(data: tuple[Path, Path], tmp_path: Path) -> None:
+def test_the_best_so_far_survives_an_interruption(
+    data: tuple[Path, Path], mlflow_store_template: Path, tmp_path: Path
+) -> None:
+    new_mlflow_store(mlflow_store_template, tmp_path)
     config = _config(data, tmp_path, checkpoint_every_steps=2)
     first = train(config, DistEnv.single(), stop_requested=_stop_at(6))
     assert first.status == "interrupted" and first.global_step == 6

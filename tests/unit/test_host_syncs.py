@@ -1,85 +1,31 @@
 """One training step never makes the host wait for the device.
 
-On a GPU, `.item()`, `.tolist()`, `bool(tensor)`, `nonzero`/`unique` (data-dependent
-shapes), boolean-mask indexing and copies to the host stall the CUDA stream every
-step. The CPU test intercepts exactly those calls during `Trainer.step` and a
-non-logging `monitor.after_step`; the GPU test runs the same step under
-`torch.cuda.set_sync_debug_mode("error")`.
+On a GPU, `.item()`, `.tolist()`, `bool(tensor)`, `np.asarray(tensor)`, formatting a tensor,
+`nonzero`/`unique` (data-dependent shapes), boolean-mask indexing and copies to the host
+(`.cpu()`, `.to("cpu")`, `copy_` into a host tensor) stall the CUDA stream every step. The CPU
+test counts those calls during `Trainer.step` and a non-logging `monitor.after_step`
+(tests/host_sync_counter.py) and shows that each kind is caught; the GPU test runs the same
+step under `torch.cuda.set_sync_debug_mode("error")`.
 """
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
 
 from pipeline.checkpoint import TrainingPosition
 from pipeline.parallel.env import DistEnv
 from pipeline.training.trainer import Trainer
-from tests.train_fixtures import tiny_config, tiny_dataset
-
-# calls whose result the host must wait for (or whose output shape depends on values)
-SYNCING = {
-    "item",
-    "tolist",
-    "__bool__",
-    "__int__",
-    "__float__",
-    "__index__",
-    "cpu",
-    "numpy",
-    "nonzero",
-    "argwhere",
-    "unique",
-    "unique_consecutive",
-    "masked_select",
-    "repeat_interleave",
-}
+from tests.host_sync_counter import HostSyncCounter
+from tests.train_fixtures import new_mlflow_store, tiny_config
 
 
-# checks whose CUDA branch is asynchronous (torch._assert_async); their CPU branch may sync
-ASYNC_ON_CUDA = {"_check_labels"}
-
-
-class HostSyncCounter(TorchFunctionMode):
-    """Records every torch call that would synchronise a CUDA device with the host."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[str] = []
-
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        name = getattr(func, "__name__", str(func))
-        if _called_from(ASYNC_ON_CUDA):
-            return func(*args, **(kwargs or {}))
-        if name in SYNCING or (name in ("__getitem__", "__setitem__") and _bool_index(args[1:2])):
-            self.calls.append(name)
-        return func(*args, **(kwargs or {}))
-
-
-def _called_from(functions: set[str], depth: int = 6) -> bool:
-    frame = sys._getframe(2)
-    for _ in range(depth):
-        if frame is None:
-            return False
-        if frame.f_code.co_name in functions:
-            return True
-        frame = frame.f_back
-    return False
-
-
-def _bool_index(index: tuple) -> bool:
-    items = index[0] if index and isinstance(index[0], tuple) else index
-    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in items)
-
-
-def _trainer(tmp_path: Path, device: str, **run: Any) -> Trainer:
-    dataset = tiny_dataset(tmp_path / "data")
+def _trainer(dataset: Path, tmp_path: Path, device: str, **run: Any) -> Trainer:
     config = tiny_config(
         dataset, tmp_path / "run", f"sqlite:///{tmp_path / 'mlflow.db'}", run={"device": device, **run}
     )
@@ -98,42 +44,89 @@ def _step_and_meter(trainer: Trainer, batch: Any, values: Any, step: int) -> Non
     trainer.monitor.after_step(TrainingPosition(global_step=step), out, quality, values)
 
 
-@pytest.fixture
-def trainer(tmp_path: Path) -> Iterator[Trainer]:
-    made = _trainer(tmp_path, "cpu", log_every=100)
+@pytest.fixture(scope="module")
+def trainer(
+    tiny_train_dataset: Path, mlflow_store_template: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Trainer]:
+    """One CPU trainer in training mode for the module: counting needs no fresh weights."""
+    folder = tmp_path_factory.mktemp("host-syncs")
+    new_mlflow_store(mlflow_store_template, folder)
+    made = _trainer(tiny_train_dataset, folder, "cpu", log_every=100)
+    made.ddp_model.train()
+    made.objective.train()
     yield made
     made.loader.close()
     made.monitor.close()
 
 
-def test_a_step_makes_no_host_sync(trainer: Trainer) -> None:
-    trainer.ddp_model.train()
-    trainer.objective.train()
-    for step, (batch, values) in enumerate(_steps(trainer, 3), start=1):
+@pytest.fixture(scope="module")
+def batches(trainer: Trainer) -> list[tuple[Any, Any]]:
+    """The first three batches of epoch 0 and their per-step values."""
+    return list(_steps(trainer, 3))
+
+
+def test_a_step_makes_no_host_sync(trainer: Trainer, batches: list[tuple[Any, Any]]) -> None:
+    for step, (batch, values) in enumerate(batches, start=1):
         with HostSyncCounter() as counter:
             _step_and_meter(trainer, batch, values, step)
         assert counter.calls == [], f"step {step} synchronises the host: {counter.calls}"
 
 
-def test_the_counter_sees_a_sync_in_the_step(trainer: Trainer, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The check can fail: a `.item()` slipped into the objective is caught."""
+# a host synchronisation slipped into the objective's forward, and the call the counter names
+LEAKS: dict[str, tuple[Callable[[Any], object], str]] = {
+    "item": (lambda out: out.loss_arc.item(), "item"),
+    "to cpu": (lambda out: out.loss_arc.detach().to("cpu"), "to"),
+    "np.asarray": (lambda out: np.asarray(out.cr.detach()), "__array__"),
+    "copy_ into a host tensor": (lambda out: torch.zeros(()).copy_(out.loss_arc.detach()), "copy_"),
+    "format": (lambda out: f"{out.loss_arc:.2f}", "__format__"),
+    "boolean mask": (lambda out: out.cr[out.cr > 0], "__getitem__"),
+}
+
+
+def _leak_into_the_objective(trainer: Trainer, monkeypatch: pytest.MonkeyPatch, leak: Callable) -> None:
     forward = type(trainer.objective).forward
 
     def leaky(self: Any, *args: Any) -> Any:
         out = forward(self, *args)
-        out.loss_arc.item()
+        leak(out)
         return out
 
     monkeypatch.setattr(type(trainer.objective), "forward", leaky)
-    batch, values = next(_steps(trainer, 1))
+
+
+@pytest.mark.parametrize("leak", list(LEAKS))
+def test_the_counter_sees_a_sync_in_the_step(
+    trainer: Trainer, batches: list[tuple[Any, Any]], monkeypatch: pytest.MonkeyPatch, leak: str
+) -> None:
+    """The check can fail: each kind of host synchronisation slipped into the objective is caught."""
+    code, name = LEAKS[leak]
+    _leak_into_the_objective(trainer, monkeypatch, code)
     with HostSyncCounter() as counter:
-        _step_and_meter(trainer, batch, values, 1)
-    assert counter.calls == ["item"]
+        _step_and_meter(trainer, *batches[0], 1)
+    assert counter.calls == [name]
+
+
+def test_host_work_and_casts_in_the_step_are_not_syncs(
+    trainer: Trainer, batches: list[tuple[Any, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Values made on the host may be read there, and a cast or a device-side copy is no sync."""
+
+    def host_work(out: Any) -> None:
+        counts = torch.tensor([1.0, 2.0])
+        assert counts.sum().item() == 3.0 and f"{counts[0]:.1f}" == "1.0" and np.asarray(counts).size == 2
+        torch.zeros(2).copy_(counts)
+        out.loss_arc.detach().to(torch.float64)
+        torch.zeros_like(out.cr).copy_(out.cr.detach())
+
+    _leak_into_the_objective(trainer, monkeypatch, host_work)
+    with HostSyncCounter() as counter:
+        _step_and_meter(trainer, *batches[0], 1)
+    assert counter.calls == []
 
 
 @pytest.mark.gpu
-def test_a_cuda_step_runs_under_sync_debug_error(tmp_path: Path) -> None:
-    made = _trainer(tmp_path, "cuda", log_every=100, deterministic=False)
+def test_a_cuda_step_runs_under_sync_debug_error(tiny_train_dataset: Path, tmp_path: Path) -> None:
+    made = _trainer(tiny_train_dataset, tmp_path, "cuda", log_every=100, deterministic=False)
     try:
         steps = list(_steps(made, 3))
         _step_and_meter(made, *steps[0], 1)  # warm-up: lazy CUDA initialisation may sync once

@@ -11,7 +11,7 @@ import torch
 from pipeline.checkpoint import load_checkpoint, load_resume_checkpoint
 from pipeline.parallel.env import DistEnv
 from pipeline.training.trainer import NonFiniteTrainingError, Trainer
-from tests.train_fixtures import tiny_config, tiny_dataset
+from tests.train_fixtures import new_mlflow_store, tiny_config
 
 
 def _poison_after(step_to_poison: int, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -30,12 +30,17 @@ def _poison_after(step_to_poison: int, monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize(("poisoned", "caught_by"), [(3, "mean loss"), (2, "weights hold NaN")])
 def test_divergence_stops_and_keeps_the_last_good_checkpoint(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, poisoned: int, caught_by: str
+    tiny_train_dataset: Path,
+    mlflow_store_template: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    poisoned: int,
+    caught_by: str,
 ) -> None:
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_mlflow_store(mlflow_store_template, tmp_path)
     # step 3 poisoned: the log point at step 4 sees a NaN loss; step 2 poisoned: the save at step 2 refuses
     config = tiny_config(
-        tiny_dataset(tmp_path / "data"),
+        tiny_train_dataset,
         tmp_path / "run",
         uri,
         run={"log_every": 4, "checkpoint_every_steps": 2},

@@ -7,7 +7,7 @@ exits before a collective.
 
 from __future__ import annotations
 
-import time
+import re
 from datetime import timedelta
 from typing import Any
 
@@ -21,13 +21,23 @@ from pipeline.parallel.env import DistEnv, free_port
 from pipeline.training.trainer import NonFiniteTrainingError, _init_process_group
 
 
-def test_rendezvous_nobody_joins_fails_after_the_collective_timeout() -> None:
-    env = DistEnv(rank=0, world_size=2, master_port=free_port(), collective_timeout_s=2.0)
-    started = time.monotonic()
+@pytest.mark.timeout(120)  # torch's default timeout (30 min) reaching the rendezvous would hang here
+def test_rendezvous_nobody_joins_fails_after_the_collective_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rendezvous is given DistEnv's timeout and ends with the store's timeout error, which
+    is recognised as a peer failure (a hang instead would stop the test at its pytest timeout)."""
+    given: list[timedelta] = []
+    init_process_group = dist.init_process_group
+
+    def recording_init(*args: Any, **kwargs: Any) -> None:
+        given.append(kwargs["timeout"])
+        init_process_group(*args, **kwargs)
+
+    monkeypatch.setattr(dist, "init_process_group", recording_init)
+    env = DistEnv(rank=0, world_size=2, master_port=free_port(), collective_timeout_s=1.0)
     with pytest.raises(Exception) as info:  # which class is torch's business
         _init_process_group(env, torch.device("cpu"))
-    elapsed = time.monotonic() - started
-    assert 1.5 <= elapsed < 30, elapsed
+    assert given == [timedelta(seconds=1.0)]
+    assert re.search(r"Timed out after \d+ seconds waiting for clients\. 1/2 clients joined", str(info.value))
     assert is_peer_failure(info.value), repr(info.value)
     assert not dist.is_initialized()
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,7 @@ from pipeline.config import BatchLayout, LossConfig, TrainConfig, VarianceConfig
 from pipeline.method.objective import IGFIQAObjective, ObjectiveOutput
 from pipeline.parallel.env import DistEnv
 from pipeline.training.monitor import StepMeter, TrainingMonitor, class_weight_stats
-from tests.train_fixtures import tiny_config, tiny_dataset
+from tests.train_fixtures import new_mlflow_store, tiny_config
 
 
 def _output(
@@ -44,7 +43,19 @@ def _layout(config: TrainConfig) -> BatchLayout:
     return BatchLayout.of(config.data, 1, 1000)
 
 
-def test_step_meter_averages_over_steps_and_samples_then_resets() -> None:
+class FakeClock:
+    """`time.perf_counter` for the meter: a reading that moves only when the test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+def test_step_meter_averages_over_steps_and_samples_then_resets(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = FakeClock()
+    monkeypatch.setattr("pipeline.training.monitor.time", clock)
     meter = StepMeter(torch.device("cpu"))
     meter.data_wait(0.02)
     meter.add(
@@ -60,7 +71,7 @@ def test_step_meter_averages_over_steps_and_samples_then_resets() -> None:
         images_per_step=4,
         alpha=1.25,
     )
-    time.sleep(0.1)
+    clock.now += 0.4  # two steps in 0.4 s, 0.05 s of it waiting for data
     out = meter.collect()
     assert out["loss_arc"] == pytest.approx(15.0)
     assert out["loss_ig"] == pytest.approx(0.5)
@@ -70,10 +81,9 @@ def test_step_meter_averages_over_steps_and_samples_then_resets() -> None:
     assert out["sample_weight_mean"] == pytest.approx(0.5)
     assert out["fr_ccs_mean"] == pytest.approx(0.4)
     assert out["alpha"] == pytest.approx(1.25)  # the last step's α
-    wall = out["seconds_per_step"] * 2
-    assert wall >= 0.1
-    assert out["images_per_s"] == pytest.approx(8 / wall, rel=0.05)
-    assert out["data_wait_frac"] == pytest.approx(0.05 / wall, rel=0.05)
+    assert out["seconds_per_step"] == pytest.approx(0.2)
+    assert out["images_per_s"] == pytest.approx(8 / 0.4)
+    assert out["data_wait_frac"] == pytest.approx(0.05 / 0.4)
     meter.add(_output(1.0, 0.0, [0.0], [1.0], [0.0]), torch.tensor([0.0]), images_per_step=2, alpha=0.9)
     assert meter.collect()["loss_arc"] == pytest.approx(1.0)  # sums were reset
 
@@ -93,11 +103,13 @@ def test_class_weight_stats_follow_the_z_score_weights() -> None:
     )
 
 
-def test_monitor_run_is_paused_continued_and_marked_failed(tmp_path: Path) -> None:
+def test_monitor_run_is_paused_continued_and_marked_failed(
+    tiny_train_dataset: Path, mlflow_store_template: Path, tmp_path: Path
+) -> None:
     from mlflow.tracking import MlflowClient
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    config = tiny_config(tiny_dataset(tmp_path / "data"), tmp_path / "run", uri)
+    uri = new_mlflow_store(mlflow_store_template, tmp_path)
+    config = tiny_config(tiny_train_dataset, tmp_path / "run", uri)
     client = MlflowClient(tracking_uri=uri)
 
     first = TrainingMonitor(
@@ -151,8 +163,10 @@ def test_monitor_run_is_paused_continued_and_marked_failed(tmp_path: Path) -> No
     assert client.get_run(first.run_id).info.status == "FAILED"
 
 
-def test_tracking_off_logs_lines_only(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    config = tiny_config(tiny_dataset(tmp_path / "data"), tmp_path / "run", "off")
+def test_tracking_off_logs_lines_only(
+    tiny_train_dataset: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = tiny_config(tiny_train_dataset, tmp_path / "run", "off")
     monitor = TrainingMonitor(
         config,
         DistEnv.single(),

@@ -15,12 +15,11 @@ import functools
 import logging
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from jobs.array_tasks import FailedTask, array_job_id, wait_for_array
-from jobs.cluster import ClusterProfile, load_profile, make_executor
+from jobs.array_job import ArrayJob, ArrayTaskError, submit_array
+from jobs.cluster import ClusterProfile, load_profile
 from jobs.errors import UserError
 
 if TYPE_CHECKING:
@@ -29,7 +28,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class ScoreTaskError(UserError):
+class ScoreTaskError(ArrayTaskError):
     """One or more array tasks of a scoring did not complete."""
 
 
@@ -43,50 +42,6 @@ def shard_ranges(num_shards: int, shards_per_task: int) -> list[list[int]]:
     ]
 
 
-@dataclass
-class ScoringArray:
-    """A submitted scoring: one array task per shard range; once waited for, the quality file."""
-
-    out: Path
-    folder: Path
-    ranges: list[list[int]]
-    jobs: list[Any]
-    result: ScoredDataset | None = None  # set by wait()
-    failed: list[FailedTask] = field(default_factory=list)
-
-    @property
-    def array_id(self) -> str:
-        """The SLURM array job id (`123` of `123_0`, `123_1`, ...)."""
-        return array_job_id(self.jobs)
-
-    def wait(self, *, progress: bool = True) -> ScoredDataset:
-        """Wait for every task, then write the quality file; ScoreTaskError names each failed task."""
-        from data_prep.dataset import load_dataset_info
-        from pipeline.curation.scoring import finalize_scoring, load_scoring_plan
-
-        self.failed = wait_for_array(self.jobs, desc="score tasks", progress=progress)
-        if self.failed:
-            raise ScoreTaskError(self._failure_report())
-        shards = load_dataset_info(Path(load_scoring_plan(self.out).dataset)).shards
-        scored_now = sum(shards[s].count for shard_range in self.ranges for s in shard_range)
-        self.result = finalize_scoring(self.out, scored_now=scored_now)
-        return self.result
-
-    def _failure_report(self) -> str:
-        lines = [f"{len(self.failed)} of {len(self.jobs)} score tasks of array job {self.array_id} failed:"]
-        for failure in self.failed[:10]:
-            shards = self.ranges[failure.task]
-            lines.append(
-                f"  task {failure.task} (shards {shards[0]}-{shards[-1]}, job {failure.job_id}, "
-                f"{failure.state}): {failure.last_error}"
-            )
-            lines.append(f"    stderr: {failure.stderr}")
-        if len(self.failed) > 10:
-            lines.append(f"  ... and {len(self.failed) - 10} more (logs under {self.folder})")
-        lines.append(f"no quality.parquet was written; run the same command again to resume {self.out}")
-        return "\n".join(lines)
-
-
 def start_scoring(
     checkpoint: str | Path,
     dataset: str | Path,
@@ -98,12 +53,16 @@ def start_scoring(
     batch_size: int = 256,
     num_threads: int = 2,
     folder: str | Path | None = None,
-) -> ScoringArray:
-    """Plan here and submit the shard ranges as one SLURM array; `.wait()` writes the quality file.
+) -> ArrayJob[ScoredDataset]:
+    """Plan here and submit the shards still to score, `shards_per_task` to a task, as one SLURM
+    array; `.wait()` writes the quality file, or raises ScoreTaskError naming each failed task.
 
-    The submitit logs go to `folder` (default: OUT/.score/slurm/<time>-<pid>, new every time).
+    The array's `details` name each task's shards ("shards 4-5"). The submitit logs go to
+    `folder` (default: OUT/.score/slurm/<time>-<pid>, new every time).
     """
+    from data_prep.dataset import load_dataset_info
     from pipeline.curation.scoring import (
+        finalize_scoring,
         load_scoring_plan,
         part_is_done_for,
         prepare_scoring,
@@ -120,27 +79,27 @@ def start_scoring(
         log.info(
             "resuming: %d of %d shards already scored (skipped)", plan.num_shards - len(todo), plan.num_shards
         )
-    ranges = shard_ranges(len(todo), shards_per_task)
-    ranges = [[todo[i] for i in r] for r in ranges]
+    ranges = [[todo[i] for i in r] for r in shard_ranges(len(todo), shards_per_task)]
     if folder is None:
         folder = out / ".score" / "slurm" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-    executor = make_executor(
-        profile,
-        folder,
+
+    def finalize(_: list[Any]) -> ScoredDataset:
+        shards = load_dataset_info(Path(plan.dataset)).shards
+        return finalize_scoring(out, scored_now=sum(shards[s].count for s in todo))
+
+    return submit_array(
+        [
+            functools.partial(score_shards, out, shards, device=device, num_threads=num_threads)
+            for shards in ranges
+        ],
+        profile=profile,
+        folder=folder,
         job_name=f"score-{out.name}",
-        array_task=True,
+        what="score tasks",
+        details=[f"shards {shards[0]}-{shards[-1]}" for shards in ranges],
+        finalize=finalize,
+        error=ScoreTaskError,
+        unfinished=f"no quality.parquet was written; run the same command again to resume {out}",
         task_gpus=1 if profile.gpus_per_node else 0,
         task_cpus=max(1, num_threads),
     )
-    task = functools.partial(score_shards, device=device, num_threads=num_threads)
-    jobs = executor.map_array(task, [out] * len(ranges), ranges) if ranges else []
-    array = ScoringArray(out=out, folder=Path(folder), ranges=ranges, jobs=jobs)
-    log.info(
-        "submitted array job %s: %d score tasks (%d shards) on cluster %s (logs: %s)",
-        array.array_id or "(none: every shard is scored)",
-        len(ranges),
-        len(todo),
-        profile.name,
-        folder,
-    )
-    return array

@@ -1,6 +1,6 @@
 """`igfiqa train` (here, N local processes) and `igfiqa submit` (SLURM through submitit).
 
-Argument parsing and printing; launching is `jobs.local_launch` and `jobs.submit_train`.
+Argument parsing and printing; launching is `jobs.launch`.
 """
 
 from __future__ import annotations
@@ -84,11 +84,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     """Handler of `igfiqa train`."""
-    from jobs.launch_config import load_launch_config
-    from jobs.local_launch import check_local_launch, launch_local
+    from jobs.launch import launch_local, load_launch_config
 
     config = load_launch_config(args.config, args.overrides, args.tracking_uri)
-    check_local_launch(config, args.nproc)
     result = launch_local(config, nproc=args.nproc)
     print(f"{result['status']} at step {result['global_step']}: checkpoint {result['checkpoint']}")
     if result["status"] == "interrupted":
@@ -100,8 +98,7 @@ def run_train(args: argparse.Namespace) -> int:
 def run_submit(args: argparse.Namespace) -> int:
     """Handler of `igfiqa submit`."""
     from jobs.cluster import load_profile
-    from jobs.launch_config import load_launch_config
-    from jobs.submit_train import follow_job, submit_training
+    from jobs.launch import follow_job, load_launch_config, submit_training
 
     config = load_launch_config(args.config, args.overrides, args.tracking_uri)
     profile = load_profile(args.cluster)

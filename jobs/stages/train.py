@@ -1,9 +1,10 @@
 """The training stage: reuse a completed run, else train on SLURM through submitit or here.
 
-A finished training leaves `<label>-train.json` in its run directory (checkpoint, MLflow run,
-step, where it ran); a submission leaves `<label>-job.json`, so a later call does not submit a
-second job while the first one still runs. The run directory keeps checkpoints: an interrupted
-training resumes where it stopped.
+Launching is `jobs.launch` (the functions `igfiqa submit` and `igfiqa train` use); this stage
+decides where and keeps the markers. A finished training leaves `<label>-train.json` in its run
+directory (checkpoint, MLflow run, step, where it ran); a submission leaves `<label>-job.json`,
+so a later call does not submit a second job while the first one still runs. The run directory
+keeps checkpoints: an interrupted training resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -29,10 +30,9 @@ from jobs.stages.work import (
 
 if TYPE_CHECKING:
     from jobs.cluster import ClusterProfile
-    from jobs.submit_train import Submission
+    from jobs.launch import Submission
     from pipeline.config import TrainConfig
 
-PENDING_NOTE_EVERY_S = 30.0
 POLL_S = 2.0
 SQUEUE_TIMEOUT_S = 15.0
 
@@ -93,30 +93,16 @@ class ActiveJob:
 
 
 def training_config(base: Path, paths: WorkFolder, run_dir: Path, overrides: Sequence[str]) -> TrainConfig:
-    """`base` with the folder's training shards, `run_dir` and MLflow store, then `overrides`."""
-    from pipeline.config import load_config
+    """`base` with the folder's training shards, `run_dir` and MLflow store, then `overrides`; paths
+    made absolute as for any launch (`jobs.launch.load_launch_config`)."""
+    from jobs.launch import load_launch_config
 
     folder_overrides = [
         f"data.dataset={paths.train}",
-        f"run.dir={Path(run_dir).resolve()}",
+        f"run.dir={run_dir}",
         f"run.tracking_uri={paths.tracking_uri}",
     ]
-    return load_config(base, [*folder_overrides, *overrides])
-
-
-def check_run_dir_matches(config: TrainConfig) -> None:
-    """A run directory holding a checkpoint trained on other data or settings is an error, not a resume
-    (the trainer's own guard, asked before anything is submitted)."""
-    from data_prep.dataset import dataset_fingerprint
-    from pipeline.checkpoint import CheckpointError, check_resumable, load_resume_checkpoint
-
-    try:
-        found = load_resume_checkpoint(config.run.dir)
-        if found is not None:
-            fingerprint = dataset_fingerprint(Path(config.data.dataset))
-            check_resumable(*found, config, dataset_fingerprint=fingerprint)
-    except CheckpointError as exc:
-        raise UserError(str(exc)) from None
+    return load_launch_config(base, [*folder_overrides, *overrides])
 
 
 def completed_training(config: TrainConfig, label: str) -> TrainOutcome | None:
@@ -143,41 +129,16 @@ def active_job(run_dir: Path, label: str) -> ActiveJob | None:
 
 
 def submit_or_reason(config: TrainConfig, profile: ClusterProfile) -> Submission | str:
-    """The `Submission` of the training job, or why sbatch refused it (a reason to train here)."""
-    from submitit.core.utils import FailedJobError, FailedSubmissionError
+    """The `Submission` of the training job, or why it could not be submitted (a reason to train here)."""
+    from submitit.core.utils import FailedSubmissionError
 
-    from jobs.submit_train import submit_training
+    from jobs.launch import SubmissionRefusedError, submit_training
 
     try:
         return submit_training(config, profile)
-    except (FailedJobError, FailedSubmissionError, OSError) as exc:  # sbatch failed or is missing
+    except (SubmissionRefusedError, FailedSubmissionError, OSError) as exc:  # sbatch refused, failed, missing
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         return f"the submission to SLURM failed ({first_line})"
-
-
-def follow_until_done(submission: Submission, *, say: Callable[[str], None], job_log: TextIO) -> str:
-    """Copy rank 0's log to `job_log` as it grows until the job ends (requeues included); its final state.
-
-    A job pending for long gets a note with SLURM's reason every PENDING_NOTE_EVERY_S.
-    """
-    from jobs.submit_train import follow_job
-
-    pending_since = time.monotonic()
-    last_note = pending_since
-
-    def explain_pending(state: str) -> None:
-        nonlocal last_note
-        now = time.monotonic()
-        if state == "PENDING" and now - last_note >= PENDING_NOTE_EVERY_S:
-            queued = slurm.queued_job(submission.job_id, timeout_s=SQUEUE_TIMEOUT_S)
-            reason = queued.reason if queued is not None and queued.reason else "unknown"
-            say(
-                f"  job {submission.job_id} still pending after {now - pending_since:.0f} s "
-                f"(reason: {reason}); other jobs may hold the cluster"
-            )
-            last_note = now
-
-    return follow_job(submission, out=job_log, poll_s=POLL_S, line_prefix="  | ", on_poll=explain_pending)
 
 
 def follow_training(
@@ -189,7 +150,10 @@ def follow_training(
     say: Callable[[str], None],
     job_log: TextIO,
 ) -> dict[str, Any]:
-    """Follow the submitted job's log until it ends; rank 0's result, or a clear error."""
+    """Copy rank 0's log to `job_log` until the job ends (requeues included), saying why when it
+    waits long in the queue; rank 0's result, or a clear error."""
+    from jobs.launch import follow_job
+
     write_json_atomically(
         Path(config.run.dir) / marker_name(label, "job"),
         {"job_id": submission.job_id, "folder": str(submission.folder)},
@@ -200,7 +164,7 @@ def follow_training(
     )
     say(f"  following {shown_path(submission.stdout)} (and .err)")
     try:
-        state = follow_until_done(submission, say=say, job_log=job_log)
+        state = follow_job(submission, out=job_log, poll_s=POLL_S, line_prefix="  | ", say_pending=say)
     except KeyboardInterrupt:
         submission.job.cancel(check=False)
         say(f"  cancelled job {submission.job_id}; run the {label} again to resume from its last checkpoint")
@@ -217,11 +181,10 @@ def follow_training(
 
 
 def train_here(config: TrainConfig, nproc: int, *, label: str) -> dict[str, Any]:
-    """launch_local with `nproc` processes (gloo), one core's worth of threads each; rank 0's result."""
-    from jobs.local_launch import launch_local
-    from pipeline.config import validate_for_launch
+    """`jobs.launch.launch_local` with `nproc` processes, one core's worth of threads each; rank 0's
+    result, or a UserError saying how to resume when the training stopped early."""
+    from jobs.launch import launch_local
 
-    validate_for_launch(config, nproc)
     # one process per core, as the SLURM profile does with OMP_NUM_THREADS=1
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     result = launch_local(config, nproc=nproc)
@@ -250,9 +213,10 @@ def train_stage(
     the SLURM cluster of the profile `cluster`, or here when that cannot run (saying why).
     """
     from jobs.cluster import load_profile
+    from jobs.launch import resumed_run_id
 
     run_dir = Path(config.run.dir)
-    check_run_dir_matches(config)
+    resumed_run_id(config)  # a run directory of other data or settings is an error, not a reuse
     done = completed_training(config, label)
     if done is not None:
         record.reused, record.note = True, f"step {done.global_step}, trained {done.where}"

@@ -1,13 +1,12 @@
 """How a training process learns its place in the job: rank, world size, rendezvous.
 
-`train()` takes a `DistEnv` and never reads SLURM or torchrun variables itself;
-the job layer builds one with `from_torchrun_env()` (also used by `igfiqa train
---nproc N`) or, on SLURM, from submitit's environment (`jobs/train_job.py`).
+`train()` takes a `DistEnv` and never reads SLURM or torchrun variables itself: the job
+layer builds one, for each of N local processes (`jobs/launch.py`) or, on SLURM, from
+submitit's environment (`jobs/train_job.py`).
 """
 
 from __future__ import annotations
 
-import os
 import socket
 from dataclasses import dataclass
 
@@ -48,20 +47,6 @@ class DistEnv:
     def single(cls) -> DistEnv:
         """One process, no process group."""
         return cls(hostname=socket.gethostname())
-
-    @classmethod
-    def from_torchrun_env(cls, environ: dict[str, str] | None = None) -> DistEnv:
-        """From RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT (torchrun, `igfiqa train --nproc`)."""
-        env = os.environ if environ is None else environ
-        return cls(
-            rank=int(env.get("RANK", 0)),
-            local_rank=int(env.get("LOCAL_RANK", 0)),
-            world_size=int(env.get("WORLD_SIZE", 1)),
-            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
-            master_port=int(env.get("MASTER_PORT", 29500)),
-            job_id=env.get("IGFIQA_JOB_ID", ""),
-            hostname=socket.gethostname(),
-        )
 
 
 def free_port() -> int:

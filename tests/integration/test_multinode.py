@@ -41,8 +41,8 @@ from typing import Any
 import pytest
 import torch
 
+from jobs.launch import submit_training
 from jobs.slurm import latest_attempt_state
-from jobs.submit_train import submit_training
 from pipeline.config import TrainConfig, dump_config, replace_section
 from tests.integration.conftest import TWO_NODE_PROFILE, start_two_node_cluster
 from tests.train_fixtures import tiny_config, tiny_dataset
@@ -260,7 +260,7 @@ def _submit_and_wait(config: TrainConfig, root: Path, *extra: str) -> CliRun:
 
 def _local_reference(config: TrainConfig, nproc: int, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     """The same config on ONE node (this machine): `nproc` gloo processes, one thread each."""
-    from jobs.local_launch import launch_local
+    from jobs.launch import launch_local
 
     with monkeypatch.context() as patch:
         patch.setenv("OMP_NUM_THREADS", "1")  # as the profile's tasks: the thread count changes the sums
@@ -597,13 +597,13 @@ def test_prep_array_tasks_run_on_both_nodes_and_match_a_one_node_conversion(
 ) -> None:
     from data_prep.convert import convert
     from data_prep.synth import synthesize
-    from jobs.prep_job import submit_conversion
+    from jobs.prep_job import start_conversion
 
     source = tmp_path / "synth"
     synthesize(source, identities=24, images_per_identity=6, seed=3)
     local = convert(source, tmp_path / "local", samples_per_shard=20, seed=7, progress=False)
     assert len(local.shards) >= 6
-    array = submit_conversion(
+    array = start_conversion(
         source,
         tmp_path / "two-nodes",
         profile=two_node_cluster.profile,
@@ -611,7 +611,6 @@ def test_prep_array_tasks_run_on_both_nodes_and_match_a_one_node_conversion(
         seed=7,
         folder=submitit_folder(),
         progress=False,
-        wait=False,
     )
     info = array.wait(progress=False)
     assert info.num_images == local.num_images and len(info.shards) == len(local.shards)

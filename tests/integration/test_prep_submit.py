@@ -10,7 +10,7 @@ import pytest
 
 from data_prep.convert import convert, prepare_conversion
 from data_prep.synth import synthesize
-from jobs.prep_job import ShardTaskError, submit_conversion
+from jobs.prep_job import ShardTaskError, start_conversion
 
 pytestmark = pytest.mark.slurm
 
@@ -45,7 +45,7 @@ def test_slurm_array_conversion_is_byte_identical_to_local(
     assert len(info_local.shards) >= 3  # several array tasks, more than run at once
 
     remote = tmp_path / "slurm"
-    array = submit_conversion(
+    array = start_conversion(
         synthetic_source,
         remote,
         profile=slurm_cluster.profile,
@@ -53,13 +53,14 @@ def test_slurm_array_conversion_is_byte_identical_to_local(
         seed=SEED,
         folder=submitit_folder(),
         progress=False,
-        wait=False,
     )
+    assert len(array.jobs) == len(info_local.shards)
+    assert {str(job.job_id) for job in array.jobs} == {
+        f"{array.array_id}_{i}" for i in range(len(array.jobs))
+    }
     info = array.wait(progress=False)
-    assert array.info is info
-    assert array.num_shards == len(info_local.shards) == len(array.jobs)
-    assert len({str(job.job_id).split("_")[0] for job in array.jobs}) == 1  # one array job
-    assert array.info.num_images == info_local.num_images
+    assert array.result is info
+    assert info.num_images == info_local.num_images
 
     local_files, remote_files = _dataset_files(local), _dataset_files(remote)
     assert sorted(remote_files) == sorted(local_files)
@@ -94,16 +95,17 @@ def test_failed_shard_tasks_are_reported_with_their_logs(
     plan = prepare_conversion(synthetic_source, out, samples_per_shard=SAMPLES_PER_SHARD * 2, seed=SEED)
     # the plan stays valid on paper, but the table the shard tasks read is garbage
     (out / ".prep" / "plan.parquet").write_bytes(b"not a parquet file")
+    array = start_conversion(
+        synthetic_source,
+        out,
+        profile=slurm_cluster.profile,
+        samples_per_shard=SAMPLES_PER_SHARD * 2,
+        seed=SEED,
+        folder=submitit_folder(),
+        progress=False,
+    )
     with pytest.raises(ShardTaskError) as info:
-        submit_conversion(
-            synthetic_source,
-            out,
-            profile=slurm_cluster.profile,
-            samples_per_shard=SAMPLES_PER_SHARD * 2,
-            seed=SEED,
-            folder=submitit_folder(),
-            progress=False,
-        )
+        array.wait(progress=False)
     message = str(info.value)
     assert f"{plan.num_shards} of {plan.num_shards} shard tasks" in message
     task_lines = [line for line in message.splitlines() if line.startswith("  shard ")]
@@ -114,5 +116,6 @@ def test_failed_shard_tasks_are_reported_with_their_logs(
     stderr_paths = [line.split("stderr: ", 1)[1] for line in message.splitlines() if "stderr: " in line]
     assert len(stderr_paths) == plan.num_shards
     assert all(Path(p).is_file() and "Traceback" in Path(p).read_text() for p in stderr_paths)
-    assert "no dataset.json was written" in message
-    assert not (out / "dataset.json").exists()
+    assert message.endswith(f"no dataset.json was written; run the same command again to resume {out}")
+    assert not (out / "dataset.json").exists() and array.result is None
+    assert sorted(failure.task for failure in array.failed) == list(range(plan.num_shards))

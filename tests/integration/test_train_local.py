@@ -288,7 +288,7 @@ def test_two_processes_match_one_and_resume_on_one(
     grows, as a BatchNorm effect does). Bounds leave ~2x room. Without BatchNorm the two runs
     agree to float order: test_two_processes_train_exactly_as_one_without_batch_norm.
     """
-    from jobs.local_launch import launch_local
+    from jobs.launch import launch_local
     from pipeline.checkpoint import load_checkpoint
     from pipeline.parallel.env import DistEnv
     from pipeline.training.trainer import train
@@ -338,7 +338,7 @@ def test_two_processes_train_exactly_as_one_without_batch_norm(dataset: Path, tm
     per-rank statistic of the step) 2 gloo processes and 1 train the same 2 steps, loss_arc,
     loss_ig and weights equal up to float summation order. A broken all-reduce, sharding or
     per-rank data split would show here as a difference far above that."""
-    from jobs.local_launch import launch_local
+    from jobs.launch import launch_local
     from pipeline.checkpoint import load_checkpoint
     from pipeline.parallel.env import DistEnv
     from pipeline.training.trainer import train

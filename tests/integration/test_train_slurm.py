@@ -37,7 +37,7 @@ from typing import Any
 import pytest
 import torch
 
-from jobs.submit_train import Submission, submit_training
+from jobs.launch import Submission, submit_training
 from pipeline.config import TrainConfig, dump_config, load_config
 from tests.train_fixtures import tiny_config, tiny_dataset
 

@@ -17,7 +17,7 @@ from jobs.cluster import (
     profile_from_dict,
     select_cluster,
 )
-from jobs.submit_train import with_tasks_per_node
+from jobs.launch import with_tasks_per_node
 from pipeline.config import ConfigError
 from pipeline.parallel.env import DEFAULT_COLLECTIVE_TIMEOUT_S
 

@@ -111,7 +111,8 @@ def test_training_config_points_at_the_folder_then_applies_overrides(tmp_path: P
     config = training_config(CONFIG, paths, paths.run, ["run.name=demo", "run.dir=elsewhere"])
     assert config.data.dataset == str(paths.train)
     assert config.run.tracking_uri == paths.tracking_uri
-    assert config.run.name == "demo" and config.run.dir == "elsewhere"  # overrides come last
+    assert config.run.name == "demo"
+    assert config.run.dir == str(Path("elsewhere").resolve())  # overrides come last, then paths are absolute
 
 
 def test_train_outcome_round_trip_and_older_markers(tmp_path: Path) -> None:
@@ -139,9 +140,8 @@ def test_train_stage_trains_here_once_then_reuses(tmp_path: Path, monkeypatch) -
             "metrics": {"seconds_per_step": 0.25},
         }
 
-    monkeypatch.setattr("jobs.local_launch.launch_local", fake_launch)
-    monkeypatch.setattr("pipeline.config.validate_for_launch", lambda config, world: None)
-    monkeypatch.setattr(train, "check_run_dir_matches", lambda config: None)  # the fake checkpoint is empty
+    monkeypatch.setattr("jobs.launch.launch_local", fake_launch)
+    monkeypatch.setattr("jobs.launch.resumed_run_id", lambda config: "")  # the fake checkpoint is empty
     said: list[str] = []
     kwargs = {"label": "demo", "nproc": 2, "here_because": "--local was given", "cluster": None}
     record = StageRecord("train")
@@ -158,6 +158,21 @@ def test_train_stage_trains_here_once_then_reuses(tmp_path: Path, monkeypatch) -
     again = train_stage(config, record, say=said.append, job_log=None, **kwargs)  # type: ignore[arg-type]
     assert again == first and record.reused and launches == [2]
     assert record.note == f"step 8, trained {first.where}"
+
+
+def test_a_job_sbatch_refuses_is_a_reason_to_train_here(tmp_path: Path, monkeypatch) -> None:
+    from jobs.launch import SubmissionRefusedError
+
+    def refuse(config, profile):
+        raise SubmissionRefusedError(
+            "sbatch refused the job: sbatch: error: invalid partition specified: gpu"
+        )
+
+    monkeypatch.setattr("jobs.launch.submit_training", refuse)
+    config = training_config(CONFIG, WorkFolder(tmp_path), tmp_path / "run", [])
+    assert train.submit_or_reason(config, profile=None) == (  # type: ignore[arg-type]
+        "the submission to SLURM failed (sbatch refused the job: sbatch: error: invalid partition specified: gpu)"
+    )
 
 
 def test_an_earlier_job_still_queued_is_not_submitted_twice(tmp_path: Path, monkeypatch) -> None:

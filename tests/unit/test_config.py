@@ -51,7 +51,7 @@ def test_yaml_then_overrides_win(tmp_path: Path) -> None:
         ({"optim": {"epochs": True}}, r"optim\.epochs: expected an integer, got bool"),
         ({"optim": {"lr": "fast"}}, r"optim\.lr: expected a number, got str 'fast'"),
         ({"run": {"deterministic": "yes"}}, r"run\.deterministic: expected true/false"),
-        ({"loss": {"mode": "arc"}}, r"loss\.mode: 'arc' is not one of 'ig', 'cr'"),
+        ({"loss": {"mode": "arc"}}, r"loss\.mode: 'arc' is not one of 'ig', 'cr', 'fr'"),
         ({"optim": {"milestones": 3}}, r"optim\.milestones: expected a list"),
         ({"optim": 3}, r"optim: expected a mapping"),
         ({"optim": {"lr": 0}}, r"optim\.lr: 0\.0 must be positive"),
@@ -134,6 +134,41 @@ def test_batch_layout_refuses_what_does_not_split(
     data = config_from_dict({"data": {"fr_batch": 6, "reg_batch": 4}}).data
     with pytest.raises(ConfigError, match=message):
         BatchLayout.of(data, world_size, num_images, rank)
+
+
+@pytest.mark.parametrize(
+    ("tree", "message"),
+    [
+        (
+            {"loss": {"mode": "fr"}},
+            r"^loss\.mode fr trains face recognition only, with no regression half: set data\.reg_batch: 0 "
+            r"\(it is 512\)$",
+        ),
+        (
+            {"data": {"reg_batch": 0}},
+            r"^data\.reg_batch: 0 leaves no regression half, which only loss\.mode fr trains without "
+            r"\(loss\.mode is ig\)",
+        ),
+        ({"data": {"reg_batch": 0}, "loss": {"mode": "cr"}}, r"\(loss\.mode is cr\)"),
+        ({"data": {"reg_batch": -2}, "loss": {"mode": "fr"}}, r"^data\.reg_batch: -2 must be >= 0"),
+        (
+            {"data": {"reg_batch": 0}, "loss": {"mode": "fr"}, "variance": {"update_from": "reg"}},
+            r"^variance\.update_from: reg needs a regression half",
+        ),
+    ],
+)
+def test_face_recognition_only_goes_with_an_empty_regression_half(tree: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(tree)
+
+
+def test_an_empty_regression_half_lays_out_the_fr_half_alone() -> None:
+    config = config_from_dict({"data": {"fr_batch": 6, "reg_batch": 0}, "loss": {"mode": "fr"}})
+    layouts = [BatchLayout.of(config.data, 2, 105, rank) for rank in range(2)]
+    for layout in layouts:
+        sizes = (layout.global_batch, layout.fr_per_rank, layout.reg_per_rank, layout.rank_batch)
+        assert sizes == (6, 3, 0, 3) and layout.steps_per_epoch == 17  # 105 // 6
+    assert [(lay.fr_offset, lay.reg_offset) for lay in layouts] == [(0, 0), (3, 0)]
 
 
 def test_replace_section_rechecks() -> None:

@@ -193,7 +193,10 @@ def config_from_dict(values: dict[str, Any]) -> TrainConfig:
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """Defaults ← YAML file ← dotted overrides; typed and range-checked.
 
-    An error names where the bad value came from: the file, or the `--set` override.
+    An error names where the bad value came from: the file, or the `--set` override. A key or
+    type error is the override's own; a range error is checked on the end result, so keys that
+    go together can be set one after the other (`--set loss.mode=fr --set data.reg_batch=0`), and
+    one that remains is blamed on the override after which it first appeared.
     """
     tree: dict[str, Any] = {}
     if path is not None:
@@ -202,14 +205,23 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             config_from_dict(tree)
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
+    first_seen: dict[str, str] = {}  # range error → the override after which it first appeared
     for text in overrides:
         key, value = parse_override(text)
         set_dotted(tree, key, value)
         try:
-            config_from_dict(tree)
+            config = from_mapping(TrainConfig, tree)
         except ConfigError as exc:
             raise ConfigError(f"--set {shown(text)}: {exc}") from None
-    return config_from_dict(tree)
+        try:
+            validate_ranges(config)
+        except ConfigError as exc:
+            first_seen.setdefault(str(exc), text)
+    try:
+        return config_from_dict(tree)
+    except ConfigError as exc:
+        blamed = first_seen.get(str(exc))
+        raise (ConfigError(f"--set {shown(blamed)}: {exc}") if blamed else exc) from None
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

@@ -187,6 +187,18 @@ def test_overrides_are_blamed_not_the_file(tmp_path: Path) -> None:
         load_config(path, ["optim.lrr=0.1"])
     with pytest.raises(ConfigError, match=r"^--set 'optim\.lr=-1': optim\.lr: -1\.0 must be positive"):
         load_config(path, ["optim.lr=-1"])
+    with pytest.raises(ConfigError, match=r"^--set 'optim\.lr=-1': optim\.lr: -1\.0 must be positive"):
+        load_config(path, ["optim.lr=-1", "optim.epochs=3"])
+    with pytest.raises(ConfigError, match=r"^--set 'loss\.mode=fr': loss\.mode fr trains face recognition"):
+        load_config(path, ["loss.mode=fr", "optim.epochs=3"])
+
+
+def test_keys_that_go_together_can_be_set_one_after_the_other() -> None:
+    for overrides in (["loss.mode=fr", "data.reg_batch=0"], ["data.reg_batch=0", "loss.mode=fr"]):
+        config = load_config(None, overrides)
+        assert (config.loss.mode, config.data.reg_batch) == ("fr", 0)
+    # a range error that an override brings in and a later one repairs is no error
+    assert load_config(None, ["optim.lr=-1", "optim.lr=0.2"]).optim.lr == 0.2
 
 
 @pytest.mark.parametrize("value", [".inf", "-.inf", ".nan"])

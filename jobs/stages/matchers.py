@@ -174,7 +174,7 @@ def _accuracies(onnx: Path, sets: FreshSets) -> dict[str, float]:
 
     embedder = OnnxEmbedder(onnx, providers=["CPUExecutionProvider"])
     return {
-        name: matcher_verification(embedder, load_verification_set(sets.val / name)).accuracy
+        name: matcher_verification(embedder, load_verification_set(sets.val / name), progress=True).accuracy
         for name in ("clean", "mixed")
     }
 

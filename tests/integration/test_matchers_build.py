@@ -189,3 +189,33 @@ def test_list_prints_the_table(built: dict, capsys: pytest.CaptureFixture) -> No
     assert "seed 1000000 (40 pairs each)" in lines[-1]
     assert main(["matchers", "list", "--out", os.fspath(built["out"].parent / "nothing")]) == 0
     assert "no matchers in" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_a_matcher_trains_on_slurm_with_a_cluster_profile(slurm_cluster, tmp_path: Path) -> None:
+    """`build_matchers(..., launch=MatcherLaunch(cluster=PROFILE))`: the training is a SLURM job of
+    the local cluster (2 tasks), tagged as a matcher like one trained here."""
+    from mlflow.tracking import MlflowClient
+
+    from jobs.stages.matcher_spec import load_matchers_spec
+    from jobs.stages.matchers import MatcherLaunch, build_matchers, read_matchers
+
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(_spec_text())
+    spec = load_matchers_spec(spec_path)
+    out = tmp_path / "out"
+    lines: list[str] = []
+    (record,) = build_matchers(
+        spec,
+        out,
+        only=["tiny-cos"],
+        launch=MatcherLaunch(cluster=REPO / "slurm" / "clusters" / "local.yaml"),
+        say=lines.append,
+        job_log=open(os.devnull, "w"),  # noqa: SIM115 - the job's log is not under test
+    )
+    assert record.where.startswith("on SLURM (job ") and "2 tasks" in record.where, lines
+    assert record.global_step == STEPS and read_matchers(out) == [record]
+    run = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}").get_run(record.mlflow_run_id)
+    assert run.data.tags["igfiqa.role"] == "matcher" and run.data.tags["world_size"] == "2"
+    assert "slurm_job_id" in run.data.tags

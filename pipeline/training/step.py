@@ -26,6 +26,11 @@ class TrainStep:
         self.model = build_model(config.model, quality_grad_to_backbone=config.loss.ig_grad_to_backbone).to(
             device
         )
+        # loss.mode fr: nothing trains the quality head, so it is frozen (DDP then waits for no
+        # gradient of it) and only the FR half is forwarded (there is no regression half)
+        self.face_recognition_only = config.loss.mode == "fr"
+        if self.face_recognition_only:
+            self.model.head.requires_grad_(False)
         self.ddp_model: nn.Module = self.model
         if world_size > 1:
             ids = [device.index] if device.type == "cuda" else None
@@ -72,7 +77,10 @@ class TrainStep:
         # forward: backbone + quality head on both halves in one DDP call; inside, the halves go
         # through the backbone as model.forward says (separate: BN statistics from the FR half only)
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            embeddings, quality = self.ddp_model(fr_images, reg_images)
+            if self.face_recognition_only:
+                embeddings, quality = self.ddp_model(fr_images)
+            else:
+                embeddings, quality = self.ddp_model(fr_images, reg_images)
         embeddings, quality = embeddings.float(), quality.float()
         n_fr = fr_images.shape[0]
         # objective: ArcFace on the FR half; CR, variance table, weights and L_IG on the regression half

@@ -58,7 +58,12 @@ class DataConfig:
     num_classes: int = 0  # 0 = take it from dataset.json; otherwise must agree with it
     image_size: int = 112
     fr_batch: int = 512  # global size of the clean face-recognition half
-    reg_batch: int = 512  # global size of the augmented regression half (0 exactly when loss.mode is fr)
+    # global size of the augmented regression half (0 with loss.mode fr or data.batch_mode single)
+    reg_batch: int = 512
+    # split: the paper's two halves (FR half clean, regression half degraded); single: CR-FIQA's
+    # published training, one batch of fr_batch images, every image degraded at data.augment's rates,
+    # the margin loss AND the regression loss on it (needs reg_batch 0; the FR loss sees degraded images)
+    batch_mode: Literal["split", "single"] = "split"
     num_threads: int = 2
     prefetch: int = 2
     seed: int = 0
@@ -327,18 +332,30 @@ def validate_ranges(config: TrainConfig) -> None:
 
 
 def _check_fr_only(config: TrainConfig) -> None:
-    """loss.mode fr and an empty regression half go together, and the variance table (kept for
-    monitoring) can only follow the FR half's CCS then."""
-    mode, reg = config.loss.mode, config.data.reg_batch
+    """An empty regression half goes with loss.mode fr (no regression at all) or data.batch_mode
+    single (the regression on the one batch); the variance table (kept for monitoring) can only
+    follow the FR half's CCS without a regression half."""
+    mode, reg, single = config.loss.mode, config.data.reg_batch, config.data.batch_mode == "single"
     _check(
         mode != "fr" or reg == 0,
         f"loss.mode fr trains face recognition only, with no regression half: set data.reg_batch: 0 "
         f"(it is {reg})",
     )
     _check(
-        mode == "fr" or reg > 0,
-        f"data.reg_batch: 0 leaves no regression half, which only loss.mode fr trains without "
-        f"(loss.mode is {mode}): set data.reg_batch > 0 or loss.mode: fr",
+        not single or reg == 0,
+        f"data.batch_mode single trains both losses on one batch of data.fr_batch images: set "
+        f"data.reg_batch: 0 (it is {reg})",
+    )
+    _check(
+        not single or mode != "fr",
+        "data.batch_mode single trains the regression loss on the one batch; loss.mode fr has none "
+        "(use batch_mode: split)",
+    )
+    _check(
+        mode == "fr" or reg > 0 or single,
+        f"data.reg_batch: 0 leaves no regression half, which only loss.mode fr or data.batch_mode single "
+        f"trains without (loss.mode is {mode}): set data.reg_batch > 0, loss.mode: fr or "
+        f"data.batch_mode: single",
     )
     _check(
         mode != "fr" or config.variance.update_from == "fr",
@@ -377,7 +394,8 @@ class BatchLayout:
     """How each training step's images split into halves and ranks, and how many steps an epoch has.
 
     Global step s takes `global_batch` = `fr_batch` + `reg_batch` images of the epoch's order:
-    the FR half, then the regression half (empty when `reg_batch` is 0: loss.mode fr). Rank r of
+    the FR half, then the regression half (empty when `reg_batch` is 0: loss.mode fr, or
+    data.batch_mode single, whose one batch is the FR half). Rank r of
     `world_size` takes the r-th contiguous slice of each half: `fr_per_rank` images from `fr_offset`
     of the FR half and `reg_per_rank` from `reg_offset` of the regression half, `rank_batch` in all.
     An epoch is `steps_per_epoch` whole global steps (the remainder of the `num_images` is dropped),

@@ -146,9 +146,19 @@ def test_batch_layout_refuses_what_does_not_split(
         ),
         (
             {"data": {"reg_batch": 0}},
-            r"^data\.reg_batch: 0 leaves no regression half, which only loss\.mode fr trains without "
-            r"\(loss\.mode is ig\)",
+            r"^data\.reg_batch: 0 leaves no regression half, which only loss\.mode fr or data\.batch_mode "
+            r"single trains without \(loss\.mode is ig\)",
         ),
+        (
+            {"data": {"batch_mode": "single"}},
+            r"^data\.batch_mode single trains both losses on one batch of data\.fr_batch images: set "
+            r"data\.reg_batch: 0 \(it is 512\)$",
+        ),
+        (
+            {"data": {"batch_mode": "single", "reg_batch": 0}, "loss": {"mode": "fr"}},
+            r"^data\.batch_mode single trains the regression loss on the one batch; loss\.mode fr has none",
+        ),
+        ({"data": {"batch_mode": "both"}}, r"data\.batch_mode"),
         ({"data": {"reg_batch": 0}, "loss": {"mode": "cr"}}, r"\(loss\.mode is cr\)"),
         ({"data": {"reg_batch": -2}, "loss": {"mode": "fr"}}, r"^data\.reg_batch: -2 must be >= 0"),
         (
@@ -160,6 +170,17 @@ def test_batch_layout_refuses_what_does_not_split(
 def test_face_recognition_only_goes_with_an_empty_regression_half(tree: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         config_from_dict(tree)
+
+
+@pytest.mark.parametrize("mode", ["ig", "cr"])
+def test_single_batch_mode_takes_the_one_batch_as_the_fr_half(mode: str) -> None:
+    config = config_from_dict(
+        {"data": {"fr_batch": 8, "reg_batch": 0, "batch_mode": "single"}, "loss": {"mode": mode}}
+    )
+    layout = BatchLayout.of(config.data, 2, 100)
+    sizes = (layout.global_batch, layout.fr_per_rank, layout.reg_per_rank, layout.steps_per_epoch)
+    assert sizes == (8, 4, 0, 12)
+    assert TrainConfig().data.batch_mode == "split"
 
 
 def test_an_empty_regression_half_lays_out_the_fr_half_alone() -> None:

@@ -107,6 +107,20 @@ def test_an_empty_regression_half_yields_fr_rows_only(train_dataset: Path, clean
     assert len(set(keys)) == len(keys) == 16 * loader.steps_per_epoch
 
 
+def test_single_batch_mode_degrades_the_fr_half(train_dataset: Path, clean_images: dict) -> None:
+    # data.batch_mode single (CR-FIQA's training): the one batch is the FR half, degraded as the
+    # regression half would be; what the flags say happened is in the pixels
+    every = AugmentConfig(p_rescale=1.0, p_erase=0.0, p_color=0.0)
+    loader = make_loader(train_dataset, reg_batch=0, batch_mode="single", augment=every)
+    for batch in epoch_batches(loader, 0)[:3]:
+        assert len(batch.reg) == 0 and batch.fr.flags[:, 0].all() and not batch.fr.flags[:, 1:].any()
+        reference = clean_of(clean_images, batch.fr.keys, batch.fr.flipped)
+        for degraded, clean in zip(pixels(batch.fr.images), pixels(reference)):
+            assert not np.array_equal(degraded, clean)  # rescaled: blurred
+    split = make_loader(train_dataset, reg_batch=0, augment=every)
+    assert [b.fr.keys for b in epoch_batches(split, 0)] == [b.fr.keys for b in epoch_batches(loader, 0)]
+
+
 def test_degradation_frequencies_lie_within_binomial_bounds(train_dataset: Path) -> None:
     p = (0.3, 0.2, 0.5)
     augment = AugmentConfig(p_rescale=p[0], p_erase=p[1], p_color=p[2])

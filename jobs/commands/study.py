@@ -135,19 +135,13 @@ def run_study(args: argparse.Namespace) -> int:
         )
     say(f"study {spec.name}: {len(spec.runs())} runs in {spec.out}")
     prepare(spec, cluster=cluster, say=say)
-    statuses = {s.run: s for s in study_status(spec)}
-    todo = [
-        r
-        for r in spec.runs()
-        if statuses[r.name].state in ("pending", "failed", "trained")
-        and not statuses[r.name].detail.startswith("SLURM")
-    ]
     if args.local:
         codes = run_local(spec, workers=args.workers, say=say)
         say(status_table(study_status(spec)))
         return 0 if all(code == 0 for code in codes) else 1
     assert cluster is not None
-    todo = [r for r in todo if statuses[r.name].state != "training"]
+    statuses = {s.run: s for s in study_status(spec)}
+    todo = [r for r in spec.runs() if statuses[r.name].to_do]
     array = submit_runs(spec, todo, cluster, say=say) if todo else None
     if args.no_wait:
         say(f"  follow with `igfiqa study status {args.spec}`")

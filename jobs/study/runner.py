@@ -462,6 +462,7 @@ def submit_runs(
     profile = load_profile(cluster)
     paths = study_folder(spec)
     for run in runs:
+        paths.run_dir(run).mkdir(parents=True, exist_ok=True)
         (paths.run_dir(run) / FAILURE_FILE).unlink(missing_ok=True)
     folder = paths.out / "submitit" / time.strftime("%Y%m%d-%H%M%S")
     gpus = profile.gpus_per_node if not spec.launch.single_process else 0
@@ -501,6 +502,12 @@ class RunStatus:
     state: str  # one of STATES
     step: int  # the last checkpoint's (or the finished training's) global step
     detail: str = ""
+    held: bool = False  # a local worker or a SLURM job holds it now
+
+    @property
+    def to_do(self) -> bool:
+        """Whether a `study run` should start it: not measured, and nothing holds it."""
+        return self.state != "measured" and not self.held
 
 
 def _last_step(run_dir: Path) -> int:
@@ -522,12 +529,16 @@ def run_status(spec: StudySpec, run: StudyRun, *, ask_slurm: bool = True) -> Run
     step = int(trained["global_step"]) if trained else _last_step(run_dir)
     if (run_dir / MEASUREMENT_FILE).is_file():
         return RunStatus(run.name, run.arm, run.seed, "measured", step)
-    with _locked(run_dir / CLAIM_FILE, blocking=False) as free:
-        held_here = not free
+    held_here = False
+    if (run_dir / CLAIM_FILE).is_file():
+        with _locked(run_dir / CLAIM_FILE, blocking=False) as free:
+            held_here = not free
     active = active_job(run_dir, LABEL) if ask_slurm and (run_dir / JOB_MARKER).is_file() else None
     if held_here or active is not None:
         detail = f"SLURM job {active.job_id} {active.state}" if active is not None else "a local worker"
-        return RunStatus(run.name, run.arm, run.seed, "trained" if trained else "training", step, detail)
+        return RunStatus(
+            run.name, run.arm, run.seed, "trained" if trained else "training", step, detail, True
+        )
     failure = read_json_object(run_dir / FAILURE_FILE)
     if failure is not None:
         return RunStatus(run.name, run.arm, run.seed, "failed", step, str(failure.get("error", ""))[:200])

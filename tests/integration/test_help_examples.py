@@ -2,8 +2,8 @@
 top-level help gives), and every `igfiqa` line in the README parses.
 
 Examples that need real data sets, a GPU cluster or a job id of the reader's own (/data/…,
-the protocol configs, the multi-node profile, job 1234, the several-minute demo and matcher
-builds) are parsed by the real argument parser only; the rest run for real against the
+the protocol configs, the multi-node profile, job 1234, the several-minute demo, matcher
+builds and studies) are parsed by the real argument parser only; the rest run for real against the
 embedded data.
 """
 
@@ -44,6 +44,10 @@ COMMANDS = [
     ["matchers"],
     ["matchers", "build"],
     ["matchers", "list"],
+    ["study"],
+    ["study", "run"],
+    ["study", "status"],
+    ["study", "report"],
     ["demo"],
     ["jobs"],
 ]
@@ -56,6 +60,8 @@ PARSE_ONLY = (
     "1234",
     "igfiqa demo",
     "igfiqa matchers build",
+    "igfiqa study run",
+    "igfiqa study report",
 )
 
 

@@ -160,3 +160,22 @@ def test_a_killed_study_resumes_and_reports_every_number(tmp_path: Path) -> None
         f"tags.mlflow.parentRunId = '{marker['mlflow_run_id']}'",
     )
     assert len(evals) == 2  # the identity sets' folder and the verification sets' folder
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_a_study_runs_as_one_slurm_array(slurm_cluster, tmp_path: Path) -> None:
+    """The same spec on the local cluster: the matcher trains there too, every run is one array task,
+    and a second call submits nothing."""
+    spec = write_spec(tmp_path, cluster=str(REPO / "slurm" / "clusters" / "local.yaml"))
+    out = tmp_path / "out"
+    done = igfiqa(["study", "run", str(spec)], timeout=1800)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "submitted array job" in done.stdout
+    assert all(state[2] == "measured" for state in status(spec).values())
+    for run in RUNS:
+        marker = json.loads((out / "runs" / run / "study-train.json").read_text())
+        assert marker["where"].startswith("on SLURM (job ") and marker["global_step"] == STEPS
+        assert (out / "runs" / run / "study-job.json").is_file()
+    again = igfiqa(["study", "run", str(spec)])
+    assert again.returncode == 0 and "submitted array job" not in again.stdout, again.stdout

@@ -267,9 +267,8 @@ def plot_fig5(
                 grid = x if x is not None else np.asarray(chosen["erc_reject"].iloc[0], dtype=float)
                 mean, half = _band(values)
                 ax.plot(grid, mean, color=colours.get(arm), label=f"{arm} (n={len(values)})")
-                ax.fill_between(
-                    grid, mean - half, mean + half, color=colours.get(arm), alpha=0.2, linewidth=0
-                )
+                low, high = np.clip(mean - half, 0, 1), np.clip(mean + half, 0, 1)  # FNMR lies in [0, 1]
+                ax.fill_between(grid, low, high, color=colours.get(arm), alpha=0.2, linewidth=0)
             oracle = frame[frame["method"] == ORACLE]
             if not oracle.empty:
                 grid = x if x is not None else np.asarray(oracle["erc_reject"].iloc[0], dtype=float)
@@ -282,7 +281,7 @@ def plot_fig5(
                 )
             if key == "edc":
                 ax.axvline(spec.evaluation.discard_limit, color="grey", lw=0.8, ls=":")
-            secondary = " (secondary: the model's own embeddings)" if matcher == OWN else ""
+            secondary = " (secondary)" if matcher == OWN else ""
             ax.set_title(f"{set_name}, matcher {matcher}{secondary}, FMR {fmr:g}", fontsize=9)
             ax.set_xlabel(label, fontsize=8)
             ax.set_ylabel("FNMR", fontsize=8)

@@ -58,7 +58,12 @@ class DataConfig:
     num_classes: int = 0  # 0 = take it from dataset.json; otherwise must agree with it
     image_size: int = 112
     fr_batch: int = 512  # global size of the clean face-recognition half
-    reg_batch: int = 512  # global size of the augmented regression half
+    # global size of the augmented regression half (0 with loss.mode fr or data.batch_mode single)
+    reg_batch: int = 512
+    # split: the paper's two halves (FR half clean, regression half degraded); single: CR-FIQA's
+    # published training, one batch of fr_batch images, every image degraded at data.augment's rates,
+    # the margin loss AND the regression loss on it (needs reg_batch 0; the FR loss sees degraded images)
+    batch_mode: Literal["split", "single"] = "split"
     num_threads: int = 2
     prefetch: int = 2
     seed: int = 0
@@ -92,7 +97,10 @@ class ModelConfig:
 class LossConfig:
     """ArcFace on the FR half, CR/IG regression on the regression half."""
 
-    mode: Literal["ig", "cr"] = "ig"  # cr = all weights 1 (CR-FIQA), ig = the paper
+    # ig = the paper; cr = all weights 1 (CR-FIQA); fr = face recognition only: the margin loss on
+    # the FR half, no regression half (data.reg_batch: 0) and no quality-head loss, the head frozen
+    # (the reference matchers of `igfiqa matchers build`)
+    mode: Literal["ig", "cr", "fr"] = "ig"
     margin: Literal["arcface", "cosface"] = "arcface"
     scale: float = 64.0
     arc_margin: float = 0.5
@@ -190,7 +198,10 @@ def config_from_dict(values: dict[str, Any]) -> TrainConfig:
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """Defaults ← YAML file ← dotted overrides; typed and range-checked.
 
-    An error names where the bad value came from: the file, or the `--set` override.
+    An error names where the bad value came from: the file, or the `--set` override. A key or
+    type error is the override's own; a range error is checked on the end result, so keys that
+    go together can be set one after the other (`--set loss.mode=fr --set data.reg_batch=0`), and
+    one that remains is blamed on the override after which it first appeared.
     """
     tree: dict[str, Any] = {}
     if path is not None:
@@ -199,14 +210,23 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             config_from_dict(tree)
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
+    first_seen: dict[str, str] = {}  # range error → the override after which it first appeared
     for text in overrides:
         key, value = parse_override(text)
         set_dotted(tree, key, value)
         try:
-            config_from_dict(tree)
+            config = from_mapping(TrainConfig, tree)
         except ConfigError as exc:
             raise ConfigError(f"--set {shown(text)}: {exc}") from None
-    return config_from_dict(tree)
+        try:
+            validate_ranges(config)
+        except ConfigError as exc:
+            first_seen.setdefault(str(exc), text)
+    try:
+        return config_from_dict(tree)
+    except ConfigError as exc:
+        blamed = first_seen.get(str(exc))
+        raise (ConfigError(f"--set {shown(blamed)}: {exc}") if blamed else exc) from None
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
@@ -267,7 +287,7 @@ def validate_ranges(config: TrainConfig) -> None:
         _check(0.0 <= v < 1.0, f"data.augment.{name}: {v} must lie in [0, 1)")
     _check(d.image_size > 0, f"data.image_size: {d.image_size} must be positive")
     _check(d.fr_batch > 0, f"data.fr_batch: {d.fr_batch} must be positive")
-    _check(d.reg_batch > 0, f"data.reg_batch: {d.reg_batch} must be positive")
+    _check(d.reg_batch >= 0, f"data.reg_batch: {d.reg_batch} must be >= 0 (0 only with loss.mode fr)")
     _check(d.num_threads > 0, f"data.num_threads: {d.num_threads} must be positive")
     _check(d.num_classes >= 0, f"data.num_classes: {d.num_classes} must be >= 0")
     _check(d.fr_batch <= MAX_BATCH, f"data.fr_batch: {d.fr_batch} is more than {MAX_BATCH}")
@@ -282,6 +302,7 @@ def validate_ranges(config: TrainConfig) -> None:
     )
     _check(0.0 <= config.model.dropout < 1.0, "model.dropout must lie in [0, 1)")
     lo = config.loss
+    _check_fr_only(config)
     _check(lo.scale > 0, f"loss.scale: {lo.scale} must be positive")
     _check(0 <= lo.arc_margin < 3.14159, f"loss.arc_margin: {lo.arc_margin} must lie in [0, pi)")
     _check(lo.lambda_ig >= 0, f"loss.lambda_ig: {lo.lambda_ig} must be >= 0")
@@ -308,6 +329,38 @@ def validate_ranges(config: TrainConfig) -> None:
     _check(r.validate_every >= 0, f"run.validate_every: {r.validate_every} must be >= 0 (0: at the end only)")
     _check(0.0 <= r.validation_fmr < 1.0, f"run.validation_fmr: {r.validation_fmr} must lie in [0, 1)")
     _check(not r.select_by or bool(r.validation_data), "run.select_by needs run.validation_data")
+
+
+def _check_fr_only(config: TrainConfig) -> None:
+    """An empty regression half goes with loss.mode fr (no regression at all) or data.batch_mode
+    single (the regression on the one batch); the variance table (kept for monitoring) can only
+    follow the FR half's CCS without a regression half."""
+    mode, reg, single = config.loss.mode, config.data.reg_batch, config.data.batch_mode == "single"
+    _check(
+        mode != "fr" or reg == 0,
+        f"loss.mode fr trains face recognition only, with no regression half: set data.reg_batch: 0 "
+        f"(it is {reg})",
+    )
+    _check(
+        not single or reg == 0,
+        f"data.batch_mode single trains both losses on one batch of data.fr_batch images: set "
+        f"data.reg_batch: 0 (it is {reg})",
+    )
+    _check(
+        not single or mode != "fr",
+        "data.batch_mode single trains the regression loss on the one batch; loss.mode fr has none "
+        "(use batch_mode: split)",
+    )
+    _check(
+        mode == "fr" or reg > 0 or single,
+        f"data.reg_batch: 0 leaves no regression half, which only loss.mode fr or data.batch_mode single "
+        f"trains without (loss.mode is {mode}): set data.reg_batch > 0, loss.mode: fr or "
+        f"data.batch_mode: single",
+    )
+    _check(
+        mode != "fr" or config.variance.update_from == "fr",
+        "variance.update_from: reg needs a regression half; loss.mode fr has none (use update_from: fr)",
+    )
 
 
 def validate_for_launch(config: TrainConfig, world_size: int) -> None:
@@ -341,12 +394,13 @@ class BatchLayout:
     """How each training step's images split into halves and ranks, and how many steps an epoch has.
 
     Global step s takes `global_batch` = `fr_batch` + `reg_batch` images of the epoch's order:
-    the FR half, then the regression half. Rank r of `world_size` takes the r-th contiguous slice
-    of each half: `fr_per_rank` images from `fr_offset` of the FR half and `reg_per_rank` from
-    `reg_offset` of the regression half, `rank_batch` in all. An epoch is `steps_per_epoch` whole
-    global steps (the remainder of the `num_images` is dropped), the same on every rank, so 1 and
-    N processes train on the same global batches. Built once per process (`BatchLayout.of`) and
-    handed to the sampler, the loader, the trainer and the monitor.
+    the FR half, then the regression half (empty when `reg_batch` is 0: loss.mode fr, or
+    data.batch_mode single, whose one batch is the FR half). Rank r of
+    `world_size` takes the r-th contiguous slice of each half: `fr_per_rank` images from `fr_offset`
+    of the FR half and `reg_per_rank` from `reg_offset` of the regression half, `rank_batch` in all.
+    An epoch is `steps_per_epoch` whole global steps (the remainder of the `num_images` is dropped),
+    the same on every rank, so 1 and N processes train on the same global batches. Built once per
+    process (`BatchLayout.of`) and handed to the sampler, the loader, the trainer and the monitor.
     """
 
     fr_batch: int  # global FR half (data.fr_batch)
@@ -372,8 +426,9 @@ class BatchLayout:
     def __post_init__(self) -> None:
         world = self.world_size
         _check(world >= 1, f"world size {world} must be >= 1")
+        _check(self.fr_batch > 0, f"data.fr_batch: {self.fr_batch} must be positive")
+        _check(self.reg_batch >= 0, f"data.reg_batch: {self.reg_batch} must be >= 0")
         for key, value in (("data.fr_batch", self.fr_batch), ("data.reg_batch", self.reg_batch)):
-            _check(value > 0, f"{key}: {value} must be positive")
             _check(value % world == 0, f"{key}: {value} is not divisible by the world size {world}")
         _check(0 <= self.rank < world, f"rank {self.rank} is outside [0, {world})")
         fr_local, reg_local = self.fr_batch // world, self.reg_batch // world

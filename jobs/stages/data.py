@@ -277,13 +277,16 @@ def run_bins(
 
 
 def synth_stage(paths: WorkFolder, spec: SynthSpec, record: StageRecord) -> None:
-    """Write the synthetic dataset unless an identical one is there; a different one (other sizes or
-    seed, or made by an earlier generator: `data_prep.synth.generator_settings()`) is an error."""
+    """Write the synthetic dataset unless an identical one is there; a different one (other sizes,
+    fractions or seed, or made by an earlier generator: `data_prep.synth.generator_settings()`) is
+    an error."""
     from data_prep.synth import generator_settings
 
     wanted = {
         "identities": spec.identities,
         "images_per_identity": spec.images_per_identity,
+        "low_variance_fraction": spec.low_variance_fraction,
+        "clean_fraction": spec.clean_fraction,
         "seed": spec.seed,
         "generator": generator_settings(),
     }

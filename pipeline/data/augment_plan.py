@@ -106,12 +106,22 @@ def draw_params(
 
 
 def step_params(
-    cfg: AugmentConfig, image_size: int, *, seed: int, epoch: int, step: int, layout: BatchLayout
+    cfg: AugmentConfig,
+    image_size: int,
+    *,
+    seed: int,
+    epoch: int,
+    step: int,
+    layout: BatchLayout,
+    degrade_fr: bool = False,
 ) -> AugmentParams:
-    """The augmentation of a whole global step: `layout.fr_batch` FR rows (flip only), then
-    `layout.reg_batch` regression rows."""
+    """The augmentation of a whole global step: `layout.fr_batch` FR rows (flip only, or degraded
+    like the regression rows with `degrade_fr`: data.batch_mode single), then `layout.reg_batch`
+    regression rows."""
     rng = stream_rng(seed, AUGMENT_STREAM, epoch, step)
     params = draw_params(cfg, image_size, layout.global_batch, rng)
+    if degrade_fr:
+        return params
     flags = params.flags.copy()
     flags[: layout.fr_batch] = False
     return dataclasses.replace(params, flags=flags)

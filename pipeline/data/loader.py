@@ -1,5 +1,8 @@
 """The torch-facing training loader: per step and per rank, a clean FR half and a degraded regression half.
 
+With `data.batch_mode: single` (CR-FIQA's published training) there is one batch, the FR half, and
+its images are degraded at `data.augment`'s rates; the regression half is empty (`reg_batch` 0).
+
     layout = BatchLayout.of(config.data, world, num_images, rank)   # pipeline.config
     loader = TrainLoader(config.data, layout, device="cuda:0")
     for epoch in range(start_epoch, epochs):
@@ -43,7 +46,8 @@ class Half:
     images: torch.Tensor  # float32 [n, 3, H, W], (pixel − 127.5) / 127.5
     labels: torch.Tensor  # int64 [n], class ids from the manifest
     keys: list[str]  # manifest keys, in row order
-    flags: torch.Tensor  # bool [n, 3] on the CPU: rescale, erase, color received (all False in the FR half)
+    flags: torch.Tensor  # bool [n, 3] on the CPU: rescale, erase, color received (all False in the FR
+    # half unless data.batch_mode is single)
     flipped: torch.Tensor  # bool [n] on the CPU: mirrored horizontally
 
     def __len__(self) -> int:
@@ -56,7 +60,7 @@ class StepBatch:
 
     epoch: int
     step: int
-    fr: Half  # clean: decode + optional flip + normalise
+    fr: Half  # clean: decode + optional flip + normalise (degraded too with data.batch_mode single)
     reg: Half  # flip, then rescale / erase / color each with its probability
 
 
@@ -151,6 +155,7 @@ class TrainLoader:
             epoch=epoch,
             step=step,
             layout=self.layout,
+            degrade_fr=self.data.batch_mode == "single",
         ).take(self._positions)
         all_rows = np.concatenate([rows.fr, rows.reg])
         return GraphBatch(encoded=self.store.encoded(all_rows), rows=all_rows, params=params)

@@ -103,11 +103,17 @@ def export_onnx(
 def _export(
     graph: nn.Module, example: torch.Tensor, path: Path, names: list[str], opset: int, kind: str
 ) -> None:
-    # The dynamo exporter prints progress lines to stdout and logs that torchvision is absent; the legacy
-    # one warns that it is deprecated and about the backbone's input-size check. None of it is actionable.
-    registration_log = logging.getLogger("torch.onnx._internal.exporter._registration")
-    level = registration_log.level
-    registration_log.setLevel(logging.ERROR)
+    # The dynamo exporter prints progress lines to stdout, logs that torchvision is absent and, through
+    # onnxscript's optimizer, a line per rewrite pass at INFO; the legacy one warns that it is
+    # deprecated and about the backbone's input-size check. None of it is actionable.
+    quiet = {
+        "torch.onnx._internal.exporter._registration": logging.ERROR,
+        "onnxscript": logging.WARNING,
+        "onnx_ir": logging.WARNING,
+    }
+    levels = {name: logging.getLogger(name).level for name in quiet}
+    for name, level in quiet.items():
+        logging.getLogger(name).setLevel(level)
     try:
         with contextlib.redirect_stdout(io.StringIO()), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -115,7 +121,8 @@ def _export(
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             _run_exporter(graph, example, path, names, opset, kind)
     finally:
-        registration_log.setLevel(level)
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
     graph.eval()  # the legacy exporter restores the module's mode afterwards; keep it in eval
 
 

@@ -19,6 +19,10 @@ global batch is rank 0's samples, then rank 1's, …). Per step:
 5. L_IG = Σ ŵ·smoothL1(CR − q) over the global regression half (mean or sum,
    `loss.ig_reduction`); total = L_Arc + λ·L_IG.
 
+Mode "fr" (face recognition only, the reference matchers) has no regression half: steps 2, 4
+and 5 are skipped, L_IG is 0 and total is L_Arc itself; the table still follows the FR half's
+CCS (step 3), for monitoring.
+
 Gradient convention (the training loop wraps backbone + quality head in DDP, which
 AVERAGES gradients over W ranks, and keeps the classifier out of DDP): every loss
 VALUE returned is the global one, identical on all ranks and equal to the
@@ -38,7 +42,7 @@ from torch import nn
 
 from pipeline.config import LossConfig, VarianceConfig
 from pipeline.method.losses import certainty_ratio, weighted_regression_loss
-from pipeline.method.margin_classifier import ParallelMarginClassifier
+from pipeline.method.margin_classifier import MarginOutput, ParallelMarginClassifier
 from pipeline.method.variance_table import VarianceTable
 from pipeline.parallel.collectives import ProcessGroup, all_reduce_, rank, scale_grad, world_size
 
@@ -71,10 +75,12 @@ class IGFIQAObjective(nn.Module):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if loss_cfg.mode not in ("ig", "cr"):
-            raise ValueError(f"unknown loss.mode {loss_cfg.mode!r}: use 'ig' or 'cr'")
+        if loss_cfg.mode not in ("ig", "cr", "fr"):
+            raise ValueError(f"unknown loss.mode {loss_cfg.mode!r}: use 'ig', 'cr' or 'fr'")
         if variance_cfg.update_from not in ("fr", "reg"):
             raise ValueError(f"unknown variance.update_from {variance_cfg.update_from!r}: use 'fr' or 'reg'")
+        if loss_cfg.mode == "fr" and variance_cfg.update_from != "fr":
+            raise ValueError("loss.mode 'fr' has no regression half: variance.update_from must be 'fr'")
         self.loss_cfg = loss_cfg
         self.variance_cfg = variance_cfg
         self.group = group
@@ -102,6 +108,8 @@ class IGFIQAObjective(nn.Module):
 
         # DDP averages over W ranks; scaling the embedding gradient by W makes that average exact.
         margin = self.classifier(scale_grad(fr_embeddings, size), fr_labels)
+        if self.loss_cfg.mode == "fr":
+            return self._face_recognition_only(margin, fr_labels, reg_labels, alpha, me)
         stats = self.classifier.similarity_stats(reg_embeddings, reg_labels)
         cr = certainty_ratio(stats.ccs, stats.nnccs, self.loss_cfg.cr_eps)
 
@@ -132,6 +140,29 @@ class IGFIQAObjective(nn.Module):
             ccs=stats.ccs[mine],
             nnccs=stats.nnccs[mine],
             weights=weights[mine],
+            fr_ccs=margin.ccs[me * n_fr : (me + 1) * n_fr],
+        )
+
+    def _face_recognition_only(
+        self, margin: MarginOutput, fr_labels: torch.Tensor, reg_labels: torch.Tensor, alpha: float, me: int
+    ) -> ObjectiveOutput:
+        """Mode "fr": the margin loss alone; the table follows the FR half's CCS (monitoring only)."""
+        if reg_labels.numel():
+            raise ValueError(
+                f"loss.mode 'fr' trains without a regression half, got {reg_labels.numel()} regression samples"
+            )
+        if self.training:
+            self.variance.update(margin.labels, margin.ccs, alpha)
+        n_fr = fr_labels.shape[0]
+        empty = margin.ccs.new_zeros(0)
+        return ObjectiveOutput(
+            loss_arc=margin.loss,
+            loss_ig=margin.loss.new_zeros(()),
+            total=margin.loss,
+            cr=empty,
+            ccs=empty,
+            nnccs=empty,
+            weights=empty,
             fr_ccs=margin.ccs[me * n_fr : (me + 1) * n_fr],
         )
 

@@ -105,13 +105,18 @@ class StepMeter:
             dist.all_reduce(vector)
         (arc, ig, total, cr, quality, weights, fr_ccs, n_reg, n_fr, steps, wait, wall_sum) = vector.tolist()
         steps_per_rank = steps / world
+        # without a regression half (loss.mode fr) there is no CR, predicted quality or sample
+        # weight to average: those metrics are left out rather than logged as zeros
+        regression = (
+            {"cr_mean": cr / n_reg, "quality_mean": quality / n_reg, "sample_weight_mean": weights / n_reg}
+            if n_reg
+            else {}
+        )
         out = {
             "loss_arc": arc / steps,
             "loss_ig": ig / steps,
             "loss_total": total / steps,
-            "cr_mean": cr / max(n_reg, 1.0),
-            "quality_mean": quality / max(n_reg, 1.0),
-            "sample_weight_mean": weights / max(n_reg, 1.0),
+            **regression,
             "fr_ccs_mean": fr_ccs / max(n_fr, 1.0),
             "alpha": self.alpha,
             "images_per_s": self.images / wall,
@@ -285,9 +290,11 @@ class TrainingMonitor:
             return
         metrics = {**meter, **weights, "lr": lr, "epoch": float(epoch)}
         self.last_metrics = metrics
+        regression = (
+            f"loss_ig {metrics['loss_ig']:.5f} cr {metrics['cr_mean']:.3f} " if "cr_mean" in metrics else ""
+        )
         line = (
-            f"step {step}/{self.total} epoch {epoch} loss_arc {metrics['loss_arc']:.4f} "
-            f"loss_ig {metrics['loss_ig']:.5f} cr {metrics['cr_mean']:.3f} "
+            f"step {step}/{self.total} epoch {epoch} loss_arc {metrics['loss_arc']:.4f} {regression}"
             f"w0 {metrics.get('class_weight_zero_frac', 0.0):.1%} alpha {metrics['alpha']:.4f} lr {lr:.4g} "
             f"{metrics['images_per_s']:.1f} img/s data-wait {metrics['data_wait_frac']:.1%} "
             f"ETA {_duration(metrics.get('seconds_per_step', 0.0) * (self.total - step))}"

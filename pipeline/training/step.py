@@ -26,6 +26,14 @@ class TrainStep:
         self.model = build_model(config.model, quality_grad_to_backbone=config.loss.ig_grad_to_backbone).to(
             device
         )
+        # loss.mode fr: nothing trains the quality head, so it is frozen (DDP then waits for no
+        # gradient of it) and only the FR half is forwarded (there is no regression half)
+        self.face_recognition_only = config.loss.mode == "fr"
+        if self.face_recognition_only:
+            self.model.head.requires_grad_(False)
+        # data.batch_mode single (CR-FIQA's training): one forward of the one batch, whose embeddings
+        # and quality feed both the margin loss and the regression loss
+        self.single_batch = config.data.batch_mode == "single"
         self.ddp_model: nn.Module = self.model
         if world_size > 1:
             ids = [device.index] if device.type == "cuda" else None
@@ -65,19 +73,26 @@ class TrainStep:
         values: StepValues,
     ) -> tuple[ObjectiveOutput, torch.Tensor]:
         """One step at this step's LR and α; returns the objective's outputs and the regression
-        half's predicted quality."""
+        half's predicted quality (`reg_images` is empty and unused in single-batch mode)."""
         for optimizer in (self.model_optimizer, self.classifier_optimizer):
             for group in optimizer.param_groups:
                 group["lr"] = values.lr * group.get("lr_factor", 1.0)
         # forward: backbone + quality head on both halves in one DDP call; inside, the halves go
         # through the backbone as model.forward says (separate: BN statistics from the FR half only)
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            embeddings, quality = self.ddp_model(fr_images, reg_images)
+            if self.face_recognition_only or self.single_batch:
+                embeddings, quality = self.ddp_model(fr_images)
+            else:
+                embeddings, quality = self.ddp_model(fr_images, reg_images)
         embeddings, quality = embeddings.float(), quality.float()
         n_fr = fr_images.shape[0]
-        # objective: ArcFace on the FR half; CR, variance table, weights and L_IG on the regression half
+        # objective: ArcFace on the FR half; CR, variance table, weights and L_IG on the regression
+        # half, which is the FR half itself in single-batch mode
+        reg_rows = slice(0, n_fr) if self.single_batch else slice(n_fr, None)
+        if self.single_batch:
+            reg_labels = fr_labels
         out = self.objective(
-            embeddings[:n_fr], fr_labels, embeddings[n_fr:], quality[n_fr:], reg_labels, values.alpha
+            embeddings[:n_fr], fr_labels, embeddings[reg_rows], quality[reg_rows], reg_labels, values.alpha
         )
         # backward and update
         self.model_optimizer.zero_grad(set_to_none=True)
@@ -87,4 +102,4 @@ class TrainStep:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip)
         self.model_optimizer.step()
         self.classifier_optimizer.step()
-        return out, quality[n_fr:]
+        return out, quality[reg_rows]

@@ -2,8 +2,9 @@
 top-level help gives), and every `igfiqa` line in the README parses.
 
 Examples that need real data sets, a GPU cluster or a job id of the reader's own (/data/…,
-the protocol configs, the multi-node profile, job 1234, the several-minute demo) are
-parsed by the real argument parser only; the rest run for real against the embedded data.
+the protocol configs, the multi-node profile, job 1234, the several-minute demo, matcher
+builds and studies) are parsed by the real argument parser only; the rest run for real against the
+embedded data.
 """
 
 from __future__ import annotations
@@ -41,11 +42,28 @@ COMMANDS = [
     ["curate"],
     ["curate", "score"],
     ["curate", "filter"],
+    ["matchers"],
+    ["matchers", "build"],
+    ["matchers", "list"],
+    ["study"],
+    ["study", "run"],
+    ["study", "status"],
+    ["study", "report"],
     ["demo"],
     ["jobs"],
 ]
 EXAMPLE = re.compile(r"^\s+(igfiqa .+?)\s*(#.*)?$")
-PARSE_ONLY = ("/data/", "protocol_", "example-multinode", "local-2node", "1234", "igfiqa demo")
+PARSE_ONLY = (
+    "/data/",
+    "protocol_",
+    "example-multinode",
+    "local-2node",
+    "1234",
+    "igfiqa demo",
+    "igfiqa matchers build",
+    "igfiqa study run",
+    "igfiqa study report",
+)
 
 
 def _help(command: list[str]) -> str:

@@ -1,121 +1,181 @@
-"""The reproduction study end to end on a tiny synthetic set: the report carries every number.
+"""`igfiqa study run | status | report` end to end on a tiny spec: 2 arms × 2 seeds of a few steps.
 
-One seed, 2 epochs of a few steps each: six trainings (CR, IG without augmentation, IG, IG with
-the joint forward, α fixed 0.9 and 0.99), their per-epoch measurements, their figures on fresh
-sets of an unseen seed, the tables, plots and the MLflow summary run; then a second call reuses
-every finished run.
+Real parts: the synthetic generator and conversion, a reference matcher built through
+`igfiqa matchers build`'s stage, DALI on the CPU, the trainer, ONNX and onnxruntime, the
+all-vs-all evaluation, MLflow on sqlite, spawned worker processes. The study is killed at a fault
+point in the middle of a training (its whole process group, as a SIGKILL), then resumed: the
+measured run is left alone, the killed training resumes from its checkpoint in its MLflow run, and
+the report carries every number. A second test runs the same spec on the local SLURM cluster.
 """
 
 from __future__ import annotations
 
 import json
-import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
 pytest.importorskip("nvidia.dali")
+pytest.importorskip("onnxruntime")
 
-from experiments.study import MEASUREMENT_FILE, TRAIN_MARKER, main, study_runs
+REPO = Path(__file__).resolve().parents[2]
+IGFIQA = Path(sys.executable).parent / "igfiqa"
+STEPS = 6
+RUNS = ["CR(S-)-s0", "IG(S)-s0", "CR(S-)-s1", "IG(S)-s1"]
 
-ARGS = [
-    "--identities",
-    "20",
-    "--images-per-identity",
-    "5",
-    "--epochs",
-    "2",
-    "--seeds",
-    "0",
-    "--fmr",
-    "1e-1",
-    "1e-3",
-    "--fresh-pairs",
-    "100",
-    "--set",
-    "data.fr_batch=8",
-    "--set",
-    "data.reg_batch=8",
-    "--set",
-    "model.embedding_size=32",
-]
-GROUPS = ("CR", "IG S- (no aug)", "IG (aug)", "IG joint forward", "IG α fixed 0.9", "IG α fixed 0.99")
+
+def write_spec(folder: Path, *, cluster: str = "") -> Path:
+    """A tiny study spec and its one-matcher matchers spec in FOLDER."""
+    base = REPO / "configs" / "tiny_cpu.yaml"
+    (folder / "matchers.yaml").write_text(
+        f"""
+data: {{identities: 16, images_per_identity: 5, seed: 2000000}}
+evaluation: {{seed: 1000000, pairs: 40, identities: 12}}
+matchers:
+  - name: tiny-cos
+    config: {base}
+    seed: 1
+    overrides: [data.fr_batch=16, optim.max_steps=3, run.checkpoint_every_steps=0, model.embedding_size=32]
+"""
+    )
+    spec = folder / "study.yaml"
+    spec.write_text(
+        f"""
+name: tiny
+out: out
+config: {base}
+overrides: [data.fr_batch=8, data.reg_batch=8, model.embedding_size=32, optim.max_steps={STEPS},
+            run.checkpoint_every_steps=2, run.checkpoint_every_minutes=0, run.log_every=1]
+training_data: {{synthetic: {{identities: 20, images_per_identity: 6, seed: 0}}}}
+seeds: [0, 1]
+arms:
+  CR(S-): [loss.mode=cr, data.augment.p_rescale=0, data.augment.p_erase=0, data.augment.p_color=0]
+  IG(S): []
+evaluation:
+  identity_sets: [{{name: unseen, identities: 12, images_per_identity: 4, seed: 3000000}}]
+  verification: {{seed: 3000000, pairs: 40, identities: 12}}
+  fmrs: [0.01]
+matchers: {{spec: matchers.yaml, out: matchers}}
+endpoint: {{metric: edc_ratio, fmr: 0.01}}
+hypotheses:
+  - {{name: H1b, arm: IG(S), baseline: CR(S-)}}
+  - {{name: FR, arm: IG(S), baseline: CR(S-), endpoint: fr_fnmr}}
+bootstrap: {{draws: 1000, seed: 0}}
+launch: {{cluster: "{cluster}"}}
+"""
+    )
+    return spec
+
+
+def igfiqa(args: list[str], *, fault: str = "", timeout: float = 1200) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "IGFIQA_STUDY_FAULT")}
+    if fault:
+        env["IGFIQA_STUDY_FAULT"] = fault
+    # its own session: a fault point kills the study's process group, not pytest's
+    return subprocess.run(
+        [str(IGFIQA), *args], capture_output=True, text=True, timeout=timeout, env=env, start_new_session=True
+    )
+
+
+def status(spec: Path) -> dict[str, list[str]]:
+    done = igfiqa(["study", "status", str(spec)])
+    assert done.returncode == 0, done.stderr
+    rows = [line.split() for line in done.stdout.splitlines()[1:-1]]
+    return {row[0]: row[1:] for row in rows}
 
 
 @pytest.mark.slow
-def test_study_reports_every_number_and_reuses_finished_runs(tmp_path: Path) -> None:
-    out = tmp_path / "study"
-    docs_img = tmp_path / "img"
-    assert main(["--out", str(out), "--docs-img", str(docs_img), *ARGS]) == 0
+def test_a_killed_study_resumes_and_reports_every_number(tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
 
-    runs = study_runs([0])
-    assert [r.group for r in runs] == list(GROUPS)
-    assert [r.overrides for r in runs if r.group == "IG joint forward"] == [("model.forward=joint",)]
-    summary = json.loads((out / "report" / "summary.json").read_text())
-    assert {r["run"] for r in summary["runs"]} == {r.name for r in runs}
-    for row in summary["runs"]:
-        # the ground-truth measurements and the EDC/ERC numbers are all there and in range
-        assert -1.0 <= row["table_pearson"] <= 1.0
-        assert 0.0 <= row["weight_zero_frac"] <= 1.0
-        assert 0.0 <= row["lowvar_auc_table"] <= 1.0
-        assert -1.0 <= row["train_quality_spearman"] <= 1.0
-        for dataset in ("clean", "mixed"):
-            for fmr in ("1e-1", "1e-3"):
-                assert math.isfinite(row[f"{dataset}.IG-FIQA.edc_pauc.fmr_{fmr}"])
-                assert math.isfinite(row[f"{dataset}.IG-FIQA.erc_auc.fmr_{fmr}"])
-        assert -1.0 <= row["mixed.quality_spearman"] <= 1.0
-        assert -1.0 <= row["table_pearson_final_backbone"] <= 1.0
-        # the random-quality reference at the resolvable FMR (default 1e-1)
-        assert math.isfinite(row["mixed.random.erc_auc.fmr_1e-1"])
-        # the failure case in quality percentile points, and the fresh sets of seed 0 + 1,000,000
-        assert -100.0 <= row["lowvar_overrating"] <= 100.0
-        assert row["fresh.seed"] == 1_000_000 and row["fresh.pairs"] == 100
-        assert 0.0 <= row["fresh.clean_accuracy"] <= 1.0
-        assert row["fresh.edc_ratio"] > 0 and row["fresh.oracle_ratio"] > 0
-
-    epochs = pd.read_csv(out / "report" / "epochs.csv")
-    assert sorted(epochs.groupby("run")["epoch"].apply(list).explode().unique()) == [1, 2]
-    assert (epochs.groupby("run").size() == 2).all()
-    # the CR run trains with all weights 1 but still keeps the table; IG (aug) and the α runs differ
-    tables = (out / "report" / "tables.md").read_text()
-    for group in GROUPS:
-        assert group in tables
-    for section in ("fresh_sets_unseen_seed", "low_variance_failure_case", "forward_joint_vs_separate"):
-        assert f"## {section}" in tables
-    for plot in (
-        "study_weight_histograms.png",
-        "study_epochs.png",
-        "study_alpha_epochs.png",
-        "study_figures.png",
-    ):
-        assert (out / "report" / plot).stat().st_size > 1000
-        assert (docs_img / plot).is_file()
-
-    import mlflow
-
-    client = mlflow.MlflowClient(f"sqlite:///{out.resolve() / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("igfiqa-study")
-    found = client.search_runs([experiment.experiment_id])
-    names = sorted(r.info.run_name for r in found)
-    assert names.count("study-summary") == 1
-    assert len(names) == len(runs) + 1
-    summary_run = next(r for r in found if r.info.run_name == "study-summary")
-    assert any(k.startswith("IG_aug.table_pearson") for k in summary_run.data.metrics)
-    artifacts = {a.path for a in client.list_artifacts(summary_run.info.run_id, "report")}
-    assert "report/tables.md" in artifacts
-
-    # a second call trains and measures nothing again
-    stamps = {
-        r.name: (
-            (out / "runs" / r.name / TRAIN_MARKER).stat().st_mtime_ns,
-            (out / "runs" / r.name / MEASUREMENT_FILE).stat().st_mtime_ns,
+    spec = write_spec(tmp_path)
+    out = tmp_path / "out"
+    killed = igfiqa(["study", "run", str(spec), "--local", "--workers", "1"], fault="IG(S)-s0@step-4")
+    assert killed.returncode == -9, killed.stdout + killed.stderr
+    states = status(spec)
+    assert list(states) == RUNS
+    assert states["CR(S-)-s0"][:3] == ["CR(S-)", "0", "measured"]
+    _arm, _seed, state, step = states["IG(S)-s0"][:4]
+    assert (state, 2 <= int(step) < STEPS) == ("pending", True), states["IG(S)-s0"]
+    assert [states[r][2] for r in RUNS[2:]] == ["pending", "pending"]
+    measured_first = (out / "runs" / "CR(S-)-s0" / "measurements.json").stat().st_mtime_ns
+    first_run_id = json.loads(
+        json.dumps(
+            __import__("torch").load(
+                out / "runs" / "IG(S)-s0" / "checkpoints" / "last.ckpt", weights_only=True
+            )["mlflow_run_id"]
         )
-        for r in runs
+    )
+
+    resumed = igfiqa(["study", "run", str(spec), "--local", "--workers", "2"])
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert all(state[2] == "measured" and state[3] == str(STEPS) for state in status(spec).values())
+    assert (out / "runs" / "CR(S-)-s0" / "measurements.json").stat().st_mtime_ns == measured_first
+    marker = json.loads((out / "runs" / "IG(S)-s0" / "study-train.json").read_text())
+    assert marker["mlflow_run_id"] == first_run_id and marker["global_step"] == STEPS
+
+    measured = json.loads((out / "runs" / "IG(S)-s1" / "measurements.json").read_text())
+    rows = {(r["set"], r["matcher"], r["method"]): r for r in measured["rows"]}
+    for key in (
+        ("unseen", "tiny-cos", "model"),
+        ("unseen", "tiny-cos", "oracle"),
+        ("unseen", "own backbone", "model"),
+    ):
+        assert key in rows and rows[key]["edc_ratio"] > 0 and rows[key]["num_nonmated"] > 1000, key
+    assert {(v["set"], v["matcher"]) for v in measured["verification"]} >= {
+        ("clean", "own backbone"),
+        ("mixed", "tiny-cos"),
     }
-    assert main(["--out", str(out), "--no-track", *ARGS]) == 0
-    for r in runs:
-        assert (
-            (out / "runs" / r.name / TRAIN_MARKER).stat().st_mtime_ns,
-            (out / "runs" / r.name / MEASUREMENT_FILE).stat().st_mtime_ns,
-        ) == stamps[r.name]
+    assert -100 <= measured["ground_truth"]["lowvar_overrating"] <= 100
+    assert len(measured["ground_truth"]["weights"]) == 20
+
+    reported = igfiqa(["study", "report", str(spec), "--docs-img", str(tmp_path / "img")])
+    assert reported.returncode == 0, reported.stdout + reported.stderr
+    tables = (out / "report" / "tables.md").read_text()
+    assert "# Study tiny: 4 of 4 runs measured" in tables
+    assert "bootstrap 95 % CI (1000 draws, seed 0)" in tables and "H1b: IG(S) − CR(S-)" in tables
+    differences = json.loads((out / "report" / "summary.json").read_text())["differences"]
+    primary = [d for d in differences if d["hypothesis"] == "H1b" and d["matcher"] == "tiny-cos"]
+    assert (
+        len(primary) == 1
+        and primary[0]["seeds"] == 2
+        and primary[0]["ci_low"] <= primary[0]["mean_difference"] <= primary[0]["ci_high"]
+    )
+    for plot in ("fig5_unseen_fmr0.01.png", "differences.png", "weights.png"):
+        assert (out / "report" / plot).stat().st_size > 1000
+        assert (tmp_path / "img" / f"study_tiny_{plot}").is_file()
+
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    parent = json.loads((out / "report" / "parent_run.json").read_text())["run_id"]
+    children = client.search_runs(
+        [client.get_experiment_by_name("igfiqa-study-tiny").experiment_id],
+        f"tags.mlflow.parentRunId = '{parent}'",
+    )
+    assert sorted(r.info.run_name for r in children) == sorted(f"study-{r}" for r in RUNS)
+    evals = client.search_runs(
+        [client.get_experiment_by_name("igfiqa-study-tiny").experiment_id],
+        f"tags.mlflow.parentRunId = '{marker['mlflow_run_id']}'",
+    )
+    assert len(evals) == 2  # the identity sets' folder and the verification sets' folder
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_a_study_runs_as_one_slurm_array(slurm_cluster, tmp_path: Path) -> None:
+    """The same spec on the local cluster: the matcher trains there too, every run is one array task,
+    and a second call submits nothing."""
+    spec = write_spec(tmp_path, cluster=str(REPO / "slurm" / "clusters" / "local.yaml"))
+    out = tmp_path / "out"
+    done = igfiqa(["study", "run", str(spec)], timeout=1800)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "submitted array job" in done.stdout
+    assert all(state[2] == "measured" for state in status(spec).values())
+    for run in RUNS:
+        marker = json.loads((out / "runs" / run / "study-train.json").read_text())
+        assert marker["where"].startswith("on SLURM (job ") and marker["global_step"] == STEPS
+        assert (out / "runs" / run / "study-job.json").is_file()
+    again = igfiqa(["study", "run", str(spec)])
+    assert again.returncode == 0 and "submitted array job" not in again.stdout, again.stdout

@@ -20,6 +20,7 @@ def test_registry_lists_the_family() -> None:
         "iresnet50",
         "iresnet_mini",
         "iresnet_mini_nobn",
+        "iresnet_small",
         "iresnet_tiny",
     ]
     with pytest.raises(ValueError, match=r"unknown backbone 'resnet9'.*iresnet50"):
@@ -42,7 +43,7 @@ def test_parameter_counts_match_the_reference(name: str, params: int) -> None:
     assert sum(p.numel() for p in model.parameters()) == params
 
 
-@pytest.mark.parametrize("name", ["iresnet18", "iresnet_mini", "iresnet_tiny"])
+@pytest.mark.parametrize("name", ["iresnet18", "iresnet_mini", "iresnet_tiny", "iresnet_small"])
 def test_forward_shape_and_frozen_embedding_scale(name: str) -> None:
     torch.manual_seed(0)
     model = build_backbone(name, embedding_size=128, dropout=0.2).train()
@@ -83,6 +84,13 @@ def test_tiny_has_a_stride_two_stem_and_a_third_of_the_work() -> None:
     tiny, mini = build_backbone("iresnet_tiny"), build_backbone("iresnet_mini")
     assert tiny.conv1.stride == (2, 2) and tiny.layer4[0].conv2.stride == (1, 1)
     assert 3.0 < _conv_macs(mini) / _conv_macs(tiny) < 3.6  # 109 M vs 33 M per image
+
+
+def test_small_is_tiny_twice_as_deep() -> None:
+    tiny, small = build_backbone("iresnet_tiny"), build_backbone("iresnet_small")
+    assert [len(stage) for stage in (small.layer1, small.layer2, small.layer3, small.layer4)] == [2, 2, 2, 2]
+    assert small.conv1.stride == (2, 2) and small.channels_last
+    assert 1.6 < _conv_macs(small) / _conv_macs(tiny) < 2.0  # 59 M vs 33 M per image (fc aside)
 
 
 def test_channels_last_gives_the_same_embeddings() -> None:

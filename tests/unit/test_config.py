@@ -51,7 +51,7 @@ def test_yaml_then_overrides_win(tmp_path: Path) -> None:
         ({"optim": {"epochs": True}}, r"optim\.epochs: expected an integer, got bool"),
         ({"optim": {"lr": "fast"}}, r"optim\.lr: expected a number, got str 'fast'"),
         ({"run": {"deterministic": "yes"}}, r"run\.deterministic: expected true/false"),
-        ({"loss": {"mode": "arc"}}, r"loss\.mode: 'arc' is not one of 'ig', 'cr'"),
+        ({"loss": {"mode": "arc"}}, r"loss\.mode: 'arc' is not one of 'ig', 'cr', 'fr'"),
         ({"optim": {"milestones": 3}}, r"optim\.milestones: expected a list"),
         ({"optim": 3}, r"optim: expected a mapping"),
         ({"optim": {"lr": 0}}, r"optim\.lr: 0\.0 must be positive"),
@@ -136,6 +136,62 @@ def test_batch_layout_refuses_what_does_not_split(
         BatchLayout.of(data, world_size, num_images, rank)
 
 
+@pytest.mark.parametrize(
+    ("tree", "message"),
+    [
+        (
+            {"loss": {"mode": "fr"}},
+            r"^loss\.mode fr trains face recognition only, with no regression half: set data\.reg_batch: 0 "
+            r"\(it is 512\)$",
+        ),
+        (
+            {"data": {"reg_batch": 0}},
+            r"^data\.reg_batch: 0 leaves no regression half, which only loss\.mode fr or data\.batch_mode "
+            r"single trains without \(loss\.mode is ig\)",
+        ),
+        (
+            {"data": {"batch_mode": "single"}},
+            r"^data\.batch_mode single trains both losses on one batch of data\.fr_batch images: set "
+            r"data\.reg_batch: 0 \(it is 512\)$",
+        ),
+        (
+            {"data": {"batch_mode": "single", "reg_batch": 0}, "loss": {"mode": "fr"}},
+            r"^data\.batch_mode single trains the regression loss on the one batch; loss\.mode fr has none",
+        ),
+        ({"data": {"batch_mode": "both"}}, r"data\.batch_mode"),
+        ({"data": {"reg_batch": 0}, "loss": {"mode": "cr"}}, r"\(loss\.mode is cr\)"),
+        ({"data": {"reg_batch": -2}, "loss": {"mode": "fr"}}, r"^data\.reg_batch: -2 must be >= 0"),
+        (
+            {"data": {"reg_batch": 0}, "loss": {"mode": "fr"}, "variance": {"update_from": "reg"}},
+            r"^variance\.update_from: reg needs a regression half",
+        ),
+    ],
+)
+def test_face_recognition_only_goes_with_an_empty_regression_half(tree: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(tree)
+
+
+@pytest.mark.parametrize("mode", ["ig", "cr"])
+def test_single_batch_mode_takes_the_one_batch_as_the_fr_half(mode: str) -> None:
+    config = config_from_dict(
+        {"data": {"fr_batch": 8, "reg_batch": 0, "batch_mode": "single"}, "loss": {"mode": mode}}
+    )
+    layout = BatchLayout.of(config.data, 2, 100)
+    sizes = (layout.global_batch, layout.fr_per_rank, layout.reg_per_rank, layout.steps_per_epoch)
+    assert sizes == (8, 4, 0, 12)
+    assert TrainConfig().data.batch_mode == "split"
+
+
+def test_an_empty_regression_half_lays_out_the_fr_half_alone() -> None:
+    config = config_from_dict({"data": {"fr_batch": 6, "reg_batch": 0}, "loss": {"mode": "fr"}})
+    layouts = [BatchLayout.of(config.data, 2, 105, rank) for rank in range(2)]
+    for layout in layouts:
+        sizes = (layout.global_batch, layout.fr_per_rank, layout.reg_per_rank, layout.rank_batch)
+        assert sizes == (6, 3, 0, 3) and layout.steps_per_epoch == 17  # 105 // 6
+    assert [(lay.fr_offset, lay.reg_offset) for lay in layouts] == [(0, 0), (3, 0)]
+
+
 def test_replace_section_rechecks() -> None:
     config = TrainConfig()
     assert replace_section(config, optim={"lr": 0.01}).optim.lr == 0.01
@@ -152,6 +208,18 @@ def test_overrides_are_blamed_not_the_file(tmp_path: Path) -> None:
         load_config(path, ["optim.lrr=0.1"])
     with pytest.raises(ConfigError, match=r"^--set 'optim\.lr=-1': optim\.lr: -1\.0 must be positive"):
         load_config(path, ["optim.lr=-1"])
+    with pytest.raises(ConfigError, match=r"^--set 'optim\.lr=-1': optim\.lr: -1\.0 must be positive"):
+        load_config(path, ["optim.lr=-1", "optim.epochs=3"])
+    with pytest.raises(ConfigError, match=r"^--set 'loss\.mode=fr': loss\.mode fr trains face recognition"):
+        load_config(path, ["loss.mode=fr", "optim.epochs=3"])
+
+
+def test_keys_that_go_together_can_be_set_one_after_the_other() -> None:
+    for overrides in (["loss.mode=fr", "data.reg_batch=0"], ["data.reg_batch=0", "loss.mode=fr"]):
+        config = load_config(None, overrides)
+        assert (config.loss.mode, config.data.reg_batch) == ("fr", 0)
+    # a range error that an override brings in and a later one repairs is no error
+    assert load_config(None, ["optim.lr=-1", "optim.lr=0.2"]).optim.lr == 0.2
 
 
 @pytest.mark.parametrize("value", [".inf", "-.inf", ".nan"])

@@ -58,7 +58,7 @@ def test_ema_of_one_minus_ccs_tracks_the_true_variance() -> None:
     for epoch in range(5):
         for batch in order.split(64):
             table.update(labels[batch], ccs[batch], alpha=0.9 + 0.02 * epoch)
-    # as experiments/study_measure.py measures it: over the classes with 2+ samples
+    # as jobs/study/measure.py measures it: over the classes with 2+ samples
     variance, counts = intra_class_variance(emb, labels, num_classes)
     keep = counts >= 2
     assert pearson_correlation(table.values[keep].double(), variance[keep]) > 0.95

@@ -91,6 +91,36 @@ def test_fr_half_is_decode_flip_normalise_pixel_for_pixel(train_dataset: Path, c
         np.testing.assert_allclose(batch.fr.images.numpy(), reference, rtol=0, atol=1e-6)
 
 
+def test_an_empty_regression_half_yields_fr_rows_only(train_dataset: Path, clean_images: dict) -> None:
+    # loss.mode fr (reg_batch 0): the graph gets FR rows only, every degradation branch stays empty
+    loader = make_loader(train_dataset, reg_batch=0, augment=AugmentConfig(p_rescale=1.0, p_erase=1.0))
+    assert loader.steps_per_epoch == load_dataset_info(train_dataset).num_images // 16
+    batches = epoch_batches(loader, 0)
+    assert len(batches) == loader.steps_per_epoch
+    for batch in batches:
+        assert batch.fr.images.shape == (16, 3, SIZE, SIZE) and not batch.fr.flags.any()
+        assert batch.reg.images.shape == (0, 3, SIZE, SIZE) and len(batch.reg) == 0
+        assert batch.reg.labels.shape == (0,) and batch.reg.flags.shape == (0, 3)
+        reference = clean_of(clean_images, batch.fr.keys, batch.fr.flipped)
+        assert np.array_equal(pixels(batch.fr.images), pixels(reference))
+    keys = [k for b in batches for k in b.fr.keys]
+    assert len(set(keys)) == len(keys) == 16 * loader.steps_per_epoch
+
+
+def test_single_batch_mode_degrades_the_fr_half(train_dataset: Path, clean_images: dict) -> None:
+    # data.batch_mode single (CR-FIQA's training): the one batch is the FR half, degraded as the
+    # regression half would be; what the flags say happened is in the pixels
+    every = AugmentConfig(p_rescale=1.0, p_erase=0.0, p_color=0.0)
+    loader = make_loader(train_dataset, reg_batch=0, batch_mode="single", augment=every)
+    for batch in epoch_batches(loader, 0)[:3]:
+        assert len(batch.reg) == 0 and batch.fr.flags[:, 0].all() and not batch.fr.flags[:, 1:].any()
+        reference = clean_of(clean_images, batch.fr.keys, batch.fr.flipped)
+        for degraded, clean in zip(pixels(batch.fr.images), pixels(reference)):
+            assert not np.array_equal(degraded, clean)  # rescaled: blurred
+    split = make_loader(train_dataset, reg_batch=0, augment=every)
+    assert [b.fr.keys for b in epoch_batches(split, 0)] == [b.fr.keys for b in epoch_batches(loader, 0)]
+
+
 def test_degradation_frequencies_lie_within_binomial_bounds(train_dataset: Path) -> None:
     p = (0.3, 0.2, 0.5)
     augment = AugmentConfig(p_rescale=p[0], p_erase=p[1], p_color=p[2])

@@ -138,6 +138,35 @@ def test_mismatched_regression_half_is_refused() -> None:
         objective(fr_emb, fr_y, reg_emb, reg_q[:5], reg_y, 0.9)
 
 
+@pytest.mark.parametrize("margin", ["arcface", "cosface"])
+def test_face_recognition_only_is_the_margin_loss_alone(margin: str) -> None:
+    # mode fr: total = L_Arc exactly (the dense reference's margin loss, and the same number the ig
+    # objective's classifier gives), no L_IG, empty regression outputs; the table follows the FR half
+    fr_emb, fr_y, reg_emb, reg_q, reg_y = _batch(0)
+    loss_cfg = LossConfig(mode="fr", margin=margin)
+    objective = IGFIQAObjective(NUM_CLASSES, DIM, loss_cfg, VarianceConfig(), seed=2).train()
+    ig = IGFIQAObjective(NUM_CLASSES, DIM, LossConfig(margin=margin), VarianceConfig(), seed=2).train()
+    no_reg = torch.zeros(0, DIM), torch.zeros(0), torch.zeros(0, dtype=torch.long)
+    fr_in = fr_emb.clone().requires_grad_(True)
+    out = objective(fr_in, fr_y, *no_reg, alpha=0.9)
+    expected = ref.margin_loss(fr_emb, fr_y, objective.classifier.weight.detach(), margin=margin)
+    torch.testing.assert_close(out.loss_arc, expected)
+    assert out.total is out.loss_arc and float(out.loss_ig) == 0.0
+    assert all(t.numel() == 0 for t in (out.cr, out.ccs, out.nnccs, out.weights)) and out.fr_ccs.numel() == 10
+    torch.testing.assert_close(out.loss_arc, ig(fr_emb, fr_y, reg_emb, reg_q, reg_y, alpha=0.9).loss_arc)
+    assert not torch.equal(objective.variance.values, torch.ones(NUM_CLASSES))
+    out.total.backward()
+    assert fr_in.grad is not None and fr_in.grad.abs().sum() > 0
+
+
+def test_face_recognition_only_refuses_a_regression_half() -> None:
+    objective = IGFIQAObjective(NUM_CLASSES, DIM, LossConfig(mode="fr"), VarianceConfig(), seed=2)
+    with pytest.raises(ValueError, match="without a regression half, got 8 regression samples"):
+        objective(*_batch(0), alpha=0.9)
+    with pytest.raises(ValueError, match="update_from must be 'fr'"):
+        IGFIQAObjective(NUM_CLASSES, DIM, LossConfig(mode="fr"), VarianceConfig(update_from="reg"))
+
+
 @pytest.mark.gpu
 def test_cuda_step_matches_cpu() -> None:
     cpu = IGFIQAObjective(NUM_CLASSES, DIM, LossConfig(), VarianceConfig(), seed=2).train()

@@ -63,6 +63,38 @@ def test_ranks_are_disjoint_cover_the_epoch_and_concatenate_to_the_global_step(w
     assert len(covered) == len(set(covered)) == single.layout.steps_per_epoch * 24
 
 
+def test_an_empty_regression_half_gives_every_row_of_the_epoch_to_the_fr_half() -> None:
+    # loss.mode fr: reg_batch 0, each global step is fr_batch rows, split over the ranks
+    samplers = [sampler_of(100, 8, 0, world_size=2, rank=r, seed=1) for r in range(2)]
+    assert samplers[0].layout.steps_per_epoch == 12  # 100 // 8
+    covered = []
+    for step in range(12):
+        whole = sampler_of(100, 8, 0, seed=1).global_rows(0, step)
+        parts = [s.rank_rows(0, step) for s in samplers]
+        assert whole.reg.size == 0 and all(p.reg.size == 0 and p.fr.size == 4 for p in parts)
+        assert np.array_equal(np.concatenate([p.fr for p in parts]), whole.fr)
+        covered += [row for p in parts for row in p.fr]
+    assert len(set(covered)) == 96
+    assert samplers[1].rank_positions().tolist() == [4, 5, 6, 7]
+    plan = step_params(AugmentConfig(p_rescale=1.0), SIZE, seed=0, epoch=0, step=0, layout=samplers[0].layout)
+    assert len(plan) == 8 and not plan.flags.any()
+
+
+def test_single_batch_mode_degrades_the_fr_rows_with_the_same_draws() -> None:
+    # data.batch_mode single: the one batch (the FR rows) is degraded at the configured rates; the
+    # flips and parameters are those the split layout draws, only the FR rows' flags differ
+    cfg = AugmentConfig(p_rescale=0.3, p_erase=0.3, p_color=0.3)
+    layout = BatchLayout(4000, 0, num_images=4000)
+    single = step_params(cfg, SIZE, seed=3, epoch=1, step=2, layout=layout, degrade_fr=True)
+    split = step_params(cfg, SIZE, seed=3, epoch=1, step=2, layout=layout)
+    assert not split.flags.any()
+    for column in range(3):
+        low, high = binomial_bounds(4000, 0.3)
+        assert low <= single.flags[:, column].sum() <= high, DEGRADATIONS[column]
+    assert np.array_equal(single.flip, split.flip) and np.array_equal(single.color, split.color)
+    assert np.array_equal(single.rescale_size, split.rescale_size)
+
+
 def test_rank_positions_pick_this_ranks_rows_of_the_global_step() -> None:
     sampler = sampler_of(100, 4, 6, world_size=2, rank=1)
     rows = sampler.global_rows(0, 0)

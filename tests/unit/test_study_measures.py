@@ -1,4 +1,4 @@
-"""The study's own numbers: the low-variance overrating and the 95 % intervals of its tables."""
+"""The study's own numbers: the low-variance overrating, the EDC on a grid, the 95 % intervals of its tables."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from experiments.study_measure import lowvar_overrating
-from experiments.study_report import mean_spread
+from jobs.study.measure import lowvar_overrating
+from jobs.study.report import mean_spread
 
 
 def _images(rng: np.random.Generator, n: int = 600) -> tuple[np.ndarray, np.ndarray]:
@@ -42,9 +42,20 @@ def test_no_degraded_low_variance_image_gives_nan() -> None:
 
 
 def test_mean_spread_gives_the_95_percent_t_interval() -> None:
-    frame = pd.DataFrame({"group": ["a", "a", "a", "b"], "x": [1.0, 2.0, 3.0, 5.0]})
+    frame = pd.DataFrame({"arm": ["a", "a", "a", "b"], "x": [1.0, 2.0, 3.0, 5.0]})
     table = mean_spread(frame, ["x"])
     # mean 2, std 1, n 3: t(0.975, 2) = 4.3027 -> half-width 4.3027 / sqrt(3) = 2.4841
-    assert table.loc["a", "x"] == "2.0000 ± 2.4841"
-    assert table.loc["b", "x"] == "5.0000"
-    assert table["seeds"].tolist() == [3, 1]
+    assert table.loc["a", "x"] == "2.0000 ± 2.4841 (3)"
+    assert table.loc["b", "x"] == "5.0000 (1)"
+
+
+def test_the_edc_on_a_grid_is_the_stepwise_curve() -> None:
+    from jobs.study.measure import edc_on_grid
+
+    # points (0, 0.3), (0.1, 0.2), (0.25, 0.1), (1, 0): left-constant between them
+    got = edc_on_grid(
+        np.array([0.0, 0.1, 0.25, 1.0]),
+        np.array([0.3, 0.2, 0.1, 0.0]),
+        np.array([0, 0.05, 0.1, 0.2, 0.25, 0.5]),
+    )
+    assert got.tolist() == [0.3, 0.3, 0.2, 0.2, 0.1, 0.1]

@@ -210,3 +210,21 @@ def iresnet_tiny(*, embedding_size: int = 512, dropout: float = 0.0) -> IResNet:
         embedding_size=embedding_size,
         dropout=dropout,
     )
+
+
+@register_backbone("iresnet_small")
+def iresnet_small(*, embedding_size: int = 512, dropout: float = 0.0) -> IResNet:
+    """`iresnet_tiny` with two blocks per stage (iResNet-18's depths at its widths): a deeper small
+    backbone, the second reference matcher's (configs/matchers/synthetic.yaml). On one CPU core a
+    training step of 32 images took 1.2-1.5x iresnet_tiny's (0.28 against 0.19-0.23 s).
+    """
+    return IResNet(
+        (2, 2, 2, 2),
+        (16, 32, 64, 128),
+        stem_width=16,
+        stem_stride=2,
+        strides=(2, 2, 2, 1),
+        channels_last=True,
+        embedding_size=embedding_size,
+        dropout=dropout,
+    )

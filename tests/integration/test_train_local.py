@@ -46,6 +46,8 @@ STEP_METRICS = {
     "class_weight_p10",
     "class_weight_p50",
     "class_weight_p90",
+    "variance_mean",
+    "variance_std",
     "lr",
     "epoch",
 }

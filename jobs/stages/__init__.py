@@ -9,4 +9,8 @@ the demo and the study resume where they stopped:
                as `igfiqa prep` runs it
   train.py     the training stage: on SLURM through submitit, or here when no cluster can run
   evaluate.py  the final checkpoint on the verification sets, logged as an MLflow child run
+  efficacy.py  the model on fresh verification sets of an unseen seed
+  matcher_spec.py, matchers.py
+               the reference matchers: FR-only models on identities of their own seed, exported
+               as ONNX and recorded in matchers.json (`build_matchers`)
 """

@@ -187,10 +187,19 @@ def matcher_config(
 
 
 def recipe_id(config: TrainConfig, data_fingerprint: str) -> str:
-    """A short content id of what decides a matcher's weights: its config without `WHERE_KEYS`, and
-    the training data's fingerprint (16 hex of a SHA-256)."""
-    from pipeline.config import flatten_config
+    """A short content id of what decides a matcher's weights: the training data's fingerprint and
+    every config value that differs from its default, `WHERE_KEYS` aside (16 hex of a SHA-256).
 
-    recipe = {k: v for k, v in flatten_config(config).items() if k not in WHERE_KEYS}
+    Values at their defaults are left out, so a config key that a later version of the code adds
+    (at a default that keeps today's behaviour) does not retrain every matcher.
+    """
+    from pipeline.config import TrainConfig, flatten_config
+
+    defaults = flatten_config(TrainConfig())
+    recipe = {
+        k: v
+        for k, v in flatten_config(config).items()
+        if k not in WHERE_KEYS and (k not in defaults or v != defaults[k])
+    }
     text = json.dumps({"config": recipe, "data": data_fingerprint}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]

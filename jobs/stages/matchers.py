@@ -106,13 +106,30 @@ def sha256_file(path: Path) -> str:
 def read_matchers(out: Path = DEFAULT_OUT) -> list[MatcherRecord]:
     """The records of OUT/matchers.json ([] when there is none)."""
     path = Path(out) / MATCHERS_FILE
+    return [MatcherRecord.from_dict(r, path) for r in _raw_records(path)]
+
+
+def _raw_records(path: Path) -> list[dict[str, Any]]:
     content = read_json_object(path)
     if content is None:
         return []
     records = content.get("matchers")
-    if not isinstance(records, list):
-        raise UserError(f"{path}: expected a list under 'matchers'; remove it to build again")
-    return [MatcherRecord.from_dict(r, path) for r in records]
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise UserError(f"{path}: expected a list of records under 'matchers'; remove it to build again")
+    return records
+
+
+def _reusable_records(out: Path, say: Callable[[str], None]) -> dict[str, MatcherRecord]:
+    """{name: record} of OUT/matchers.json; a record this code cannot read is left out (rebuilt)."""
+    found = {}
+    for raw in _raw_records(out / MATCHERS_FILE):
+        try:
+            record = MatcherRecord.from_dict(raw, out / MATCHERS_FILE)
+        except UserError:
+            say(f"  {raw.get('name', '?')}: its record is of another version of this code; building it again")
+            continue
+        found[record.name] = record
+    return found
 
 
 def matcher_onnx_paths(out: Path = DEFAULT_OUT) -> dict[str, Path]:
@@ -299,7 +316,7 @@ def build_matchers(
     if paths.out.exists() and not paths.out.is_dir():
         raise UserError(f"--out {paths.out} exists and is not a folder")
     with OutputLock(paths.out, wait=math.inf):
-        existing = {r.name: r for r in read_matchers(paths.out)}
+        existing = _reusable_records(paths.out, say)
         records = {name: r for name, r in existing.items() if name in spec.names()}
         dropped = sorted(set(existing) - set(records))
         if dropped:

@@ -119,3 +119,5 @@ def test_the_recipe_id_follows_the_weights_not_the_paths() -> None:
     assert recipe_id(replace_section(config, optim={"epochs": 7}), "data-a") != same
     assert recipe_id(replace_section(config, run={"seed": 5}), "data-a") != same
     assert recipe_id(_config(spec, 1), "data-a") != same
+    # a value set to its default is the default: the same recipe as leaving it out
+    assert recipe_id(replace_section(config, run={"deterministic": False}), "data-a") == same

@@ -62,13 +62,24 @@ def test_a_broken_marker_is_a_user_error(tmp_path: Path) -> None:
 def test_synth_stage_reuses_the_same_settings_and_refuses_others(tmp_path: Path) -> None:
     paths = WorkFolder(tmp_path)
     paths.synth.mkdir()
-    settings = {"identities": 40, "images_per_identity": 12, "seed": 0, "generator": generator_settings()}
+    settings = {
+        "identities": 40,
+        "images_per_identity": 12,
+        "low_variance_fraction": 0.15,
+        "clean_fraction": 0.5,
+        "seed": 0,
+        "generator": generator_settings(),
+    }
     (paths.synth / "synth.json").write_text(json.dumps(settings))
     record = StageRecord("synth")
     data.synth_stage(paths, data.SynthSpec(identities=40), record)
     assert record.reused and record.note == "synth.json exists"
     with pytest.raises(UserError, match=r"synthesized with other settings: identities 40 \(asked 200\)"):
         data.synth_stage(paths, data.SynthSpec(), StageRecord("synth"))
+    with pytest.raises(UserError, match=r"other settings: low_variance_fraction 0\.15 \(asked 0\.0\)"):
+        data.synth_stage(
+            paths, data.SynthSpec(identities=40, low_variance_fraction=0.0), StageRecord("synth")
+        )
     # data of an earlier generator (degraded images from 0.15) is not reused as if it were today's
     earlier = {**settings, "generator": {"min_strength": 0.15, "mixed_degraded_fraction": 0.25}}
     (paths.synth / "synth.json").write_text(json.dumps(earlier))

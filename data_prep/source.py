@@ -35,6 +35,7 @@ from data_prep.recordio import (
     IR_HEADER_SIZE,
     JPEG_MAGIC,
     MAGIC,
+    RecordIndex,
     RecordIOReader,
     image_kind,
     read_index,
@@ -148,29 +149,30 @@ def read_property(path: Path) -> tuple[int, int, int]:
     return num_classes, height, width
 
 
-def _record_offsets(reader: RecordIOReader, files: SourceFiles) -> dict[int, int]:
-    """{key: offset} from the `.idx`, or by scanning the `.rec` when there is none."""
+def _record_offsets(reader: RecordIOReader, files: SourceFiles) -> RecordIndex:
+    """Key → offset from the `.idx`, or by scanning the `.rec` when there is none (keys 0..n-1)."""
     if files.idx is None:
         log.warning("%s has no .idx beside it: scanning the whole file for records", files.rec)
-        return dict(enumerate(reader.scan()))
+        return RecordIndex(np.fromiter(reader.scan(), dtype=np.int64))
     index = read_index(files.idx)
-    for key, offset in index.items():
-        if offset + 8 > reader.size:
-            raise DataError(
-                f"key {key} points at byte offset {offset}, past the end of {files.rec.name} "
-                f"({reader.size} bytes): the .rec is truncated or the index does not belong to it",
-                path=files.idx,
-                record=key,
-                offset=offset,
-            )
+    past = np.flatnonzero(index.offsets + 8 > reader.size)
+    if past.size:
+        key, offset = int(index.sorted_keys()[past[0]]), int(index.offsets[past[0]])
+        raise DataError(
+            f"key {key} points at byte offset {offset}, past the end of {files.rec.name} "
+            f"({reader.size} bytes): the .rec is truncated or the index does not belong to it",
+            path=files.idx,
+            record=key,
+            offset=offset,
+        )
     return index
 
 
-def _offset_of(index: dict[int, int], key: int, files: SourceFiles, why: str) -> int:
-    try:
-        return index[key]
-    except KeyError:
-        raise DataError(f"no record with key {key}, which {why}", path=files.idx or files.rec) from None
+def _offset_of(index: RecordIndex, key: int, files: SourceFiles, why: str) -> int:
+    offset = index.get(key)
+    if offset is None:
+        raise DataError(f"no record with key {key}, which {why}", path=files.idx or files.rec)
+    return offset
 
 
 def _whole_number(value: float) -> bool:
@@ -178,7 +180,7 @@ def _whole_number(value: float) -> bool:
 
 
 def _header_range(
-    header_labels: tuple[float, ...], index: dict[int, int], files: SourceFiles, key: int, offset: int
+    header_labels: tuple[float, ...], index: RecordIndex, files: SourceFiles, key: int, offset: int
 ) -> tuple[int, int]:
     """Record 0's identity range [first, end), checked against the index before anything is allocated."""
     low, high = header_labels[0], header_labels[1]
@@ -218,7 +220,7 @@ def _header_range(
 
 
 def _identity_ranges(
-    reader: RecordIOReader, index: dict[int, int], files: SourceFiles, first: int, end: int
+    reader: RecordIOReader, index: RecordIndex, files: SourceFiles, first: int, end: int
 ) -> np.ndarray:
     """Expected class of image records 1..first-1 from the identity records [first, end).
 
@@ -226,8 +228,11 @@ def _identity_ranges(
     """
     expected = np.full(first, -1, dtype=np.int64)
     next_image = 1
+    offsets = index.offsets_of(np.arange(first, end, dtype=np.int64))
     for cls, key in enumerate(range(first, end)):
-        offset = _offset_of(index, key, files, f"record 0's identity range [{first}, {end}) needs")
+        offset = int(offsets[cls])
+        if offset < 0:
+            _offset_of(index, key, files, f"record 0's identity range [{first}, {end}) needs")
         header, _ = unpack_header(reader.read_at(offset, key), path=files.rec, record=key)
         if header.flag < 2:
             raise DataError(
@@ -291,7 +296,7 @@ def read_source(
         index = _record_offsets(reader, files)
         if not index:
             raise DataError("empty dataset: the index lists no records", path=files.idx or files.rec)
-        first_key = min(index)
+        first_key = int(index.sorted_keys()[0])
         first_offset = index[first_key]
         first_payload = reader.read_at(first_offset, first_key)
         first_header, data_start = unpack_header(first_payload, path=files.rec, record=first_key)
@@ -303,7 +308,7 @@ def read_source(
             expected = _identity_ranges(reader, index, files, id_first, id_end)
             num_classes = id_end - id_first
         else:
-            records = np.asarray(sorted(index), dtype=np.int64)
+            records = index.sorted_keys()
             num_classes = 0
         if not len(records):
             raise DataError("empty dataset: no image records", path=files.rec)
@@ -318,9 +323,7 @@ def read_source(
         if prop is not None and not is_insightface:
             num_classes = prop[0]
 
-        offsets = np.fromiter(
-            (index.get(key, -1) for key in records.tolist()), dtype=np.int64, count=len(records)
-        )
+        offsets = index.offsets_of(records)
         if (offsets < 0).any():
             why = "the image range of record 0 needs" if is_insightface else "the index lists"
             _offset_of(index, int(records[np.argmax(offsets < 0)]), files, why)

@@ -116,3 +116,22 @@ class ShardRows:
 
     def count(self, shard: int) -> int:
         return int(self._bounds[shard + 1] - self._bounds[shard])
+
+
+def read_manifest_rows(path: Path, columns: list[str], rows: np.ndarray) -> pa.Table:
+    """Columns `columns` of the parquet table at PATH for its rows `rows` (increasing), reading only
+    the row groups that hold them (a manifest's are at most ~1M rows: the memory does not grow
+    with the table)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    parquet = pq.ParquetFile(path)
+    sizes = [parquet.metadata.row_group(i).num_rows for i in range(parquet.num_row_groups)]
+    starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+    if len(rows) and (rows[0] < 0 or rows[-1] >= starts[-1]):
+        raise DataError(f"rows {rows[0]}..{rows[-1]} are not all among its {starts[-1]} rows", path=path)
+    group_of = np.searchsorted(starts, rows, side="right") - 1
+    groups = np.unique(group_of)
+    table = parquet.read_row_groups(groups.tolist(), columns=columns)
+    # where each chosen group starts in `table`
+    read_start = np.concatenate([[0], np.cumsum(np.asarray(sizes, dtype=np.int64)[groups])])[:-1]
+    local = rows - starts[group_of] + read_start[np.searchsorted(groups, group_of)]
+    return table.take(pa.array(local))

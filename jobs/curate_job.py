@@ -78,9 +78,9 @@ def start_scoring(
     from pipeline.curation.scoring import (
         finalize_scoring,
         load_scoring_plan,
-        part_is_done_for,
         prepare_scoring,
         score_shards,
+        shards_done,
     )
 
     if not isinstance(profile, ClusterProfile):
@@ -88,7 +88,8 @@ def start_scoring(
     out = Path(out).resolve()
     prepare_scoring(Path(checkpoint), Path(dataset), out, batch_size=batch_size)
     plan = load_scoring_plan(out)
-    todo = [s for s in range(plan.num_shards) if not part_is_done_for(out, plan, s)]
+    done = set(shards_done(out, plan))
+    todo = [s for s in range(plan.num_shards) if s not in done]
     if len(todo) < plan.num_shards:
         log.info(
             "resuming: %d of %d shards already scored (skipped)", plan.num_shards - len(todo), plan.num_shards

@@ -355,10 +355,7 @@ def _write_shard(target: _ShardTarget, shard: int, rows: pa.Table, *, reader: Sh
     start = shard * target.samples_per_shard
     positions = np.arange(start, start + count, dtype=np.int64)
     shards, offsets, nbytes = (rows.column(c).to_numpy() for c in ("shard", "offset", "nbytes"))
-    images = [
-        memoryview(reader.read(s, o, n))
-        for s, o, n in zip(shards.tolist(), offsets.tolist(), nbytes.tolist())
-    ]
+    images = reader.views(shards, offsets, nbytes)
     keys = sample_keys(positions.tolist(), target.num_images)
     labels = rows.column("label").to_numpy()
     written = write_webdataset_shard(paths.tar, paths.index, keys, images, labels.tolist())

@@ -367,13 +367,18 @@ def read_source(
             f"none of the {len(records)} image records is usable (first: {bad[0].reason})", path=files.rec
         )
     assert size is not None
+    everything = bool(keep.all())  # the usual case: no copies
+
+    def kept(array: np.ndarray) -> np.ndarray:
+        return array if everything else array[keep]
+
     return SourceDataset(
         files=files,
-        records=records[keep],
-        offsets=offsets[keep],
-        labels=labels[keep],
-        image_offsets=image_offsets[keep],
-        image_nbytes=image_nbytes[keep],
+        records=kept(records),
+        offsets=kept(offsets),
+        labels=kept(labels),
+        image_offsets=kept(image_offsets),
+        image_nbytes=kept(image_nbytes),
         num_classes=num_classes,
         image_size=size,
         layout="insightface" if is_insightface else "plain",
@@ -509,40 +514,16 @@ def _validate_image_records(
     image_nbytes = np.zeros(count, dtype=np.int64)
     sizes = np.zeros((count, 2), dtype=np.int64)
     if size >= 64:  # else too small for the vectorised reads below: check record by record
+        known_bad = np.zeros(count, dtype=bool)
+        known_bad[list(reasons)] = True
         words = np.frombuffer(reader.view, dtype="<u4", count=size // 4)
-        floats = words.view("<f4")
         data = np.frombuffer(reader.view, dtype=np.uint8)
-        fast = (offsets % 4 == 0) & (offsets + 8 + IR_HEADER_SIZE <= size)
-        word = np.where(fast, offsets // 4, 0)
-        lrecord = words[word + 1].astype(np.int64)
-        length = lrecord & ((1 << 29) - 1)
-        fast &= (words[word] == MAGIC) & (lrecord >> 29 == 0) & (length >= IR_HEADER_SIZE)
-        fast &= offsets + 8 + length <= size
-        flag = np.where(fast, words[word + 2], 0).astype(np.int64)
-        data_start = offsets + 8 + IR_HEADER_SIZE + 4 * flag
-        record_end = offsets + 8 + length
-        fast &= data_start + len(JPEG_MAGIC) <= record_end
-        label = np.where(flag > 0, floats[np.where(fast, word + 8, 0)], floats[word + 3]).astype(np.float64)
-        head = np.where(fast, data_start, 0)
-        is_jpeg = (
-            (data[head] == JPEG_MAGIC[0])
-            & (data[head + 1] == JPEG_MAGIC[1])
-            & (data[head + 2] == JPEG_MAGIC[2])
-        )
-        fast &= (
-            is_jpeg & np.isfinite(label) & (label >= 0) & (label < MAX_CLASSES) & (label == np.floor(label))
-        )
-        fast[list(reasons)] = False
-        labels = np.where(fast, label, 0).astype(np.int64)
-        image_offsets = np.where(fast, data_start, -1)
-        image_nbytes = np.where(fast, record_end - data_start, 0)
-        if image_check != "magic":
-            rows = np.flatnonzero(fast)
-            accepted, height, width = jpeg_sizes_quick(data, image_offsets[rows], record_end[rows])
-            sizes[rows[accepted], 0] = height[accepted]
-            sizes[rows[accepted], 1] = width[accepted]
-            fast[rows[~accepted]] = False  # the per-record check says why (or accepts it)
-        del words, floats, data  # release the exports of the memory map
+        for start in range(0, count, _CHECK_BLOCK):  # in blocks: the temporaries do not grow with the file
+            block = slice(start, min(start + _CHECK_BLOCK, count))
+            fast[block], labels[block], image_offsets[block], image_nbytes[block] = _quick_check(
+                words, data, offsets[block], known_bad[block], sizes[block], image_check
+            )
+        del words, data  # release the exports of the memory map
     remaining = [i for i in np.flatnonzero(~fast).tolist() if i not in reasons]
     with tqdm(
         total=count,
@@ -568,6 +549,50 @@ def _validate_image_records(
                 reasons[i] = exc.reason if isinstance(exc, DataError) else str(exc)
             bar.update()
     return labels, image_offsets, image_nbytes, sizes
+
+
+_CHECK_BLOCK = 1 << 16  # records `_quick_check` takes at once (its temporaries: ~270 bytes per record)
+
+
+def _quick_check(
+    words: np.ndarray,
+    data: np.ndarray,
+    offsets: np.ndarray,
+    known_bad: np.ndarray,
+    sizes: np.ndarray,
+    image_check: ImageCheck,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The common case of `_validate_image_records` for records at `offsets` at once, over the
+    file as uint32 `words` and bytes `data`: (passed, labels, image offsets, image sizes in
+    bytes); `sizes` (rows of height, width) is filled for the records that passed."""
+    size = len(data)
+    floats = words.view("<f4")
+    fast = (offsets % 4 == 0) & (offsets + 8 + IR_HEADER_SIZE <= size) & ~known_bad
+    word = np.where(fast, offsets // 4, 0)
+    lrecord = words[word + 1].astype(np.int64)
+    length = lrecord & ((1 << 29) - 1)
+    fast &= (words[word] == MAGIC) & (lrecord >> 29 == 0) & (length >= IR_HEADER_SIZE)
+    fast &= offsets + 8 + length <= size
+    flag = np.where(fast, words[word + 2], 0).astype(np.int64)
+    data_start = offsets + 8 + IR_HEADER_SIZE + 4 * flag
+    record_end = offsets + 8 + length
+    fast &= data_start + len(JPEG_MAGIC) <= record_end
+    label = np.where(flag > 0, floats[np.where(fast, word + 8, 0)], floats[word + 3]).astype(np.float64)
+    head = np.where(fast, data_start, 0)
+    is_jpeg = (
+        (data[head] == JPEG_MAGIC[0]) & (data[head + 1] == JPEG_MAGIC[1]) & (data[head + 2] == JPEG_MAGIC[2])
+    )
+    fast &= is_jpeg & np.isfinite(label) & (label >= 0) & (label < MAX_CLASSES) & (label == np.floor(label))
+    labels = np.where(fast, label, 0).astype(np.int64)
+    image_offsets = np.where(fast, data_start, -1)
+    image_nbytes = np.where(fast, record_end - data_start, 0)
+    if image_check != "magic":
+        rows = np.flatnonzero(fast)
+        accepted, height, width = jpeg_sizes_quick(data, image_offsets[rows], record_end[rows])
+        sizes[rows[accepted], 0] = height[accepted]
+        sizes[rows[accepted], 1] = width[accepted]
+        fast[rows[~accepted]] = False  # the per-record check says why (or accepts it)
+    return fast, labels, image_offsets, image_nbytes
 
 
 def _validate_image_record(reader: RecordIOReader, rec: Path, key: int, offset: int) -> tuple[int, int, int]:

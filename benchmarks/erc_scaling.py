@@ -22,7 +22,8 @@ import time
 import numpy as np
 import pandas as pd
 
-from pipeline.evaluation.quality_metrics import evaluate_quality, pair_qualities
+from pipeline.evaluation.comparisons import pair_qualities
+from pipeline.evaluation.quality_metrics import evaluate_quality
 
 SIZES = (10_000, 100_000, 1_000_000)
 

@@ -139,10 +139,12 @@ class CheckpointEvaluation:
 def evaluate_checkpoint_file(
     checkpoint: Path, data: Path, out: Path, options: EvalOptions, *, name: str | None = None
 ) -> CheckpointEvaluation:
-    """`igfiqa eval`: the checkpoint's quality, verification and EDC/ERC on every set under `data`.
+    """`igfiqa eval`: the checkpoint's quality, verification and EDC/ERC on every set under `data`
+    (verification sets: their pairs; identity-labelled sets: all-vs-all).
 
-    Embeddings come from the checkpoint's backbone, an ONNX FR model or precomputed `.npz`
-    embeddings (`options`); the method is named `name` (default: the run name) in tables and plots.
+    Comparisons come from each matcher `options` name (ONNX FR models, precomputed `.npz`
+    embeddings, the checkpoint's backbone); the method is named `name` (default: the run name) in
+    tables and plots.
     """
     from pipeline.evaluation.evaluate import evaluate_checkpoint
 
@@ -159,8 +161,9 @@ def evaluate_checkpoint_file(
                 "checkpoint": str(checkpoint),
                 "global_step": step,
                 "train_run_id": train_run_id,
-                "fr_model": str(options.fr_model or ""),
+                "fr_models": [str(p) for p in options.fr_models],
                 "fr_embeddings": str(options.fr_embeddings or ""),
+                "ground_truth": str(options.ground_truth or ""),
             },
         )
     return CheckpointEvaluation(checkpoint, data, options, outcome, config, train_run_id, step)
@@ -177,15 +180,14 @@ def log_evaluation(evaluated: CheckpointEvaluation, *, tracking_uri: str = "") -
         log.info("pipeline.tracking.store is not available: results not logged to MLflow")
         return None
     from data_prep.dataset import dataset_fingerprint
-    from pipeline.evaluation.evaluate import find_verification_sets
+    from pipeline.evaluation.evaluate import find_evaluation_sets
 
     config, checkpoint, options = evaluated.config, evaluated.checkpoint, evaluated.options
     uri = tracking.resolve_tracking_uri(tracking_uri or config.run.tracking_uri)
     tags = {"stage": "eval", "checkpoint": str(checkpoint.resolve())}
     # lineage: the same `dataset_fingerprint.<set>` tags `igfiqa prep bins` gives its run
     tags |= {
-        f"dataset_fingerprint.{d.name}": dataset_fingerprint(d)
-        for d in find_verification_sets(evaluated.data)
+        f"dataset_fingerprint.{d.name}": dataset_fingerprint(d) for d in find_evaluation_sets(evaluated.data)
     }
     if evaluated.train_run_id:
         tags |= {"mlflow.parentRunId": evaluated.train_run_id, "train_run_id": evaluated.train_run_id}
@@ -197,8 +199,12 @@ def log_evaluation(evaluated: CheckpointEvaluation, *, tracking_uri: str = "") -
             {
                 "checkpoint": checkpoint,
                 "data": evaluated.data,
-                "fr_model": options.fr_model or "",
+                "fr_model": " ".join(str(p) for p in options.fr_models),
                 "fr_embeddings": options.fr_embeddings or "",
+                "own_backbone": options.own_backbone,
+                "nonmated_sample_cap": options.nonmated_sample_cap,
+                "nonmated_sample_seed": options.nonmated_sample_seed,
+                "ground_truth": options.ground_truth or "",
                 "flip": options.flip,
                 "fmr": " ".join(f"{f:g}" for f in options.fmrs) if options.fmrs else "auto",
                 "discard_limit": options.discard_limit,

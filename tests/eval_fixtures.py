@@ -150,3 +150,36 @@ def make_verification_set(root: Path, name: str, num_pairs: int = 20, seed: int 
         images[right] = jpeg_bytes(other)
         rows.append({"left": left, "right": right, "issame": mated})
     return write_verification_set(root, name, images, pd.DataFrame(rows))
+
+
+def make_identity_set(
+    root: Path, identities: int = 12, per_identity: int = 4, seed: int = 0
+) -> tuple[Path, Path]:
+    """An identity-labelled set converted by `igfiqa prep convert`'s code from an InsightFace RecordIO:
+    identity c's images are one face degraded at level 0…3 (cycling; blur of that many steps and
+    Gaussian noise of σ = 20·level), so that about half the mated pairs fail, most of them the
+    degraded ones. Returns (converted dataset folder, ground_truth.parquet keyed by record:
+    strength = level / 3, as `prep synth` writes its own)."""
+    from data_prep.convert import convert
+    from data_prep.synth import write_insightface_recordio
+
+    source = root / "idset-source"
+    source.mkdir(parents=True)
+    images, rows = [], []
+    record = 1  # RecordIO images are records 1..N in identity order
+    for identity in range(identities):
+        faces = []
+        for number in range(per_identity):
+            level = (number + identity) % 4
+            pixels = np.asarray(face_image(seed * 1000 + identity, blur=level), dtype=np.float64)
+            pixels += np.random.default_rng([seed, record]).normal(0, 20 * level, pixels.shape)
+            faces.append(jpeg_bytes(Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))))
+            rows.append({"record": record, "identity": identity, "strength": level / 3})
+            record += 1
+        images.append(faces)
+    write_insightface_recordio(source, images, image_size=112)
+    truth = source / "ground_truth.parquet"
+    pd.DataFrame(rows).to_parquet(truth, index=False)
+    out = root / "idsets" / "idset"
+    convert(source, out, samples_per_shard=17, seed=seed, progress=False)
+    return out, truth

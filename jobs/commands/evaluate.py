@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+DEFAULT_NONMATED_CAP = 10_000_000  # EvalOptions' default (pipeline.evaluation.all_pairs), checked by a test
+
 # flag (argparse dest) → EvalOptions field; a command has the flags of its option groups
 OPTION_FLAGS = {
     "flip": "flip",
@@ -26,9 +28,13 @@ OPTION_FLAGS = {
     "discard_limit": "discard_limit",
     "crfiqa_refit": "crfiqa_refit",
     "nan_quality": "nan_policy",
-    "fr_model": "fr_model",
+    "fr_model": "fr_models",
     "fr_bgr": "fr_bgr",
     "fr_embeddings": "fr_embeddings",
+    "own_backbone": "own_backbone",
+    "nonmated_cap": "nonmated_sample_cap",
+    "nonmated_seed": "nonmated_sample_seed",
+    "ground_truth": "ground_truth",
 }
 
 PAIRS_SCORES_HELP = """\
@@ -61,30 +67,42 @@ Table 2 layout: methods × dataset/FMR), quality_<dataset>.png (every method's E
 
 
 EVAL_DESCRIPTION = """\
-Evaluate a trained checkpoint on every converted verification set under --data
-(the output of `igfiqa prep bins`; --data may also be one set's folder):
-  * the quality of every image (the model's quality head),
-  * 10-fold verification accuracy (InsightFace's protocol),
-  * EDC / ERC of the quality scores, as `igfiqa erc` computes them (see its --help).
+Evaluate a trained checkpoint on every converted set under --data (--data may also be
+one set's folder):
+  * verification sets (`igfiqa prep bins`): their listed pairs; 10-fold verification
+    accuracy (InsightFace's protocol) and EDC / ERC, as `igfiqa erc` computes them;
+  * identity-labelled sets (`igfiqa prep convert` of a RecordIO dataset or an image
+    folder ROOT/<identity>/*.jpg, no pairs list): ALL mated pairs and all non-mated
+    pairs (a seeded hashed sample of about --nonmated-cap when there are more), so FMR
+    1e-3 and 1e-4 are resolved; EDC / ERC beside the oracle (quality = -strength) when
+    the set has ground truth (--ground-truth FILE, or the set's ground_truth.parquet).
+The quality of every image comes from one forward pass of the model (--flip: with its
+mirror image too, a secondary protocol).
 
-Embeddings for the comparisons come from the checkpoint's own backbone or, cross-model
-as the paper evaluates, from an independent face recognition model:
-  --fr-model MODEL.onnx       run with onnxruntime; input [N, 3, H, W] float32,
-                              (pixel - 127.5) / 127.5, RGB (--fr-bgr for BGR models)
+Comparisons come from each matcher, one result row per set x matcher: cross-model, as
+the paper evaluates (the primary protocol, docs/evaluation.md), independent face
+recognition models
+  --fr-model MODEL.onnx       repeatable; run with onnxruntime, named by the file stem;
+                              input [N, 3, H, W] float32, (pixel - 127.5) / 127.5, RGB
+                              (--fr-bgr for BGR models)
   --fr-embeddings FILE.npz    precomputed: arrays `keys` [N] ("<set>/<key>" or the
                               manifest key) and `embeddings` [N, D]
-The own backbone's accuracy is reported beside the FR model's.
+or, without them (or beside them with --own-backbone), the checkpoint's own backbone.
+On verification sets the own backbone's accuracy is reported beside the FR model's.
 
 The results go to MLflow as an "eval" run, a child of the checkpoint's training run
 (experiment and tracking URI from the checkpoint's config unless --tracking-uri).
 
-example:
+examples:
   igfiqa eval runs/tiny-cpu/checkpoints/last.ckpt --data work/val --out work/eval
+  igfiqa eval runs/tiny-cpu/checkpoints/last.ckpt --data /data/idset --fr-model work/matchers/r50-arcface.onnx --fr-model work/matchers/r34-cosface.onnx --out work/eval-primary
 """
 
 EVAL_EXTRA_OUTPUTS = """\
-also: verification.csv, and per set pairs_<set>.parquet + scores_<set>.parquet, ready for
-`igfiqa erc` (e.g. to put other FIQA methods' scores beside ours)
+also: verification.csv, and per set scores_<set>.parquet and, per verification set,
+pairs_<set>.parquet (pairs_<set>.<matcher>.parquet with several matchers), ready for
+`igfiqa erc` (e.g. to put other FIQA methods' scores beside ours); with several matchers
+the tables' columns and the plots are per "<set> (<matcher>)"
 """
 
 SCORE_DESCRIPTION = """\
@@ -157,16 +175,42 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=formatter,
     )
     evaluate.add_argument("checkpoint", type=Path, help="training checkpoint (.ckpt)")
-    evaluate.add_argument("--data", required=True, type=Path, help="folder of converted verification sets")
+    evaluate.add_argument(
+        "--data", required=True, type=Path, help="folder of converted verification or identity-labelled sets"
+    )
     evaluate.add_argument("--out", required=True, type=Path, help="output directory (created)")
     source = evaluate.add_mutually_exclusive_group()
     source.add_argument(
-        "--fr-model", type=Path, default=None, help="ONNX face recognition model for the comparisons"
+        "--fr-model",
+        type=Path,
+        action="append",
+        default=None,
+        help="ONNX face recognition model for the comparisons (repeatable: one matcher each)",
     )
     source.add_argument(
         "--fr-embeddings", type=Path, default=None, help=".npz of precomputed embeddings (see above)"
     )
-    evaluate.add_argument("--fr-bgr", action="store_true", help="the ONNX FR model expects BGR channel order")
+    evaluate.add_argument("--fr-bgr", action="store_true", help="the ONNX FR models expect BGR channel order")
+    evaluate.add_argument(
+        "--own-backbone",
+        action="store_true",
+        help="beside --fr-model / --fr-embeddings, also compare with the checkpoint's own backbone",
+    )
+    evaluate.add_argument(
+        "--nonmated-cap",
+        type=int,
+        default=DEFAULT_NONMATED_CAP,
+        help="identity-labelled sets: at most about this many non-mated pairs, a seeded hashed sample "
+        f"when there are more (default: {DEFAULT_NONMATED_CAP:,}; 0: all of them)",
+    )
+    evaluate.add_argument("--nonmated-seed", type=int, default=0, help="seed of that sample (default: 0)")
+    evaluate.add_argument(
+        "--ground-truth",
+        type=Path,
+        default=None,
+        help="identity-labelled sets: table (parquet/CSV) of strength per image, matched by path, key or "
+        "record, for the oracle quality -strength (default: the set's ground_truth.parquet, if any)",
+    )
     evaluate.add_argument(
         "--name", default=None, help="method name in tables and plots (default: the run name)"
     )
@@ -286,7 +330,7 @@ def run_eval(args: argparse.Namespace) -> int:
     evaluated = evaluate_checkpoint_file(
         args.checkpoint, args.data, args.out, eval_options(args), name=args.name
     )
-    _print_outcome(evaluated.outcome.files, [s.quality for s in evaluated.outcome.sets])
+    _print_outcome(evaluated.outcome.files, evaluated.outcome.evaluations)
     if not args.no_track:
         run_id = log_evaluation(evaluated, tracking_uri=args.tracking_uri)
         train_run_id = evaluated.train_run_id

@@ -1,4 +1,5 @@
-"""Decode face images to the project's tensor layout (docs/contracts.md, "Images as tensors").
+"""Decode face images to the project's tensor layout (docs/contracts.md, "Images as tensors"),
+from files or from a converted set's shards.
 
 RGB, CHW, float32, (pixel − 127.5) / 127.5, 112×112. PIL decodes (DALI's CPU
 decoder is pixel-identical to PIL on JPEG, see /work/shared/notes). An image of
@@ -9,13 +10,16 @@ so callers record the original size and can flag it.
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 from data_prep.errors import DataError
+from data_prep.shard_reader import ShardReader
 
 IMAGE_SIZE = (112, 112)  # (height, width)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -92,3 +96,20 @@ def find_image_files(paths: list[str | Path] | tuple[str | Path, ...]) -> list[P
         else:
             raise FileNotFoundError(f"{entry}: no such file or folder")
     return list(dict.fromkeys(found))
+
+
+def shard_image_batches(
+    tar_paths: Sequence[Path], manifest: pd.DataFrame, batch_size: int
+) -> Iterator[tuple[list[str], np.ndarray]]:
+    """(keys, [n, 3, 112, 112] float32) batches of a converted set's images in `manifest` row order
+    (columns key, shard, offset, nbytes), decoded from the shard tars."""
+    with ShardReader(list(tar_paths)) as reader:
+        for start in range(0, len(manifest), batch_size):
+            rows = manifest.iloc[start : start + batch_size]
+            tensors = []
+            for key, shard, offset, nbytes in zip(
+                rows["key"], rows["shard"], rows["offset"], rows["nbytes"], strict=True
+            ):
+                data = reader.read(int(shard), int(offset), int(nbytes)).tobytes()
+                tensors.append(decode_image(data, source=f"{tar_paths[shard]} (key {key})").tensor)
+            yield rows["key"].tolist(), np.stack(tensors)

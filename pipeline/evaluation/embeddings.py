@@ -18,17 +18,20 @@ Two sources besides our own backbone:
   Write one with `save_embeddings_npz(path, keys, embeddings)` or
   `np.savez(path, keys=np.array(keys), embeddings=matrix)`.
 
-`load_matcher(options)` loads the one `EvalOptions` names, once per evaluation.
+`load_matchers(options)` loads the matchers `EvalOptions` names, once per evaluation: each ONNX
+model, or the `.npz` file, named by its file stem, and the model's own backbone ("own backbone")
+when no other is given or `options.own_backbone` asks for it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.evaluation.options import EvalOptions
+from pipeline.evaluation.options import OWN_BACKBONE, EvalOptions
 from pipeline.evaluation.verification import EmbeddingError
 
 
@@ -173,10 +176,22 @@ class OnnxEmbedder:
         return np.concatenate(outputs) if outputs else np.zeros((0, 0), np.float32)
 
 
-def load_matcher(options: EvalOptions) -> OnnxEmbedder | EmbeddingTable | None:
-    """The FR model or precomputed embeddings `options` name for the comparisons (None: own backbone)."""
-    if options.fr_model is not None:
-        return OnnxEmbedder(options.fr_model, channel_order="bgr" if options.fr_bgr else "rgb")
+@dataclass(frozen=True)
+class Matcher:
+    """Where one set of comparison embeddings comes from, and the name its results carry."""
+
+    name: str
+    source: OnnxEmbedder | EmbeddingTable | None  # None: the evaluated model's own backbone
+
+
+def load_matchers(options: EvalOptions) -> list[Matcher]:
+    """The matchers `options` name, in `options.matcher_names` order (see the module doc)."""
+    matchers = [
+        Matcher(path.stem, OnnxEmbedder(path, channel_order="bgr" if options.fr_bgr else "rgb"))
+        for path in options.fr_models
+    ]
     if options.fr_embeddings is not None:
-        return load_embeddings_npz(options.fr_embeddings)
-    return None
+        matchers.append(Matcher(options.fr_embeddings.stem, load_embeddings_npz(options.fr_embeddings)))
+    if not matchers or options.own_backbone:
+        matchers.append(Matcher(OWN_BACKBONE, None))
+    return matchers

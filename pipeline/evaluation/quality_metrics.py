@@ -1,41 +1,51 @@
 """Quality evaluation of a FIQA method: EDC (ISO/IEC 29794-1) and the FIQA papers' ERC AUC.
 
-Inputs are comparison pairs (`similarity`, higher = more alike; `mated` 0/1) and a
-quality score per image; a pair's quality is the minimum of its two images' qualities.
-A comparison matches when its similarity is strictly greater than τ, fixed once on all
-pairs at the target FMR (when FMR·N_non-mated < 1 no threshold reaches it: τ is the
-highest non-mated similarity and the result carries a warning). `edc` discards mated
-pairs lowest quality first, ties together, and integrates stepwise to a discard limit;
-`paper_erc` rejects the lowest ⌊r·N⌋ of all pairs for r = 0…0.95 and integrates by
-trapezoids (`refit_threshold=True` reproduces the published CR-FIQA script). Exact
-definitions and how CR-FIQA's script differs: docs/evaluation.md.
+Inputs are comparisons (`similarity`, higher = more alike; `mated` or not) and a quality score
+per image; a pair's quality is the minimum of its two images' qualities. The core works on
+arrays (`pipeline.evaluation.comparisons.Comparisons`: left/right image indices, similarity,
+mated, in the pairs' canonical order; per-image quality) and serves both a pairs table (`evaluate_quality`, the thin wrapper
+`igfiqa erc` uses) and the all-vs-all comparisons of an identity-labelled set
+(`pipeline.evaluation.all_pairs`). A comparison matches when its similarity is strictly greater
+than τ, fixed once on all non-mated pairs at the target FMR (when FMR·N_non-mated < 1 no
+threshold reaches it: τ is the highest non-mated similarity and the result carries a warning).
+`edc_curve` discards mated pairs lowest quality first, ties together, and integrates stepwise to
+a discard limit; `paper_erc` rejects the lowest ⌊r·N⌋ of all pairs (ties in the canonical pair
+order) for r = 0…0.95 and integrates by trapezoids (`refit_threshold=True` reproduces the
+published CR-FIQA script). Exact definitions and how CR-FIQA's script differs: docs/evaluation.md.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.compute as pc
+
+from pipeline.evaluation.comparisons import (
+    Comparisons,
+    PairOrder,
+    QualityEvalError,
+    checked_quality,
+    comparisons_from_pairs,
+    image_qualities,
+    quality_columns,
+    validate_pairs,
+)
 
 DEFAULT_FMRS = (1e-3, 1e-4)  # the paper's; kept where a set resolves them (`resolvable_fmrs`)
 MIN_FALSE_MATCHES = 10  # an FMR is measured when at least this many non-mated pairs lie above τ
 DEFAULT_DISCARD_LIMIT = 0.2
 RANDOM_METHOD = "random"  # the random-quality reference every evaluation carries
+RANDOM_SEED = 20_240_229  # its image qualities: the same draws every run
 DEFAULT_RANDOM_DRAWS = 20
 PAPER_REJECT_STEP = 0.05
 PAPER_REJECT_POINTS = 20  # r = 0, 0.05, …, 0.95
 # FMR·N is floored with this relative slack so that 0.29·100 (= 28.999999999999996) gives 29.
 _FLOOR_SLACK = 1e-12
-
-
-class QualityEvalError(ValueError):
-    """Input that cannot be evaluated; the message names the file, the rows and what is wrong."""
 
 
 # --------------------------------------------------------------------------- threshold
@@ -89,12 +99,14 @@ def _check_fmr(fmr: float) -> None:
 def threshold_at_fmr(nonmated_similarity: np.ndarray, fmr: float) -> Threshold:
     """The lowest threshold whose FMR on `nonmated_similarity` does not exceed `fmr` (see module doc)."""
     _check_fmr(fmr)
-    scores = np.sort(np.asarray(nonmated_similarity, dtype=np.float64))[::-1]
+    scores = np.asarray(nonmated_similarity)
+    if scores.dtype.kind != "f":
+        scores = scores.astype(np.float64)
     n = scores.size
     if n == 0:
         raise QualityEvalError("no non-mated pairs: an FMR threshold cannot be set")
-    allowed = math.floor(fmr * n * (1.0 + _FLOOR_SLACK))
-    value = float(scores[allowed])  # allowed < n because fmr < 1
+    allowed = math.floor(fmr * n * (1.0 + _FLOOR_SLACK))  # allowed < n because fmr < 1
+    value = float(np.partition(scores, n - 1 - allowed)[n - 1 - allowed])  # the (allowed+1)-th highest
     achieved = float(np.count_nonzero(scores > value)) / n
     return Threshold(fmr, value, achieved, n, below_resolution=allowed == 0)
 
@@ -121,9 +133,13 @@ def edc_curve(
 ) -> EDCCurve:
     """The FNM-EDC of the mated pairs at a fixed threshold; equal qualities are discarded together."""
     similarity, mated, pair_quality = _as_arrays(similarity, mated, pair_quality)
-    order = np.argsort(pair_quality[mated], kind="stable")
-    quality = pair_quality[mated][order]
-    errors = (similarity[mated][order] <= threshold).astype(np.int64)
+    return _edc(similarity[mated], pair_quality[mated], threshold)
+
+
+def _edc(mated_similarity: np.ndarray, mated_quality: np.ndarray, threshold: float) -> EDCCurve:
+    order = np.argsort(mated_quality, kind="stable")
+    quality = mated_quality[order]
+    errors = (mated_similarity[order] <= threshold).astype(np.int64)
     n = quality.size
     if n == 0:
         raise QualityEvalError("no mated pairs: FNMR is undefined")
@@ -179,52 +195,62 @@ def paper_erc(
     """
     _check_fmr(fmr)
     similarity, mated, pair_quality = _as_arrays(similarity, mated, pair_quality)
-    n = similarity.size
     if refit_threshold:
-        # The script's grid and rejected counts, float arithmetic included.
-        rates = np.arange(0, 0.98, PAPER_REJECT_STEP)
-        counts = np.array([int(r * n) for r in rates])
-        order = np.argsort(pair_quality)
-    else:
-        steps = np.arange(PAPER_REJECT_POINTS)
-        rates = steps * PAPER_REJECT_STEP
-        counts = (steps * n) // PAPER_REJECT_POINTS  # exact ⌊r·N⌋ in integers
-        order = np.argsort(pair_quality, kind="stable")
-        fixed = threshold_at_fmr(similarity[~mated], fmr).value
+        return _script_erc(similarity, mated, pair_quality, fmr)
+    tau = threshold_at_fmr(similarity[~mated], fmr).value
+    return _fixed_erc(PairOrder.of_pair_quality(pair_quality, mated), similarity, tau)
 
+
+def _fixed_erc(order: PairOrder, similarity: np.ndarray, tau: float) -> PaperERC:
+    """The paper variant: reject the first ⌊r·N⌋ pairs of `order`, FNMR of the mated pairs left at τ."""
+    n = len(similarity)
+    steps = np.arange(PAPER_REJECT_POINTS)
+    rates = steps * PAPER_REJECT_STEP
+    counts = (steps * n) // PAPER_REJECT_POINTS  # exact ⌊r·N⌋ in integers
+    errors = similarity[order.mated_index] <= tau
+    order.prefetch(counts)
+    fnmrs, warnings = [], []
+    for rate, count in zip(rates, counts, strict=True):
+        kept = order.kept_mated(int(count))
+        remaining = int(np.count_nonzero(kept))
+        if remaining == 0:
+            warnings.append(f"reject {rate:.2f}: no mated pair left; FNMR taken as 0")
+            fnmrs.append(0.0)
+        else:
+            fnmrs.append(float(np.count_nonzero(errors & kept)) / remaining)
+    fnmr = np.asarray(fnmrs, dtype=np.float64)
+    # scipy/numpy trapezoid, the same rule as sklearn.metrics.auc in the script
+    auc = float(np.trapezoid(fnmr, rates))
+    return PaperERC(rates.astype(np.float64), fnmr, np.full(rates.size, tau), auc, False, tuple(warnings))
+
+
+def _script_erc(similarity: np.ndarray, mated: np.ndarray, pair_quality: np.ndarray, fmr: float) -> PaperERC:
+    """The published CR-FIQA script: its grid, rejected counts and threshold refit at every step."""
+    n = similarity.size
+    rates = np.arange(0, 0.98, PAPER_REJECT_STEP)
+    counts = np.array([int(r * n) for r in rates])  # float arithmetic included
+    order = np.argsort(pair_quality)
     fnmrs, thresholds, warnings = [], [], []
     for rate, count in zip(rates, counts, strict=True):
         kept = order[count:]
         sim_kept, mated_kept = similarity[kept], mated[kept]
-        genuine = sim_kept[mated_kept]
-        if refit_threshold:
-            impostor = sim_kept[~mated_kept]
-            if impostor.size == 0:
-                warnings.append(
-                    f"reject {rate:.2f}: no non-mated pair left to refit the threshold; FNMR is NaN"
-                )
-                thresholds.append(np.nan)
-                fnmrs.append(np.nan)
-                continue
-            tau = _script_threshold(sim_kept, impostor, fmr)
-        else:
-            tau = fixed
+        genuine, impostor = sim_kept[mated_kept], sim_kept[~mated_kept]
+        if impostor.size == 0:
+            warnings.append(f"reject {rate:.2f}: no non-mated pair left to refit the threshold; FNMR is NaN")
+            thresholds.append(np.nan)
+            fnmrs.append(np.nan)
+            continue
+        tau = _script_threshold(sim_kept, impostor, fmr)
         thresholds.append(tau)
         if genuine.size == 0:
             warnings.append(f"reject {rate:.2f}: no mated pair left; FNMR taken as 0")
             fnmrs.append(0.0)
         else:
             fnmrs.append(float(np.count_nonzero(genuine <= tau)) / genuine.size)
-    fnmr_array = np.asarray(fnmrs, dtype=np.float64)
-    # scipy/numpy trapezoid, the same rule as sklearn.metrics.auc in the script
-    auc = float(np.trapezoid(fnmr_array, rates))
+    fnmr = np.asarray(fnmrs, dtype=np.float64)
+    auc = float(np.trapezoid(fnmr, rates))
     return PaperERC(
-        np.asarray(rates, dtype=np.float64),
-        fnmr_array,
-        np.asarray(thresholds),
-        auc,
-        refit_threshold,
-        tuple(warnings),
+        np.asarray(rates, dtype=np.float64), fnmr, np.asarray(thresholds), auc, True, tuple(warnings)
     )
 
 
@@ -252,12 +278,12 @@ def _as_arrays(similarity: np.ndarray, mated: np.ndarray, pair_quality: np.ndarr
     return similarity, mated, pair_quality
 
 
-# --------------------------------------------------------------------------- tables in, results out
+# --------------------------------------------------------------------------- results
 
 
 @dataclass(frozen=True)
 class MethodResult:
-    """One FIQA method at one FMR on one dataset."""
+    """One FIQA method at one FMR on one dataset (compared by one matcher)."""
 
     dataset: str
     method: str
@@ -268,11 +294,14 @@ class MethodResult:
     erc: PaperERC
     erc_refit: PaperERC | None = None
     reference: MethodResult | None = None  # the random-quality reference on the same pairs and FMR
+    matcher: str = ""  # the FR model behind the comparisons ("" when a pairs table came without one)
 
     def summary(self) -> dict[str, object]:
         """The scalar results, one flat row (for JSON, CSV and MLflow)."""
-        row: dict[str, object] = {
-            "dataset": self.dataset,
+        row: dict[str, object] = {"dataset": self.dataset}
+        if self.matcher:
+            row["matcher"] = self.matcher
+        row |= {
             "method": self.method,
             "fmr": self.threshold.fmr_target,
             "threshold": self.threshold.value,
@@ -297,7 +326,7 @@ def _ratio(value: float, reference: float) -> float:
 
 @dataclass
 class QualityEvaluation:
-    """Every method × FMR on one dataset, with the warnings the report must show."""
+    """Every method × FMR on one dataset and matcher, with the warnings the report must show."""
 
     dataset: str
     num_pairs: int
@@ -305,6 +334,8 @@ class QualityEvaluation:
     num_nonmated: int
     results: list[MethodResult] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    matcher: str = ""
+    pair_set: dict[str, Any] = field(default_factory=dict)  # how the pairs were chosen (all_pairs)
 
     @property
     def methods(self) -> list[str]:
@@ -314,142 +345,35 @@ class QualityEvaluation:
     def fmrs(self) -> list[float]:
         return list(dict.fromkeys(r.threshold.fmr_target for r in self.results))
 
-
-PAIR_COLUMNS = ("left", "right", "similarity", "mated")
-
-
-def validate_pairs(pairs: pd.DataFrame, source: str = "pairs") -> pd.DataFrame:
-    """Check the pairs table (left, right, similarity, mated 0/1); returns it with `mated` as bool."""
-    missing = [c for c in PAIR_COLUMNS if c not in pairs.columns]
-    if missing:
-        raise QualityEvalError(
-            f"{source}: missing column(s) {', '.join(missing)} (need {', '.join(PAIR_COLUMNS)}; "
-            f"found {', '.join(map(str, pairs.columns))})"
-        )
-    if len(pairs) == 0:
-        raise QualityEvalError(f"{source}: no pairs")
-    similarity = pd.to_numeric(pairs["similarity"], errors="coerce").to_numpy(dtype=np.float64)
-    bad = np.flatnonzero(~np.isfinite(similarity))
-    if bad.size:
-        raise QualityEvalError(f"{source}: similarity is missing or not a finite number in rows {_rows(bad)}")
-    mated_raw = pairs["mated"]
-    if mated_raw.dtype == bool:
-        mated = mated_raw.to_numpy()
-    else:
-        values = pd.to_numeric(mated_raw, errors="coerce").to_numpy(dtype=np.float64)
-        bad = np.flatnonzero(~np.isin(values, (0.0, 1.0)))
-        if bad.size:
-            raise QualityEvalError(f"{source}: mated must be 0 or 1; rows {_rows(bad)} are not")
-        mated = values == 1.0
-    num_mated = int(mated.sum())
-    if num_mated == 0 or num_mated == len(pairs):
-        kind = "mated" if num_mated else "non-mated"
-        raise QualityEvalError(
-            f"{source}: all {len(pairs)} pairs are {kind}; the evaluation needs both mated pairs (for FNMR) "
-            "and non-mated pairs (for the FMR threshold)"
-        )
-    out = pairs.copy()
-    out["left"] = out["left"].astype(str)
-    out["right"] = out["right"].astype(str)
-    out["similarity"] = similarity
-    out["mated"] = mated
-    return out
+    @property
+    def label(self) -> str:
+        """ "<dataset>", or "<dataset> (<matcher>)" when a matcher is named."""
+        return f"{self.dataset} ({self.matcher})" if self.matcher else self.dataset
 
 
-def quality_columns(scores: pd.DataFrame, source: str = "scores") -> list[str]:
-    """The method columns of a scores table: every numeric column but `image`."""
-    if "image" not in scores.columns:
-        raise QualityEvalError(
-            f"{source}: missing column image (found {', '.join(map(str, scores.columns))})"
-        )
-    columns = [c for c in scores.columns if c != "image" and pd.api.types.is_numeric_dtype(scores[c])]
-    if not columns:
-        raise QualityEvalError(f"{source}: no numeric quality column besides image")
-    return [str(c) for c in columns]
-
-
-def _strings(column: pd.Series) -> pa.Array:
-    """A column of image keys as an Arrow string array."""
-    return pa.array(column.astype(str), type=pa.large_string())
-
-
-def _positions(names: pd.Series, keys: pa.Array) -> np.ndarray:
-    """Row of each name in `keys` (−1 where absent), by hashing."""
-    found = pc.index_in(_strings(names), value_set=keys).fill_null(-1)
-    return found.to_numpy(zero_copy_only=False).astype(np.int64)
-
-
-def pair_qualities(
-    pairs: pd.DataFrame,
-    scores: pd.DataFrame,
-    method: str,
-    *,
-    nan_policy: str = "error",
-    source: str = "scores",
-) -> tuple[np.ndarray, list[str]]:
-    """min(quality[left], quality[right]) for every pair, and warnings.
-
-    Raises for images without a score. NaN scores raise (`nan_policy="error"`) or
-    count as the lowest quality, discarded first (`"lowest"`, with a warning).
-    """
-    if nan_policy not in ("error", "lowest"):
-        raise QualityEvalError(f"nan_policy {nan_policy!r} must be 'error' or 'lowest'")
-    keys = scores["image"].astype(str)
-    duplicated = keys[keys.duplicated()].unique()
-    if duplicated.size:
-        raise QualityEvalError(f"{source}: image keys listed more than once: {_names(duplicated)}")
-    values = pd.to_numeric(scores[method], errors="coerce").to_numpy(np.float64)
-    # Arrow's hash lookup (linear in pairs + images): a sort-based set difference on object arrays was
-    # quadratic, and pandas' get_indexer on Arrow-backed strings costs ~8 s per million pairs.
-    both = pd.concat([pairs["left"], pairs["right"]], ignore_index=True)
-    at = _positions(both, _strings(keys))
-    left_at, right_at = at[: len(pairs)], at[len(pairs) :]
-    warnings: list[str] = []
-    if (at < 0).any():
-        unscored = pd.unique(both.astype(str).to_numpy()[at < 0])
-        raise QualityEvalError(
-            f"{source}: {unscored.size} image(s) used by the pairs have no score, e.g. {_names(unscored)}"
-        )
-    used = np.zeros(len(values), dtype=bool)
-    used[left_at] = True
-    used[right_at] = True
-    used_nan = keys.to_numpy()[used & np.isnan(values)]
-    if used_nan.size:
-        if nan_policy == "error":
-            raise QualityEvalError(
-                f"{source}: column {method} is NaN for {used_nan.size} image(s) used by the pairs, e.g. "
-                f"{_names(used_nan)} (pass nan_policy='lowest' / --nan-quality lowest to discard them first)"
-            )
-        warnings.append(
-            f"{method}: {used_nan.size} image(s) have no quality score (NaN) and were treated as the lowest "
-            f"quality, e.g. {_names(used_nan)}"
-        )
-    quality = np.minimum(values[left_at], values[right_at])
-    quality[np.isnan(quality)] = -np.inf  # only reached with nan_policy="lowest"
-
-    return quality, warnings
-
-
-def evaluate_quality(
-    pairs: pd.DataFrame,
-    scores: pd.DataFrame,
+def evaluate_comparisons(
+    comparisons: Comparisons,
+    qualities: Mapping[str, np.ndarray],
     *,
     dataset: str,
-    methods: Sequence[str] | None = None,
+    matcher: str = "",
     fmrs: Sequence[float] | None = None,
     discard_limit: float = DEFAULT_DISCARD_LIMIT,
     crfiqa_refit: bool = False,
     nan_policy: str = "error",
-    pairs_source: str = "pairs",
-    scores_source: str = "scores",
     random_draws: int = DEFAULT_RANDOM_DRAWS,
+    image_names: Sequence[str] | np.ndarray | None = None,
+    scores_source: str = "scores",
+    pair_set: Mapping[str, Any] | None = None,
 ) -> QualityEvaluation:
-    """EDC (+ pAUC) and the papers' ERC AUC for every quality method × FMR on one set of pairs.
+    """EDC (+ pAUC) and the papers' ERC AUC of every method's per-image quality × FMR on `comparisons`.
 
-    `fmrs=None` takes the paper's FMRs where the set resolves them, else the one it resolves
+    `qualities`: method → quality of each of the `comparisons.num_images` images. `fmrs=None`
+    takes the paper's FMRs where the set resolves them, else the one it resolves
     (`resolvable_fmrs`). Beside the methods, a random-quality reference (method "random": i.i.d.
     uniform image qualities, the mean of `random_draws` draws; 0 leaves it out) is measured on the
-    same pairs, and every method's summary carries its ratio to it.
+    same pairs, and every method's summary carries its ratio to it. `image_names` name images in
+    messages.
     """
     if not (0.0 < discard_limit <= 1.0):
         raise QualityEvalError(f"discard limit {discard_limit!r} must lie in (0, 1]")
@@ -457,35 +381,46 @@ def evaluate_quality(
         raise QualityEvalError("give at least one FMR target")
     for fmr in fmrs or ():
         _check_fmr(fmr)
-    pairs = validate_pairs(pairs, pairs_source)
-    available = quality_columns(scores, scores_source)
-    methods = list(methods) if methods else available
-    unknown = [m for m in methods if m not in scores.columns]
-    if unknown:
+    if nan_policy not in ("error", "lowest"):
+        raise QualityEvalError(f"nan_policy {nan_policy!r} must be 'error' or 'lowest'")
+    if comparisons.num_mated == 0 or comparisons.num_nonmated == 0:
+        kind = "non-mated" if comparisons.num_mated == 0 else "mated"
         raise QualityEvalError(
-            f"{scores_source}: no quality column {', '.join(unknown)} (have {', '.join(available)})"
+            f"{dataset}: all {comparisons.num_pairs} pairs are {kind}; the evaluation needs both mated "
+            "pairs (for FNMR) and non-mated pairs (for the FMR threshold)"
         )
-    similarity = pairs["similarity"].to_numpy(np.float64)
-    mated = pairs["mated"].to_numpy(bool)
-    evaluation = QualityEvaluation(dataset, len(pairs), int(mated.sum()), int((~mated).sum()))
+    evaluation = QualityEvaluation(
+        dataset,
+        comparisons.num_pairs,
+        comparisons.num_mated,
+        comparisons.num_nonmated,
+        matcher=matcher,
+        pair_set=dict(pair_set or {}),
+    )
     fmrs = list(fmrs) if fmrs else resolvable_fmrs(evaluation.num_nonmated)
-    thresholds = {fmr: threshold_at_fmr(similarity[~mated], fmr) for fmr in fmrs}
+    nonmated_similarity = comparisons.similarity[~comparisons.mated]
+    thresholds = {fmr: threshold_at_fmr(nonmated_similarity, fmr) for fmr in fmrs}
+    del nonmated_similarity
     for threshold in thresholds.values():
         if (message := threshold.warning()) is not None:
             evaluation.warnings.append(f"{dataset}: {message}")
-    references = (
-        {fmr: _random_reference(dataset, pairs, similarity, mated, t, discard_limit, random_draws)
-         for fmr, t in thresholds.items()}
-        if random_draws > 0
-        else {}
-    )  # fmt: skip
-    for method in methods:
-        quality, warnings = pair_qualities(pairs, scores, method, nan_policy=nan_policy, source=scores_source)
+    references = _random_reference(evaluation, comparisons, thresholds, discard_limit, random_draws)
+    for method, values in qualities.items():
+        quality, warnings = checked_quality(
+            values, method, comparisons.num_images, nan_policy, image_names, scores_source
+        )
         evaluation.warnings.extend(f"{dataset}: {w}" for w in warnings)
+        order = PairOrder.of_image_quality(comparisons, quality)
+        mated_similarity, mated_quality = _mated(comparisons, order, quality)
+        pair_quality = comparisons.pair_quality(quality) if crfiqa_refit else None
         for fmr, threshold in thresholds.items():
-            edc = edc_curve(similarity, mated, quality, threshold.value)
-            erc = paper_erc(similarity, mated, quality, fmr)
-            refit = paper_erc(similarity, mated, quality, fmr, refit_threshold=True) if crfiqa_refit else None
+            edc = _edc(mated_similarity, mated_quality, threshold.value)
+            erc = _fixed_erc(order, comparisons.similarity, threshold.value)
+            refit = None
+            if pair_quality is not None:
+                refit = _script_erc(
+                    comparisons.similarity.astype(np.float64), comparisons.mated, pair_quality, fmr
+                )
             for curve in (erc, refit):
                 if curve is not None:
                     evaluation.warnings.extend(
@@ -502,59 +437,114 @@ def evaluate_quality(
                     erc,
                     refit,
                     reference=references.get(fmr),
+                    matcher=matcher,
                 )
             )
     evaluation.results.extend(references.values())
     return evaluation
 
 
+def _mated(comparisons: Comparisons, order: PairOrder, quality: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(similarity, pair quality) of the mated pairs, in canonical order."""
+    left, right = comparisons.left[order.mated_index], comparisons.right[order.mated_index]
+    return comparisons.similarity[order.mated_index], np.minimum(quality[left], quality[right])
+
+
 def _random_reference(
-    dataset: str,
-    pairs: pd.DataFrame,
-    similarity: np.ndarray,
-    mated: np.ndarray,
-    threshold: Threshold,
+    evaluation: QualityEvaluation,
+    comparisons: Comparisons,
+    thresholds: Mapping[float, Threshold],
     discard_limit: float,
     draws: int,
-) -> MethodResult:
-    """The mean EDC and ERC of `draws` i.i.d. uniform image qualities (seeded: the same every run).
+) -> dict[float, MethodResult]:
+    """Per FMR, the mean EDC and ERC of `draws` i.i.d. uniform image qualities (seeded: the same
+    every run, one draw per image of `comparisons` in index order).
 
     Its EDC is the mean FNMR on a grid of 201 discard fractions; pAUC and AUC are the means of
     the draws' own figures.
     """
-    names, image_index = np.unique(
-        np.concatenate([pairs["left"].astype(str).to_numpy(), pairs["right"].astype(str).to_numpy()]),
-        return_inverse=True,
-    )
-    left, right = image_index[: len(pairs)], image_index[len(pairs) :]
-    rng = np.random.default_rng(20_240_229)
+    if draws <= 0:
+        return {}
+    rng = np.random.default_rng(RANDOM_SEED)
     grid = np.linspace(0.0, 1.0, 201)
-    edc_sum, erc_sum, paucs, aucs = np.zeros(grid.size), None, [], []
+    edc_sum = {fmr: np.zeros(grid.size) for fmr in thresholds}
+    erc_sum = {fmr: np.zeros(PAPER_REJECT_POINTS) for fmr in thresholds}
+    paucs: dict[float, list[float]] = {fmr: [] for fmr in thresholds}
+    aucs: dict[float, list[float]] = {fmr: [] for fmr in thresholds}
+    last: dict[float, PaperERC] = {}
     for _ in range(draws):
-        image_quality = rng.random(names.size)
-        quality = np.minimum(image_quality[left], image_quality[right])
-        edc = edc_curve(similarity, mated, quality, threshold.value)
-        erc = paper_erc(similarity, mated, quality, threshold.fmr_target)
-        paucs.append(edc.pauc(discard_limit))
-        aucs.append(erc.auc)
-        steps = np.searchsorted(edc.discard_fraction, grid, side="right") - 1
-        edc_sum += edc.fnmr[np.clip(steps, 0, edc.fnmr.size - 1)]
-        erc_sum = erc.fnmr if erc_sum is None else erc_sum + erc.fnmr
-    mean_edc = EDCCurve(grid, edc_sum / draws, np.full(grid.size, np.nan), int(mated.sum()))
-    mean_erc = dataclasses.replace(erc, fnmr=erc_sum / draws, auc=float(np.mean(aucs)), warnings=())
-    return MethodResult(
-        dataset, RANDOM_METHOD, threshold, mean_edc, float(np.mean(paucs)), discard_limit, mean_erc
+        image_quality = rng.random(comparisons.num_images)
+        order = PairOrder.of_image_quality(comparisons, image_quality)
+        mated_similarity, mated_quality = _mated(comparisons, order, image_quality)
+        for fmr, threshold in thresholds.items():
+            edc = _edc(mated_similarity, mated_quality, threshold.value)
+            erc = _fixed_erc(order, comparisons.similarity, threshold.value)
+            paucs[fmr].append(edc.pauc(discard_limit))
+            aucs[fmr].append(erc.auc)
+            steps = np.searchsorted(edc.discard_fraction, grid, side="right") - 1
+            edc_sum[fmr] += edc.fnmr[np.clip(steps, 0, edc.fnmr.size - 1)]
+            erc_sum[fmr] += erc.fnmr
+            last[fmr] = erc
+    references = {}
+    for fmr, threshold in thresholds.items():
+        mean_edc = EDCCurve(grid, edc_sum[fmr] / draws, np.full(grid.size, np.nan), evaluation.num_mated)
+        mean_erc = dataclasses.replace(
+            last[fmr], fnmr=erc_sum[fmr] / draws, auc=float(np.mean(aucs[fmr])), warnings=()
+        )
+        references[fmr] = MethodResult(
+            evaluation.dataset,
+            RANDOM_METHOD,
+            threshold,
+            mean_edc,
+            float(np.mean(paucs[fmr])),
+            discard_limit,
+            mean_erc,
+            matcher=evaluation.matcher,
+        )
+    return references
+
+
+def evaluate_quality(
+    pairs: pd.DataFrame,
+    scores: pd.DataFrame,
+    *,
+    dataset: str,
+    methods: Sequence[str] | None = None,
+    fmrs: Sequence[float] | None = None,
+    discard_limit: float = DEFAULT_DISCARD_LIMIT,
+    crfiqa_refit: bool = False,
+    nan_policy: str = "error",
+    pairs_source: str = "pairs",
+    scores_source: str = "scores",
+    random_draws: int = DEFAULT_RANDOM_DRAWS,
+    matcher: str = "",
+) -> QualityEvaluation:
+    """`evaluate_comparisons` of a pairs table (left, right, similarity, mated) and a scores table
+    (image, one numeric column per method; `methods=None`: all of them)."""
+    if not (0.0 < discard_limit <= 1.0):
+        raise QualityEvalError(f"discard limit {discard_limit!r} must lie in (0, 1]")
+    for fmr in fmrs or ():
+        _check_fmr(fmr)
+    pairs = validate_pairs(pairs, pairs_source)
+    available = quality_columns(scores, scores_source)
+    methods = list(methods) if methods else available
+    unknown = [m for m in methods if m not in scores.columns]
+    if unknown:
+        raise QualityEvalError(
+            f"{scores_source}: no quality column {', '.join(unknown)} (have {', '.join(available)})"
+        )
+    comparisons, names = comparisons_from_pairs(pairs)
+    qualities = {m: image_qualities(names, scores, m, source=scores_source) for m in methods}
+    return evaluate_comparisons(
+        comparisons,
+        qualities,
+        dataset=dataset,
+        matcher=matcher,
+        fmrs=fmrs,
+        discard_limit=discard_limit,
+        crfiqa_refit=crfiqa_refit,
+        nan_policy=nan_policy,
+        random_draws=random_draws,
+        image_names=names,
+        scores_source=scores_source,
     )
-
-
-def _rows(indices: np.ndarray, limit: int = 5) -> str:
-    shown = ", ".join(str(int(i)) for i in indices[:limit])
-    more = f" … ({indices.size} in all)" if indices.size > limit else ""
-    return shown + more
-
-
-def _names(names: np.ndarray | Sequence[str], limit: int = 5) -> str:
-    names = list(names)
-    shown = ", ".join(repr(str(n)) for n in names[:limit])
-    more = f" … ({len(names)} in all)" if len(names) > limit else ""
-    return shown + more

@@ -2,16 +2,22 @@
 
 Files under the output directory (all written by `write_report`):
 
-    results.json           everything: counts, thresholds, scalars, curves, verification, warnings
-    summary.csv            one row per dataset × method × FMR (threshold, achieved FMR, EDC pAUC, ERC AUC…)
-    curves.csv             long format: dataset, method, fmr, curve (edc | erc | erc_crfiqa_refit),
-                           discard_fraction, fnmr, threshold
+    results.json           everything: counts, how the pairs were chosen, thresholds, scalars, curves,
+                           verification, warnings
+    summary.csv            one row per dataset (× matcher) × method × FMR (threshold, achieved FMR,
+                           EDC pAUC, ERC AUC…)
+    curves.csv             long format: dataset, (matcher,) method, fmr, curve (edc | erc |
+                           erc_crfiqa_refit), discard_fraction, fnmr, threshold
     table.md               methods × (dataset, FMR) tables of ERC AUC (paper protocol) and EDC pAUC,
-                           best per column in bold, second in italics; verification accuracy; warnings
+                           best per column in bold, second in italics; the matchers and the all-vs-all
+                           pair sets; verification accuracy; warnings
     table_erc_auc.csv      the ERC AUC table (rows methods, columns "<dataset> FMR=<fmr>")
     table_edc_pauc.csv     the EDC pAUC table
     verification.csv       10-fold accuracy per dataset (when given)
     quality_<dataset>.png  per FMR: every method's EDC (top) and paper-protocol ERC (bottom)
+
+A result compared by a named matcher carries a `matcher` column. When the evaluations hold more
+than one matcher, "<dataset>" above reads "<dataset> (<matcher>)" (`QualityEvaluation.label`).
 """
 
 from __future__ import annotations
@@ -66,8 +72,18 @@ def safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "dataset"
 
 
+def several_matchers(evaluations: Sequence[QualityEvaluation]) -> bool:
+    """Whether the evaluations hold more than one matcher (then sets are named "<dataset> (<matcher>)")."""
+    return len({ev.matcher for ev in evaluations}) > 1
+
+
+def set_label(evaluation: QualityEvaluation, several: bool) -> str:
+    """The name a set × matcher goes by in tables, file names and verification rows."""
+    return evaluation.label if several else evaluation.dataset
+
+
 def summary_frame(evaluations: Sequence[QualityEvaluation]) -> pd.DataFrame:
-    """One row per dataset × method × FMR."""
+    """One row per dataset (× matcher) × method × FMR."""
     return pd.DataFrame([r.summary() for ev in evaluations for r in ev.results])
 
 
@@ -76,7 +92,8 @@ def curves_frame(evaluations: Sequence[QualityEvaluation]) -> pd.DataFrame:
     parts = []
     for ev in evaluations:
         for r in ev.results:
-            base = {"dataset": ev.dataset, "method": r.method, "fmr": r.threshold.fmr_target}
+            base = {"dataset": ev.dataset, **({"matcher": ev.matcher} if ev.matcher else {})}
+            base |= {"method": r.method, "fmr": r.threshold.fmr_target}
             parts.append(
                 pd.DataFrame(
                     {
@@ -105,13 +122,18 @@ def curves_frame(evaluations: Sequence[QualityEvaluation]) -> pd.DataFrame:
 
 
 def metric_table(summary: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """Methods × "<dataset> FMR=<fmr>" table of one metric (dataset and FMR in first-seen order)."""
-    columns = list(dict.fromkeys(zip(summary["dataset"], summary["fmr"], strict=True)))
+    """Methods × "<dataset> FMR=<fmr>" table of one metric (dataset and FMR in first-seen order);
+    "<dataset> (<matcher>) FMR=<fmr>" when the summary holds more than one matcher."""
+    matchers = summary["matcher"] if "matcher" in summary else pd.Series([""] * len(summary))
+    several = matchers.nunique() > 1
+    columns = list(dict.fromkeys(zip(summary["dataset"], matchers, summary["fmr"], strict=True)))
     methods = list(dict.fromkeys(summary["method"]))
     table = pd.DataFrame(index=pd.Index(methods, name="method"))
-    for dataset, fmr in columns:
-        part = summary[(summary["dataset"] == dataset) & (summary["fmr"] == fmr)].set_index("method")[metric]
-        table[f"{dataset} FMR={fmr_label(fmr)}"] = part.reindex(methods)
+    for dataset, matcher, fmr in columns:
+        rows = (summary["dataset"] == dataset) & (matchers.to_numpy() == matcher) & (summary["fmr"] == fmr)
+        part = summary[rows].set_index("method")[metric]
+        name = f"{dataset} ({matcher})" if several else dataset
+        table[f"{name} FMR={fmr_label(fmr)}"] = part.reindex(methods)
     return table
 
 
@@ -164,17 +186,21 @@ def results_document(
 ) -> dict[str, Any]:
     """Everything as one JSON-ready dict (NaN and ±inf become null)."""
     datasets = []
+    several = several_matchers(evaluations)
     for ev in evaluations:
-        entry: dict[str, Any] = {
-            "dataset": ev.dataset,
+        entry: dict[str, Any] = {"dataset": ev.dataset, **({"matcher": ev.matcher} if ev.matcher else {})}
+        entry |= {
             "num_pairs": ev.num_pairs,
             "num_mated": ev.num_mated,
             "num_nonmated": ev.num_nonmated,
             "warnings": ev.warnings,
             "results": [],
         }
-        if verification and ev.dataset in verification:
-            entry["verification"] = verification[ev.dataset].summary()
+        if ev.pair_set:
+            entry["pair_set"] = ev.pair_set
+        label = set_label(ev, several)
+        if verification and label in verification:
+            entry["verification"] = verification[label].summary()
         for r in ev.results:
             row = {
                 k: (None if isinstance(v, float) and not math.isfinite(v) else v)
@@ -197,8 +223,9 @@ def results_document(
                 }
             entry["results"].append(row)
         datasets.append(entry)
+    labels = {set_label(ev, several) for ev in evaluations}
     for name, result in (verification or {}).items():
-        if not any(d["dataset"] == name for d in datasets):
+        if name not in labels:
             datasets.append(
                 {"dataset": name, "verification": result.summary(), "results": [], "warnings": []}
             )
@@ -211,18 +238,21 @@ def results_document(
             "edc_pauc": "stepwise area under the EDC from 0 to discard_limit",
             "erc_auc": "paper protocol: reject 0..0.95 of all pairs in steps of 0.05, threshold fixed, trapezoid",
             "erc_auc_crfiqa_refit": "as the published CR-FIQA script: threshold refit at every reject fraction",
+            "pair_set": "all-vs-all: every pair i < j of an identity-labelled set in row-major order, all mated "
+            "pairs, all non-mated pairs or a hashed sample of them (docs/evaluation.md)",
         },
         "datasets": datasets,
         "warnings": [w for ev in evaluations for w in ev.warnings],
     }
 
 
-def plot_dataset(evaluation: QualityEvaluation, path: Path) -> Path:
+def plot_dataset(evaluation: QualityEvaluation, path: Path, *, title: str | None = None) -> Path:
     """One PNG: a column per FMR; EDC (top row) and paper-protocol ERC (bottom row), every method,
     the random-quality reference dashed in grey. FNMR axes start at 0, so a small gap looks small."""
     from matplotlib.figure import Figure  # Figure + savefig use the Agg canvas; no pyplot, no GUI backend
 
     fmrs, methods = evaluation.fmrs, evaluation.methods
+    title = title or evaluation.dataset
     fig = Figure(figsize=(5.2 * len(fmrs), 8.0), layout="constrained")
     axes = fig.subplots(2, len(fmrs), squeeze=False)
     for col, fmr in enumerate(fmrs):
@@ -266,9 +296,9 @@ def plot_dataset(evaluation: QualityEvaluation, path: Path) -> Path:
         edc_ax.axvline(limit, color="grey", linestyle=":", linewidth=1)
         below = any(r.threshold.below_resolution for r in evaluation.results if r.threshold.fmr_target == fmr)
         note = " (below resolution!)" if below else ""
-        edc_ax.set_title(f"{evaluation.dataset}: EDC, FMR={fmr_label(fmr)}{note}")
+        edc_ax.set_title(f"{title}: EDC, FMR={fmr_label(fmr)}{note}")
         edc_ax.set_xlabel("fraction of mated pairs discarded")
-        erc_ax.set_title(f"{evaluation.dataset}: ERC (paper protocol), FMR={fmr_label(fmr)}")
+        erc_ax.set_title(f"{title}: ERC (paper protocol), FMR={fmr_label(fmr)}")
         erc_ax.set_xlabel("fraction of pairs rejected")
         for ax in (edc_ax, erc_ax):
             ax.set_ylabel("FNMR")
@@ -279,6 +309,29 @@ def plot_dataset(evaluation: QualityEvaluation, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     return path
+
+
+def _protocol_lines(evaluations: Sequence[QualityEvaluation]) -> list[str]:
+    """Which matchers made the comparisons, and how each all-vs-all set chose its pairs."""
+    lines = []
+    matchers = list(dict.fromkeys(ev.matcher for ev in evaluations if ev.matcher))
+    if matchers:
+        lines.append(f"Comparisons by: {', '.join(matchers)}.")
+    for ev in evaluations:
+        p = ev.pair_set
+        if not p or (several_matchers(evaluations) and ev.matcher != matchers[0]):
+            continue
+        nonmated = (
+            f"a hashed sample of {p['nonmated_evaluated']:,} of the {p['nonmated_total']:,} non-mated pairs "
+            f"(cap {p['nonmated_sample_cap']:,}, seed {p['nonmated_sample_seed']})"
+            if p["nonmated_sampled"]
+            else f"all {p['nonmated_total']:,} non-mated pairs"
+        )
+        lines.append(
+            f"{ev.dataset}: all-vs-all, {p['images']:,} images of {p['identities']:,} identities, all "
+            f"{p['mated']:,} mated pairs and {nonmated}."
+        )
+    return [*lines, ""] if lines else []
 
 
 def write_report(
@@ -301,7 +354,7 @@ def write_report(
     curves_csv = out / "curves.csv"
     curves_frame(evaluations).to_csv(curves_csv, index=False)
 
-    sections = ["# Quality evaluation", ""]
+    sections = ["# Quality evaluation", "", *_protocol_lines(evaluations)]
     table_csvs: list[Path] = []
     if not summary.empty:
         limit = float(summary["discard_limit"].iloc[0])
@@ -342,8 +395,13 @@ def write_report(
     table_md = out / "table.md"
     table_md.write_text("\n".join(sections))
 
+    several = several_matchers(evaluations)
     pngs = tuple(
-        plot_dataset(ev, out / f"quality_{safe_name(ev.dataset)}.png") for ev in evaluations if ev.results
+        plot_dataset(
+            ev, out / f"quality_{safe_name(set_label(ev, several))}.png", title=set_label(ev, several)
+        )
+        for ev in evaluations
+        if ev.results
     )
     return ReportFiles(
         out, json_path, summary_csv, curves_csv, table_md, tuple(table_csvs), pngs, verification_csv

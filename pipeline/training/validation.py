@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import ConfigError
-from pipeline.evaluation.evaluate import evaluate_set, find_verification_sets, load_verification_set
+from pipeline.evaluation.evaluate import evaluate_set, find_evaluation_sets, load_verification_set
 from pipeline.evaluation.options import EvalOptions
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ class Validator:
     def __init__(
         self, data_dir: str | Path, *, fmr: float, device: torch.device, batch_size: int = 256
     ) -> None:
-        self.sets = [load_verification_set(path) for path in find_verification_sets(data_dir)]
+        self.sets = [load_verification_set(path) for path in find_evaluation_sets(data_dir)]
         self.options = EvalOptions(
             batch_size=batch_size, device=str(device), fmrs=(fmr,) if fmr > 0 else None, progress=False
         )

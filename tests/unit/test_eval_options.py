@@ -29,7 +29,8 @@ def test_every_eval_flag_reaches_its_field():
     options = _options(
         "eval", "c.ckpt", "--data", "d", "--out", "o", "--flip", "--batch-size", "7", "--device", "cpu",
         "--fmr", "0.1", "0.01", "--discard-limit", "0.3", "--crfiqa-refit", "--nan-quality", "lowest",
-        "--fr-model", "fr.onnx", "--fr-bgr", "--no-progress",
+        "--fr-model", "fr.onnx", "--fr-model", "m/b.onnx", "--fr-bgr", "--own-backbone", "--no-progress",
+        "--nonmated-cap", "5000", "--nonmated-seed", "3", "--ground-truth", "gt.parquet",
     )  # fmt: skip
     assert options == EvalOptions(
         flip=True,
@@ -39,15 +40,20 @@ def test_every_eval_flag_reaches_its_field():
         discard_limit=0.3,
         crfiqa_refit=True,
         nan_policy="lowest",
-        fr_model=Path("fr.onnx"),
+        fr_models=(Path("fr.onnx"), Path("m/b.onnx")),
         fr_bgr=True,
+        own_backbone=True,
+        nonmated_sample_cap=5000,
+        nonmated_sample_seed=3,
+        ground_truth=Path("gt.parquet"),
         progress=False,
     )
-    assert options.matcher == "onnx"
+    assert options.matcher == "onnx" and options.matcher_names == ("fr", "b", "own backbone")
     assert (
         _options("eval", "c.ckpt", "--data", "d", "--out", "o", "--fr-embeddings", "e.npz").matcher == "npz"
     )
-    assert EvalOptions().matcher == "own backbone"
+    assert EvalOptions().matcher == "own backbone" and EvalOptions().matcher_names == ("own backbone",)
+    assert EvalOptions(fr_embeddings=Path("x/ref.npz")).matcher_names == ("ref",)
 
 
 @pytest.mark.parametrize(
@@ -56,7 +62,9 @@ def test_every_eval_flag_reaches_its_field():
         ({"batch_size": 0}, "batch size 0 must be at least 1"),
         ({"permutations": 0}, "0 random permutations"),
         ({"nan_policy": "ignore"}, "NaN quality policy 'ignore'"),
-        ({"fr_model": Path("a.onnx"), "fr_embeddings": Path("e.npz")}, "not both"),
+        ({"fr_models": (Path("a.onnx"),), "fr_embeddings": Path("e.npz")}, "not both"),
+        ({"fr_models": (Path("a/m.onnx"), Path("b/m.onnx"))}, "a/m.onnx, b/m.onnx share a file stem"),
+        ({"nonmated_sample_cap": -1}, "cap -1 must be at least 0"),
     ],
 )
 def test_bad_options_are_config_errors(fields, message):

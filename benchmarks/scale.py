@@ -16,7 +16,8 @@ what it needs first and then times only the stage itself:
     inspect_verify  igfiqa prep inspect TRAIN --verify
     curate_filter   igfiqa curate filter TRAIN --quality Q --rule lowest:20% --min-per-identity 2
                     (--no-report; Q is a synthetic quality file: seeded normal scores)
-    erc             igfiqa erc on 10^6 and 10^7 synthetic pairs (5 % mated, 10 pairs per image)
+    erc             igfiqa erc on 10^6 and 10^7 synthetic pairs (5 % mated, 10 pairs per image);
+                    also the sizes of the results.json and curves.csv it wrote
 
 Per stage and size: `seconds` (the stage, timed inside its process), `peak_rss_mb` (the
 process's peak resident set from wait4: includes the pages of memory-mapped files it read),
@@ -228,6 +229,7 @@ class Stage:
     run: Callable[[Context, int], ChildSpec]
     axis: str = "records"
     sizes: tuple[int, ...] = ()
+    extras: Callable[[Context, int], dict[str, Any]] | None = None  # more figures, read after the run
 
 
 @dataclass
@@ -322,13 +324,21 @@ def _erc(ctx: Context, pairs: int) -> ChildSpec:
     return ChildSpec("cli", argv, preload=(*DATA_PRELOAD, "pipeline.evaluation.quality_metrics", "pipeline.evaluation.report", "jobs.evaluation"))  # fmt: skip
 
 
+def _erc_outputs(ctx: Context, pairs: int) -> dict[str, Any]:
+    out = ctx.work / f"pairs{pairs}" / "erc"
+    return {
+        f"{name.replace('.', '_')}_mb": round((out / name).stat().st_size / 1e6, 2)
+        for name in ("results.json", "curves.csv")
+    }
+
+
 STAGES: list[Stage] = [
     Stage("inspect_source", _inspect_source),
     Stage("convert", _convert),
     Stage("inspect", _inspect),
     Stage("inspect_verify", _inspect_verify),
     Stage("curate_filter", _curate_filter),
-    Stage("erc", _erc, axis="pairs", sizes=PAIR_SIZES),
+    Stage("erc", _erc, axis="pairs", sizes=PAIR_SIZES, extras=_erc_outputs),
 ]
 
 
@@ -525,6 +535,8 @@ def main() -> None:
 def _measure(ctx: Context, stage: Stage, size: int) -> dict[str, Any]:
     spec = stage.run(ctx, size)
     result = run_child(ctx, spec)
+    if stage.extras is not None:
+        result |= stage.extras(ctx, size)
     log.info(
         "%s at %d: %.2f s, peak RSS %.0f MB, peak anon %.0f MB",
         stage.name,

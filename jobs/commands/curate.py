@@ -68,7 +68,7 @@ at the end: the same bytes as a run here. Re-running the command submits only th
 shards still missing.
 
 example:
-  igfiqa curate filter work/train --quality work/quality/quality.parquet --out work/train-q80 --rule lowest:20% --submit slurm/clusters/local.yaml --shards-per-task 4
+  igfiqa curate filter work/train --quality work/quality/quality.parquet --out work/train-q80-slurm --rule lowest:20% --submit slurm/clusters/local.yaml --shards-per-task 4
 """
 
 

@@ -45,6 +45,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import threading
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -274,8 +275,35 @@ def write_shard(out: Path, shard_index: int, *, reader: RecordIOReader | None = 
         _write_shard(out, shard_index, reader)
 
 
+_OPENED: dict[str, tuple[tuple[int, ...], ConversionPlan, pq.ParquetFile]] = {}  # this process's last plan
+_OPENED_LOCK = threading.Lock()
+
+
+def opened_plan(out: Path) -> tuple[ConversionPlan, pq.ParquetFile]:
+    """OUT's plan and its rows (plan.parquet, opened), read once per process while their files stay
+    the same: a shard reads only its row group, not the plan's footer of every shard again."""
+    output = conversion_output(out)
+    stamps: tuple[int, ...] = ()
+    for path in (output.plan_path, output.prep / PLAN_TABLE):
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            load_plan(out)  # names a missing plan
+            raise DataError(
+                "missing: run `igfiqa prep convert` again to plan the conversion", path=path
+            ) from None
+        stamps += (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    key = str(Path(out).resolve())
+    with _OPENED_LOCK:
+        cached = _OPENED.get(key)
+        if cached is None or cached[0] != stamps:
+            _OPENED.clear()
+            _OPENED[key] = cached = (stamps, load_plan(out), pq.ParquetFile(output.prep / PLAN_TABLE))
+    return cached[1], cached[2]
+
+
 def _write_shard(out: Path, shard_index: int, reader: RecordIOReader | None) -> None:
-    plan = load_plan(out)
+    plan, planned_rows = opened_plan(out)
     if not 0 <= shard_index < plan.num_shards:
         raise DataError(
             f"shard {shard_index} does not exist; the plan has {plan.num_shards} shards", path=out
@@ -296,7 +324,9 @@ def _write_shard(out: Path, shard_index: int, reader: RecordIOReader | None) -> 
         )
     if not plan.from_files:
         _check_source_unchanged(plan)
-    rows = pq.ParquetFile(output.prep / PLAN_TABLE).read_row_group(shard_index).to_pydict()
+    with _OPENED_LOCK:  # one reader of the shared file at a time
+        group = planned_rows.read_row_group(shard_index)
+    rows = group.to_pydict()
     if len(rows["position"]) != count:
         raise DataError(
             f"plan table row group {shard_index} has the wrong length", path=output.prep / PLAN_TABLE

@@ -4,19 +4,10 @@
     info = write_curation(plan, OUT)                                   # shards, manifests, dataset.json last
     info = curate(SOURCE, QUALITY, OUT, rule)                           # both
 
-Rules (`Rule.parse`), applied to the scores of `quality.parquet` (data_prep.quality_file):
-
-    lowest:F               drop the ⌊F·N⌋ lowest-quality images of the whole dataset
-    lowest-per-identity:F  drop the ⌊F·n⌋ lowest of every identity of n images
-    below:T                drop every image whose quality is below T
-    (F may be written as a percentage: lowest:20%)
-
-Ties are broken by manifest row (the earlier row goes first), so a rule always removes the
-same images. Then every identity must keep at least `min_per_identity` (k) images: one left
-with fewer is removed whole (`below_min="drop"`), or gets back its best removed images up to
-k (`"restore"`; an identity with fewer than k images in all is removed either way). Kept
-identities are renumbered 0..C'−1 in the order of their old labels; `class_map.parquet`
-maps them back.
+Rules (`Rule.parse`: lowest:F, lowest-per-identity:F, below:T, then every identity keeps at
+least `min_per_identity` images or goes) are data_prep.curation_rule's; ties go in manifest
+order, and kept identities are renumbered 0..C'−1 in the order of their old labels
+(`class_map.parquet` maps them back).
 
 Nothing is created before every input is checked: a quality file of another dataset
 (fingerprint), missing or unknown rows, NaN scores (data_prep.quality_file), a rule that keeps
@@ -31,6 +22,14 @@ source_label, quality, reason of every removed image) and LAST dataset.json, who
 `curation` object is the lineage `prep inspect` shows: the source's fingerprint, the
 quality file's checksum, the model's fingerprint, checkpoint and training run, the rule and
 what it removed.
+
+The plan computes, once, the kept images' rows in their new order (`CurationPlan.rows`:
+source shard, offset, size, digest, new label); an output shard is a slice of it, so the
+whole curation is one pass over the data. As SLURM array tasks (jobs.curate_job): the
+submitting machine plans and writes those rows to OUT/.prep/curate-rows.parquet, one row
+group per output shard (`prepare_curation_tasks`); each task reads only its shards' row
+groups (`write_curated_shards`); the submitting machine finishes (`finish_curation`, which
+removes the rows file before dataset.json), so the output is the bytes of a local run.
 """
 
 from __future__ import annotations
@@ -38,10 +37,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-import math
-import re
 import shutil
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,10 +48,21 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from data_prep.atomic import atomic_write, canonical_json
 from data_prep.checksums import xxh128_file
+from data_prep.curation_rule import (  # noqa: F401 - re-exported: the rules are part of this stage
+    BELOW_MIN_ACTIONS,
+    KEPT,
+    REMOVED_BY_RULE,
+    REMOVED_WITH_IDENTITY,
+    RULE_KINDS,
+    Rule,
+    Selection,
+    select,
+)
 from data_prep.dataset import (
     CLASSES_FILE,
     DATASET_FILE,
@@ -67,20 +77,23 @@ from data_prep.errors import DataError
 from data_prep.manifest import CLASSES_SCHEMA, TRAIN_MANIFEST_SCHEMA, read_manifest, write_table
 from data_prep.quality_file import QualitySource, aligned_quality
 from data_prep.shard_reader import ShardReader
-from data_prep.sharded_output import ShardedOutput, disk_full_is_a_data_error, run_shards, sample_keys
+from data_prep.sharded_output import (
+    ShardedOutput,
+    disk_full_is_a_data_error,
+    run_shards,
+    sample_keys,
+)
 from data_prep.shards import write_webdataset_shard
 
 log = logging.getLogger(__name__)
 
 CREATED_BY = "igfiqa data_prep.curate"
 PLAN_FILE = "curate.json"
+ROWS_FILE = "curate-rows.parquet"  # in OUT/.prep while array tasks write the shards (--submit)
+ROWS_PLAN_KEY = b"igfiqa.curate.plan_id"
 CLASS_MAP_FILE = "class_map.parquet"
 REMOVED_FILE = "removed.parquet"
-RULE_KINDS = ("lowest", "lowest-per-identity", "below")
-BELOW_MIN_ACTIONS = ("drop", "restore")
 SHARDS_IN_FLIGHT = 2
-_COUNT_SLACK = 1e-9  # ⌊F·N⌋ computed as floor(F·N + slack): 0.29·100 is 28.999… in binary
-KEPT, REMOVED_BY_RULE, REMOVED_WITH_IDENTITY = 0, 1, 2
 _OUTPUT_FILES = (
     MANIFEST_FILE,
     CLASSES_FILE,
@@ -98,6 +111,19 @@ CLASS_MAP_SCHEMA = pa.schema(
         ("count", pa.int64()),
     ]
 )
+# the curated images in their new order, one row group per output shard: what writing a shard reads
+ROWS_SCHEMA = pa.schema(
+    [
+        ("row", pa.int64()),  # of the source manifest
+        ("key", pa.string()),  # in the source
+        ("record", pa.int64()),
+        ("label", pa.int64()),  # in the curated dataset
+        ("shard", pa.int32()),  # source shard, offset and size of the image bytes
+        ("offset", pa.int64()),
+        ("nbytes", pa.int64()),
+        ("sha256", pa.string()),  # the source manifest's digest of the image
+    ]
+)
 REMOVED_SCHEMA = pa.schema(
     [
         ("key", pa.string()),  # in the source dataset
@@ -107,167 +133,6 @@ REMOVED_SCHEMA = pa.schema(
         ("reason", pa.string()),
     ]
 )
-
-
-# ----------------------------------------------------------------------------- rules
-
-
-@dataclass(frozen=True)
-class Rule:
-    """Which images a curation keeps (see the module docstring)."""
-
-    kind: str
-    value: float
-    min_per_identity: int = 1
-    below_min: str = "drop"
-
-    def __post_init__(self) -> None:
-        if self.kind not in RULE_KINDS:
-            raise DataError(f"rule {self.kind!r} is not one of {', '.join(RULE_KINDS)}")
-        if not math.isfinite(self.value):
-            raise DataError(f"rule {self.kind}: the value must be a finite number, got {self.value}")
-        if self.kind != "below" and not 0.0 <= self.value <= 1.0:
-            raise DataError(
-                f"rule {self.kind}: the fraction must be in [0, 1] (or 0%-100%), got {self.value}"
-            )
-        if self.min_per_identity < 1:
-            raise DataError(f"min_per_identity must be >= 1, got {self.min_per_identity}")
-        if self.below_min not in BELOW_MIN_ACTIONS:
-            raise DataError(f"below_min must be one of {BELOW_MIN_ACTIONS}, got {self.below_min!r}")
-
-    @classmethod
-    def parse(cls, text: str, *, min_per_identity: int = 1, below_min: str = "drop") -> Rule:
-        """`lowest:0.2`, `lowest:20%`, `lowest-per-identity:0.1`, `below:-0.35`."""
-        match = re.fullmatch(r"\s*([a-z-]+)\s*[:=]\s*([-+0-9.eE]+)\s*(%?)\s*", text)
-        if match is None:
-            raise DataError(
-                f"rule {text!r}: write KIND:VALUE, e.g. lowest:0.2, lowest:20%, lowest-per-identity:0.1, "
-                "below:0.35"
-            )
-        kind, number, percent = match.groups()
-        try:
-            value = float(number)
-        except ValueError:
-            raise DataError(f"rule {text!r}: {number!r} is not a number") from None
-        if percent:
-            if kind == "below":
-                raise DataError(f"rule {text!r}: a threshold is a quality value, not a percentage")
-            value /= 100.0
-        return cls(kind, value, min_per_identity=min_per_identity, below_min=below_min)
-
-    def describe(self) -> str:
-        """One line a person reads, e.g. "drop the lowest 20% of all images; an identity left with
-        fewer than 2: remove it"."""
-        if self.kind == "lowest":
-            what = f"drop the lowest {self.value * 100:.4g}% of all images"
-        elif self.kind == "lowest-per-identity":
-            what = f"drop the lowest {self.value * 100:.4g}% of every identity's images"
-        else:
-            what = f"drop images with quality below {self.value:.6g}"
-        if self.min_per_identity == 1:
-            return f"{what} (an identity left with none is gone)"
-        then = "remove it" if self.below_min == "drop" else "give back its best images"
-        return f"{what}; an identity left with fewer than {self.min_per_identity}: {then}"
-
-    def to_json_dict(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "value": self.value,
-            "min_per_identity": self.min_per_identity,
-            "below_min": self.below_min,
-        }
-
-
-@dataclass(frozen=True)
-class Selection:
-    """What a rule keeps of a dataset, per manifest row, and the renumbering of the kept identities."""
-
-    keep: np.ndarray  # bool [N]
-    reason: np.ndarray  # int8 [N]: KEPT, REMOVED_BY_RULE or REMOVED_WITH_IDENTITY
-    restored: np.ndarray  # bool [N]: removed by the rule, given back so its identity keeps k
-    source_labels: np.ndarray  # int64 [C']: the old label of each new label
-    source_counts: np.ndarray  # int64 [C]: images per old label in the source
-
-    @property
-    def num_kept(self) -> int:
-        return int(self.keep.sum())
-
-    def new_labels(self, labels: np.ndarray) -> np.ndarray:
-        """The curated label of each kept row's old label (rows that are not kept: -1)."""
-        mapped = np.searchsorted(self.source_labels, labels)  # exact for kept rows: their label is listed
-        return np.where(self.keep, mapped, -1).astype(np.int64)
-
-    def counts(self) -> dict[str, int]:
-        """Images and identities kept and removed, and why."""
-        source_classes = int((self.source_counts > 0).sum())
-        return {
-            "images": int(self.keep.sum()),
-            "removed_images": int((~self.keep).sum()),
-            "removed_by_rule": int((self.reason == REMOVED_BY_RULE).sum()),
-            "removed_with_identity": int((self.reason == REMOVED_WITH_IDENTITY).sum()),
-            "restored": int(self.restored.sum()),
-            "classes": len(self.source_labels),
-            "removed_classes": source_classes - len(self.source_labels),
-        }
-
-
-def _fraction_count(fraction: float, n: np.ndarray | int) -> np.ndarray:
-    return np.floor(np.asarray(n, dtype=np.float64) * fraction + _COUNT_SLACK).astype(np.int64)
-
-
-def _rank_within(labels: np.ndarray, order: np.ndarray, sizes: np.ndarray) -> np.ndarray:
-    """Each row's rank inside its label when rows are taken in `order` (sorted by label first)."""
-    starts = np.cumsum(sizes) - sizes
-    rank = np.empty(len(labels), dtype=np.int64)
-    rank[order] = np.arange(len(labels)) - starts[labels[order]]
-    return rank
-
-
-def select(quality: np.ndarray, labels: np.ndarray, rule: Rule, *, num_classes: int) -> Selection:
-    """Apply `rule` to per-row `quality` and `labels`; DataError when nothing would be kept."""
-    quality = np.asarray(quality, dtype=np.float64)
-    labels = np.asarray(labels, dtype=np.int64)
-    n = len(quality)
-    rows = np.arange(n)
-    sizes = np.bincount(labels, minlength=num_classes)
-    if rule.kind == "lowest":
-        dropped = np.zeros(n, dtype=bool)
-        dropped[np.lexsort((rows, quality))[: int(_fraction_count(rule.value, n))]] = True
-    elif rule.kind == "lowest-per-identity":
-        rank = _rank_within(labels, np.lexsort((rows, quality, labels)), sizes)
-        dropped = rank < _fraction_count(rule.value, sizes)[labels]
-    else:
-        dropped = quality < rule.value
-    keep = ~dropped
-    reason = np.where(dropped, REMOVED_BY_RULE, KEPT).astype(np.int8)
-    restored = np.zeros(n, dtype=bool)
-    k = rule.min_per_identity
-    short = (np.bincount(labels[keep], minlength=num_classes) < k) & (sizes > 0)
-    if rule.below_min == "restore":
-        refill = short & (sizes >= k)
-        # best first; among equal scores the later row, as the rules keep it (they drop earlier rows first)
-        best_rank = _rank_within(labels, np.lexsort((-rows, -quality, labels)), sizes)
-        restored = refill[labels] & (best_rank < k) & ~keep
-        keep |= restored
-        reason[restored] = KEPT
-        short &= ~refill
-    removed_with_identity = short[labels] & keep
-    keep &= ~short[labels]
-    reason[removed_with_identity] = REMOVED_WITH_IDENTITY
-    if not keep.any():
-        raise DataError(
-            f"the rule ({rule.describe()}) keeps none of the {n} images "
-            f"(quality from {quality.min(initial=np.inf):.4g} to {quality.max(initial=-np.inf):.4g}): "
-            "nothing was written; choose a milder rule"
-        )
-    kept_sizes = np.bincount(labels[keep], minlength=num_classes)
-    return Selection(
-        keep=keep,
-        reason=reason,
-        restored=restored,
-        source_labels=np.flatnonzero(kept_sizes > 0).astype(np.int64),
-        source_counts=sizes.astype(np.int64),
-    )
 
 
 # ----------------------------------------------------------------------------- plan
@@ -288,14 +153,47 @@ class CurationPlan:
     selection: Selection
     samples_per_shard: int
 
-    @property
+    # computed once: every shard slices them (the frozen dataclass keeps a __dict__ for the cache)
+    @functools.cached_property
     def kept_rows(self) -> np.ndarray:
         """Source manifest rows of the curated dataset, in its order (the source's shuffled order)."""
         return np.flatnonzero(self.selection.keep)
 
-    @property
+    @functools.cached_property
     def num_images(self) -> int:
-        return self.selection.num_kept
+        return len(self.kept_rows)
+
+    @functools.cached_property
+    def rows(self) -> pa.Table:
+        """The curated images in their new order (ROWS_SCHEMA): where each one's bytes lie in the
+        source, its new label and its digest. Built in one pass; a shard is a slice of it."""
+        kept, m = self.kept_rows, self.manifest
+        taken = pa.array(kept)
+
+        def strings(column: str) -> pa.Array:  # Arrow-backed already: no Python strings made
+            return pa.array(m[column]).take(taken).cast(pa.string())
+
+        def numbers(column: str) -> np.ndarray:
+            return m[column].to_numpy(dtype=np.int64)[kept]
+
+        labels = numbers("label")
+        return pa.table(
+            {
+                "row": kept.astype(np.int64),
+                "key": strings("key"),
+                "record": numbers("record"),
+                "label": np.searchsorted(self.selection.source_labels, labels).astype(np.int64),
+                "shard": numbers("shard").astype(np.int32),
+                "offset": numbers("offset"),
+                "nbytes": numbers("nbytes"),
+                "sha256": strings("sha256"),
+            },
+            schema=ROWS_SCHEMA,
+        )
+
+    def shard_rows(self, shard: int) -> pa.Table:
+        """The rows (ROWS_SCHEMA) of output shard `shard`."""
+        return self.rows.slice(shard * self.samples_per_shard, self.shard_count(shard))
 
     @property
     def num_classes(self) -> int:
@@ -428,42 +326,59 @@ def check_output_folder(out: Path, plan_id: str) -> bool:
 # ----------------------------------------------------------------------------- writing
 
 
-def _write_shard(output: ShardedOutput, plan: CurationPlan, shard: int, *, reader: ShardReader) -> None:
-    """Copy the kept images of output shard `shard` from the source shards; done record last."""
-    count = plan.shard_count(shard)
-    if output.done_record(shard, plan_id=plan.plan_id, count=count, verify=True) is not None:
+@dataclass(frozen=True)
+class _ShardTarget:
+    """What writing any output shard needs besides its rows (ROWS_SCHEMA)."""
+
+    output: ShardedOutput
+    plan_id: str
+    num_images: int
+    samples_per_shard: int
+    source: DatasetInfo
+
+    def shard_count(self, shard: int) -> int:
+        return min(self.samples_per_shard, self.num_images - shard * self.samples_per_shard)
+
+
+def _target(output: ShardedOutput, plan: CurationPlan) -> _ShardTarget:
+    return _ShardTarget(output, plan.plan_id, plan.num_images, plan.samples_per_shard, plan.source)
+
+
+def _write_shard(target: _ShardTarget, shard: int, rows: pa.Table, *, reader: ShardReader) -> None:
+    """Copy the images `rows` names from the source shards into output shard `shard`; done record last."""
+    output, count = target.output, target.shard_count(shard)
+    if output.done_record(shard, plan_id=target.plan_id, count=count, verify=True) is not None:
         return
+    if rows.num_rows != count:
+        raise DataError(f"output shard {shard} has {rows.num_rows} planned rows, expected {count}")
     paths = output.begin_shard(shard)
-    start = shard * plan.samples_per_shard
+    start = shard * target.samples_per_shard
     positions = np.arange(start, start + count, dtype=np.int64)
-    rows = plan.kept_rows[positions]
-    m = plan.manifest
-    shards, offsets, nbytes = (m[c].to_numpy(dtype=np.int64)[rows] for c in ("shard", "offset", "nbytes"))
-    images = [
-        memoryview(reader.read(int(s), int(o), int(n)))
-        for s, o, n in zip(shards.tolist(), offsets.tolist(), nbytes.tolist())
-    ]
-    keys = sample_keys(positions.tolist(), plan.num_images)
-    labels = plan.selection.new_labels(m["label"].to_numpy(dtype=np.int64))[rows]
+    shards, offsets, nbytes = (rows.column(c).to_numpy() for c in ("shard", "offset", "nbytes"))
+    images = reader.views(shards, offsets, nbytes)
+    keys = sample_keys(positions.tolist(), target.num_images)
+    labels = rows.column("label").to_numpy()
     written = write_webdataset_shard(paths.tar, paths.index, keys, images, labels.tolist())
     del images
-    expected = m["sha256"].to_numpy()[rows]
-    differs = np.flatnonzero(np.asarray(written.image_sha256) != expected)
-    if differs.size:
+    expected = rows.column("sha256").to_pylist()
+    differs = [
+        i for i, (digest, wanted) in enumerate(zip(written.image_sha256, expected)) if digest != wanted
+    ]
+    if differs:
         paths.tar.unlink(missing_ok=True)
         paths.index.unlink(missing_ok=True)
-        row = int(rows[differs[0]])
+        first = differs[0]
         raise DataError(
-            f"key {m['key'].iloc[row]} (manifest row {row}): its bytes do not match the manifest's sha256 "
-            f"({differs.size} images of output shard {shard} differ); check the source with "
-            f"`igfiqa prep inspect {plan.source.root} --verify`",
-            path=plan.source.tar_paths[int(shards[differs[0]])],
-            offset=int(offsets[differs[0]]),
+            f"key {rows.column('key')[first].as_py()} (manifest row {rows.column('row')[first].as_py()}): "
+            f"its bytes do not match the manifest's sha256 ({len(differs)} images of output shard {shard} "
+            f"differ); check the source with `igfiqa prep inspect {target.source.root} --verify`",
+            path=target.source.tar_paths[int(shards[first])],
+            offset=int(offsets[first]),
         )
     manifest = pa.table(
         {
             "key": keys,
-            "record": m["record"].to_numpy(dtype=np.int64)[rows],
+            "record": rows.column("record"),
             "label": labels,
             "shard": np.full(len(keys), shard, dtype=np.int32),
             "sha256": written.image_sha256,
@@ -473,7 +388,16 @@ def _write_shard(output: ShardedOutput, plan: CurationPlan, shard: int, *, reade
         },
         schema=TRAIN_MANIFEST_SCHEMA,
     )
-    output.finish_shard(shard, plan_id=plan.plan_id, written=written, manifest=manifest)
+    output.finish_shard(shard, plan_id=target.plan_id, written=written, manifest=manifest)
+
+
+def _begin(output: ShardedOutput, plan: CurationPlan) -> None:
+    """Under OUT's lock: check OUT (again, now that no one else writes there), then write the plan."""
+    resuming = check_output_folder(output.root, plan.plan_id)
+    output.create_shards_dir()
+    if resuming:
+        output.remove_temp_files()
+    output.write_plan(plan.to_json_dict())
 
 
 def write_curation(
@@ -482,22 +406,99 @@ def write_curation(
     """Write the curated dataset of `plan` into OUT (new, empty, or this plan's unfinished run)."""
     output = curation_output(out)
     check_output_folder(output.root, plan.plan_id)  # before creating anything
-    with (
-        output.locked(wait=wait_lock),
-        disk_full_is_a_data_error(output.root, space=lambda: None, elsewhere="write into another --out"),
-    ):
-        resuming = check_output_folder(output.root, plan.plan_id)  # again, now that no one else writes here
-        output.create_shards_dir()
-        if resuming:
-            output.remove_temp_files()
-        output.write_plan(plan.to_json_dict())
+    with output.locked(wait=wait_lock), _disk_full(output):
+        _begin(output, plan)
+        target = _target(output, plan)
         with (
             ShardReader(plan.source.tar_paths) as reader,
             tqdm(total=plan.num_shards, desc="curate shards", unit="shard", disable=not progress) as bar,
         ):
-            task = functools.partial(_write_shard, output, plan, reader=reader)
+
+            def task(shard: int) -> None:
+                _write_shard(target, shard, plan.shard_rows(shard), reader=reader)
+
             pool = ThreadPoolExecutor(max_workers=SHARDS_IN_FLIGHT)
             run_shards(pool, task, range(plan.num_shards), lambda _: bar.update())
+        return _finalize(output, plan)
+
+
+def _disk_full(output: ShardedOutput) -> AbstractContextManager[None]:
+    return disk_full_is_a_data_error(output.root, space=lambda: None, elsewhere="write into another --out")
+
+
+# ----------------------------------------------------------------------------- as array tasks
+
+
+def prepare_curation_tasks(plan: CurationPlan, out: Path) -> list[int]:
+    """For array tasks (`write_curated_shards`): check OUT, write the plan and the planned rows
+    (OUT/.prep/curate-rows.parquet, one row group per output shard, kept when it holds this
+    plan); the output shards not finished yet. Call it holding OUT's lock, as the tasks run."""
+    output = curation_output(out)
+    with _disk_full(output):
+        _begin(output, plan)
+        path = output.prep / ROWS_FILE
+        if _rows_plan_id(path) != plan.plan_id:
+            table = plan.rows.replace_schema_metadata({ROWS_PLAN_KEY: plan.plan_id.encode()})
+            atomic_write(
+                path,
+                lambda tmp: pq.write_table(
+                    table,
+                    tmp,
+                    row_group_size=plan.samples_per_shard,
+                    compression="zstd",
+                    use_dictionary=False,
+                ),
+            )
+    return [
+        shard
+        for shard in range(plan.num_shards)
+        if output.done_record(shard, plan_id=plan.plan_id, count=plan.shard_count(shard), verify=False)
+        is None
+    ]
+
+
+def _rows_plan_id(path: Path) -> str | None:
+    try:
+        metadata = pq.read_schema(path).metadata or {}
+    except (OSError, pa.ArrowInvalid):
+        return None
+    raw = metadata.get(ROWS_PLAN_KEY)
+    return raw.decode() if raw is not None else None
+
+
+def write_curated_shards(out: Path, shards: Sequence[int]) -> list[int]:
+    """An array task: write output shards `shards` of OUT's prepared curation (skipping finished
+    ones), reading only their rows of the planned rows; returns them."""
+    output = curation_output(Path(out))
+    raw = output.read_plan(missing="no curation plan here: run `igfiqa curate filter --submit` first")
+    path = output.prep / ROWS_FILE
+    try:
+        plan_id, curation = str(raw["plan_id"]), raw["curation"]
+        num_images, samples_per_shard = int(raw["num_images"]), int(raw["samples_per_shard"])
+        num_shards = int(raw["num_shards"])
+        source_dir, fingerprint = Path(curation["source_dir"]), str(curation["source_fingerprint"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DataError(f"malformed plan: {exc!r}", path=output.plan_path) from None
+    if _rows_plan_id(path) != plan_id:
+        raise DataError("missing or of another plan: submit the curation again", path=path)
+    if dataset_fingerprint(source_dir) != fingerprint:
+        raise DataError("changed since the curation was planned: curate it again", path=source_dir)
+    bad = [s for s in shards if not 0 <= s < num_shards]
+    if bad:
+        raise DataError(f"output shards {bad} do not exist; the plan has {num_shards}", path=output.plan_path)
+    target = _ShardTarget(output, plan_id, num_images, samples_per_shard, load_dataset_info(source_dir))
+    planned = pq.ParquetFile(path)
+    with _disk_full(output), ShardReader(target.source.tar_paths) as reader:
+        for shard in shards:
+            _write_shard(target, shard, planned.read_row_group(shard), reader=reader)
+    return list(shards)
+
+
+def finish_curation(plan: CurationPlan, out: Path) -> DatasetInfo:
+    """After the array tasks: check every shard, write the tables and dataset.json (last)."""
+    output = curation_output(out)
+    with _disk_full(output):
+        output.remove_temp_files()  # leftovers of killed tasks
         return _finalize(output, plan)
 
 
@@ -532,19 +533,21 @@ def _finalize(output: ShardedOutput, plan: CurationPlan) -> DatasetInfo:
     write_table(out / CLASS_MAP_FILE, class_map)
     removed_rows = np.flatnonzero(~sel.keep)
     m = plan.manifest
+    reason_text = np.array([REASONS.get(code, "") for code in range(max(REASONS) + 1)], dtype=object)
     removed = pa.table(
         {
-            "key": m["key"].to_numpy()[removed_rows].astype(str),
+            "key": pa.array(m["key"]).take(pa.array(removed_rows)).cast(pa.string()),
             "record": m["record"].to_numpy(dtype=np.int64)[removed_rows],
             "source_label": m["label"].to_numpy(dtype=np.int64)[removed_rows],
             "quality": plan.quality[removed_rows],
-            "reason": [REASONS[int(r)] for r in sel.reason[removed_rows]],
+            "reason": pa.array(reason_text[sel.reason[removed_rows]], pa.string()),
         },
         schema=REMOVED_SCHEMA,
     )
     write_table(out / REMOVED_FILE, removed)
     if plan.source.dropped and plan.source.dropped_path.is_file():
         atomic_write(out / DROPPED_FILE, lambda tmp: shutil.copyfile(plan.source.dropped_path, tmp))
+    (output.prep / ROWS_FILE).unlink(missing_ok=True)  # the array tasks' input, done with
     info = DatasetInfo(
         root=out,
         format_version=FORMAT_VERSION,

@@ -16,13 +16,14 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from data_prep.checksums import xxh128_file
 from data_prep.dataset import DATASET_FILE, DatasetInfo, load_dataset_info
 from data_prep.errors import DataError
-from data_prep.images import check_image
-from data_prep.manifest import CLASSES_SCHEMA, read_manifest, read_table
-from data_prep.shards import read_index_file
+from data_prep.images import check_image, jpeg_sizes_quick
+from data_prep.manifest import CLASSES_SCHEMA, ShardRows, read_manifest, read_table
+from data_prep.shards import IMAGE_EXT, ShardIndex, read_index_arrays
 
 CLASS_SIZE_BUCKETS = ((1, 1), (2, 5), (6, 10), (11, 20), (21, 50), (51, 100), (101, 1000), (1001, None))
 # singular of the count names a report prints ("1 shard", not "1 shards")
@@ -183,7 +184,10 @@ def inspect_path(path: Path, *, verify: bool = False, decode: bool = False) -> I
 
 
 def inspect_dataset(directory: Path, *, verify: bool = False, decode: bool = False) -> InspectReport:
-    """Checks of one converted dataset (train or verification); `verify`/`decode`: see inspect_path."""
+    """Checks of one converted dataset (train or verification); `verify`/`decode`: see inspect_path.
+
+    One pass over the shards: each index is parsed once into arrays and compared with its rows
+    of the manifest (grouped by shard once, data_prep.manifest.ShardRows)."""
     report = InspectReport(path=Path(directory), kind="dataset")
     try:
         info = load_dataset_info(directory)
@@ -196,53 +200,106 @@ def inspect_dataset(directory: Path, *, verify: bool = False, decode: bool = Fal
         report.counts["dropped"] = info.dropped
     report.check("dataset.json", True, f"format {info.format_version}, made by {info.created_by}")
     report.lineage = dict(info.curation or {})
-    if not _check_shard_files(report, info):
+    try:
+        manifest: pd.DataFrame | None = read_manifest(info.root)
+        unreadable = ""
+    except DataError as exc:
+        manifest, unreadable = None, str(exc)
+    rows = _ManifestRows(manifest, len(info.shards)) if manifest is not None else None
+    disagreeing = _check_shard_files(report, info, rows)
+    if disagreeing is None:
         return report
-    manifest = _check_manifest(report, info)
-    if manifest is None:
+    if manifest is None or rows is None:
+        report.check("manifest", False, unreadable)
         return report
+    _check_manifest(report, info, manifest, disagreeing)
     if info.kind == "train":
         report.class_sizes = class_size_summary(manifest["label"].to_numpy(), info.num_classes)
         _check_classes(report, info, manifest)
     else:
         _check_pairs(report, info, manifest)
     if verify:
-        _verify_checksums(report, info, manifest, decode=decode)
+        _verify_checksums(report, info, rows, decode=decode)
     return report
 
 
-def _check_shard_files(report: InspectReport, info: DatasetInfo) -> bool:
-    problems = []
-    for shard, tar, index in zip(info.shards, info.tar_paths, info.index_paths):
+class _ManifestRows:
+    """The manifest columns the shard checks read, with its rows grouped by shard (one pass)."""
+
+    def __init__(self, manifest: pd.DataFrame, num_shards: int) -> None:
+        self.num_rows = len(manifest)
+        self.keys = pa.array(manifest["key"])  # Arrow-backed: no Python string per row
+        self.sha256 = pa.array(manifest["sha256"])
+        self.offsets = manifest["offset"].to_numpy(dtype=np.int64)
+        self.nbytes = manifest["nbytes"].to_numpy(dtype=np.int64)
+        self.by_shard = ShardRows(manifest["shard"].to_numpy(), num_shards)
+
+    def keys_of(self, rows: np.ndarray) -> np.ndarray:
+        return np.asarray(self.keys.take(pa.array(rows)).to_pylist(), dtype=str)
+
+
+def _check_shard_files(
+    report: InspectReport, info: DatasetInfo, rows: _ManifestRows | None
+) -> list[str] | None:
+    """The "shards" check (files present, index counts, no index past its tar's end), and with it, in
+    the same pass, the keys of the manifest rows that disagree with their shard's index; None
+    when the shards check failed."""
+    problems: list[str] = []
+    disagreeing: list[str] = []
+    if rows is not None and rows.by_shard.outside.size:  # rows naming no shard of the dataset
+        disagreeing += rows.keys_of(rows.by_shard.outside).tolist()
+    for shard_number, (shard, tar, index) in enumerate(zip(info.shards, info.tar_paths, info.index_paths)):
         if not tar.is_file() or not index.is_file():
             problems.append(f"{shard.tar if not tar.is_file() else shard.index} is missing")
             continue
         size = tar.stat().st_size
         report.shards.append({"name": Path(shard.tar).stem, "count": shard.count, "bytes": size})
         try:
-            samples = read_index_file(index)
+            samples = read_index_arrays(index)
         except DataError as exc:
             problems.append(str(exc))
             continue
         if len(samples) != shard.count:
             problems.append(f"{shard.index} lists {len(samples)} samples, dataset.json says {shard.count}")
-        ends = [offset + nbytes for sample in samples for offset, nbytes, _ in sample.values()]
-        if ends and max(ends) > size:
+        if samples.end > size:
             problems.append(f"{shard.index} points past the end of {shard.tar} ({size} bytes): truncated tar")
+        if rows is not None:
+            disagreeing += _disagreeing_keys(rows, rows.by_shard.rows(shard_number), samples)
     ok = report.check(
         "shards",
         not problems,
         "; ".join(problems[:3]) or f"{len(info.shards)} tars and indexes present and consistent",
     )
-    return ok
+    return disagreeing if ok else None
 
 
-def _check_manifest(report: InspectReport, info: DatasetInfo) -> pd.DataFrame | None:
-    try:
-        manifest = read_manifest(info.root)
-    except DataError as exc:
-        report.check("manifest", False, str(exc))
-        return None
+def _disagreeing_keys(rows: _ManifestRows, shard_rows: np.ndarray, samples: ShardIndex) -> list[str]:
+    """Keys of `shard_rows` whose image the shard's index does not list at the manifest's offset and size."""
+    if not len(shard_rows):
+        return []
+    keys = rows.keys_of(shard_rows)
+    if not len(samples):
+        return keys.tolist()
+    wanted = np.char.add(keys, f".{IMAGE_EXT}")
+    names = np.char.decode(samples.names, "utf-8")
+    if len(names) == len(wanted) and (names == wanted).all():  # the usual case: in the same order
+        at, found = np.arange(len(wanted)), np.ones(len(wanted), dtype=bool)
+    else:
+        order = np.argsort(names, kind="stable")
+        position = np.minimum(np.searchsorted(names[order], wanted), len(names) - 1)
+        at = order[position]
+        found = names[at] == wanted
+    agree = (
+        found
+        & (samples.offsets[at] == rows.offsets[shard_rows])
+        & (samples.nbytes[at] == rows.nbytes[shard_rows])
+    )
+    return keys[~agree].tolist()
+
+
+def _check_manifest(
+    report: InspectReport, info: DatasetInfo, manifest: pd.DataFrame, disagreeing: list[str]
+) -> None:
     problems = []
     if len(manifest) != info.num_images:
         problems.append(f"{len(manifest)} rows for {info.num_images} images")
@@ -251,24 +308,13 @@ def _check_manifest(report: InspectReport, info: DatasetInfo) -> pd.DataFrame | 
     label = manifest["label"] if "label" in manifest else manifest["index"]
     if len(label) and (label.min() < 0 or label.max() >= info.num_classes):
         problems.append(f"labels outside [0, {info.num_classes})")
-    indexed = {}
-    for shard_number, index in enumerate(info.index_paths):
-        for sample in read_index_file(index):
-            offset, nbytes, name = sample["jpg"]
-            indexed[name.rsplit(".", 1)[0]] = (shard_number, offset, nbytes)
-    mismatched = [
-        row.key
-        for row in manifest.itertuples()
-        if indexed.get(row.key) != (row.shard, row.offset, row.nbytes)
-    ]
-    if mismatched:
+    if disagreeing:
         problems.append(
-            f"{len(mismatched)} manifest rows disagree with the shard indexes (first: {mismatched[0]})"
+            f"{len(disagreeing)} manifest rows disagree with the shard indexes (first: {disagreeing[0]})"
         )
     report.check(
         "manifest", not problems, "; ".join(problems) or f"{len(manifest)} rows agree with the shards"
     )
-    return manifest
 
 
 def _check_classes(report: InspectReport, info: DatasetInfo, manifest: pd.DataFrame) -> None:
@@ -305,33 +351,47 @@ def _check_pairs(report: InspectReport, info: DatasetInfo, manifest: pd.DataFram
 
 
 def _verify_checksums(
-    report: InspectReport, info: DatasetInfo, manifest: pd.DataFrame, *, decode: bool = False
+    report: InspectReport, info: DatasetInfo, rows: _ManifestRows, *, decode: bool = False
 ) -> None:
-    """Whole-shard and per-image checksums, and every image's structure and size (and decode)."""
+    """Whole-shard and per-image checksums, and every image's structure and size (and decode), shard by shard."""
     bad_shards = [s.tar for s, tar in zip(info.shards, info.tar_paths) if xxh128_file(tar) != s.xxh128]
     report.check("shard xxh128", not bad_shards, f"{len(bad_shards)} of {len(info.shards)} shards differ")
     bad_images = 0
     broken: list[str] = []
+    height, width = info.image_size
     for shard_number, (shard, tar) in enumerate(zip(info.shards, info.tar_paths)):
-        blob = memoryview(tar.read_bytes())
-        rows = manifest[manifest["shard"] == shard_number]
-        for key, offset, nbytes, digest in zip(rows["key"], rows["offset"], rows["nbytes"], rows["sha256"]):
-            image = blob[offset : offset + nbytes]
-            bad_images += hashlib.sha256(image).hexdigest() != digest
-            size, problem = check_image(image, level="decode" if decode else "structure")
+        shard_rows = rows.by_shard.rows(shard_number)
+        if not len(shard_rows):
+            continue
+        blob = np.frombuffer(tar.read_bytes(), dtype=np.uint8)
+        offsets, nbytes = rows.offsets[shard_rows], rows.nbytes[shard_rows]
+        digests = rows.sha256.take(pa.array(shard_rows)).to_pylist()
+        view = memoryview(blob)
+        images = [view[o : o + n] for o, n in zip(offsets.tolist(), nbytes.tolist())]
+        bad_images += sum(hashlib.sha256(image).hexdigest() != d for image, d in zip(images, digests))
+        # the common case checked for the whole shard at once; the rest (and every image, to decode) one by one
+        inside = (offsets >= 0) & (nbytes > 0) & (offsets + nbytes <= len(blob))
+        quick = np.zeros(len(shard_rows), dtype=bool)
+        if not decode and inside.any():
+            accepted, h, w = jpeg_sizes_quick(blob, offsets[inside], (offsets + nbytes)[inside])
+            quick[inside] = accepted & (h == height) & (w == width)
+        for i in np.flatnonzero(~quick).tolist():
+            size, problem = check_image(images[i], level="decode" if decode else "structure")
             if problem is None and size != info.image_size:
                 problem = f"image is {size[0]}x{size[1]}, the dataset's are {info.image_size[0]}x{info.image_size[1]}"
             if problem is not None:
+                key = rows.keys_of(shard_rows[i : i + 1])[0]
                 broken.append(f"key {key} in {shard.tar}: {problem}")
                 report.bad_records.append(
-                    {"key": key, "shard": shard.tar, "offset": int(offset), "reason": problem}
+                    {"key": key, "shard": shard.tar, "offset": int(offsets[i]), "reason": problem}
                 )
-    report.check("image sha256", bad_images == 0, f"{bad_images} of {len(manifest)} images differ")
+        del images, view
+    report.check("image sha256", bad_images == 0, f"{bad_images} of {rows.num_rows} images differ")
     level = "decode" if decode else "structure and size"
-    detail = f"{len(broken)} of {len(manifest)} images fail ({level})" + "".join(
+    detail = f"{len(broken)} of {rows.num_rows} images fail ({level})" + "".join(
         f"; {line}" for line in broken[:LISTED_PROBLEMS]
     )
-    report.check("images", not broken, detail if broken else f"{len(manifest)} images pass ({level})")
+    report.check("images", not broken, detail if broken else f"{rows.num_rows} images pass ({level})")
 
 
 def _inspect_unfinished(directory: Path) -> InspectReport:

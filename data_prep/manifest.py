@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -89,3 +90,48 @@ def read_manifest(dataset_dir: Path) -> pd.DataFrame:
         raise DataError(f"no {MANIFEST_FILE}", path=dataset_dir)
     schema = TRAIN_MANIFEST_SCHEMA if "position" in table.column_names else VERIFICATION_MANIFEST_SCHEMA
     return read_table(path, schema).to_pandas()
+
+
+class ShardRows:
+    """The rows of a manifest grouped by shard, in one pass: `rows(shard)` are shard `shard`'s rows
+    in manifest order. A manifest already in shard order (as the stages write them) costs one
+    comparison per row; any other order one stable sort. Rows naming no shard in
+    [0, num_shards) are `outside`."""
+
+    def __init__(self, shards: np.ndarray, num_shards: int) -> None:
+        shards = np.asarray(shards, dtype=np.int64)
+        self._order: np.ndarray | None = None
+        if len(shards) > 1 and not (np.diff(shards) >= 0).all():
+            self._order = np.argsort(shards, kind="stable")
+            shards = shards[self._order]
+        self._bounds = np.searchsorted(shards, np.arange(num_shards + 1))
+        low, high = int(self._bounds[0]), int(self._bounds[-1])
+        outside = np.concatenate([np.arange(low), np.arange(high, len(shards))])
+        self.outside = np.sort(outside if self._order is None else self._order[outside])
+
+    def rows(self, shard: int) -> np.ndarray:
+        """Manifest rows of shard `shard`, in manifest order."""
+        low, high = int(self._bounds[shard]), int(self._bounds[shard + 1])
+        return np.arange(low, high) if self._order is None else self._order[low:high]
+
+    def count(self, shard: int) -> int:
+        return int(self._bounds[shard + 1] - self._bounds[shard])
+
+
+def read_manifest_rows(path: Path, columns: list[str], rows: np.ndarray) -> pa.Table:
+    """Columns `columns` of the parquet table at PATH for its rows `rows` (increasing), reading only
+    the row groups that hold them (a manifest's are at most ~1M rows: the memory does not grow
+    with the table)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    parquet = pq.ParquetFile(path)
+    sizes = [parquet.metadata.row_group(i).num_rows for i in range(parquet.num_row_groups)]
+    starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+    if len(rows) and (rows[0] < 0 or rows[-1] >= starts[-1]):
+        raise DataError(f"rows {rows[0]}..{rows[-1]} are not all among its {starts[-1]} rows", path=path)
+    group_of = np.searchsorted(starts, rows, side="right") - 1
+    groups = np.unique(group_of)
+    table = parquet.read_row_groups(groups.tolist(), columns=columns)
+    # where each chosen group starts in `table`
+    read_start = np.concatenate([[0], np.cumsum(np.asarray(sizes, dtype=np.int64)[groups])])[:-1]
+    local = rows - starts[group_of] + read_start[np.searchsorted(groups, group_of)]
+    return table.take(pa.array(local))

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from data_prep.atomic import atomic_write
@@ -105,9 +106,8 @@ def read_quality_source(path: Path) -> QualitySource:
     return source
 
 
-def read_quality_table(path: Path) -> pd.DataFrame:
-    """The rows of a quality file (key, record, label, quality), as stored."""
-    path = Path(path)
+def _read_quality_arrow(path: Path) -> pa.Table:
+    """The rows of a quality file as an Arrow table (key, record, label, quality), as stored."""
     try:
         table = pq.read_table(path)
     except (OSError, pa.ArrowInvalid) as exc:
@@ -116,16 +116,26 @@ def read_quality_table(path: Path) -> pd.DataFrame:
     if missing:
         raise DataError(f"missing columns {missing} (a quality file has {QUALITY_SCHEMA.names})", path=path)
     try:
-        table = table.select(QUALITY_SCHEMA.names).cast(QUALITY_SCHEMA)
+        return table.select(QUALITY_SCHEMA.names).cast(QUALITY_SCHEMA)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
         raise DataError(f"columns of the wrong type: {exc}", path=path) from None
-    return table.to_pandas()
 
 
-def _rows_text(rows: np.ndarray, keys: pd.Series) -> str:
-    named = ", ".join(f"row {int(r)} (key {keys.iloc[int(r)]})" for r in rows[:LISTED_ROWS])
+def read_quality_table(path: Path) -> pd.DataFrame:
+    """The rows of a quality file (key, record, label, quality), as stored."""
+    return _read_quality_arrow(Path(path)).to_pandas()
+
+
+def _rows_text(rows: np.ndarray, keys: pa.Array) -> str:
+    named = ", ".join(f"row {int(r)} (key {keys[int(r)].as_py()})" for r in rows[:LISTED_ROWS])
     more = f" and {len(rows) - LISTED_ROWS} more" if len(rows) > LISTED_ROWS else ""
     return named + more
+
+
+def _positions(values: pa.Array, value_set: pa.Array) -> np.ndarray:
+    """Row of each of `values` in `value_set` (its first, by hashing; -1 where absent)."""
+    found = pc.index_in(values, value_set=value_set).fill_null(-1)
+    return found.to_numpy(zero_copy_only=False).astype(np.int64)
 
 
 def aligned_quality(
@@ -135,7 +145,8 @@ def aligned_quality(
 
     `manifest` is the dataset's manifest (data_prep.manifest.read_manifest); rows of the file
     may come in any order, every manifest key must appear exactly once. DataError naming the
-    file and its first offending rows otherwise.
+    file and its first offending rows otherwise. Keys are matched by Arrow's hashing, linear in
+    the rows and without a Python string per row.
     """
     path = Path(path)
     source = read_quality_source(path)
@@ -146,26 +157,26 @@ def aligned_quality(
             f"{where} has {dataset_fingerprint} (score this dataset with `igfiqa curate score`)",
             path=path,
         )
-    table = read_quality_table(path)
-    keys = table["key"]
-    duplicated = np.flatnonzero(keys.duplicated(keep="first").to_numpy())
+    table = _read_quality_arrow(path)
+    keys = table.column("key").combine_chunks()
+    duplicated = np.flatnonzero(_positions(keys, keys) != np.arange(len(keys)))
     if duplicated.size:
         raise DataError(
             f"{duplicated.size} keys appear more than once: {_rows_text(duplicated, keys)}", path=path
         )
-    manifest_keys = manifest["key"].astype(str)
-    position = pd.Index(keys).get_indexer(manifest_keys)
+    manifest_keys = pa.array(manifest["key"]).cast(pa.string())
+    position = _positions(manifest_keys, keys)
     missing = np.flatnonzero(position < 0)
     if missing.size:
         listed = ", ".join(
-            f"key {manifest_keys.iloc[int(r)]} (manifest row {int(r)})" for r in missing[:LISTED_ROWS]
+            f"key {manifest_keys[int(r)].as_py()} (manifest row {int(r)})" for r in missing[:LISTED_ROWS]
         )
         more = f" and {missing.size - LISTED_ROWS} more" if missing.size > LISTED_ROWS else ""
         raise DataError(
             f"has no score for {missing.size} of the dataset's {len(manifest)} images: {listed}{more}",
             path=path,
         )
-    unknown = np.flatnonzero(~keys.isin(manifest_keys).to_numpy())
+    unknown = np.flatnonzero(_positions(keys, manifest_keys) < 0)
     if unknown.size:
         raise DataError(
             f"{unknown.size} keys are not in the dataset's manifest: {_rows_text(unknown, keys)}", path=path
@@ -173,7 +184,7 @@ def aligned_quality(
     expected_record = manifest["record"] if "record" in manifest else manifest["index"]
     expected_label = manifest["label"] if "label" in manifest else manifest["index"]
     for column, expected in (("record", expected_record), ("label", expected_label)):
-        stored = table[column].to_numpy()[position]
+        stored = table.column(column).to_numpy()[position]
         wrong = np.flatnonzero(stored != expected.to_numpy())
         if wrong.size:
             rows = position[wrong]
@@ -183,7 +194,7 @@ def aligned_quality(
                 f"{expected.iloc[int(wrong[0])]})",
                 path=path,
             )
-    quality = table["quality"].to_numpy(dtype=np.float64)
+    quality = table.column("quality").to_numpy().astype(np.float64)
     bad = np.flatnonzero(~np.isfinite(quality))
     if bad.size:
         raise DataError(

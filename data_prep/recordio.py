@@ -94,9 +94,98 @@ def unpack_header(
 # ----------------------------------------------------------------------------- reading
 
 
-def read_index(idx_path: Path) -> dict[int, int]:
-    """The `.idx` file as {key: byte offset}; a malformed line is a DataError naming it."""
-    index: dict[int, int] = {}
+@dataclass(frozen=True)
+class RecordIndex:
+    """A `.idx` as arrays, key → byte offset of the record in the `.rec`: 8 bytes per record when
+    the keys are one consecutive run (InsightFace's 0..n-1), 16 otherwise; no Python object per
+    record (a dict of 42M keys would hold ~17 GB)."""
+
+    offsets: np.ndarray  # int64: by key - first_key (a run), else aligned with `keys`
+    first_key: int = 0
+    keys: np.ndarray | None = None  # int64, increasing; None: keys are first_key .. first_key + n - 1
+
+    @classmethod
+    def from_arrays(cls, keys: np.ndarray, offsets: np.ndarray) -> RecordIndex:
+        """The index of distinct `keys` (any order) at `offsets`."""
+        keys, offsets = np.asarray(keys, dtype=np.int64), np.asarray(offsets, dtype=np.int64)
+        if len(keys) > 1 and not (np.diff(keys) > 0).all():
+            order = np.argsort(keys, kind="stable")
+            keys, offsets = keys[order], offsets[order]
+        if not len(keys) or keys[-1] - keys[0] == len(keys) - 1:
+            return cls(offsets, int(keys[0]) if len(keys) else 0)
+        return cls(offsets, int(keys[0]), keys)
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def sorted_keys(self) -> np.ndarray:
+        """Every key, increasing."""
+        if self.keys is not None:
+            return self.keys
+        return np.arange(self.first_key, self.first_key + len(self.offsets), dtype=np.int64)
+
+    def offsets_of(self, keys: np.ndarray) -> np.ndarray:
+        """The offset of each of `keys` (int64), -1 for a key the index does not hold."""
+        keys = np.asarray(keys, dtype=np.int64)
+        if self.keys is None:
+            at = keys - self.first_key
+            found = (at >= 0) & (at < len(self.offsets))
+        else:
+            at = np.searchsorted(self.keys, keys)
+            found = at < len(self.keys)
+            found[found] = self.keys[at[found]] == keys[found]
+        return np.where(found, self.offsets[np.where(found, at, 0)] if len(self.offsets) else -1, -1)
+
+    def get(self, key: int) -> int | None:
+        """The offset of `key`, None when the index does not hold it."""
+        offset = int(self.offsets_of(np.array([key]))[0])
+        return offset if offset >= 0 else None
+
+    def __getitem__(self, key: int) -> int:
+        offset = self.get(key)
+        if offset is None:
+            raise KeyError(key)
+        return offset
+
+    def __iter__(self) -> Iterator[int]:
+        """The keys, increasing (as a mapping iterates)."""
+        return iter(self.sorted_keys().tolist())
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, int | np.integer) and self.get(int(key)) is not None
+
+    def to_dict(self) -> dict[int, int]:
+        """{key: offset} (for small indexes: a Python object per record)."""
+        return dict(zip(self.sorted_keys().tolist(), self.offsets.tolist()))
+
+
+def read_index(idx_path: Path) -> RecordIndex:
+    """The `.idx` file (`key<TAB>offset` lines) as a RecordIndex, parsed in C (pyarrow's CSV
+    reader); a malformed line, a negative offset or a key listed twice is a DataError naming
+    the line."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    try:
+        table = pacsv.read_csv(
+            idx_path,
+            read_options=pacsv.ReadOptions(column_names=["key", "offset"], block_size=1 << 24),
+            parse_options=pacsv.ParseOptions(delimiter="\t"),
+            convert_options=pacsv.ConvertOptions(column_types={"key": pa.int64(), "offset": pa.int64()}),
+        )
+        keys, offsets = (table.column(c).to_numpy() for c in ("key", "offset"))
+    except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError):  # not plain tab-separated integers
+        return _read_index_by_line(idx_path)
+    if (offsets < 0).any() or len(np.unique(keys)) != len(keys):
+        return _read_index_by_line(idx_path)  # names the line
+    return RecordIndex.from_arrays(keys, offsets)
+
+
+def _read_index_by_line(idx_path: Path) -> RecordIndex:
+    """`read_index` line by line (spaces as separators too), for the message naming a bad line."""
+    keys: list[int] = []
+    offsets: list[int] = []
+    seen: set[int] = set()
     with open(idx_path, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
             line = raw.strip()
@@ -111,10 +200,12 @@ def read_index(idx_path: Path) -> dict[int, int]:
                 ) from None
             if offset < 0:
                 raise DataError(f"line {line_no}: key {key} has negative offset {offset}", path=idx_path)
-            if key in index:
+            if key in seen:
                 raise DataError(f"line {line_no}: key {key} appears twice", path=idx_path)
-            index[key] = offset
-    return index
+            seen.add(key)
+            keys.append(key)
+            offsets.append(offset)
+    return RecordIndex.from_arrays(np.array(keys, dtype=np.int64), np.array(offsets, dtype=np.int64))
 
 
 class RecordIOReader:

@@ -63,6 +63,23 @@ class ShardReader:
             )
         return np.frombuffer(mapped, dtype=np.uint8, count=nbytes, offset=offset)
 
+    def views(self, shards: np.ndarray, offsets: np.ndarray, nbytes: np.ndarray) -> list[memoryview]:
+        """The bytes of many rows as memoryview slices of the mapped shards (one view per shard,
+        sliced per row: ~20x cheaper per row than `read`); DataError for a row outside its shard."""
+        shards = np.asarray(shards, dtype=np.int64)
+        offsets, nbytes = np.asarray(offsets, dtype=np.int64), np.asarray(nbytes, dtype=np.int64)
+        maps = {int(s): self._map(int(s)) for s in np.unique(shards)}
+        sizes = np.array([len(maps[s]) for s in shards.tolist()], dtype=np.int64)
+        bad = np.flatnonzero((offsets < 0) | (nbytes <= 0) | (offsets + nbytes > sizes))
+        if bad.size:
+            i = int(bad[0])
+            raise DataError(
+                f"bytes [{offsets[i]}, {offsets[i] + nbytes[i]}) do not lie inside the shard ({sizes[i]} bytes)",
+                path=self.tar_paths[int(shards[i])],
+            )
+        whole = {s: memoryview(mapped) for s, mapped in maps.items()}
+        return [whole[s][o : o + n] for s, o, n in zip(shards.tolist(), offsets.tolist(), nbytes.tolist())]
+
     def close(self) -> None:
         """Unmap the shards (views handed out before must no longer be used)."""
         for i, mapped in enumerate(self._maps):

@@ -259,3 +259,54 @@ def read_index_file(index_path: Path) -> list[dict[str, tuple[int, int, str]]]:
             }
         )
     return samples
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    """A shard's DALI index as arrays: each sample's image member (name, data offset, size), and
+    where the furthest member ends (a tar shorter than that is truncated)."""
+
+    names: np.ndarray  # bytes: the image member's name, `{key}.jpg`
+    offsets: np.ndarray  # int64: of the member's data in the tar
+    nbytes: np.ndarray  # int64
+    end: int
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+_FIELDS = 8  # per sample line: jpg offset size name cls offset size name
+
+
+def read_index_arrays(index_path: Path) -> ShardIndex:
+    """Parse a `wds2idx` index into arrays (ShardIndex), without a Python object per sample for
+    the layout our shards have (`jpg` then `cls` per line); any other layout goes through
+    `read_index_file`. A malformed header is a DataError naming the file."""
+    lines = Path(index_path).read_bytes().splitlines()
+    header = lines[0].split() if lines else []
+    tokens = b" ".join(lines[1:]).split()
+    if (
+        len(header) == 2
+        and header[0] == INDEX_VERSION.encode()
+        and header[1].isdigit()
+        and int(header[1]) == len(lines) - 1
+        and len(tokens) == _FIELDS * (len(lines) - 1)
+    ):
+        fields = np.array(tokens).reshape(-1, _FIELDS) if tokens else np.zeros((0, _FIELDS), dtype="S1")
+        if (fields[:, 0] == IMAGE_EXT.encode()).all() and (fields[:, 4] == LABEL_EXT.encode()).all():
+            try:
+                numbers = fields[:, [1, 2, 5, 6]].astype(np.int64)
+            except ValueError:
+                numbers = None
+            if numbers is not None:
+                ends = np.concatenate([numbers[:, 0] + numbers[:, 1], numbers[:, 2] + numbers[:, 3]])
+                return ShardIndex(fields[:, 3], numbers[:, 0], numbers[:, 1], int(ends.max(initial=0)))
+    samples = read_index_file(index_path)
+    image = [sample.get(IMAGE_EXT, (-1, 0, "")) for sample in samples]
+    ends = [offset + size for sample in samples for offset, size, _ in sample.values()]
+    return ShardIndex(
+        np.array([name.encode() for _, _, name in image], dtype=np.bytes_),
+        np.array([offset for offset, _, _ in image], dtype=np.int64),
+        np.array([size for _, size, _ in image], dtype=np.int64),
+        max(ends, default=0),
+    )

@@ -35,6 +35,7 @@ from data_prep.recordio import (
     IR_HEADER_SIZE,
     JPEG_MAGIC,
     MAGIC,
+    RecordIndex,
     RecordIOReader,
     image_kind,
     read_index,
@@ -148,29 +149,30 @@ def read_property(path: Path) -> tuple[int, int, int]:
     return num_classes, height, width
 
 
-def _record_offsets(reader: RecordIOReader, files: SourceFiles) -> dict[int, int]:
-    """{key: offset} from the `.idx`, or by scanning the `.rec` when there is none."""
+def _record_offsets(reader: RecordIOReader, files: SourceFiles) -> RecordIndex:
+    """Key → offset from the `.idx`, or by scanning the `.rec` when there is none (keys 0..n-1)."""
     if files.idx is None:
         log.warning("%s has no .idx beside it: scanning the whole file for records", files.rec)
-        return dict(enumerate(reader.scan()))
+        return RecordIndex(np.fromiter(reader.scan(), dtype=np.int64))
     index = read_index(files.idx)
-    for key, offset in index.items():
-        if offset + 8 > reader.size:
-            raise DataError(
-                f"key {key} points at byte offset {offset}, past the end of {files.rec.name} "
-                f"({reader.size} bytes): the .rec is truncated or the index does not belong to it",
-                path=files.idx,
-                record=key,
-                offset=offset,
-            )
+    past = np.flatnonzero(index.offsets + 8 > reader.size)
+    if past.size:
+        key, offset = int(index.sorted_keys()[past[0]]), int(index.offsets[past[0]])
+        raise DataError(
+            f"key {key} points at byte offset {offset}, past the end of {files.rec.name} "
+            f"({reader.size} bytes): the .rec is truncated or the index does not belong to it",
+            path=files.idx,
+            record=key,
+            offset=offset,
+        )
     return index
 
 
-def _offset_of(index: dict[int, int], key: int, files: SourceFiles, why: str) -> int:
-    try:
-        return index[key]
-    except KeyError:
-        raise DataError(f"no record with key {key}, which {why}", path=files.idx or files.rec) from None
+def _offset_of(index: RecordIndex, key: int, files: SourceFiles, why: str) -> int:
+    offset = index.get(key)
+    if offset is None:
+        raise DataError(f"no record with key {key}, which {why}", path=files.idx or files.rec)
+    return offset
 
 
 def _whole_number(value: float) -> bool:
@@ -178,7 +180,7 @@ def _whole_number(value: float) -> bool:
 
 
 def _header_range(
-    header_labels: tuple[float, ...], index: dict[int, int], files: SourceFiles, key: int, offset: int
+    header_labels: tuple[float, ...], index: RecordIndex, files: SourceFiles, key: int, offset: int
 ) -> tuple[int, int]:
     """Record 0's identity range [first, end), checked against the index before anything is allocated."""
     low, high = header_labels[0], header_labels[1]
@@ -218,7 +220,7 @@ def _header_range(
 
 
 def _identity_ranges(
-    reader: RecordIOReader, index: dict[int, int], files: SourceFiles, first: int, end: int
+    reader: RecordIOReader, index: RecordIndex, files: SourceFiles, first: int, end: int
 ) -> np.ndarray:
     """Expected class of image records 1..first-1 from the identity records [first, end).
 
@@ -226,8 +228,11 @@ def _identity_ranges(
     """
     expected = np.full(first, -1, dtype=np.int64)
     next_image = 1
+    offsets = index.offsets_of(np.arange(first, end, dtype=np.int64))
     for cls, key in enumerate(range(first, end)):
-        offset = _offset_of(index, key, files, f"record 0's identity range [{first}, {end}) needs")
+        offset = int(offsets[cls])
+        if offset < 0:
+            _offset_of(index, key, files, f"record 0's identity range [{first}, {end}) needs")
         header, _ = unpack_header(reader.read_at(offset, key), path=files.rec, record=key)
         if header.flag < 2:
             raise DataError(
@@ -291,7 +296,7 @@ def read_source(
         index = _record_offsets(reader, files)
         if not index:
             raise DataError("empty dataset: the index lists no records", path=files.idx or files.rec)
-        first_key = min(index)
+        first_key = int(index.sorted_keys()[0])
         first_offset = index[first_key]
         first_payload = reader.read_at(first_offset, first_key)
         first_header, data_start = unpack_header(first_payload, path=files.rec, record=first_key)
@@ -303,7 +308,7 @@ def read_source(
             expected = _identity_ranges(reader, index, files, id_first, id_end)
             num_classes = id_end - id_first
         else:
-            records = np.asarray(sorted(index), dtype=np.int64)
+            records = index.sorted_keys()
             num_classes = 0
         if not len(records):
             raise DataError("empty dataset: no image records", path=files.rec)
@@ -318,9 +323,7 @@ def read_source(
         if prop is not None and not is_insightface:
             num_classes = prop[0]
 
-        offsets = np.fromiter(
-            (index.get(key, -1) for key in records.tolist()), dtype=np.int64, count=len(records)
-        )
+        offsets = index.offsets_of(records)
         if (offsets < 0).any():
             why = "the image range of record 0 needs" if is_insightface else "the index lists"
             _offset_of(index, int(records[np.argmax(offsets < 0)]), files, why)
@@ -364,13 +367,18 @@ def read_source(
             f"none of the {len(records)} image records is usable (first: {bad[0].reason})", path=files.rec
         )
     assert size is not None
+    everything = bool(keep.all())  # the usual case: no copies
+
+    def kept(array: np.ndarray) -> np.ndarray:
+        return array if everything else array[keep]
+
     return SourceDataset(
         files=files,
-        records=records[keep],
-        offsets=offsets[keep],
-        labels=labels[keep],
-        image_offsets=image_offsets[keep],
-        image_nbytes=image_nbytes[keep],
+        records=kept(records),
+        offsets=kept(offsets),
+        labels=kept(labels),
+        image_offsets=kept(image_offsets),
+        image_nbytes=kept(image_nbytes),
         num_classes=num_classes,
         image_size=size,
         layout="insightface" if is_insightface else "plain",
@@ -506,40 +514,16 @@ def _validate_image_records(
     image_nbytes = np.zeros(count, dtype=np.int64)
     sizes = np.zeros((count, 2), dtype=np.int64)
     if size >= 64:  # else too small for the vectorised reads below: check record by record
+        known_bad = np.zeros(count, dtype=bool)
+        known_bad[list(reasons)] = True
         words = np.frombuffer(reader.view, dtype="<u4", count=size // 4)
-        floats = words.view("<f4")
         data = np.frombuffer(reader.view, dtype=np.uint8)
-        fast = (offsets % 4 == 0) & (offsets + 8 + IR_HEADER_SIZE <= size)
-        word = np.where(fast, offsets // 4, 0)
-        lrecord = words[word + 1].astype(np.int64)
-        length = lrecord & ((1 << 29) - 1)
-        fast &= (words[word] == MAGIC) & (lrecord >> 29 == 0) & (length >= IR_HEADER_SIZE)
-        fast &= offsets + 8 + length <= size
-        flag = np.where(fast, words[word + 2], 0).astype(np.int64)
-        data_start = offsets + 8 + IR_HEADER_SIZE + 4 * flag
-        record_end = offsets + 8 + length
-        fast &= data_start + len(JPEG_MAGIC) <= record_end
-        label = np.where(flag > 0, floats[np.where(fast, word + 8, 0)], floats[word + 3]).astype(np.float64)
-        head = np.where(fast, data_start, 0)
-        is_jpeg = (
-            (data[head] == JPEG_MAGIC[0])
-            & (data[head + 1] == JPEG_MAGIC[1])
-            & (data[head + 2] == JPEG_MAGIC[2])
-        )
-        fast &= (
-            is_jpeg & np.isfinite(label) & (label >= 0) & (label < MAX_CLASSES) & (label == np.floor(label))
-        )
-        fast[list(reasons)] = False
-        labels = np.where(fast, label, 0).astype(np.int64)
-        image_offsets = np.where(fast, data_start, -1)
-        image_nbytes = np.where(fast, record_end - data_start, 0)
-        if image_check != "magic":
-            rows = np.flatnonzero(fast)
-            accepted, height, width = jpeg_sizes_quick(data, image_offsets[rows], record_end[rows])
-            sizes[rows[accepted], 0] = height[accepted]
-            sizes[rows[accepted], 1] = width[accepted]
-            fast[rows[~accepted]] = False  # the per-record check says why (or accepts it)
-        del words, floats, data  # release the exports of the memory map
+        for start in range(0, count, _CHECK_BLOCK):  # in blocks: the temporaries do not grow with the file
+            block = slice(start, min(start + _CHECK_BLOCK, count))
+            fast[block], labels[block], image_offsets[block], image_nbytes[block] = _quick_check(
+                words, data, offsets[block], known_bad[block], sizes[block], image_check
+            )
+        del words, data  # release the exports of the memory map
     remaining = [i for i in np.flatnonzero(~fast).tolist() if i not in reasons]
     with tqdm(
         total=count,
@@ -565,6 +549,50 @@ def _validate_image_records(
                 reasons[i] = exc.reason if isinstance(exc, DataError) else str(exc)
             bar.update()
     return labels, image_offsets, image_nbytes, sizes
+
+
+_CHECK_BLOCK = 1 << 16  # records `_quick_check` takes at once (its temporaries: ~270 bytes per record)
+
+
+def _quick_check(
+    words: np.ndarray,
+    data: np.ndarray,
+    offsets: np.ndarray,
+    known_bad: np.ndarray,
+    sizes: np.ndarray,
+    image_check: ImageCheck,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The common case of `_validate_image_records` for records at `offsets` at once, over the
+    file as uint32 `words` and bytes `data`: (passed, labels, image offsets, image sizes in
+    bytes); `sizes` (rows of height, width) is filled for the records that passed."""
+    size = len(data)
+    floats = words.view("<f4")
+    fast = (offsets % 4 == 0) & (offsets + 8 + IR_HEADER_SIZE <= size) & ~known_bad
+    word = np.where(fast, offsets // 4, 0)
+    lrecord = words[word + 1].astype(np.int64)
+    length = lrecord & ((1 << 29) - 1)
+    fast &= (words[word] == MAGIC) & (lrecord >> 29 == 0) & (length >= IR_HEADER_SIZE)
+    fast &= offsets + 8 + length <= size
+    flag = np.where(fast, words[word + 2], 0).astype(np.int64)
+    data_start = offsets + 8 + IR_HEADER_SIZE + 4 * flag
+    record_end = offsets + 8 + length
+    fast &= data_start + len(JPEG_MAGIC) <= record_end
+    label = np.where(flag > 0, floats[np.where(fast, word + 8, 0)], floats[word + 3]).astype(np.float64)
+    head = np.where(fast, data_start, 0)
+    is_jpeg = (
+        (data[head] == JPEG_MAGIC[0]) & (data[head + 1] == JPEG_MAGIC[1]) & (data[head + 2] == JPEG_MAGIC[2])
+    )
+    fast &= is_jpeg & np.isfinite(label) & (label >= 0) & (label < MAX_CLASSES) & (label == np.floor(label))
+    labels = np.where(fast, label, 0).astype(np.int64)
+    image_offsets = np.where(fast, data_start, -1)
+    image_nbytes = np.where(fast, record_end - data_start, 0)
+    if image_check != "magic":
+        rows = np.flatnonzero(fast)
+        accepted, height, width = jpeg_sizes_quick(data, image_offsets[rows], record_end[rows])
+        sizes[rows[accepted], 0] = height[accepted]
+        sizes[rows[accepted], 1] = width[accepted]
+        fast[rows[~accepted]] = False  # the per-record check says why (or accepts it)
+    return fast, labels, image_offsets, image_nbytes
 
 
 def _validate_image_record(reader: RecordIOReader, rec: Path, key: int, offset: int) -> tuple[int, int, int]:

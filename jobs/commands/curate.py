@@ -61,6 +61,14 @@ the lineage (`prep inspect OUT` shows it), and report/: quality_histogram.png,
 quality_deciles.png (sample images per decile, lowest first), curation_removed.png.
 OUT must not exist (or be empty); a killed run is resumed by the same command.
 A rule that keeps no image writes nothing.
+
+With --submit PROFILE the plan is made here, every range of --shards-per-task output
+shards is one task of a SLURM array, and the tables and dataset.json are written here
+at the end: the same bytes as a run here. Re-running the command submits only the
+shards still missing.
+
+example:
+  igfiqa curate filter work/train --quality work/quality/quality.parquet --out work/train-q80-slurm --rule lowest:20% --submit slurm/clusters/local.yaml --shards-per-task 4
 """
 
 
@@ -137,6 +145,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     filt.add_argument(
         "--report", type=Path, default=None, metavar="DIR", help="report PNGs here (default: NEW/report)"
+    )
+    filt.add_argument(
+        "--submit",
+        metavar="PROFILE",
+        help="write the shards as a SLURM array on this cluster profile (e.g. slurm/clusters/local.yaml)",
+    )
+    filt.add_argument(
+        "--shards-per-task",
+        type=int,
+        default=1,
+        metavar="N",
+        help="with --submit: output shards per array task (default: 1)",
     )
     filt.add_argument("--no-report", action="store_true", help="do not draw the report PNGs")
     _add_common_options(filt)
@@ -226,6 +246,8 @@ def _run_filter(args: argparse.Namespace) -> int:
             args.quality,
             args.out,
             rule,
+            cluster=args.submit,
+            shards_per_task=args.shards_per_task,
             samples_per_shard=args.samples_per_shard,
             report_dir=args.report,
             report=not args.no_report,
@@ -240,9 +262,10 @@ def _run_filter(args: argparse.Namespace) -> int:
         return 130
     info = outcome.info
     c = info.curation or {}
+    where = f" (SLURM array job {outcome.array_job_id})" if outcome.array_job_id else ""
     print(
         f"kept {info.num_images} of {c.get('source_images')} images and {info.num_classes} of "
-        f"{c.get('source_classes')} identities ({rule.describe()}): {info.root}"
+        f"{c.get('source_classes')} identities ({rule.describe()}){where}: {info.root}"
     )
     print(
         f"removed {c.get('removed_images')} images ({c.get('removed_by_rule')} by the rule, "

@@ -62,7 +62,10 @@ what is computed (see pipeline/evaluation/evaluate/quality_metrics.py for the ex
 
 OUTPUTS = """\
 outputs in --out: results.json, summary.csv, curves.csv, table.md (+ table_*.csv, the paper's
-Table 2 layout: methods × dataset/FMR), quality_<dataset>.png (every method's EDC and ERC per FMR)
+Table 2 layout: methods × dataset/FMR), quality_<dataset>.png (every method's EDC and ERC per FMR).
+An EDC has a point per distinct pair quality; the files and plots hold at most 1,000 of them
+(the full curve sampled at evenly spaced discard fractions), the pAUC and AUC figures come
+from the full curves. The random reference is the mean of 20 seeded draws.
 """
 
 

@@ -6,7 +6,8 @@
   array of shard ranges (jobs.curate_job), holding OUT's lock; then an MLflow run
   (experiment igfiqa-curate-score) tagging the scored dataset's and the model's fingerprints.
 - `run_filter`: the curated dataset (data_prep.curate: every input is checked before anything
-  is written, dataset.json last), the report PNGs (pipeline.curation.report), and an
+  is written, dataset.json last), here or as a SLURM array of output shard ranges
+  (jobs.curate_job) holding OUT's lock, the report PNGs (pipeline.curation.report), and an
   MLflow run (experiment igfiqa-curate) with the lineage: source and output fingerprints, the
   quality file, the model and its training run, the rule, what it removed, the PNGs.
 """
@@ -131,6 +132,7 @@ class FilterOutcome:
     info: DatasetInfo
     report: CurationReport | None
     mlflow_run_id: str | None
+    array_job_id: str = ""  # "" when written here
 
 
 def run_filter(
@@ -139,6 +141,8 @@ def run_filter(
     out: Path,
     rule: Rule,
     *,
+    cluster: ClusterProfile | Path | str | None = None,
+    shards_per_task: int = 1,
     samples_per_shard: int | None = None,
     report_dir: Path | None = None,
     report: bool = True,
@@ -147,16 +151,26 @@ def run_filter(
     wait_lock: float = 0.0,
     progress: bool = True,
 ) -> FilterOutcome:
-    """Write the curated dataset into OUT, then its report (OUT/report unless `report_dir`) and MLflow run.
+    """Write the curated dataset into OUT, here or as a SLURM array on `cluster` (`shards_per_task`
+    output shards per task), then its report (OUT/report unless `report_dir`) and MLflow run.
 
     `captions`: extra text per source record on the decile grid (e.g. the synthetic ground truth).
     """
-    from data_prep.curate import check_output_folder, plan_curation, write_curation
+    from data_prep.curate import check_output_folder, curation_output, plan_curation, write_curation
 
     started = time.monotonic()
     plan = plan_curation(dataset, quality, rule, samples_per_shard=samples_per_shard)
     check_output_folder(Path(out), plan.plan_id)  # before the report or anything else is written
-    info = write_curation(plan, out, progress=progress, wait_lock=wait_lock)
+    array_job_id = ""
+    if cluster is not None:
+        from jobs.curate_job import start_filter
+
+        with curation_output(Path(out)).locked(wait=wait_lock):
+            array = start_filter(plan, out, profile=cluster, shards_per_task=shards_per_task)
+            info = array.wait(progress=progress)
+        array_job_id = array.array_id
+    else:
+        info = write_curation(plan, out, progress=progress, wait_lock=wait_lock)
     seconds = time.monotonic() - started
     pictures = None
     if report:
@@ -178,8 +192,10 @@ def run_filter(
                 "min_per_identity": rule.min_per_identity,
                 "below_min": rule.below_min,
                 "samples_per_shard": plan.samples_per_shard,
+                "submit": "" if cluster is None else getattr(cluster, "source", None) or str(cluster),
+                "shards_per_task": shards_per_task if cluster is not None else "",
             },
-            tags=curation_tags(info),
+            tags=curation_tags(info) | ({"slurm_array_job_id": array_job_id} if array_job_id else {}),
             metrics={
                 **{name: float(value) for name, value in counts.items()},
                 "source_images": float(plan.source.num_images),
@@ -189,4 +205,4 @@ def run_filter(
             tracking_uri=tracking_uri,
             artifacts=pictures.all_files() if pictures is not None else (),
         )
-    return FilterOutcome(info, pictures, run_id)
+    return FilterOutcome(info, pictures, run_id, array_job_id)

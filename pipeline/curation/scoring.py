@@ -8,7 +8,8 @@ the per-shard parts in OUT/.score/:
    (`pipeline.method.model.model_fingerprint`) and the dataset's, and writes the plan
    (`OUT/.score/plan.json`). Re-running with the same model, dataset and batch size reuses it;
    an OUT scoring anything else is refused.
-2. `score_shards(out, shards)` scores the images of each source shard, in manifest order,
+2. `score_shards(out, shards)` scores the images of each source shard (reading only those
+   shards' manifest rows: a task's memory does not grow with the dataset), in manifest order,
    through the decode-only DALI graph (`pipeline.data.dali_graph.build_decode_pipeline`: the
    training graph's decoder and normalisation, no augmentation; CPU operators with
    `device_id=None`, the "mixed" decoder on a GPU) and the model in eval mode, and writes
@@ -40,6 +41,7 @@ from data_prep.atomic import atomic_write, canonical_json
 from data_prep.dataset import DatasetInfo, dataset_fingerprint, load_dataset_info
 from data_prep.errors import DataError
 from data_prep.images import BadImageError, check_image, image_size, jpeg_sizes_quick
+from data_prep.manifest import ShardRows, read_manifest_rows
 from data_prep.quality_file import QUALITY_FILE, QualitySource, write_quality_file
 from data_prep.shard_reader import ShardReader
 from data_prep.sharded_output import ShardedOutput, disk_full_is_a_data_error, fault_point
@@ -66,19 +68,38 @@ PART_SCHEMA = pa.schema([("row", pa.int64()), ("quality", pa.float32())])
 
 class ScoringImages:
     """The images of a converted dataset (train or verification) by manifest row: keys, records,
-    labels and encoded bytes (zero-copy views of the shard tars, structurally checked)."""
+    labels and encoded bytes (zero-copy views of the shard tars, structurally checked).
 
-    def __init__(self, dataset: Path | DatasetInfo) -> None:
+    `shards`: hold only the rows of these shards (an array task's), read from the manifest's
+    row groups that hold them, so a task's memory does not grow with the dataset; the columns
+    (`keys`, `records`, ...) are then those rows' (`rows` holds their manifest row numbers) and
+    every method still takes manifest row numbers. The rows are grouped by shard once
+    (data_prep.manifest.ShardRows).
+    """
+
+    def __init__(self, dataset: Path | DatasetInfo, *, shards: Sequence[int] | None = None) -> None:
         self.info = dataset if isinstance(dataset, DatasetInfo) else load_dataset_info(Path(dataset))
         path = self.info.manifest_path
         train = self.info.kind == "train"
         columns = ["key", "record", "label"] if train else ["key", "index"]
         try:
-            table = pq.read_table(path, columns=[*columns, "shard", "offset", "nbytes"])
-        except (OSError, ValueError, KeyError) as exc:
+            shard_column = pq.read_table(path, columns=["shard"]).column("shard").to_numpy()
+            if len(shard_column) != self.info.num_images:
+                raise DataError(
+                    f"{len(shard_column)} rows but dataset.json says {self.info.num_images}", path=path
+                )
+            self.by_shard = ShardRows(shard_column, len(self.info.shards))
+            del shard_column
+            if shards is None:
+                self.rows = np.arange(self.info.num_images, dtype=np.int64)
+                table = pq.read_table(path, columns=[*columns, "shard", "offset", "nbytes"])
+            else:
+                held = [self.by_shard.rows(s) for s in sorted(set(shards)) if 0 <= s < len(self.info.shards)]
+                self.rows = np.sort(np.concatenate(held)) if held else np.zeros(0, dtype=np.int64)
+                table = read_manifest_rows(path, [*columns, "shard", "offset", "nbytes"], self.rows)
+        except (OSError, ValueError, KeyError, pa.ArrowInvalid) as exc:
             raise DataError(f"cannot read the manifest columns: {exc}", path=path) from None
-        if table.num_rows != self.info.num_images:
-            raise DataError(f"{table.num_rows} rows but dataset.json says {self.info.num_images}", path=path)
+        self._all = shards is None
         self.keys = table.column("key").to_numpy(zero_copy_only=False).astype(str)
         # a verification set's record and label are the image's index in its .bin (docs/contracts.md)
         self.records = table.column("record" if train else "index").to_numpy().astype(np.int64)
@@ -86,11 +107,12 @@ class ScoringImages:
         self.shards = table.column("shard").to_numpy().astype(np.int64)
         self.offsets = table.column("offset").to_numpy().astype(np.int64)
         self.nbytes = table.column("nbytes").to_numpy().astype(np.int64)
+        del table
         self.reader = ShardReader(self.info.tar_paths)
         outside = self.reader.first_row_outside(self.shards, self.offsets, self.nbytes)
         if outside is not None:
             raise DataError(
-                f"row {outside} (key {self.keys[outside]}) points outside its shard: "
+                f"row {self.rows[outside]} (key {self.keys[outside]}) points outside its shard: "
                 f"check the dataset with `igfiqa prep inspect {self.info.root}`",
                 path=path,
             )
@@ -98,17 +120,21 @@ class ScoringImages:
     def __len__(self) -> int:
         return len(self.keys)
 
+    def held(self, rows: np.ndarray) -> np.ndarray:
+        """Positions in the columns of manifest rows `rows` (which must be held)."""
+        return np.asarray(rows, dtype=np.int64) if self._all else np.searchsorted(self.rows, rows)
+
     def rows_of_shard(self, shard: int) -> np.ndarray:
         """Manifest rows stored in shard `shard`, in manifest order."""
-        return np.flatnonzero(self.shards == shard)
+        return self.by_shard.rows(shard)
+
+    def shard_of(self, row: int) -> int:
+        return int(self.shards[self.held(np.array([row]))[0]])
 
     def encoded(self, rows: np.ndarray) -> list[np.ndarray]:
         """Encoded bytes of `rows`; DataError naming the shard and key of one that is not a sound image
         (DALI's CPU decoder can crash the process on some broken headers)."""
-        out = [
-            self.reader.read(int(self.shards[r]), int(self.offsets[r]), int(self.nbytes[r]))
-            for r in rows.tolist()
-        ]
+        out = self.encoded_unchecked(rows)
         if not out:
             return out
         lengths = np.fromiter(map(len, out), dtype=np.int64, count=len(out))
@@ -118,6 +144,14 @@ class ScoringImages:
         for i in np.flatnonzero(~accepted).tolist():
             self._check_one(int(rows[i]), out[i])
         return out
+
+    def encoded_unchecked(self, rows: np.ndarray) -> list[np.ndarray]:
+        """Encoded bytes of `rows`, as stored."""
+        at = self.held(rows)
+        return [
+            self.reader.read(s, o, n)
+            for s, o, n in zip(self.shards[at].tolist(), self.offsets[at].tolist(), self.nbytes[at].tolist())
+        ]
 
     def _check_one(self, row: int, data: np.ndarray) -> None:
         try:
@@ -131,11 +165,12 @@ class ScoringImages:
         raise self.image_error(row, problem)
 
     def image_error(self, row: int, problem: str) -> DataError:
+        at = int(self.held(np.array([row]))[0])
         return DataError(
-            f"key {self.keys[row]} (manifest row {row}): {problem}; check every image with "
+            f"key {self.keys[at]} (manifest row {row}): {problem}; check every image with "
             f"`igfiqa prep inspect {self.info.root} --verify-decode`",
-            path=self.info.tar_paths[int(self.shards[row])],
-            offset=int(self.offsets[row]),
+            path=self.info.tar_paths[int(self.shards[at])],
+            offset=int(self.offsets[at]),
         )
 
     def close(self) -> None:
@@ -220,10 +255,7 @@ class DatasetScorer:
 
     def _decode_failure(self, candidates: Sequence[np.ndarray]) -> DataError | None:
         for rows in candidates:
-            for row in rows.tolist():
-                data = self.images.reader.read(
-                    int(self.images.shards[row]), int(self.images.offsets[row]), int(self.images.nbytes[row])
-                )
+            for row, data in zip(rows.tolist(), self.images.encoded_unchecked(rows)):
                 _, problem = check_image(data, level="decode")
                 if problem is not None:
                     return self.images.image_error(row, f"cannot be decoded ({problem})")
@@ -377,7 +409,7 @@ def score_shards(
     bad = [s for s in shards if not 0 <= s < plan.num_shards]
     if bad:
         raise DataError(f"shards {bad} do not exist; the dataset has {plan.num_shards}", path=plan.dataset)
-    images = ScoringImages(Path(plan.dataset))
+    images = ScoringImages(Path(plan.dataset), shards=shards)
     try:
         todo = [s for s in shards if not part_is_done(out, plan, s, len(images.rows_of_shard(s)))]
         if not todo:
@@ -409,13 +441,12 @@ def _score_into_parts(
     out: Path, plan: ScoringPlan, scorer: DatasetScorer, shards: list[int], *, progress: bool
 ) -> None:
     batches = shard_batches(scorer.images, shards, plan.batch_size)
-    shard_of = scorer.images.shards
     pending: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {s: [] for s in shards}
     remaining = {s: len(scorer.images.rows_of_shard(s)) for s in shards}
     total = sum(remaining.values())
     with tqdm(total=total, desc="score", unit="img", disable=not progress, mininterval=1.0) as bar:
         for rows, quality in scorer.iter_scores(batches):
-            shard = int(shard_of[rows[0]])
+            shard = scorer.images.shard_of(int(rows[0]))
             pending[shard].append((rows, quality))
             remaining[shard] -= len(rows)
             bar.update(len(rows))
@@ -507,7 +538,7 @@ def score_dataset(
         disk_full_is_a_data_error(Path(out), space=lambda: None, elsewhere="score into another --out"),
     ):
         plan = prepare_scoring(checkpoint, dataset, out, batch_size=batch_size, loaded=(model, config))
-        done = [s for s in range(plan.num_shards) if part_is_done_for(out, plan, s)]
+        done = shards_done(out, plan)
         if done:
             log.info("resuming: %d of %d shards already scored (skipped)", len(done), plan.num_shards)
         scored = score_shards(
@@ -522,7 +553,7 @@ def score_dataset(
         return finalize_scoring(out, scored_now=sum(info.shards[s].count for s in scored))
 
 
-def part_is_done_for(out: Path, plan: ScoringPlan, shard: int) -> bool:
-    """`part_is_done` with the shard's row count read from dataset.json."""
-    info = load_dataset_info(Path(plan.dataset))
-    return part_is_done(out, plan, shard, info.shards[shard].count)
+def shards_done(out: Path, plan: ScoringPlan) -> list[int]:
+    """The shards whose parts hold this plan's scores (row counts from dataset.json, read once)."""
+    shards = load_dataset_info(Path(plan.dataset)).shards
+    return [s for s, shard in enumerate(shards) if part_is_done(out, plan, s, shard.count)]

@@ -42,6 +42,8 @@ DEFAULT_DISCARD_LIMIT = 0.2
 RANDOM_METHOD = "random"  # the random-quality reference every evaluation carries
 RANDOM_SEED = 20_240_229  # its image qualities: the same draws every run
 DEFAULT_RANDOM_DRAWS = 20
+RANDOM_EDC_POINTS = 201  # the random reference's mean EDC: FNMR at evenly spaced discard fractions
+CURVE_POINTS = 1000  # an EDC curve's points in the report (`EDCCurve.downsampled`)
 PAPER_REJECT_STEP = 0.05
 PAPER_REJECT_POINTS = 20  # r = 0, 0.05, …, 0.95
 # FMR·N is floored with this relative slack so that 0.29·100 (= 28.999999999999996) gives 29.
@@ -127,6 +129,21 @@ class EDCCurve:
         """Stepwise (left-constant) area under the curve from 0 to `discard_limit`."""
         return edc_pauc(self.discard_fraction, self.fnmr, discard_limit)
 
+    def downsampled(self, max_points: int = CURVE_POINTS) -> EDCCurve:
+        """At most `max_points` of this curve's points, each exact: the last point at or before each of
+        `max_points - 1` evenly spaced discard fractions, and the closing point. (A curve has one
+        point per distinct quality level: up to one per mated pair.) Figures computed from the
+        curve (pAUC) belong to the full one."""
+        n = len(self.discard_fraction)
+        if n <= max_points:
+            return self
+        grid = np.linspace(0.0, 1.0, max_points - 1)
+        picked = np.searchsorted(self.discard_fraction, grid, side="right") - 1
+        picked = np.unique(np.append(np.clip(picked, 0, n - 1), n - 1))
+        return EDCCurve(
+            self.discard_fraction[picked], self.fnmr[picked], self.quality_cutoff[picked], self.num_mated
+        )
+
 
 def edc_curve(
     similarity: np.ndarray, mated: np.ndarray, pair_quality: np.ndarray, threshold: float
@@ -137,20 +154,32 @@ def edc_curve(
 
 
 def _edc(mated_similarity: np.ndarray, mated_quality: np.ndarray, threshold: float) -> EDCCurve:
-    order = np.argsort(mated_quality, kind="stable")
-    quality = mated_quality[order]
-    errors = (mated_similarity[order] <= threshold).astype(np.int64)
-    n = quality.size
-    if n == 0:
-        raise QualityEvalError("no mated pairs: FNMR is undefined")
-    # errors_from[i] = errors among the pairs i.. (what remains after discarding the first i)
-    errors_from = np.concatenate([np.cumsum(errors[::-1])[::-1], [0]])
-    level_starts = np.concatenate([[0], np.flatnonzero(quality[1:] != quality[:-1]) + 1])
-    remaining = n - level_starts
-    discard_fraction = np.append(level_starts / n, 1.0)
-    fnmr = np.append(errors_from[level_starts] / remaining, 0.0)
-    cutoff = np.append(quality[level_starts], np.nan)
-    return EDCCurve(discard_fraction, fnmr, cutoff, n)
+    return _MatedLevels(mated_similarity, mated_quality).edc(threshold)
+
+
+class _MatedLevels:
+    """The mated pairs sorted by quality once (stable), with where each quality level starts: the
+    EDC at any threshold is then one cumulative sum (no sort per FMR)."""
+
+    def __init__(self, mated_similarity: np.ndarray, mated_quality: np.ndarray) -> None:
+        order = np.argsort(mated_quality, kind="stable")
+        quality = mated_quality[order]
+        if quality.size == 0:
+            raise QualityEvalError("no mated pairs: FNMR is undefined")
+        self.similarity = mated_similarity[order]
+        self.level_starts = np.concatenate([[0], np.flatnonzero(quality[1:] != quality[:-1]) + 1])
+        self.cutoff = np.append(quality[self.level_starts], np.nan)
+
+    def edc(self, threshold: float) -> EDCCurve:
+        """The FNM-EDC at `threshold` (see `edc_curve`)."""
+        n = self.similarity.size
+        errors = (self.similarity <= threshold).astype(np.int64)
+        # errors_from[i] = errors among the pairs i.. (what remains after discarding the first i)
+        errors_from = np.concatenate([np.cumsum(errors[::-1])[::-1], [0]])
+        remaining = n - self.level_starts
+        discard_fraction = np.append(self.level_starts / n, 1.0)
+        fnmr = np.append(errors_from[self.level_starts] / remaining, 0.0)
+        return EDCCurve(discard_fraction, fnmr, self.cutoff, n)
 
 
 def edc_pauc(discard_fraction: np.ndarray, fnmr: np.ndarray, discard_limit: float) -> float:
@@ -336,6 +365,7 @@ class QualityEvaluation:
     warnings: list[str] = field(default_factory=list)
     matcher: str = ""
     pair_set: dict[str, Any] = field(default_factory=dict)  # how the pairs were chosen (all_pairs)
+    random_draws: int = 0  # draws averaged into the random-quality reference (0: none)
 
     @property
     def methods(self) -> list[str]:
@@ -396,6 +426,7 @@ def evaluate_comparisons(
         comparisons.num_nonmated,
         matcher=matcher,
         pair_set=dict(pair_set or {}),
+        random_draws=max(random_draws, 0),
     )
     fmrs = list(fmrs) if fmrs else resolvable_fmrs(evaluation.num_nonmated)
     nonmated_similarity = comparisons.similarity[~comparisons.mated]
@@ -411,10 +442,10 @@ def evaluate_comparisons(
         )
         evaluation.warnings.extend(f"{dataset}: {w}" for w in warnings)
         order = PairOrder.of_image_quality(comparisons, quality)
-        mated_similarity, mated_quality = _mated(comparisons, order, quality)
+        levels = _MatedLevels(*_mated(comparisons, order, quality))
         pair_quality = comparisons.pair_quality(quality) if crfiqa_refit else None
         for fmr, threshold in thresholds.items():
-            edc = _edc(mated_similarity, mated_quality, threshold.value)
+            edc = levels.edc(threshold.value)
             erc = _fixed_erc(order, comparisons.similarity, threshold.value)
             refit = None
             if pair_quality is not None:
@@ -460,13 +491,14 @@ def _random_reference(
     """Per FMR, the mean EDC and ERC of `draws` i.i.d. uniform image qualities (seeded: the same
     every run, one draw per image of `comparisons` in index order).
 
-    Its EDC is the mean FNMR on a grid of 201 discard fractions; pAUC and AUC are the means of
-    the draws' own figures.
+    Its EDC is the mean FNMR on a grid of RANDOM_EDC_POINTS discard fractions; pAUC and AUC are the
+    means of the draws' own figures. Each draw costs one ranking of the images and one pass over
+    the pairs (`PairOrder.of_image_quality`), and one sort of the mated pairs shared by the FMRs.
     """
     if draws <= 0:
         return {}
     rng = np.random.default_rng(RANDOM_SEED)
-    grid = np.linspace(0.0, 1.0, 201)
+    grid = np.linspace(0.0, 1.0, RANDOM_EDC_POINTS)
     edc_sum = {fmr: np.zeros(grid.size) for fmr in thresholds}
     erc_sum = {fmr: np.zeros(PAPER_REJECT_POINTS) for fmr in thresholds}
     paucs: dict[float, list[float]] = {fmr: [] for fmr in thresholds}
@@ -475,9 +507,9 @@ def _random_reference(
     for _ in range(draws):
         image_quality = rng.random(comparisons.num_images)
         order = PairOrder.of_image_quality(comparisons, image_quality)
-        mated_similarity, mated_quality = _mated(comparisons, order, image_quality)
+        levels = _MatedLevels(*_mated(comparisons, order, image_quality))
         for fmr, threshold in thresholds.items():
-            edc = _edc(mated_similarity, mated_quality, threshold.value)
+            edc = levels.edc(threshold.value)
             erc = _fixed_erc(order, comparisons.similarity, threshold.value)
             paucs[fmr].append(edc.pauc(discard_limit))
             aucs[fmr].append(erc.auc)

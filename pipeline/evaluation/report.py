@@ -7,7 +7,9 @@ Files under the output directory (all written by `write_report`):
     summary.csv            one row per dataset (× matcher) × method × FMR (threshold, achieved FMR,
                            EDC pAUC, ERC AUC…)
     curves.csv             long format: dataset, (matcher,) method, fmr, curve (edc | erc |
-                           erc_crfiqa_refit), discard_fraction, fnmr, threshold
+                           erc_crfiqa_refit), discard_fraction, fnmr, threshold; an EDC at most
+                           CURVE_POINTS (1,000) points of the full curve (`EDCCurve.downsampled`),
+                           so the files stay small at 10^7 pairs; the scalars come from full curves
     table.md               methods × (dataset, FMR) tables of ERC AUC (paper protocol) and EDC pAUC,
                            best per column in bold, second in italics; the matchers and the all-vs-all
                            pair sets; verification accuracy; warnings
@@ -33,7 +35,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.evaluation.quality_metrics import RANDOM_METHOD, QualityEvaluation
+from pipeline.evaluation.quality_metrics import (
+    CURVE_POINTS,
+    RANDOM_EDC_POINTS,
+    RANDOM_METHOD,
+    QualityEvaluation,
+)
 from pipeline.evaluation.verification import VerificationResult
 
 
@@ -94,13 +101,14 @@ def curves_frame(evaluations: Sequence[QualityEvaluation]) -> pd.DataFrame:
         for r in ev.results:
             base = {"dataset": ev.dataset, **({"matcher": ev.matcher} if ev.matcher else {})}
             base |= {"method": r.method, "fmr": r.threshold.fmr_target}
+            edc = r.edc.downsampled()
             parts.append(
                 pd.DataFrame(
                     {
                         **base,
                         "curve": "edc",
-                        "discard_fraction": r.edc.discard_fraction,
-                        "fnmr": r.edc.fnmr,
+                        "discard_fraction": edc.discard_fraction,
+                        "fnmr": edc.fnmr,
                         "threshold": r.threshold.value,
                     }
                 )
@@ -193,6 +201,7 @@ def results_document(
             "num_pairs": ev.num_pairs,
             "num_mated": ev.num_mated,
             "num_nonmated": ev.num_nonmated,
+            "random_draws": ev.random_draws,
             "warnings": ev.warnings,
             "results": [],
         }
@@ -206,10 +215,12 @@ def results_document(
                 k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                 for k, v in r.summary().items()
             }
+            edc = r.edc.downsampled()
             row["edc"] = {
-                "discard_fraction": _finite_or_none(r.edc.discard_fraction),
-                "fnmr": _finite_or_none(r.edc.fnmr),
-                "quality_cutoff": _finite_or_none(r.edc.quality_cutoff),
+                "discard_fraction": _finite_or_none(edc.discard_fraction),
+                "fnmr": _finite_or_none(edc.fnmr),
+                "quality_cutoff": _finite_or_none(edc.quality_cutoff),
+                "full_points": len(r.edc.discard_fraction),
             }
             row["erc"] = {
                 "reject_fraction": _finite_or_none(r.erc.reject_fraction),
@@ -238,6 +249,12 @@ def results_document(
             "edc_pauc": "stepwise area under the EDC from 0 to discard_limit",
             "erc_auc": "paper protocol: reject 0..0.95 of all pairs in steps of 0.05, threshold fixed, trapezoid",
             "erc_auc_crfiqa_refit": "as the published CR-FIQA script: threshold refit at every reject fraction",
+            "curves": f"an EDC holds at most {CURVE_POINTS} points (full_points: the full curve's, one per "
+            f"distinct quality level): the full curve's last point at or before each of {CURVE_POINTS - 1} "
+            "evenly spaced discard fractions, and its closing point; edc_pauc, fnmr_at_0 and the ERC AUCs "
+            "are computed on the full curves",
+            "random": "the random-quality reference: i.i.d. uniform image qualities (seeded), the mean of "
+            f"random_draws draws; its EDC is the mean FNMR at {RANDOM_EDC_POINTS} evenly spaced discard fractions",
             "pair_set": "all-vs-all: every pair i < j of an identity-labelled set in row-major order, all mated "
             "pairs, all non-mated pairs or a hashed sample of them (docs/evaluation.md)",
         },
@@ -267,9 +284,10 @@ def plot_dataset(evaluation: QualityEvaluation, path: Path, *, title: str | None
                 r for r in evaluation.results if r.method == method and r.threshold.fmr_target == fmr
             )
             highest = max(highest, float(np.nanmax(result.edc.fnmr)), float(np.nanmax(result.erc.fnmr)))
+            edc = result.edc.downsampled()
             edc_ax.step(
-                result.edc.discard_fraction,
-                result.edc.fnmr,
+                edc.discard_fraction,
+                edc.fnmr,
                 where="post",
                 color=color,
                 label=f"{name} (pAUC {result.edc_pauc:.4f})",

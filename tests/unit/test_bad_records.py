@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+import data_prep.source
 from data_prep.convert import convert
 from data_prep.dataset import load_dataset_info
 from data_prep.errors import DataError
@@ -234,6 +235,16 @@ def test_skip_bad_converts_the_rest_and_records_what_was_dropped(tmp_path):
     )
     with pytest.raises(BadRecordsError):
         convert(tmp_path / "src", tmp_path / "out", samples_per_shard=5, progress=False)
+
+
+def test_records_checked_in_small_blocks_give_the_same_dataset(tmp_path, monkeypatch):
+    corrupt_source(tmp_path / "src")
+    whole = read_source(tmp_path / "src", skip_bad=True)
+    monkeypatch.setattr(data_prep.source, "_CHECK_BLOCK", 4)  # 18 records: five blocks, bad ones in several
+    blocks = read_source(tmp_path / "src", skip_bad=True)
+    assert blocks.bad == whole.bad and len(whole.bad) == 6
+    for name in ("records", "offsets", "labels", "image_offsets", "image_nbytes"):
+        assert np.array_equal(getattr(blocks, name), getattr(whole, name)), name
 
 
 def test_skip_bad_is_in_the_mlflow_run(tmp_path, capsys):

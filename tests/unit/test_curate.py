@@ -10,16 +10,21 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 from data_prep.curate import (
     CLASS_MAP_FILE,
     PLAN_FILE,
     REMOVED_FILE,
+    ROWS_FILE,
     Rule,
     curate,
+    finish_curation,
     plan_curation,
+    prepare_curation_tasks,
     select,
+    write_curated_shards,
 )
 from data_prep.dataset import dataset_fingerprint, load_dataset_info
 from data_prep.errors import DataError
@@ -330,6 +335,48 @@ def test_an_unfinished_curation_resumes_byte_identical(source: Path, tmp_path: P
     spec_whole, spec_resumed = (json.loads(d["dataset.json"]) for d in (whole_files, resumed_files))
     assert spec_whole == spec_resumed
     assert (broken / ".prep" / PLAN_FILE).is_file()
+
+
+def output_files(root: Path) -> dict[str, bytes]:
+    """Every file under ROOT by relative path, but the lock and the SLURM logs."""
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != "lock" and "slurm" not in p.relative_to(root).parts
+    }
+
+
+def test_array_tasks_write_the_bytes_of_a_local_run(source: Path, tmp_path: Path) -> None:
+    manifest = read_manifest(source)
+    q = quality_file(tmp_path / "q.parquet", source, np.random.default_rng(5).normal(size=len(manifest)))
+    rule = Rule.parse("lowest-per-identity:0.25", min_per_identity=2)
+    local = tmp_path / "local"
+    curate(source, q, local, rule, samples_per_shard=37, progress=False)
+
+    plan = plan_curation(source, q, rule, samples_per_shard=37)
+    out = tmp_path / "tasks"
+    todo = prepare_curation_tasks(plan, out)
+    assert todo == list(range(plan.num_shards)) and plan.num_shards >= 4
+    rows_file = pq.ParquetFile(
+        out / ".prep" / ROWS_FILE
+    )  # one row group per output shard: a task reads its own
+    assert rows_file.metadata.num_row_groups == plan.num_shards
+    assert [rows_file.metadata.row_group(i).num_rows for i in range(plan.num_shards)] == [
+        plan.shard_count(i) for i in range(plan.num_shards)
+    ]
+    assert write_curated_shards(out, [1, 3]) == [1, 3]  # tasks in any order, each shard once
+    assert prepare_curation_tasks(plan, out) == [s for s in range(plan.num_shards) if s not in (1, 3)]
+    with pytest.raises(DataError, match="shards are not written"):
+        finish_curation(plan, out)
+    with pytest.raises(DataError, match="do not exist"):
+        write_curated_shards(out, [plan.num_shards])
+    write_curated_shards(out, [s for s in range(plan.num_shards) if s not in (1, 3)])
+    finish_curation(plan, out)
+
+    assert not (out / ".prep" / ROWS_FILE).exists()
+    assert output_files(out) == output_files(local)
+    with pytest.raises(DataError, match="missing or of another plan"):
+        write_curated_shards(out, [0])  # a late task after the end: the rows are gone
 
 
 def test_inspect_shows_the_lineage(source: Path, tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,7 +27,7 @@ from data_prep.quality_file import read_quality_source, read_quality_table
 from data_prep.sharded_output import FAULT_ENV
 from data_prep.synth import synthesize
 from pipeline.config import AugmentConfig
-from pipeline.curation.scoring import SCORE_DIR, score_dataset
+from pipeline.curation.scoring import SCORE_DIR, ScoringImages, score_dataset
 from pipeline.data.augment_plan import draw_params
 from pipeline.data.dali_graph import GraphBatch, build_decode_pipeline, run_graph
 from pipeline.data.image_io import decode_image
@@ -105,6 +106,24 @@ def test_scores_are_the_models_on_the_stored_images(
     before = scored.path.read_bytes()
     again = score_dataset(path, train_dataset, tmp_path / "q", device="cpu", batch_size=64, progress=False)
     assert again.path.read_bytes() == before
+
+
+def test_a_task_holds_only_the_rows_of_its_shards(many_shards: Path, tmp_path: Path) -> None:
+    every = ScoringImages(many_shards)
+    task = ScoringImages(many_shards, shards=[5, 2])
+    rows = np.concatenate([every.rows_of_shard(2), every.rows_of_shard(5)])
+    assert len(task) == len(rows) == 48 and task.rows.tolist() == rows.tolist()
+    assert task.keys.tolist() == every.keys[rows].tolist()
+    assert task.labels.tolist() == every.labels[rows].tolist()
+    assert task.rows_of_shard(5).tolist() == every.rows_of_shard(5).tolist()
+    assert task.shard_of(int(rows[-1])) == 5
+    assert [b.tobytes() for b in task.encoded(rows[::7])] == [b.tobytes() for b in every.encoded(rows[::7])]
+    # a manifest row group holding a few shards is read, not the whole manifest: with one group per
+    # 30 rows, shard 5 (rows 120-143) is read from the groups of rows 120-149
+    copy = shutil.copytree(many_shards, tmp_path / "copy")
+    pq.write_table(pq.read_table(copy / "manifest.parquet"), copy / "manifest.parquet", row_group_size=30)
+    small = ScoringImages(copy, shards=[5])
+    assert small.keys.tolist() == every.keys[every.rows_of_shard(5)].tolist()
 
 
 def test_a_verification_set_is_scored_by_image_index(

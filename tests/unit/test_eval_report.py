@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.evaluation.quality_metrics import evaluate_quality
+from pipeline.evaluation.quality_metrics import CURVE_POINTS, evaluate_quality
 from pipeline.evaluation.report import fmr_label, markdown_table, metric_table, write_report
 from pipeline.evaluation.verification import ten_fold_accuracy
 
@@ -100,3 +100,46 @@ def test_write_report_writes_every_file(tmp_path):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert pd.read_csv(files.verification_csv)["accuracy"].tolist() == [1.0]
     assert all(p.is_file() for p in files.all_files())
+
+
+def test_long_curves_are_downsampled_in_the_files_with_the_figures_of_the_full_curves(tmp_path):
+    rng = np.random.default_rng(2)
+    n, images = 60_000, 30_000
+    mated = rng.random(n) < 0.5
+    pairs = pd.DataFrame(
+        {
+            "left": rng.integers(0, images, n).astype(str),
+            "right": rng.integers(0, images, n).astype(str),
+            "similarity": np.where(mated, rng.normal(0.5, 0.2, n), rng.normal(0.0, 0.1, n)),
+            "mated": mated,
+        }
+    )
+    scores = pd.DataFrame({"image": np.arange(images).astype(str), "q": rng.random(images)})
+    evaluation = evaluate_quality(pairs, scores, dataset="big", fmrs=[1e-2], random_draws=3)
+    result = next(r for r in evaluation.results if r.method == "q")
+    full = result.edc
+    assert len(full.discard_fraction) > 10_000  # one point per distinct mated pair quality
+    files = write_report([evaluation], tmp_path / "out")
+
+    doc = json.loads(files.json.read_text())
+    entry = doc["datasets"][0]
+    assert entry["random_draws"] == 3 and "random_draws draws" in doc["definitions"]["random"]
+    row = next(r for r in entry["results"] if r["method"] == "q")
+    written = row["edc"]
+    assert len(written["discard_fraction"]) <= CURVE_POINTS and written["full_points"] == len(
+        full.discard_fraction
+    )
+    # every written point is a point of the full curve, the first and the closing one included
+    at = np.searchsorted(full.discard_fraction, written["discard_fraction"])
+    assert np.array_equal(full.discard_fraction[at], written["discard_fraction"])
+    assert np.array_equal(full.fnmr[at], written["fnmr"]) and at[0] == 0 and at[-1] == len(full.fnmr) - 1
+    # kept points lie at most one grid step (1/998) plus one of the full curve's own steps apart
+    largest_step = np.diff(full.discard_fraction).max()
+    assert np.diff(written["discard_fraction"]).max() <= 1 / (CURVE_POINTS - 2) + largest_step
+    # the figures are the full curves', exactly, not the written points'
+    assert row["edc_pauc"] == full.pauc(0.2) != result.edc.downsampled().pauc(0.2)
+    assert row["fnmr_at_0"] == full.fnmr[0]
+    curves = pd.read_csv(files.curves_csv)
+    per_curve = curves[curves.curve == "edc"].groupby(["method", "fmr"]).size()
+    assert per_curve.max() <= CURVE_POINTS and per_curve["random"].iloc[0] == 201
+    assert files.json.stat().st_size < 200_000  # a full curve here would take ~3 MB

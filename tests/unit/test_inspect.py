@@ -12,6 +12,7 @@ from data_prep.bins import convert_bins
 from data_prep.convert import convert, prepare_conversion
 from data_prep.errors import DataError
 from data_prep.inspect import class_size_summary, inspect_path
+from data_prep.manifest import ShardRows
 from data_prep.synth import synthesize
 from jobs.cli import main as cli_main
 
@@ -106,6 +107,26 @@ def test_manifest_and_classes_disagreeing(converted):
     problems = failed(inspect_path(converted))
     assert "1 manifest rows disagree" in problems["manifest"]
     assert problems["classes"] == "counts disagree with the manifest"
+
+
+def test_shard_rows_group_a_manifest_in_any_order():
+    in_order = ShardRows(np.array([0, 0, 1, 1, 1, 3]), num_shards=4)
+    assert [in_order.rows(s).tolist() for s in range(4)] == [[0, 1], [2, 3, 4], [], [5]]
+    shuffled = ShardRows(np.array([2, 0, 2, 7, 1, 0, -1]), num_shards=3)
+    assert [shuffled.rows(s).tolist() for s in range(3)] == [[1, 5], [4], [0, 2]]
+    assert shuffled.outside.tolist() == [3, 6] and shuffled.count(2) == 2
+
+
+def test_manifest_rows_in_another_order_are_checked_against_their_shard(converted):
+    manifest = pd.read_parquet(converted / "manifest.parquet")
+    shuffled = manifest.sample(frac=1.0, random_state=3).reset_index(drop=True)
+    shuffled.to_parquet(converted / "manifest.parquet")
+    assert inspect_path(converted, verify=True).ok
+    moved = shuffled.copy()
+    moved.loc[5, "shard"] = (moved.loc[5, "shard"] + 1) % moved["shard"].max()  # another shard's index
+    moved.loc[6, "shard"] = 99  # no such shard
+    moved.to_parquet(converted / "manifest.parquet")
+    assert "2 manifest rows disagree" in failed(inspect_path(converted))["manifest"]
 
 
 def test_unfinished_conversion_and_unknown_folder(source, tmp_path, capsys):

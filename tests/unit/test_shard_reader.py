@@ -24,6 +24,10 @@ def test_reads_the_bytes_a_row_names(tmp_path: Path) -> None:
         assert reader.read(1, 6, 5).tobytes() == b"world"
         view = reader.read(1, 0, 5)
         assert view.dtype == np.uint8 and not view.flags.owndata  # a view of the map, no copy
+        many = reader.views(np.array([1, 0, 1]), np.array([6, 10, 0]), np.array([5, 5, 5]))
+        assert [bytes(v) for v in many] == [b"world", bytes(range(10, 15)), b"hello"]
+        with pytest.raises(DataError, match=r"bytes \[8, 13\) do not lie inside the shard \(11 bytes\)"):
+            reader.views(np.array([0, 1]), np.array([0, 8]), np.array([1, 5]))
 
 
 def test_rows_outside_the_shards_are_found(tmp_path: Path) -> None:

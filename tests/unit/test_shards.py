@@ -14,7 +14,8 @@ from PIL import Image
 
 from data_prep.convert import convert
 from data_prep.dataset import load_dataset_info
-from data_prep.shards import read_index_file, ustar_headers, write_webdataset_shard
+from data_prep.errors import DataError
+from data_prep.shards import read_index_arrays, read_index_file, ustar_headers, write_webdataset_shard
 from data_prep.synth import synthesize
 
 
@@ -85,6 +86,17 @@ def test_shard_equals_tarfile_archive_and_wds2idx_index(tmp_path):
     assert (tmp_path / "s.idx").read_bytes() == (tmp_path / "dali.idx").read_bytes()
     parsed = read_index_file(tmp_path / "s.idx")
     assert [s["jpg"][0] for s in parsed] == written.image_offsets.tolist()
+    arrays = read_index_arrays(tmp_path / "s.idx")  # the same numbers, without a dict per sample
+    assert arrays.names.tolist() == [f"{k}.jpg".encode() for k in keys]
+    assert arrays.offsets.tolist() == written.image_offsets.tolist()
+    assert arrays.nbytes.tolist() == written.image_nbytes.tolist()
+    assert arrays.end == max(o + n for s in parsed for o, n, _ in s.values())
+    (tmp_path / "other.idx").write_text("v1.2 1\njpg 512 7 a.jpg txt 1536 3 a.txt json 2048 9 a.json\n")
+    other = read_index_arrays(tmp_path / "other.idx")  # another layout: parsed sample by sample
+    assert other.names.tolist() == [b"a.jpg"] and other.offsets.tolist() == [512] and other.end == 2057
+    (tmp_path / "bad.idx").write_text("v1.2 2\njpg 512 7 a.jpg cls 1536 1 a.cls\n")
+    with pytest.raises(DataError, match="does not match its 1 sample lines"):
+        read_index_arrays(tmp_path / "bad.idx")
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,10 @@ Argument parsing and printing; the stages and their MLflow runs are `jobs.stages
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
+
+from jobs.commands.common import add_stage_tracking_options, add_wait_lock_option, stage_tracking_uri
 
 CURATE_DESCRIPTION = """\
 Clean a training set with a quality model: score every image, then keep images by a rule.
@@ -164,26 +165,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _add_common_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--wait-lock",
-        type=float,
-        nargs="?",
-        const=math.inf,
-        default=0.0,
-        metavar="SECONDS",
-        help="if another run writes into the output folder, wait for it (SECONDS at most) instead of refusing",
-    )
-    parser.add_argument(
-        "--tracking-uri",
-        default="",
-        metavar="URI",
-        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)",
-    )
-    parser.add_argument("--no-track", action="store_true", help="do not log this stage to MLflow")
-
-
-def _tracking_uri(args: argparse.Namespace) -> str | None:
-    return None if args.no_track else args.tracking_uri
+    add_wait_lock_option(parser, "another run writes into the output folder")
+    add_stage_tracking_options(parser)
 
 
 def _run_score(args: argparse.Namespace) -> int:
@@ -202,7 +185,7 @@ def _run_score(args: argparse.Namespace) -> int:
             device=args.device,
             batch_size=args.batch_size,
             num_threads=args.threads,
-            tracking_uri=_tracking_uri(args),
+            tracking_uri=stage_tracking_uri(args),
             wait_lock=args.wait_lock,
         )
     except KeyboardInterrupt:
@@ -251,7 +234,7 @@ def _run_filter(args: argparse.Namespace) -> int:
             samples_per_shard=args.samples_per_shard,
             report_dir=args.report,
             report=not args.no_report,
-            tracking_uri=_tracking_uri(args),
+            tracking_uri=stage_tracking_uri(args),
             wait_lock=args.wait_lock,
         )
     except KeyboardInterrupt:

@@ -9,6 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from jobs.commands.common import print_usage, say
 from jobs.stages.matcher_spec import DEFAULT_SPEC
 from jobs.stages.matchers import DEFAULT_OUT, MATCHERS_FILE
 
@@ -107,17 +108,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     _add_out(listing)
     listing.set_defaults(func=run_list)
-    group.set_defaults(func=lambda args: _usage(group))
-
-
-def _usage(parser: argparse.ArgumentParser) -> int:
-    parser.print_help()
-    return 2
-
-
-def say(text: str) -> None:
-    """A progress line (stdout, flushed so it interleaves with a training log)."""
-    print(text, flush=True)
+    group.set_defaults(func=lambda args: print_usage(group))
 
 
 def run_build(args: argparse.Namespace) -> int:

@@ -8,11 +8,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import sys
 from pathlib import Path
 
+from jobs.commands.common import add_stage_tracking_options, add_wait_lock_option, stage_tracking_uri
 from jobs.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -191,21 +191,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="image folders and lists: resize square images of another size to SIZE x SIZE (Pillow LANCZOS) "
         "instead of refusing them",
     )
-    convert.add_argument(
-        "--wait-lock",
-        type=float,
-        nargs="?",
-        const=math.inf,
-        default=0.0,
-        metavar="SECONDS",
-        help="if another conversion is writing into DIR, wait for it (SECONDS at most) instead of refusing",
-    )
+    add_wait_lock_option(convert, "another conversion is writing into DIR")
     convert.add_argument(
         "--submit",
         metavar="PROFILE",
         help="run the shard writing as a SLURM array job on this cluster profile (e.g. slurm/clusters/local.yaml)",
     )
-    _add_tracking_options(convert)
+    add_stage_tracking_options(convert)
     convert.set_defaults(func=_run_convert)
 
     bins = sub.add_parser(
@@ -217,7 +209,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     bins.add_argument(
         "--out", type=Path, required=True, metavar="DIR", help="output folder (one subfolder per set)"
     )
-    _add_tracking_options(bins)
+    add_stage_tracking_options(bins)
     bins.set_defaults(func=_run_bins)
 
     synth = sub.add_parser(
@@ -270,7 +262,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="processes that render the images; the output does not depend on it "
         "(default: the CPU count, at most 8)",
     )
-    _add_tracking_options(synth)
+    add_stage_tracking_options(synth)
     synth.set_defaults(func=_run_synth)
 
     inspect = sub.add_parser(
@@ -287,21 +279,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     inspect.add_argument("--json", action="store_true", help="print the report as JSON")
     inspect.set_defaults(func=_run_inspect)
-
-
-def _add_tracking_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--tracking-uri",
-        default="",
-        metavar="URI",
-        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)",
-    )
-    parser.add_argument("--no-track", action="store_true", help="do not log this stage to MLflow")
-
-
-def _tracking_uri(args: argparse.Namespace) -> str | None:
-    """The MLflow store the stage logs to; None with --no-track."""
-    return None if args.no_track else args.tracking_uri
 
 
 def _print_run(stage: str, run_id: str | None) -> None:
@@ -322,7 +299,7 @@ def _run_convert(args: argparse.Namespace) -> int:
             workers=args.workers,
             seed=args.seed,
             cluster=args.submit,
-            tracking_uri=_tracking_uri(args),
+            tracking_uri=stage_tracking_uri(args),
             skip_bad=args.skip_bad,
             image_check="decode" if args.verify_decode else "structure",
             wait_lock=args.wait_lock,
@@ -353,7 +330,7 @@ def _run_bins(args: argparse.Namespace) -> int:
     from data_prep.convert import plural
     from jobs.stages.data import run_bins
 
-    infos, run_id = run_bins(args.files, args.out, tracking_uri=_tracking_uri(args))
+    infos, run_id = run_bins(args.files, args.out, tracking_uri=stage_tracking_uri(args))
     for info in infos:
         print(
             f"{info.root.name}: {plural(info.num_images, 'image')}, {plural(info.num_images // 2, 'pair')} "
@@ -391,7 +368,7 @@ def _run_synth(args: argparse.Namespace) -> int:
             seed=args.seed,
         )
         result, run_id = run_synth_identity_set(
-            args.out, spec, tracking_uri=_tracking_uri(args), workers=args.workers
+            args.out, spec, tracking_uri=stage_tracking_uri(args), workers=args.workers
         )
         print(
             f"synthesized an identity-labelled set of {result.num_images} images of "
@@ -416,7 +393,7 @@ def _run_synth(args: argparse.Namespace) -> int:
         verification_pairs=args.verification_pairs,
         seed=args.seed,
     )
-    result, run_id = run_synth(args.out, spec, tracking_uri=_tracking_uri(args), workers=args.workers)
+    result, run_id = run_synth(args.out, spec, tracking_uri=stage_tracking_uri(args), workers=args.workers)
     sets = ", ".join(p.name for p in result.verification_bins.values())
     print(
         f"synthesized {result.num_images} images of {result.num_identities} identities + {sets}: {result.out}"

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from jobs.commands.common import print_usage, say
+
 GROUP_HELP = """\
 A study trains every arm of a spec (a base config with --set overrides) with every seed on the same
 training data, measures each final model by the primary protocol (one forward pass; EDC pAUC and the
@@ -99,16 +101,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     report.add_argument("--docs-img", type=Path, default=None, help="also copy the plots here")
     report.add_argument("--no-track", action="store_true", help="do not log the MLflow parent run")
     report.set_defaults(func=report_study)
-    group.set_defaults(func=lambda args: _usage(group))
-
-
-def _usage(parser: argparse.ArgumentParser) -> int:
-    parser.print_help()
-    return 2
-
-
-def say(text: str) -> None:
-    print(text, flush=True)
+    group.set_defaults(func=lambda args: print_usage(group))
 
 
 def run_study(args: argparse.Namespace) -> int:

@@ -169,4 +169,3 @@ def read_calibration(path: Path) -> CalibrationMap:
     if not isinstance(document, dict) or "map" not in document:
         raise DataError('no "map": not a calibration.json written by `igfiqa calibrate`', path=path)
     return CalibrationMap.from_json_dict(document["map"], where=path, sha256=hashlib.sha256(raw).hexdigest())
-

@@ -28,7 +28,8 @@ def plot_reliability(fit: CalibrationFit, path: Path, *, title: str = "") -> Non
     ax, curve = fig.subplots(1, 2)
     values = np.concatenate([predicted, observed, [1e-3]])
     top = float(np.nanmax(values)) * 1.5
-    linthresh = max(float(np.nanmin(values[values > 0])) / 2, 1e-4) if np.any(values > 0) else 1e-4
+    smallest = float(np.nanmin(values[values > 0])) if np.any(values > 0) else 1e-3
+    linthresh = min(max(smallest / 2, 1e-5), 1e-3)  # decades down to the smallest FNMR, linear below
     ax.plot([0, top], [0, top], color="0.6", linestyle="--", label="calibrated (diagonal)")
     ax.errorbar(
         predicted,

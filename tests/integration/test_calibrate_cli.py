@@ -160,6 +160,11 @@ def test_refusals_name_the_option_or_the_file(workspace, tmp_path, capsys):
             "--calibration",
         ),
     ]
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"not an onnx model")
+    cases.append(
+        (["calibrate", str(checkpoint), "--fr-model", str(garbage), "--data", str(dataset)], str(garbage))
+    )
     for args, message in cases:
         assert main(args) == 2, args
         assert message in capsys.readouterr().err

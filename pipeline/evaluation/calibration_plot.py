@@ -26,9 +26,10 @@ def plot_reliability(fit: CalibrationFit, path: Path, *, title: str = "") -> Non
     obs_err = np.abs(np.array([[r["observed_lower"], r["observed_upper"]] for r in rows]).T - observed)
     fig = Figure(figsize=(11, 4.8))
     ax, curve = fig.subplots(1, 2)
-    values = np.concatenate([predicted, observed, [1e-3]])
-    top = float(np.nanmax(values)) * 1.5
-    smallest = float(np.nanmin(values[values > 0])) if np.any(values > 0) else 1e-3
+    values = np.concatenate([predicted, observed])
+    values = values[np.isfinite(values)]
+    top = max(float(values.max(initial=0.0)) * 1.5, 1e-3)
+    smallest = float(values[values > 0].min()) if np.any(values > 0) else 1e-3
     linthresh = min(max(smallest / 2, 1e-5), 1e-3)  # decades down to the smallest FNMR, linear below
     ax.plot([0, top], [0, top], color="0.6", linestyle="--", label="calibrated (diagonal)")
     ax.errorbar(
@@ -45,8 +46,9 @@ def plot_reliability(fit: CalibrationFit, path: Path, *, title: str = "") -> Non
         ax.annotate(str(r["bin"]), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     for axis in (ax.set_xscale, ax.set_yscale):
         axis("symlog", linthresh=linthresh)
-    ax.set_xlim(0, top)
-    ax.set_ylim(0, top)
+    bottom = 0.0 if np.any(values <= 0) else smallest / 2  # zoom to the bins unless one observes 0
+    ax.set_xlim(bottom, top)
+    ax.set_ylim(bottom, top)
     ax.set_xlabel("predicted FNMR (the map, mean over the bin)")
     ax.set_ylabel("observed FNMR (held-out identities)")
     ax.set_title(f"reliability, ECE {fit.ece:.4f}")
@@ -57,6 +59,8 @@ def plot_reliability(fit: CalibrationFit, path: Path, *, title: str = "") -> Non
     )
     curve.plot(fit.knots_quality, fit.knots_fnmr, color="tab:orange", label="map (isotonic)")
     curve.set_yscale("symlog", linthresh=linthresh)
+    lowest = np.asarray(fit.bands["lower"], dtype=float)
+    curve.set_ylim(0.0 if np.any(lowest <= 0) else float(lowest.min()) / 2, 1.2)
     curve.set_xlabel("raw quality")
     curve.set_ylabel("expected FNMR")
     curve.set_title("the map")

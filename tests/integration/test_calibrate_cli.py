@@ -13,6 +13,9 @@ import pytest
 
 from jobs.cli import main
 
+# end to end, ~35 s on 2 cores: one module fixture exports a matcher, converts a set and calibrates once
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):

@@ -4,7 +4,8 @@
     info = write_curation(plan, OUT)                                   # shards, manifests, dataset.json last
     info = curate(SOURCE, QUALITY, OUT, rule)                           # both
 
-Rules (`Rule.parse`: lowest:F, lowest-per-identity:F, below:T, then every identity keeps at
+Rules (`Rule.parse`: lowest:F, lowest-per-identity:F, below:T, and on a calibrated quality file
+expected-fnmr-above:P, score-below:S; then every identity keeps at
 least `min_per_identity` images or goes) are data_prep.curation_rule's; ties go in manifest
 order, and kept identities are renumbered 0..C'−1 in the order of their old labels
 (`class_map.parquet` maps them back).
@@ -235,6 +236,7 @@ class CurationPlan:
             "global_step": q.global_step,
             "rule": self.rule.to_json_dict(),
             "rule_text": self.rule.describe(),
+            **({"calibration": q.calibration} if q.calibrated else {}),
             **{k: v for k, v in self.selection.counts().items() if k not in ("images", "classes")},
         }
 
@@ -273,8 +275,23 @@ def plan_curation(
     scores, quality_source = aligned_quality(
         Path(quality), manifest, dataset_fingerprint=fingerprint, dataset_dir=info.root
     )
+    values = scores
+    if rule.column != "quality":
+        if not quality_source.calibrated:
+            raise DataError(
+                f"--rule {rule.text()} reads {rule.column}, which only a calibrated quality file holds: score "
+                "the dataset with `igfiqa curate score --calibration calibration.json` (`igfiqa calibrate`)",
+                path=Path(quality),
+            )
+        values, _ = aligned_quality(
+            Path(quality),
+            manifest,
+            dataset_fingerprint=fingerprint,
+            dataset_dir=info.root,
+            column=rule.column,
+        )
     labels = manifest["label"].to_numpy(dtype=np.int64)
-    selection = select(scores, labels, rule, num_classes=info.num_classes)
+    selection = select(values, labels, rule, num_classes=info.num_classes)
     return CurationPlan(
         source=info,
         source_fingerprint=fingerprint,

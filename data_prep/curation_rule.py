@@ -8,6 +8,12 @@ Rules, on the scores of `quality.parquet` (data_prep.quality_file):
     below:T                drop every image whose quality is below T
     (F may be written as a percentage: lowest:20%)
 
+and on the calibrated columns of a quality file scored with a calibration
+(data_prep.calibration_map; `Rule.column` names the column a rule reads):
+
+    expected-fnmr-above:P  drop every image whose expected FNMR is above P (0.05 or 5%)
+    score-below:S          drop every image whose 0–100 quality_score is below S
+
 Ties are broken by manifest row (the earlier row goes first), so a rule always removes the
 same images. Then every identity must keep at least `min_per_identity` (k) images: one left
 with fewer is removed whole (`below_min="drop"`), or gets back its best removed images up to
@@ -26,7 +32,8 @@ import numpy as np
 
 from data_prep.errors import DataError
 
-RULE_KINDS = ("lowest", "lowest-per-identity", "below")
+RULE_KINDS = ("lowest", "lowest-per-identity", "below", "expected-fnmr-above", "score-below")
+RULE_COLUMNS = {"expected-fnmr-above": "expected_fnmr", "score-below": "quality_score"}  # others: quality
 BELOW_MIN_ACTIONS = ("drop", "restore")
 _COUNT_SLACK = 1e-9  # ⌊F·N⌋ computed as floor(F·N + slack): 0.29·100 is 28.999… in binary
 KEPT, REMOVED_BY_RULE, REMOVED_WITH_IDENTITY = 0, 1, 2
@@ -46,14 +53,32 @@ class Rule:
             raise DataError(f"rule {self.kind!r} is not one of {', '.join(RULE_KINDS)}")
         if not math.isfinite(self.value):
             raise DataError(f"rule {self.kind}: the value must be a finite number, got {self.value}")
-        if self.kind != "below" and not 0.0 <= self.value <= 1.0:
-            raise DataError(
-                f"rule {self.kind}: the fraction must be in [0, 1] (or 0%-100%), got {self.value}"
-            )
+        if (
+            self.kind in ("lowest", "lowest-per-identity", "expected-fnmr-above")
+            and not 0.0 <= self.value <= 1.0
+        ):
+            what = "an FNMR" if self.kind == "expected-fnmr-above" else "the fraction"
+            raise DataError(f"rule {self.kind}: {what} must be in [0, 1] (or 0%-100%), got {self.value}")
+        if self.kind == "score-below" and not 0.0 <= self.value <= 100.0:
+            raise DataError(f"rule {self.kind}: the score must be in [0, 100], got {self.value}")
         if self.min_per_identity < 1:
             raise DataError(f"min_per_identity must be >= 1, got {self.min_per_identity}")
         if self.below_min not in BELOW_MIN_ACTIONS:
             raise DataError(f"below_min must be one of {BELOW_MIN_ACTIONS}, got {self.below_min!r}")
+
+    @property
+    def column(self) -> str:
+        """The quality file's column the rule reads: quality, expected_fnmr or quality_score."""
+        return RULE_COLUMNS.get(self.kind, "quality")
+
+    @property
+    def lower_is_better(self) -> bool:
+        """Whether a lower value of `column` is a better image (expected FNMR)."""
+        return self.kind == "expected-fnmr-above"
+
+    def text(self) -> str:
+        """The rule as written on the command line, e.g. `score-below:40`."""
+        return f"{self.kind}:{self.value:g}"
 
     @classmethod
     def parse(cls, text: str, *, min_per_identity: int = 1, below_min: str = "drop") -> Rule:
@@ -62,7 +87,7 @@ class Rule:
         if match is None:
             raise DataError(
                 f"rule {text!r}: write KIND:VALUE, e.g. lowest:0.2, lowest:20%, lowest-per-identity:0.1, "
-                "below:0.35"
+                "below:0.35, expected-fnmr-above:0.05, score-below:40"
             )
         kind, number, percent = match.groups()
         try:
@@ -70,7 +95,7 @@ class Rule:
         except ValueError:
             raise DataError(f"rule {text!r}: {number!r} is not a number") from None
         if percent:
-            if kind == "below":
+            if kind in ("below", "score-below"):
                 raise DataError(f"rule {text!r}: a threshold is a quality value, not a percentage")
             value /= 100.0
         return cls(kind, value, min_per_identity=min_per_identity, below_min=below_min)
@@ -82,6 +107,10 @@ class Rule:
             what = f"drop the lowest {self.value * 100:.4g}% of all images"
         elif self.kind == "lowest-per-identity":
             what = f"drop the lowest {self.value * 100:.4g}% of every identity's images"
+        elif self.kind == "expected-fnmr-above":
+            what = f"drop images with an expected FNMR above {self.value:.6g}"
+        elif self.kind == "score-below":
+            what = f"drop images with a quality_score below {self.value:.6g}"
         else:
             what = f"drop images with quality below {self.value:.6g}"
         if self.min_per_identity == 1:
@@ -144,8 +173,10 @@ def _rank_within(labels: np.ndarray, order: np.ndarray, sizes: np.ndarray) -> np
 
 
 def select(quality: np.ndarray, labels: np.ndarray, rule: Rule, *, num_classes: int) -> Selection:
-    """Apply `rule` to per-row `quality` and `labels`; DataError when nothing would be kept."""
-    quality = np.asarray(quality, dtype=np.float64)
+    """Apply `rule` to per-row values of its column (`rule.column`: quality, expected_fnmr or
+    quality_score) and `labels`; DataError when nothing would be kept."""
+    values = np.asarray(quality, dtype=np.float64)
+    quality = -values if rule.lower_is_better else values  # higher = better from here on
     labels = np.asarray(labels, dtype=np.int64)
     n = len(quality)
     rows = np.arange(n)
@@ -156,8 +187,10 @@ def select(quality: np.ndarray, labels: np.ndarray, rule: Rule, *, num_classes: 
     elif rule.kind == "lowest-per-identity":
         rank = _rank_within(labels, np.lexsort((rows, quality, labels)), sizes)
         dropped = rank < _fraction_count(rule.value, sizes)[labels]
-    else:
-        dropped = quality < rule.value
+    elif rule.kind == "expected-fnmr-above":
+        dropped = values > rule.value
+    else:  # below, score-below
+        dropped = values < rule.value
     keep = ~dropped
     reason = np.where(dropped, REMOVED_BY_RULE, KEPT).astype(np.int8)
     restored = np.zeros(n, dtype=bool)
@@ -177,7 +210,7 @@ def select(quality: np.ndarray, labels: np.ndarray, rule: Rule, *, num_classes: 
     if not keep.any():
         raise DataError(
             f"the rule ({rule.describe()}) keeps none of the {n} images "
-            f"(quality from {quality.min(initial=np.inf):.4g} to {quality.max(initial=-np.inf):.4g}): "
+            f"({rule.column} from {values.min(initial=np.inf):.4g} to {values.max(initial=-np.inf):.4g}): "
             "nothing was written; choose a milder rule"
         )
     kept_sizes = np.bincount(labels[keep], minlength=num_classes)

@@ -8,10 +8,17 @@ Written by `igfiqa curate score` (pipeline.curation.scoring), read by `igfiqa cu
     label    the class (a verification set: the image index, as its manifest's label)
     quality  float32, higher = better
 
+and, when the scoring was given a calibration of the model (`igfiqa curate score --calibration`,
+data_prep.calibration_map):
+
+    expected_fnmr  float32, the map of quality: expected FNMR of the image at the calibration's FMR
+    quality_score  int16, 0–100, higher = better
+
 The parquet schema metadata `igfiqa.quality` holds a JSON object (`QualitySource`): the
 fingerprint of the dataset that was scored (data_prep.dataset.dataset_fingerprint), the
 model's fingerprint (SHA-256 of its weights), the checkpoint path, its training run id and
-step. A quality file is only ever applied to the dataset whose fingerprint it carries.
+step, and for a calibrated file the calibration's SHA-256, FMR, threshold and matcher
+(`calibration`). A quality file is only ever applied to the dataset whose fingerprint it carries.
 
 `aligned_quality` reads a file against a dataset's manifest and refuses, naming the file
 and the row, anything that would make a curation silently wrong: another dataset's
@@ -40,6 +47,7 @@ METADATA_KEY = b"igfiqa.quality"
 QUALITY_SCHEMA = pa.schema(
     [("key", pa.string()), ("record", pa.int64()), ("label", pa.int64()), ("quality", pa.float32())]
 )
+CALIBRATED_SCHEMA = pa.schema([("expected_fnmr", pa.float32()), ("quality_score", pa.int16())])
 LISTED_ROWS = 5  # rows an error message names (its count covers all)
 
 
@@ -55,27 +63,42 @@ class QualitySource:
     train_run_id: str = ""
     global_step: int = 0
     version: int = QUALITY_VERSION
+    calibration: dict | None = None  # calibration_sha256, fmr, threshold, matcher, matcher_sha256
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the file carries expected_fnmr and quality_score."""
+        return bool(self.calibration)
 
 
 def write_quality_file(path: Path, table: pd.DataFrame | pa.Table, source: QualitySource) -> None:
-    """Write `table` (key, record, label, quality) with `source` as metadata, atomically.
+    """Write `table` (key, record, label, quality; with `source.calibration` also expected_fnmr and
+    quality_score) with `source` as metadata, atomically.
 
     The same rows and source give the same bytes (no timestamps), so a resumed scoring
     ends byte-identical to an uninterrupted one.
     """
     if isinstance(table, pd.DataFrame):
         table = pa.Table.from_pandas(table, preserve_index=False)
-    missing = [name for name in QUALITY_SCHEMA.names if name not in table.column_names]
+    schema = _schema(source.calibrated)
+    missing = [name for name in schema.names if name not in table.column_names]
     if missing:
-        raise ValueError(f"a quality table needs the columns {QUALITY_SCHEMA.names}; missing {missing}")
-    table = table.select(QUALITY_SCHEMA.names).cast(QUALITY_SCHEMA)
-    metadata = {METADATA_KEY: json.dumps(asdict(source), sort_keys=True).encode()}
+        raise ValueError(f"a quality table needs the columns {schema.names}; missing {missing}")
+    table = table.select(schema.names).cast(schema)
+    fields = {k: v for k, v in asdict(source).items() if not (k == "calibration" and v is None)}
+    metadata = {METADATA_KEY: json.dumps(fields, sort_keys=True).encode()}
     table = table.replace_schema_metadata(metadata)
     atomic_write(
         Path(path),
         lambda tmp: pq.write_table(table, tmp, compression="zstd", use_dictionary=False),
         durable=True,
     )
+
+
+def _schema(calibrated: bool) -> pa.Schema:
+    if not calibrated:
+        return QUALITY_SCHEMA
+    return pa.schema(list(QUALITY_SCHEMA) + list(CALIBRATED_SCHEMA))
 
 
 def read_quality_source(path: Path) -> QualitySource:
@@ -106,24 +129,28 @@ def read_quality_source(path: Path) -> QualitySource:
     return source
 
 
-def _read_quality_arrow(path: Path) -> pa.Table:
-    """The rows of a quality file as an Arrow table (key, record, label, quality), as stored."""
+def _read_quality_arrow(path: Path, *, calibrated: bool = False) -> pa.Table:
+    """The rows of a quality file as an Arrow table (key, record, label, quality; `calibrated`: also
+    expected_fnmr, quality_score), as stored."""
+    schema = _schema(calibrated)
     try:
         table = pq.read_table(path)
     except (OSError, pa.ArrowInvalid) as exc:
         raise DataError(f"cannot read parquet: {exc}", path=path) from None
-    missing = [name for name in QUALITY_SCHEMA.names if name not in table.column_names]
+    missing = [name for name in schema.names if name not in table.column_names]
     if missing:
-        raise DataError(f"missing columns {missing} (a quality file has {QUALITY_SCHEMA.names})", path=path)
+        raise DataError(f"missing columns {missing} (a quality file has {schema.names})", path=path)
     try:
-        return table.select(QUALITY_SCHEMA.names).cast(QUALITY_SCHEMA)
+        return table.select(schema.names).cast(schema)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
         raise DataError(f"columns of the wrong type: {exc}", path=path) from None
 
 
 def read_quality_table(path: Path) -> pd.DataFrame:
-    """The rows of a quality file (key, record, label, quality), as stored."""
-    return _read_quality_arrow(Path(path)).to_pandas()
+    """The rows of a quality file (key, record, label, quality; expected_fnmr and quality_score when
+    it is calibrated), as stored."""
+    path = Path(path)
+    return _read_quality_arrow(path, calibrated=read_quality_source(path).calibrated).to_pandas()
 
 
 def _rows_text(rows: np.ndarray, keys: pa.Array) -> str:
@@ -139,9 +166,16 @@ def _positions(values: pa.Array, value_set: pa.Array) -> np.ndarray:
 
 
 def aligned_quality(
-    path: Path, manifest: pd.DataFrame, *, dataset_fingerprint: str, dataset_dir: Path | None = None
+    path: Path,
+    manifest: pd.DataFrame,
+    *,
+    dataset_fingerprint: str,
+    dataset_dir: Path | None = None,
+    column: str = "quality",
 ) -> tuple[np.ndarray, QualitySource]:
-    """(quality per manifest row as float64, the file's source) after checking the file fits the dataset.
+    """(`column` per manifest row as float64, the file's source) after checking the file fits the dataset.
+
+    `column`: quality, or in a calibrated file expected_fnmr or quality_score.
 
     `manifest` is the dataset's manifest (data_prep.manifest.read_manifest); rows of the file
     may come in any order, every manifest key must appear exactly once. DataError naming the
@@ -157,7 +191,13 @@ def aligned_quality(
             f"{where} has {dataset_fingerprint} (score this dataset with `igfiqa curate score`)",
             path=path,
         )
-    table = _read_quality_arrow(path)
+    table = _read_quality_arrow(path, calibrated=source.calibrated)
+    if column not in table.column_names:
+        raise DataError(
+            f"has no {column} column: not a calibrated quality file (score the dataset with "
+            "`igfiqa curate score --calibration calibration.json`)",
+            path=path,
+        )
     keys = table.column("key").combine_chunks()
     duplicated = np.flatnonzero(_positions(keys, keys) != np.arange(len(keys)))
     if duplicated.size:
@@ -183,22 +223,22 @@ def aligned_quality(
         )
     expected_record = manifest["record"] if "record" in manifest else manifest["index"]
     expected_label = manifest["label"] if "label" in manifest else manifest["index"]
-    for column, expected in (("record", expected_record), ("label", expected_label)):
-        stored = table.column(column).to_numpy()[position]
+    for name, expected in (("record", expected_record), ("label", expected_label)):
+        stored = table.column(name).to_numpy()[position]
         wrong = np.flatnonzero(stored != expected.to_numpy())
         if wrong.size:
             rows = position[wrong]
             raise DataError(
-                f"{column} disagrees with the dataset's manifest in {wrong.size} rows: "
-                f"{_rows_text(rows, keys)} (first: {column} {stored[wrong[0]]}, the manifest says "
+                f"{name} disagrees with the dataset's manifest in {wrong.size} rows: "
+                f"{_rows_text(rows, keys)} (first: {name} {stored[wrong[0]]}, the manifest says "
                 f"{expected.iloc[int(wrong[0])]})",
                 path=path,
             )
-    quality = table.column("quality").to_numpy().astype(np.float64)
+    quality = table.column(column).to_numpy().astype(np.float64)
     bad = np.flatnonzero(~np.isfinite(quality))
     if bad.size:
         raise DataError(
-            f"{bad.size} scores are NaN or infinite: {_rows_text(bad, keys)} (first: {quality[bad[0]]}); "
+            f"{bad.size} {'scores' if column == 'quality' else column + ' values'} are NaN or infinite: {_rows_text(bad, keys)} (first: {quality[bad[0]]}); "
             "score the dataset again, or check the model",
             path=path,
         )

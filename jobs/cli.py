@@ -15,7 +15,18 @@ import sys
 from jobs.errors import UserError
 
 # (module under jobs.commands, in the order --help lists them)
-COMMAND_MODULES = ("prep", "data", "train", "evaluate", "curate", "matchers", "study", "demo", "jobs_admin")
+COMMAND_MODULES = (
+    "prep",
+    "data",
+    "train",
+    "evaluate",
+    "calibrate",
+    "curate",
+    "matchers",
+    "study",
+    "demo",
+    "jobs_admin",
+)
 
 DESCRIPTION = """\
 IG-FIQA: train and evaluate face image quality assessment models.

@@ -31,6 +31,7 @@ from jobs.cluster import ClusterProfile, load_profile
 from jobs.errors import UserError
 
 if TYPE_CHECKING:
+    from data_prep.calibration_map import CalibrationMap
     from data_prep.curate import CurationPlan
     from data_prep.dataset import DatasetInfo
     from pipeline.curation.scoring import ScoredDataset
@@ -67,15 +68,18 @@ def start_scoring(
     batch_size: int = 256,
     num_threads: int = 2,
     folder: str | Path | None = None,
+    calibration: CalibrationMap | None = None,
 ) -> ArrayJob[ScoredDataset]:
     """Plan here and submit the shards still to score, `shards_per_task` to a task, as one SLURM
-    array; `.wait()` writes the quality file, or raises ScoreTaskError naming each failed task.
+    array; `.wait()` writes the quality file (with `calibration`: calibrated, checked against the
+    model before anything is submitted), or raises ScoreTaskError naming each failed task.
 
     The array's `details` name each task's shards ("shards 4-5"). The submitit logs go to
     `folder` (default: OUT/.score/slurm/<time>-<pid>, new every time).
     """
     from data_prep.dataset import load_dataset_info
     from pipeline.curation.scoring import (
+        check_calibration,
         finalize_scoring,
         load_scoring_plan,
         prepare_scoring,
@@ -88,6 +92,7 @@ def start_scoring(
     out = Path(out).resolve()
     prepare_scoring(Path(checkpoint), Path(dataset), out, batch_size=batch_size)
     plan = load_scoring_plan(out)
+    check_calibration(plan, calibration)
     done = set(shards_done(out, plan))
     todo = [s for s in range(plan.num_shards) if s not in done]
     if len(todo) < plan.num_shards:
@@ -100,7 +105,7 @@ def start_scoring(
 
     def finalize(_: list[Any]) -> ScoredDataset:
         shards = load_dataset_info(Path(plan.dataset)).shards
-        return finalize_scoring(out, scored_now=sum(shards[s].count for s in todo))
+        return finalize_scoring(out, scored_now=sum(shards[s].count for s in todo), calibration=calibration)
 
     return submit_array(
         [

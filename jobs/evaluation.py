@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from pipeline.config import TrainConfig
+    from pipeline.evaluation.calibration_run import CalibrationOutcome
     from pipeline.evaluation.evaluate import EvalOutcome
     from pipeline.evaluation.export import ParityReport
     from pipeline.evaluation.options import EvalOptions
@@ -220,13 +221,63 @@ def log_evaluation(evaluated: CheckpointEvaluation, *, tracking_uri: str = "") -
     return tracker.run_id
 
 
+def calibrate_checkpoint(
+    checkpoint: Path,
+    data: Sequence[Path],
+    out: Path,
+    options: EvalOptions,
+    *,
+    fmr: float,
+    holdout: float,
+    bootstrap: int,
+    seed: int,
+) -> CalibrationOutcome:
+    """`igfiqa calibrate`: the checkpoint's raw quality mapped to expected FNMR by the one matcher of
+    `options` on the identity-labelled sets under `data` (pipeline.evaluation.calibration_run)."""
+    from pipeline.evaluation.calibration_run import calibrate_model
+
+    model, _config = load_model(checkpoint, options.device)
+    with evaluation_input_errors():
+        train_run_id, step = checkpoint_lineage(checkpoint)
+        return calibrate_model(
+            model,
+            data,
+            out,
+            options,
+            fmr=fmr,
+            holdout=holdout,
+            bootstrap=bootstrap,
+            seed=seed,
+            provenance={"checkpoint": str(checkpoint), "train_run_id": train_run_id, "global_step": step},
+        )
+
+
+def load_calibration_for(model: Any, calibration: Path) -> Any:
+    """The map of `calibration` (calibration.json) after checking it was fitted for `model`'s weights;
+    UserError naming the file otherwise."""
+    from data_prep.calibration_map import read_calibration
+    from pipeline.method.model import model_fingerprint
+
+    calibrated = read_calibration(calibration)
+    fingerprint = model_fingerprint(model)
+    if calibrated.model_fingerprint != fingerprint:
+        raise UserError(
+            f"{calibration}: calibrates the model {calibrated.model_fingerprint}, not this checkpoint's "
+            f"({fingerprint}): a map is only valid for the weights it was fitted on (run `igfiqa calibrate`)"
+        )
+    return calibrated
+
+
 @dataclass(frozen=True)
 class ScoredImages:
     """`igfiqa score`'s result: the table written, and how many images were resized or unreadable."""
 
-    table: pd.DataFrame  # image, <column>, height, width, resized, error
+    table: pd.DataFrame  # image, <column>, height, width, resized, error (+ expected_fnmr, quality_score)
     failed: pd.DataFrame  # the unreadable files' rows
     embeddings_written: bool
+
+
+SCORE_FORMATS = ("table", "ofiq-csv")
 
 
 def score_images(
@@ -238,25 +289,55 @@ def score_images(
     column: str = "quality",
     embeddings: Path | None = None,
     workers: int = 2,
+    calibration: Path | None = None,
+    output_format: str = "table",
 ) -> ScoredImages:
-    """Score every image under `paths` and write the table to `out` (.parquet, or .csv); embeddings too."""
+    """Score every image under `paths` and write the table to `out` (.parquet, or .csv); embeddings too.
+
+    `calibration` (a calibration.json of this model) adds `expected_fnmr` and the 0–100
+    `quality_score`; `output_format="ofiq-csv"` writes OFIQ's layout (data_prep.ofiq_csv):
+    Filename;<column>;<column>.scalar, the scalar being the quality_score."""
+    from data_prep.ofiq_csv import write_ofiq_csv
     from pipeline.data.image_io import find_image_files
     from pipeline.evaluation.embeddings import save_embeddings_npz
     from pipeline.evaluation.scoring import score_files
 
+    if output_format not in SCORE_FORMATS:
+        raise UserError(f"--format {output_format!r}: use one of {', '.join(SCORE_FORMATS)}")
+    if output_format == "ofiq-csv":
+        if calibration is None:
+            raise UserError(
+                "--format ofiq-csv needs --calibration calibration.json: its .scalar column is the calibrated "
+                "0-100 quality_score (`igfiqa calibrate` writes one)"
+            )
+        if out.suffix.lower() != ".csv":
+            raise UserError(f"{out}: --format ofiq-csv writes a .csv file")
     files = find_image_files(list(paths))
     if not files:
         raise UserError(f"no .jpg/.jpeg/.png images under {', '.join(map(str, paths))}")
     if out.suffix.lower() not in SCORE_TABLE_SUFFIXES:
         raise UserError(f"{out}: the output must end in .parquet or .csv")
     model, _config = load_model(checkpoint, options.device)
+    calibrated = load_calibration_for(model, calibration) if calibration is not None else None
     scored = score_files(model, files, options, workers=workers)
-    table = scored.table.rename(columns={"quality": column})
+    table = scored.table
+    if calibrated is not None:
+        quality = table["quality"].to_numpy(dtype=float)
+        table["expected_fnmr"] = calibrated.expected(quality)
+        table["quality_score"] = calibrated.score(quality)
+        table["quality_score"] = table["quality_score"].astype("Int16").mask(table["quality_score"] < 0)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix.lower() == ".csv":
-        table.to_csv(out, index=False)
-    else:
-        table.to_parquet(out, index=False)
+    if output_format == "ofiq-csv":
+        scalar = table["quality_score"].fillna(-1).to_numpy(dtype=int)
+        write_ofiq_csv(
+            out, table["image"].tolist(), {column: (table["quality"].to_numpy(dtype=float), scalar)}
+        )
+    table = table.rename(columns={"quality": column})
+    if output_format == "table":
+        if out.suffix.lower() == ".csv":
+            table.to_csv(out, index=False)
+        else:
+            table.to_parquet(out, index=False)
     embeddings_written = embeddings is not None and len(scored.embeddings) > 0
     if embeddings is not None and embeddings_written:
         readable = table["error"].isna().to_numpy()
@@ -265,16 +346,38 @@ def score_images(
 
 
 def export_checked_onnx(
-    checkpoint: Path, onnx: Path, *, with_embedding: bool, opset: int, exporter: str, tolerance: float
+    checkpoint: Path,
+    onnx: Path,
+    *,
+    with_embedding: bool,
+    opset: int,
+    exporter: str,
+    tolerance: float,
+    calibration: Path | None = None,
 ) -> ParityReport:
     """Export the checkpoint's model to ONNX, compare it with torch, and publish the file only when
-    it agrees within `tolerance` (a model with NaN weights or a failed check writes nothing)."""
+    it agrees within `tolerance` (a model with NaN weights or a failed check writes nothing).
+    `calibration` (a calibration.json of this model): its map goes into the model's metadata_props
+    under "igfiqa.calibration" (data_prep.calibration_map.CalibrationMap.to_json_dict, as JSON)."""
+    import json
+
+    from data_prep.calibration_map import ONNX_METADATA_KEY
     from pipeline.evaluation.export import ExportError, export_checked
 
     model, _config = load_model(checkpoint, "cpu")
+    metadata = {}
+    if calibration is not None:
+        calibrated = load_calibration_for(model, calibration)
+        metadata[ONNX_METADATA_KEY] = json.dumps(calibrated.to_json_dict(), sort_keys=True)
     try:
         return export_checked(
-            model, onnx, with_embedding=with_embedding, tolerance=tolerance, opset=opset, exporter=exporter
+            model,
+            onnx,
+            with_embedding=with_embedding,
+            tolerance=tolerance,
+            opset=opset,
+            exporter=exporter,
+            metadata=metadata,
         )
     except ExportError as exc:
         raise UserError(str(exc)) from exc

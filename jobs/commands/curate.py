@@ -35,6 +35,11 @@ training run. Resumable per shard: OUT/.score/ holds each finished shard's score
 killed run redone scores only what is missing and ends identical. OUT holding the scores of
 another dataset, model or batch size is refused.
 
+With --calibration calibration.json (`igfiqa calibrate` of this checkpoint; a map of other
+weights is refused before scoring) the file also gets expected_fnmr (float32) and the 0-100
+quality_score (int16), what the rules expected-fnmr-above and score-below of `curate filter`
+read, and the calibration's SHA-256, FMR and matcher in its metadata.
+
 With --submit PROFILE every range of --shards-per-task shards is one task of a SLURM array
 (one GPU per task when the profile has GPUs); the quality file is written here at the end.
 
@@ -50,6 +55,11 @@ a file of another dataset, with missing rows or NaN scores is refused):
   lowest:F               drop the lowest fraction F of all images (lowest:0.2 or lowest:20%)
   lowest-per-identity:F  drop the lowest fraction F of every identity's images
   below:T                drop every image with quality below T
+and on a quality file scored with --calibration (a meaning instead of a model's raw scale):
+  expected-fnmr-above:P  drop every image whose expected FNMR is above P (0.05 or 5%)
+  score-below:S          drop every image whose 0-100 quality_score is below S
+                         (score-below:40 = expected FNMR above 10^(-40/25), about 2.5%)
+A calibrated rule on a file scored without --calibration is refused, naming the rule.
 Ties go in manifest order. Then every identity must keep --min-per-identity K images:
 one left with fewer is removed (--below-min drop, the default) or gets back its best
 images up to K (--below-min restore). Kept identities are renumbered 0..C'-1.
@@ -100,6 +110,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--threads", type=int, default=2, metavar="N", help="DALI decoding threads (default: 2)"
     )
     score.add_argument(
+        "--calibration",
+        type=Path,
+        default=None,
+        metavar="calibration.json",
+        help="add expected_fnmr and quality_score (a calibration of this checkpoint, `igfiqa calibrate`)",
+    )
+    score.add_argument(
         "--submit",
         metavar="PROFILE",
         help="run as a SLURM array on this cluster profile (e.g. slurm/clusters/local.yaml)",
@@ -123,7 +140,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     filt.add_argument("dataset", type=Path, metavar="DATASET", help="converted training dataset folder")
     filt.add_argument("--quality", type=Path, required=True, help="quality.parquet of `curate score`")
     filt.add_argument("--out", type=Path, required=True, metavar="NEW", help="new dataset folder")
-    filt.add_argument("--rule", required=True, help="lowest:F | lowest-per-identity:F | below:T (see above)")
+    filt.add_argument(
+        "--rule",
+        required=True,
+        help="lowest:F | lowest-per-identity:F | below:T | expected-fnmr-above:P | score-below:S (see above)",
+    )
     filt.add_argument(
         "--min-per-identity",
         type=int,
@@ -187,6 +208,7 @@ def _run_score(args: argparse.Namespace) -> int:
             num_threads=args.threads,
             tracking_uri=stage_tracking_uri(args),
             wait_lock=args.wait_lock,
+            calibration=args.calibration,
         )
     except KeyboardInterrupt:
         print(

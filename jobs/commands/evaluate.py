@@ -122,10 +122,25 @@ The quality scale: the head regresses the certainty ratio CR = CCS / (NNCCS + 1 
 training images, so scores lie mostly in [0, 1] (about 0: the face is as close to another
 identity as to its own; near 1 only in theory), higher = more likely to be recognised. Only the
 order matters: scores of two models, or of one model after more training, are not on one
-scale; set a threshold from the scores of data you know (e.g. `igfiqa curate` percentiles).
+scale; set a threshold from the scores of data you know (e.g. `igfiqa curate` percentiles), or
+calibrate the model (`igfiqa calibrate`) and give its map:
+
+--calibration calibration.json adds two columns that mean the same for every model:
+  expected_fnmr   the FNMR this image is expected to have in its mated comparisons by the
+                  calibration's matcher at its FMR (the map of raw quality, monotone)
+  quality_score   0-100 integer, higher = better (ISO/IEC 29794-1's and OFIQ's direction):
+                  round(-25 * log10(max(expected_fnmr, 1e-4))) clipped to [0, 100], i.e. 25
+                  points per factor of ten in FNMR: 100 = FNMR <= 1e-4, 75 = 1e-3, 50 = 1%,
+                  25 = 10%, 0 = 100%. A log scale because FNMR spans orders of magnitude:
+                  100 * (1 - FNMR) would put every usable image between 95 and 100.
+  The map must come from this checkpoint's weights (a map of another model is refused).
+--format ofiq-csv writes OFIQ's layout instead (needs --calibration, a .csv --out):
+  Filename;<column>;<column>.scalar;  then one row per image: path, raw quality (6 decimals),
+  quality_score; ';'-separated as OFIQ writes it; an unreadable image has both fields empty.
 
 example:
   igfiqa score runs/tiny-cpu/checkpoints/last.ckpt photos/ extra.jpg --out scores.parquet
+  (calibrated, OFIQ's CSV: see `igfiqa calibrate --help`)
 """
 
 EXPORT_DESCRIPTION = """\
@@ -136,6 +151,11 @@ The ONNX model: input `images` [batch, 3, 112, 112] float32, RGB, (pixel - 127.5
 dynamic batch; output `quality` [batch] and, with --with-embedding, `embedding` [batch, D].
 The command prints the largest absolute difference between onnxruntime and torch on
 random images (batches of 1 and 3) and fails when it exceeds --tolerance.
+
+--calibration calibration.json (of this checkpoint, `igfiqa calibrate`) stores the map in the
+model's metadata_props under "igfiqa.calibration" (JSON: knots "quality" and "expected_fnmr",
+linear between them, constant beyond, FMR, threshold, matcher, model fingerprint), so whoever
+runs the ONNX model computes expected_fnmr and quality_score as `igfiqa score` does.
 
 example:
   igfiqa export runs/tiny-cpu/checkpoints/last.ckpt --onnx quality.onnx --with-embedding
@@ -245,6 +265,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--flip", action="store_true", help="add the mirror image's embedding, average the two qualities"
     )
     score.add_argument("--workers", type=int, default=2, help="image decoding threads (default: 2)")
+    score.add_argument(
+        "--calibration",
+        type=Path,
+        default=None,
+        metavar="calibration.json",
+        help="add expected_fnmr and the 0-100 quality_score (see above)",
+    )
+    score.add_argument(
+        "--format",
+        choices=("table", "ofiq-csv"),
+        default="table",
+        help="table: parquet or CSV by --out's suffix (default); ofiq-csv: OFIQ's layout",
+    )
     _add_inference_options(score)
     score.set_defaults(func=run_score)
 
@@ -266,6 +299,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     export.add_argument(
         "--tolerance", type=float, default=1e-3, help="largest allowed |onnx - torch| (default: 1e-3)"
+    )
+    export.add_argument(
+        "--calibration",
+        type=Path,
+        default=None,
+        metavar="calibration.json",
+        help="store this checkpoint's calibration map in the model's metadata",
     )
     export.set_defaults(func=run_export)
 
@@ -356,6 +396,8 @@ def run_score(args: argparse.Namespace) -> int:
         column=args.column,
         embeddings=args.embeddings,
         workers=args.workers,
+        calibration=args.calibration,
+        output_format=args.format,
     )
     table, failed = scored.table, scored.failed
     if scored.embeddings_written:
@@ -384,6 +426,7 @@ def run_export(args: argparse.Namespace) -> int:
         opset=args.opset,
         exporter=args.exporter,
         tolerance=args.tolerance,
+        calibration=args.calibration,
     )
     print(f"exported {args.onnx} ({report.exporter} exporter, opset {args.opset}, dynamic batch)")
     print(
@@ -391,6 +434,8 @@ def run_export(args: argparse.Namespace) -> int:
     )
     if report.max_abs_diff_embedding is not None:
         print(f"onnxruntime vs torch: max |diff| embedding {report.max_abs_diff_embedding:.3g}")
+    if args.calibration is not None:
+        print(f"calibration map of {args.calibration} stored in the metadata (igfiqa.calibration)")
     return 0
 
 

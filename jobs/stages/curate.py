@@ -58,10 +58,14 @@ def run_score(
     tracking_uri: str | None = "",
     wait_lock: float = 0.0,
     progress: bool = True,
+    calibration: Path | None = None,
 ) -> ScoreOutcome:
-    """Score every image of `dataset` with `checkpoint` into OUT/quality.parquet, here or on `cluster`."""
+    """Score every image of `dataset` with `checkpoint` into OUT/quality.parquet, here or on `cluster`;
+    `calibration` (a calibration.json of the model) adds expected_fnmr and quality_score."""
+    from data_prep.calibration_map import read_calibration
     from data_prep.lock import OutputLock
 
+    calibrated = read_calibration(Path(calibration)) if calibration is not None else None
     started = time.monotonic()
     array_job_id = ""
     if cluster is not None:
@@ -77,6 +81,7 @@ def run_score(
                 device=device,
                 batch_size=batch_size,
                 num_threads=num_threads,
+                calibration=calibrated,
             )
             scored = array.wait(progress=progress)
         array_job_id = array.array_id
@@ -92,6 +97,7 @@ def run_score(
             num_threads=num_threads,
             progress=progress,
             wait_lock=wait_lock,
+            calibration=calibrated,
         )
     seconds = time.monotonic() - started
     run_id = None
@@ -112,6 +118,7 @@ def run_score(
                 "threads": num_threads,
                 "submit": "" if cluster is None else getattr(cluster, "source", None) or str(cluster),
                 "shards_per_task": shards_per_task if cluster is not None else "",
+                "calibration": Path(calibration).resolve() if calibration is not None else "",
             },
             tags=tags,
             metrics={

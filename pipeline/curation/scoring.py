@@ -19,6 +19,9 @@ the per-shard parts in OUT/.score/:
 3. `finalize_scoring(out)` joins the parts in manifest order and writes `OUT/quality.parquet`
    (data_prep.quality_file: key, record, label, quality; the dataset's and the model's
    fingerprints, the checkpoint and its training run in the metadata), atomically and last.
+   Given a calibration of the model (data_prep.calibration_map), the file also gets
+   expected_fnmr and quality_score, and the calibration's identity in its metadata; the parts
+   do not depend on it, so a scoring resumed with or without one reuses them.
 
 `score_dataset` runs the three here under OUT's lock (`ShardedOutput.locked`).
 """
@@ -28,7 +31,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +41,7 @@ import torch
 from tqdm import tqdm
 
 from data_prep.atomic import atomic_write, canonical_json
+from data_prep.calibration_map import CalibrationMap
 from data_prep.dataset import DatasetInfo, dataset_fingerprint, load_dataset_info
 from data_prep.errors import DataError
 from data_prep.images import BadImageError, check_image, image_size, jpeg_sizes_quick
@@ -480,12 +484,36 @@ class ScoredDataset:
     scored_now: int = 0  # images this call scored (the others were scored by an earlier run)
 
 
-def finalize_scoring(out: Path, *, scored_now: int = 0) -> ScoredDataset:
+def check_calibration(plan: ScoringPlan, calibration: CalibrationMap | None) -> None:
+    """DataError when `calibration` was fitted on other weights than the plan's model."""
+    if calibration is not None and calibration.model_fingerprint != plan.model_fingerprint:
+        raise DataError(
+            f"--calibration calibrates the model {calibration.model_fingerprint}, not the scoring model "
+            f"{plan.model_fingerprint} ({plan.checkpoint}): a map is only valid for the weights it was fitted on"
+        )
+
+
+def calibration_source(calibration: CalibrationMap) -> dict:
+    """What a calibrated quality file records of its calibration (QualitySource.calibration)."""
+    return {
+        "calibration_sha256": calibration.calibration_sha256,
+        "fmr": calibration.fmr,
+        "threshold": calibration.threshold,
+        "matcher": calibration.matcher,
+        "matcher_sha256": calibration.matcher_sha256,
+    }
+
+
+def finalize_scoring(
+    out: Path, *, scored_now: int = 0, calibration: CalibrationMap | None = None
+) -> ScoredDataset:
     """Join every shard's part into OUT/quality.parquet (manifest order), written last and atomically.
 
-    `scored_now`: how many images the caller scored (reported back, for speeds)."""
+    `scored_now`: how many images the caller scored (reported back, for speeds); `calibration`: a
+    map of this model, adding expected_fnmr and quality_score."""
     out = Path(out)
     plan = load_scoring_plan(out)
+    check_calibration(plan, calibration)
     scoring_output(out).remove_temp_files()  # leftovers of killed part writers
     images = ScoringImages(Path(plan.dataset))
     try:
@@ -508,12 +536,17 @@ def finalize_scoring(out: Path, *, scored_now: int = 0) -> ScoredDataset:
                 "run the scoring again to resume it",
                 path=out,
             )
-        table = pa.table(
-            {"key": images.keys, "record": images.records, "label": images.labels, "quality": quality}
-        )
+        columns = {"key": images.keys, "record": images.records, "label": images.labels, "quality": quality}
+        if calibration is not None:
+            columns["expected_fnmr"] = calibration.expected(quality).astype(np.float32)
+            columns["quality_score"] = calibration.score(quality)
+        table = pa.table(columns)
     finally:
         images.close()
-    write_quality_file(out / QUALITY_FILE, table, plan.quality_source())
+    source = plan.quality_source()
+    if calibration is not None:
+        source = replace(source, calibration=calibration_source(calibration))
+    write_quality_file(out / QUALITY_FILE, table, source)
     return ScoredDataset(out / QUALITY_FILE, plan, quality, scored_now)
 
 
@@ -527,8 +560,10 @@ def score_dataset(
     num_threads: int = DEFAULT_THREADS,
     progress: bool = True,
     wait_lock: float = 0.0,
+    calibration: CalibrationMap | None = None,
 ) -> ScoredDataset:
-    """Plan, score every shard not scored yet and finalise, here, holding OUT's lock."""
+    """Plan, score every shard not scored yet and finalise, here, holding OUT's lock (`calibration`:
+    see `finalize_scoring`; checked against the model before any image is scored)."""
     from pipeline.parallel.env import resolve_device
 
     torch_device = resolve_device(device)
@@ -538,6 +573,7 @@ def score_dataset(
         disk_full_is_a_data_error(Path(out), space=lambda: None, elsewhere="score into another --out"),
     ):
         plan = prepare_scoring(checkpoint, dataset, out, batch_size=batch_size, loaded=(model, config))
+        check_calibration(plan, calibration)
         done = shards_done(out, plan)
         if done:
             log.info("resuming: %d of %d shards already scored (skipped)", len(done), plan.num_shards)
@@ -550,7 +586,9 @@ def score_dataset(
             progress=progress,
         )
         info = load_dataset_info(Path(plan.dataset))
-        return finalize_scoring(out, scored_now=sum(info.shards[s].count for s in scored))
+        return finalize_scoring(
+            out, scored_now=sum(info.shards[s].count for s in scored), calibration=calibration
+        )
 
 
 def shards_done(out: Path, plan: ScoringPlan) -> list[int]:

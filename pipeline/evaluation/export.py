@@ -170,11 +170,13 @@ def export_checked(
     tolerance: float = 1e-3,
     opset: int = DEFAULT_OPSET,
     exporter: str = "auto",
+    metadata: dict[str, str] | None = None,
 ) -> ParityReport:
     """Export to a temporary name, check onnxruntime against torch, publish at `path` only if it passed.
 
-    A model with non-finite weights is refused before exporting; a failed check leaves
-    nothing at `path` (an older file there stays as it was).
+    `metadata`: key → text stored in the model's metadata_props (what onnxruntime's
+    `get_modelmeta().custom_metadata_map` returns). A model with non-finite weights is refused
+    before exporting; a failed check leaves nothing at `path` (an older file there stays as it was).
     """
     path = Path(path)
     bad = [name for name, tensor in model.state_dict().items() if not torch.isfinite(tensor.float()).all()]
@@ -183,6 +185,8 @@ def export_checked(
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
         used = export_onnx(model, tmp, with_embedding=with_embedding, opset=opset, exporter=exporter)
+        if metadata:
+            add_metadata(tmp, metadata)
         report = check_parity(tmp, model, exporter=used)
         if not report.passed(tolerance):
             raise ExportError(
@@ -193,6 +197,20 @@ def export_checked(
         return report
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def add_metadata(path: Path, metadata: dict[str, str]) -> None:
+    """Set metadata_props entries of the ONNX file at `path` (rewritten in place; replaces equal keys)."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    kept = [p for p in proto.metadata_props if p.key not in metadata]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(proto, str(path))
 
 
 def check_parity(

@@ -38,6 +38,7 @@ COMMANDS = [
     ["erc"],
     ["score"],
     ["export"],
+    ["calibrate"],
     ["data", "preview"],
     ["curate"],
     ["curate", "score"],

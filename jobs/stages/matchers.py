@@ -25,6 +25,7 @@ as `MatcherRecord` (its `onnx` path relative to the file's folder). `read_matche
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import sys
 from collections.abc import Callable
@@ -147,12 +148,13 @@ def _is_current(record: MatcherRecord | None, recipe: str, evaluation: dict[str,
 
 
 def _write_matchers(out: Path, spec: MatchersSpec, records: dict[str, MatcherRecord], data: dict) -> None:
-    """matchers.json with the spec's matchers that have a record, in spec order (atomically)."""
+    """matchers.json with the spec's matchers that have a record, in spec order (atomically); left
+    untouched when it holds that already, so reusing a folder of matchers does not write to it."""
     listed = [asdict(records[name]) for name in spec.names() if name in records]
-    write_json_atomically(
-        out / MATCHERS_FILE,
-        {"data": data, "evaluation": asdict(spec.evaluation), "matchers": listed},
-    )
+    content = {"data": data, "evaluation": asdict(spec.evaluation), "matchers": listed}
+    if read_json_object(out / MATCHERS_FILE) == json.loads(json.dumps(content)):
+        return
+    write_json_atomically(out / MATCHERS_FILE, content)
 
 
 def _prepare_data(paths: WorkFolder, spec: MatchersSpec, say: Callable[[str], None]) -> str:
@@ -355,6 +357,32 @@ def build_matchers(
             _write_matchers(paths.out, spec, records, data)
         _write_matchers(paths.out, spec, records, data)
     return [records[m.name] for m in selected]
+
+
+def matcher_stage(
+    spec: MatchersSpec,
+    out: Path,
+    name: str,
+    record: StageRecord,
+    *,
+    launch: MatcherLaunch,
+    sets_root: Path | None = None,
+    say: Callable[[str], None] = print,
+    job_log: TextIO = sys.stdout,
+) -> MatcherRecord:
+    """The spec's matcher NAME built into OUT, or reused (`build_matchers`); its record, with the
+    stage's note saying which, and where it trained."""
+    before = {r.name: r for r in read_matchers(out)}.get(name)
+    (built,) = build_matchers(
+        spec, out, only=[name], launch=launch, sets_root=sets_root, say=say, job_log=job_log
+    )
+    record.reused = built == before
+    how = "built before, reused" if record.reused else f"built ({built.global_step} steps {built.where})"
+    record.note = (
+        f"{name} {how}: {shown_path(built.onnx_path(Path(out)))}, verification accuracy "
+        f"clean {100 * built.clean_accuracy:.2f} % / mixed {100 * built.mixed_accuracy:.2f} %"
+    )
+    return built
 
 
 # ----------------------------------------------------------------------------- printing

@@ -3,7 +3,9 @@
 `tiny_dataset(root)` synthesizes and converts 40 identities × 6 images (about 1 s,
 cached per folder); `tiny_config(...)` gives a deterministic CPU config of the
 small backbone that trains a step in well under a second on one core;
-`new_mlflow_store(template, folder)` puts an empty MLflow store where a run logs.
+`new_mlflow_store(template, folder)` puts an empty MLflow store where a run logs;
+`tiny_matcher(folder)` builds one small reference matcher (`jobs.stages.matchers`) from a spec
+of `TINY_MATCHER_SPEC`'s schema (that of configs/matchers/synthetic.yaml).
 """
 
 from __future__ import annotations
@@ -92,3 +94,31 @@ def tiny_config(dataset: Path, run_dir: Path, tracking_uri: str, **sections: dic
     for section, values in sections.items():
         tree.setdefault(section, {}).update(values)
     return config_from_dict(tree)
+
+
+TINY_MATCHER = "tiny-cos"
+REPO = Path(__file__).resolve().parents[1]
+# configs/matchers/synthetic.yaml's schema at a size that builds in well under a minute on one core
+TINY_MATCHER_SPEC = f"""
+data: {{identities: 24, images_per_identity: 8, seed: 2000000}}
+evaluation: {{seed: 1000000, pairs: 40, identities: 12}}
+matchers:
+  - name: {TINY_MATCHER}
+    config: {REPO / "configs" / "tiny_cpu.yaml"}
+    seed: 1
+    overrides: [data.fr_batch=32, optim.max_steps=STEPS, run.log_every=5, run.checkpoint_every_steps=0,
+                model.embedding_size=32]
+"""
+
+
+def tiny_matcher(folder: Path, steps: int = 24) -> tuple[Path, Path]:
+    """(FOLDER/matchers.yaml, FOLDER/out): the spec of `TINY_MATCHER` and the folder it is built in
+    (here, one process); reused when built before."""
+    from jobs.stages.matcher_spec import load_matchers_spec
+    from jobs.stages.matchers import MatcherLaunch, build_matchers
+
+    spec = folder / "matchers.yaml"
+    spec.write_text(TINY_MATCHER_SPEC.replace("STEPS", str(steps)))
+    out = folder / "out"
+    build_matchers(load_matchers_spec(spec), out, launch=MatcherLaunch(nproc=1), say=lambda _: None)
+    return spec, out

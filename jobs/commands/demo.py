@@ -31,7 +31,7 @@ DEFAULT_MATCHERS_OUT = Path("work/matchers")  # jobs.stages.matchers.DEFAULT_OUT
 DEFAULT_STEPS = 0
 DEFAULT_IDENTITIES = 200
 DEFAULT_IMAGES_PER_IDENTITY = 40  # configs/tiny_cpu.yaml's recipe is tuned on 200 x 40 images
-# the primary set: 3,000 images, 13,500 mated and 4,486,500 non-mated pairs (FMR 1e-4: ~450 false matches)
+# the primary set: 3,000 images, 13,500 mated and 4,485,000 non-mated pairs (FMR 1e-4: ~450 false matches)
 DEFAULT_PRIMARY_IDENTITIES = 300
 DEFAULT_PRIMARY_IMAGES = 10
 DEFAULT_MATCHER = "cosface-tiny"

@@ -120,11 +120,13 @@ class PrimarySet:
         for what, seed in {"the training data's seed (--seed)": training_seed, **other_seeds}.items():
             if self.seed == seed:
                 raise UserError(f"the primary set's seed {self.seed} is {what}: it must be unseen")
+        from pipeline.evaluation.report import fmr_label
+
         fmr = min(DEFAULT_FMRS)
         if fmr * self.nonmated < MIN_FALSE_MATCHES:
             raise UserError(
                 f"--primary-identities {self.identities} x --primary-images-per-identity "
-                f"{self.images_per_identity} give {self.nonmated:,} non-mated pairs: FMR {fmr:g} needs "
+                f"{self.images_per_identity} give {self.nonmated:,} non-mated pairs: FMR {fmr_label(fmr)} needs "
                 f"{MIN_FALSE_MATCHES / fmr:,.0f} (FMR x non-mated >= {MIN_FALSE_MATCHES})"
             )
 
@@ -313,8 +315,8 @@ def efficacy_lines(figures: dict[str, float]) -> list[str]:
         ]
     lines += [
         "secondary (labelled; not the protocol): the model's OWN backbone as matcher"
-        + (", each image scored with its mirror image (flip)" if figures.get("secondary.flip") else "")
-        + f", on fresh clean/mixed sets of seed {int(figures['secondary.seed'])} "
+        + (", each image scored with its mirror image (flip)," if figures.get("secondary.flip") else ","),
+        f"  on fresh clean/mixed sets of seed {int(figures['secondary.seed'])} "
         f"({int(figures['secondary.pairs'])} pairs each):",
         f"  clean verification accuracy       {100 * figures['secondary.clean_accuracy']:6.2f} %",
         f"  Spearman(quality, degradation)    {figures['secondary.mixed_spearman']:+.3f}   (mixed set; -1 is ideal)",

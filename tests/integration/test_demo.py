@@ -237,6 +237,7 @@ def check_efficacy(out: Path, stdout: str, train_run_id: str, eval_run_id: str, 
                 "oracle_erc_ratio",
                 "below_resolution",
                 "achieved_fmr",
+                "fnmr",
             )
         }
         assert all(math.isfinite(v) for v in value.values()), value
@@ -245,8 +246,15 @@ def check_efficacy(out: Path, stdout: str, train_run_id: str, eval_run_id: str, 
         assert value["edc_ratio"] == pytest.approx(value["edc_pauc"] / value["random_edc_pauc"])
         assert value["erc_ratio"] == pytest.approx(value["erc_auc"] / value["random_erc_auc"])
         assert value["oracle_edc_ratio"] == pytest.approx(value["oracle_edc_pauc"] / value["random_edc_pauc"])
-        # quality = -strength ranks the degraded images' failures first: better than random
-        assert value["oracle_edc_ratio"] < 1.0 and value["oracle_erc_ratio"] < 1.0, value
+        # quality = -strength ranks the degraded images' failures first: better than random where
+        # the matcher verifies anything. The tiny matcher does at FMR 1e-3 (FNMR ~0.8) but not at
+        # 1e-4 (FNMR 1: every pair fails, each curve is flat and every ratio is 1); the real
+        # matcher's figures at both FMRs are in README's demo section.
+        if fmr == "1e-3":
+            assert value["fnmr"] < 1.0, value
+            assert value["oracle_edc_ratio"] < 1.0 and value["oracle_erc_ratio"] < 1.0, value
+        else:
+            assert value["oracle_edc_ratio"] <= 1.0 + 1e-9 and value["oracle_erc_ratio"] <= 1.0 + 1e-9, value
         assert f"matcher {TINY_MATCHER}, FMR {fmr} " in stdout
         printed = f"{value['edc_ratio']:8.3f} {1:8.3f} {value['oracle_edc_ratio']:8.3f}"
         assert printed in stdout, printed

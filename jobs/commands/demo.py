@@ -50,8 +50,8 @@ Run the whole IG-FIQA job on the embedded synthetic data, in a few minutes on a 
                  run (no SLURM, the controller does not answer, --local), saying why
   6 evaluate     EDC/ERC and verification accuracy on both sets, an MLflow child run of training
   7 matcher      the reference matcher --matcher of --matchers-spec (an independent FR-only model,
-                 ONNX), built into --matchers-out on the cluster (here with --local), or reused
-                 when built before with the same recipe
+                 ONNX), built into --matchers-out on the cluster (here with --local; cosface-tiny
+                 takes ~9 min on 2 cores), or reused when built before with the same recipe
   8 efficacy     PRIMARY protocol (docs/evaluation.md): an identity-labelled set of seed
                  --seed + 3,000,000 (never trained on; --primary-identities x
                  --primary-images-per-identity images, all pairs), quality from one forward pass,
@@ -72,7 +72,7 @@ examples:
   igfiqa demo                                   # what `make demo` runs
   igfiqa demo --local --steps 40                # no cluster, a shorter training
   igfiqa demo --out work/demo-small --identities 40 --steps 20
-  igfiqa demo --matchers-out /shared/matchers     # reuse matchers built elsewhere
+  igfiqa demo --matchers-out /shared/matchers   # reuse matchers built elsewhere
 """
 
 

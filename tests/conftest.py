@@ -1,6 +1,6 @@
 """Shared pytest setup: markers that skip with a reason when a real part is absent; the tiny
-training dataset every training test reads and an empty MLflow store to copy, each made once
-per session."""
+training dataset every training test reads, an empty MLflow store to copy and a tiny reference
+matcher, each made once per session."""
 
 from __future__ import annotations
 
@@ -60,3 +60,14 @@ def mlflow_store_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
     MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_matcher_spec(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(spec, out): `tests.train_fixtures.tiny_matcher`, built once for the session; tests pass
+    them to commands that reuse it (`--matchers-spec`, `--matchers-out`) and write nowhere inside."""
+    pytest.importorskip("nvidia.dali")
+    pytest.importorskip("onnxruntime")
+    from tests.train_fixtures import tiny_matcher
+
+    return tiny_matcher(tmp_path_factory.mktemp("tiny-matcher"))

@@ -1,7 +1,7 @@
 """`igfiqa demo`: the main job end to end on the embedded synthetic data, in a few minutes on a CPU.
 
-Argument parsing and printing; the seven stages (synth, convert, bins, preview, train, evaluate,
-efficacy) are `jobs.stages`, each reused when an earlier run finished it, so the demo is resumable and a
+Argument parsing and printing; the eight stages (synth, convert, bins, preview, train, evaluate,
+matcher, efficacy) are `jobs.stages`, each reused when an earlier run finished it, so the demo is resumable and a
 second run only prints the summary.
 """
 
@@ -18,17 +18,24 @@ from jobs.stages.work import StageClock, WorkFolder, shown_path
 
 if TYPE_CHECKING:
     from jobs.stages.evaluate import EvalSummary
+    from jobs.stages.matcher_spec import MatchersSpec
     from jobs.stages.train import TrainOutcome
     from pipeline.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO / "configs" / "tiny_cpu.yaml"
 DEFAULT_CLUSTER = REPO / "slurm" / "clusters" / "local.yaml"
+DEFAULT_MATCHERS_SPEC = REPO / "configs" / "matchers" / "synthetic.yaml"
+DEFAULT_MATCHERS_OUT = Path("work/matchers")  # jobs.stages.matchers.DEFAULT_OUT
 # 0 = the config's full schedule: tiny_cpu's 8 epochs (488 steps at 200 identities x 40 images).
 DEFAULT_STEPS = 0
 DEFAULT_IDENTITIES = 200
 DEFAULT_IMAGES_PER_IDENTITY = 40  # configs/tiny_cpu.yaml's recipe is tuned on 200 x 40 images
-STAGE_COUNT = 7
+# the primary set: 3,000 images, 13,500 mated and 4,485,000 non-mated pairs (FMR 1e-4: ~450 false matches)
+DEFAULT_PRIMARY_IDENTITIES = 300
+DEFAULT_PRIMARY_IMAGES = 10
+DEFAULT_MATCHER = "cosface-tiny"
+STAGE_COUNT = 8
 LABEL = "demo"  # of the stage headers and the marker files (run/demo-train.json, ...)
 
 DESCRIPTION = """\
@@ -42,13 +49,22 @@ Run the whole IG-FIQA job on the embedded synthetic data, in a few minutes on a 
                  submitit (its log is followed until it ends); here instead when no cluster can
                  run (no SLURM, the controller does not answer, --local), saying why
   6 evaluate     EDC/ERC and verification accuracy on both sets, an MLflow child run of training
-  7 efficacy     the model on FRESH clean/mixed sets of another seed (identities never trained
-                 on, --fresh-pairs pairs each): clean accuracy, Spearman(quality, degradation
-                 strength), EDC pAUC against random quality and the oracle's (quality = -strength);
-                 in the summary and as fresh.* metrics in MLflow
+  7 matcher      the reference matcher --matcher of --matchers-spec (an independent FR-only model,
+                 ONNX), built into --matchers-out on the cluster (here with --local; cosface-tiny
+                 takes ~9 min on 2 cores), or reused when built before with the same recipe
+  8 efficacy     PRIMARY protocol (docs/evaluation.md): an identity-labelled set of seed
+                 --seed + 3,000,000 (never trained on; --primary-identities x
+                 --primary-images-per-identity images, all pairs), quality from one forward pass,
+                 comparisons by the matcher: EDC pAUC (discard <= 0.2) and ERC AUC at FMR 1e-3 and
+                 1e-4, each beside random quality and the oracle (quality = -strength).
+                 SECONDARY, labelled: own backbone and test-time flip on FRESH clean/mixed sets of
+                 seed --seed + 1,000,000 (--fresh-pairs pairs each): clean accuracy, Spearman(quality,
+                 degradation strength), EDC pAUC ratio at FMR 1e-2. Both in the summary and as
+                 fresh.primary.* / fresh.secondary.* metrics in MLflow
 
 Everything goes under --out: synth/, train/, val/, augmentation_preview.png, run/ (checkpoints,
-plots, submitit logs), eval/ (table.md, quality_<set>.png, ...), mlflow.db and mlartifacts/.
+plots, submitit logs), eval/ (table.md, quality_<set>.png, ..., primary/: the primary protocol's
+report), fresh/ (the unseen sets), mlflow.db and mlartifacts/; the matcher under --matchers-out.
 Running it again reuses every finished stage (an interrupted training resumes from its last
 checkpoint) and prints the summary again; remove --out to start afresh.
 
@@ -56,6 +72,7 @@ examples:
   igfiqa demo                                   # what `make demo` runs
   igfiqa demo --local --steps 40                # no cluster, a shorter training
   igfiqa demo --out work/demo-small --identities 40 --steps 20
+  igfiqa demo --matchers-out /shared/matchers   # reuse matchers built elsewhere
 """
 
 
@@ -108,8 +125,44 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=2000,
         metavar="N",
-        help="pairs per fresh verification set of the efficacy stage (default: 2000, so FMR 1e-2 "
-        "is resolved; 0 skips the stage)",
+        help="pairs per fresh verification set of the efficacy stage's secondary figures (default: "
+        "2000, so FMR 1e-2 is resolved; 0 skips the matcher and efficacy stages)",
+    )
+    p.add_argument(
+        "--primary-identities",
+        type=int,
+        default=DEFAULT_PRIMARY_IDENTITIES,
+        metavar="N",
+        help=f"identities of the primary protocol's identity-labelled set (default: {DEFAULT_PRIMARY_IDENTITIES})",
+    )
+    p.add_argument(
+        "--primary-images-per-identity",
+        type=int,
+        default=DEFAULT_PRIMARY_IMAGES,
+        metavar="N",
+        help=f"images per identity of that set (default: {DEFAULT_PRIMARY_IMAGES}); identities x images "
+        "must give FMR 1e-4 x non-mated pairs >= 10",
+    )
+    p.add_argument(
+        "--matcher",
+        default=DEFAULT_MATCHER,
+        metavar="NAME",
+        help=f"the reference matcher of the primary protocol, a name in --matchers-spec (default: {DEFAULT_MATCHER})",
+    )
+    p.add_argument(
+        "--matchers-spec",
+        type=Path,
+        default=DEFAULT_MATCHERS_SPEC,
+        metavar="YAML",
+        help="the matchers spec that defines it (default: configs/matchers/synthetic.yaml)",
+    )
+    p.add_argument(
+        "--matchers-out",
+        type=Path,
+        default=DEFAULT_MATCHERS_OUT,
+        metavar="DIR",
+        help="where the matcher is built, or found built with the same recipe and reused "
+        f"(default: {DEFAULT_MATCHERS_OUT}, as `igfiqa matchers build`)",
     )
     p.add_argument(
         "--config", type=Path, default=DEFAULT_CONFIG, help="training config (default: configs/tiny_cpu.yaml)"
@@ -208,11 +261,27 @@ def summary_text(
 # ----------------------------------------------------------------------------- the command
 
 
+def _matchers_spec(args: argparse.Namespace) -> MatchersSpec:
+    """--matchers-spec, read and checked before anything runs, with --matcher one of its names."""
+    from jobs.stages.matcher_spec import load_matchers_spec
+
+    if not args.matchers_spec.is_file():
+        raise UserError(f"--matchers-spec {args.matchers_spec}: no such file")
+    spec = load_matchers_spec(args.matchers_spec)
+    if args.matcher not in spec.names():
+        raise UserError(
+            f"--matcher {args.matcher}: no such matcher in {shown_path(args.matchers_spec)} "
+            f"(it has {', '.join(spec.names())})"
+        )
+    return spec
+
+
 def run_demo(args: argparse.Namespace) -> int:
     """Handler of `igfiqa demo`."""
     from jobs.stages.data import SynthSpec, bins_stage, convert_stage, preview_stage, synth_stage
-    from jobs.stages.efficacy import efficacy_stage, fresh_seed
+    from jobs.stages.efficacy import Matcher, PrimarySet, efficacy_stage, fresh_seed, primary_seed
     from jobs.stages.evaluate import evaluate_stage
+    from jobs.stages.matchers import MatcherLaunch, matcher_stage
     from jobs.stages.train import plot_weights_against_ground_truth, train_stage, training_config
 
     if args.steps < 0 or args.identities < 2 or args.images_per_identity < 1:
@@ -222,7 +291,21 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.nproc < 1:
         raise UserError("--nproc must be >= 1")
     if args.fresh_pairs < 0:
-        raise UserError("--fresh-pairs must be >= 0 (0 skips the efficacy stage)")
+        raise UserError("--fresh-pairs must be >= 0 (0 skips the matcher and efficacy stages)")
+    matchers_spec = _matchers_spec(args) if args.fresh_pairs else None
+    primary = PrimarySet(
+        seed=primary_seed(args.seed),
+        identities=args.primary_identities,
+        images_per_identity=args.primary_images_per_identity,
+    )
+    if matchers_spec is not None:
+        primary.check(
+            training_seed=args.seed,
+            other_seeds={
+                "the fresh sets' seed (--seed + 1,000,000)": fresh_seed(args.seed),
+                f"the matchers' training data seed ({shown_path(args.matchers_spec)})": matchers_spec.data.seed,
+            },
+        )
     paths = WorkFolder(args.out)
     if paths.out.exists() and not paths.out.is_dir():
         raise UserError(f"--out {paths.out} exists and is not a folder")
@@ -260,15 +343,35 @@ def run_demo(args: argparse.Namespace) -> int:
     evaluate_what = f"step {trained.global_step} on {shown_path(paths.val)} → {shown_path(paths.eval)}"
     with clock.stage("evaluate", evaluate_what) as record:
         evaluated = evaluate_stage(paths, trained, args.fmr, record, label=LABEL)
-    figures = None
+    figures, matcher = None, None
+    matcher_what = (
+        f"{args.matcher} of {shown_path(args.matchers_spec.resolve())} → {shown_path(args.matchers_out)}"
+    )
+    with clock.stage("matcher", matcher_what) as record:
+        if matchers_spec is not None:
+            # on the demo's cluster profile like its training (here with --local, or when SLURM cannot run)
+            launch = MatcherLaunch(nproc=args.nproc, cluster=None if args.local else args.cluster)
+            built = matcher_stage(
+                matchers_spec, args.matchers_out, args.matcher, record, launch=launch, say=say
+            )
+            onnx = built.onnx_path(args.matchers_out.resolve())
+            matcher = Matcher(built.name, onnx, built.sha256)
+        else:
+            record.reused, record.note = True, "skipped (--fresh-pairs 0)"
     seed = fresh_seed(args.seed)
-    with clock.stage("efficacy", f"fresh sets of seed {seed}, {args.fresh_pairs} pairs each") as record:
-        if args.fresh_pairs:
+    efficacy_what = (
+        f"primary: identity set of seed {primary.seed} by {args.matcher}; "
+        f"secondary: fresh sets of seed {seed}, {args.fresh_pairs} pairs each"
+    )
+    with clock.stage("efficacy", efficacy_what) as record:
+        if matcher is not None:
             figures = efficacy_stage(
                 paths,
                 trained,
                 record,
                 seed=seed,
+                primary=primary,
+                matcher=matcher,
                 label=LABEL,
                 run_ids=[r for r in (evaluated.mlflow_run_id, trained.mlflow_run_id) if r],
                 pairs=args.fresh_pairs,

@@ -246,6 +246,21 @@ def run_convert(
     return ConvertedTrain(info, array_job_id, run_id, from_files)
 
 
+def prepare_identity_set(
+    source: Path, converted: Path, spec: IdentitySetSpec, *, tracking_uri: str | None = ""
+) -> Path:
+    """An identity-labelled set ready to evaluate: synthesized into SOURCE and converted into CONVERTED,
+    each unless done, with its ground truth (degradation strength per image, the oracle's) copied
+    beside the shards; CONVERTED. `tracking_uri=None`: no MLflow lineage runs."""
+    import shutil
+
+    run_synth_identity_set(source, spec, tracking_uri=tracking_uri)
+    if not (converted / "dataset.json").is_file():
+        run_convert(source, converted, tracking_uri=tracking_uri)
+    shutil.copy2(source / "ground_truth.parquet", converted / "ground_truth.parquet")
+    return converted
+
+
 def run_bins(
     files: Sequence[Path], out: Path, *, tracking_uri: str | None = ""
 ) -> tuple[list[DatasetInfo], str | None]:

@@ -25,6 +25,7 @@ as `MatcherRecord` (its `onnx` path relative to the file's folder). `read_matche
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import sys
 from collections.abc import Callable
@@ -147,12 +148,13 @@ def _is_current(record: MatcherRecord | None, recipe: str, evaluation: dict[str,
 
 
 def _write_matchers(out: Path, spec: MatchersSpec, records: dict[str, MatcherRecord], data: dict) -> None:
-    """matchers.json with the spec's matchers that have a record, in spec order (atomically)."""
+    """matchers.json with the spec's matchers that have a record, in spec order (atomically); left
+    untouched when it holds that already, so reusing a folder of matchers does not write to it."""
     listed = [asdict(records[name]) for name in spec.names() if name in records]
-    write_json_atomically(
-        out / MATCHERS_FILE,
-        {"data": data, "evaluation": asdict(spec.evaluation), "matchers": listed},
-    )
+    content = {"data": data, "evaluation": asdict(spec.evaluation), "matchers": listed}
+    if read_json_object(out / MATCHERS_FILE) == json.loads(json.dumps(content)):
+        return
+    write_json_atomically(out / MATCHERS_FILE, content)
 
 
 def _prepare_data(paths: WorkFolder, spec: MatchersSpec, say: Callable[[str], None]) -> str:
@@ -303,8 +305,8 @@ def build_matchers(
 ) -> list[MatcherRecord]:
     """Build (or reuse) the spec's matchers in OUT, those named in `only` when given; their records.
 
-    `sets_root`: where the evaluation sets are made or found (default OUT/sets; the demo passes
-    its own folder of fresh sets of the same seed). See the module docstring for what is reused.
+    `sets_root`: where the evaluation sets are made or found (default OUT/sets). See the module
+    docstring for what is reused.
     """
     from data_prep.lock import OutputLock
 
@@ -355,6 +357,62 @@ def build_matchers(
             _write_matchers(paths.out, spec, records, data)
         _write_matchers(paths.out, spec, records, data)
     return [records[m.name] for m in selected]
+
+
+def _current_without_lock(spec: MatchersSpec, out: Path, name: str) -> MatcherRecord | None:
+    """NAME's record in OUT/matchers.json when it is current for `spec` (same training data settings,
+    recipe and evaluation sets, the ONNX file's recorded SHA-256), read without the lock; None when
+    not, or in doubt (then `build_matchers` decides under the lock)."""
+    try:
+        content = read_json_object(out / MATCHERS_FILE)
+        records = {r.name: r for r in read_matchers(out)}
+    except UserError:
+        return None
+    data = (content or {}).get("data")
+    if not isinstance(data, dict) or not data.get("fingerprint") or name not in records:
+        return None
+    if any(data.get(key) != value for key, value in asdict(spec.data).items()):
+        return None
+    paths = WorkFolder(out)
+    (recipe,) = spec.select([name])
+    probe = matcher_config(
+        spec, recipe, train=paths.train, run_dir=paths.out, tracking_uri=paths.tracking_uri
+    )
+    recipe_hash = recipe_id(probe, str(data["fingerprint"]))
+    record = records[name]
+    return record if _is_current(record, recipe_hash, asdict(spec.evaluation), paths.out) else None
+
+
+def matcher_stage(
+    spec: MatchersSpec,
+    out: Path,
+    name: str,
+    record: StageRecord,
+    *,
+    launch: MatcherLaunch,
+    sets_root: Path | None = None,
+    say: Callable[[str], None] = print,
+    job_log: TextIO = sys.stdout,
+) -> MatcherRecord:
+    """The spec's matcher NAME built into OUT, or reused (`build_matchers`); its record, with the
+    stage's note saying which, and where it trained. A current record is reused without taking
+    OUT's lock, so a build of other matchers there (a study's) is not waited for."""
+    built = _current_without_lock(spec, Path(out), name)
+    if built is not None:
+        say(f"  {name}: built before, reused ({shown_path(built.onnx_path(Path(out)))})")
+        before = built
+    else:
+        before = {r.name: r for r in read_matchers(out)}.get(name)
+        (built,) = build_matchers(
+            spec, out, only=[name], launch=launch, sets_root=sets_root, say=say, job_log=job_log
+        )
+    record.reused = built == before
+    how = "built before, reused" if record.reused else f"built ({built.global_step} steps {built.where})"
+    record.note = (
+        f"{name} {how}: {shown_path(built.onnx_path(Path(out)))}, verification accuracy "
+        f"clean {100 * built.clean_accuracy:.2f} % / mixed {100 * built.mixed_accuracy:.2f} %"
+    )
+    return built
 
 
 # ----------------------------------------------------------------------------- printing

@@ -136,8 +136,6 @@ def _locked(path: Path, *, blocking: bool = True) -> Iterator[bool]:
 
 def prepare(spec: StudySpec, *, cluster: Path | None, say: Callable[[str], None] = print) -> Prepared:
     """Make (or reuse) the training data, evaluation sets and matchers; record them in OUT/study.json."""
-    import shutil
-
     import mlflow
 
     from data_prep.dataset import load_dataset_info
@@ -145,8 +143,7 @@ def prepare(spec: StudySpec, *, cluster: Path | None, say: Callable[[str], None]
         IdentitySetSpec,
         SynthSpec,
         convert_stage,
-        run_convert,
-        run_synth_identity_set,
+        prepare_identity_set,
         synth_stage,
     )
     from jobs.stages.matcher_spec import load_matchers_spec
@@ -179,17 +176,14 @@ def prepare(spec: StudySpec, *, cluster: Path | None, say: Callable[[str], None]
         folders: list[str] = []
         e = spec.evaluation
         for iset in e.identity_sets:
-            source, converted = paths.sets_source / iset.name, paths.sets / iset.name
-            run_synth_identity_set(
-                source,
+            prepare_identity_set(
+                paths.sets_source / iset.name,
+                paths.sets / iset.name,
                 IdentitySetSpec(
                     identities=iset.identities, images_per_identity=iset.images_per_identity, seed=iset.seed
                 ),
                 tracking_uri=paths.tracking_uri,
             )
-            if not (converted / "dataset.json").is_file():
-                run_convert(source, converted, tracking_uri=paths.tracking_uri)
-            shutil.copy2(source / "ground_truth.parquet", converted / "ground_truth.parquet")
             say(
                 f"  evaluation set {iset.name}: {iset.identities} identities x {iset.images_per_identity} images, seed {iset.seed}"
             )

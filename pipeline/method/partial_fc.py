@@ -33,7 +33,9 @@ def sample_count(num_local: int, sample_rate: float, global_batch: int) -> int:
     ceil(sample_rate × num_local), raised to the global batch size (the most positives a shard
     can own) so that every positive fits, and never more than the shard.
     """
-    return min(num_local, max(math.ceil(sample_rate * num_local), global_batch))
+    # rounded first: 0.3 × 20 is 6.000000000000001 in floats, and should give 6 rows, not 7
+    wanted = math.ceil(round(sample_rate * num_local, 6))
+    return min(num_local, max(wanted, global_batch))
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:

@@ -48,12 +48,12 @@ def draw_rows(local_target: torch.Tensor, num_local: int, count: int, seed: int)
     (`local_target` ≥ 0) and random negatives, `count` rows in all."""
     device = local_target.device
     generator = torch.Generator(device=device).manual_seed(seed)
-    keys = torch.rand(num_local, generator=generator, device=device)
-    owned = (local_target >= 0).to(keys.dtype)
-    # index_add of 0/1 is exact in any order; a positive's key becomes ≥ 1, above every negative's
-    positive = torch.zeros_like(keys).index_add_(0, local_target.clamp_min(0), owned)
-    keys = torch.where(positive > 0, 2.0, keys)
-    return keys.topk(count).indices.sort().values
+    keys = torch.rand(num_local + 1, generator=generator, device=device)
+    # a positive's key becomes 2, above every negative's; other shards' samples write the spare
+    # last slot. Every write is the same value, so the fill is deterministic on CUDA too.
+    slot = torch.where(local_target >= 0, local_target, num_local)
+    keys.index_fill_(0, slot, 2.0)
+    return keys[:num_local].topk(count).indices.sort().values
 
 
 def positions_in(rows: torch.Tensor, local_target: torch.Tensor) -> torch.Tensor:
@@ -123,5 +123,6 @@ def sampled_sgd_step(
         if buffer is None:
             buffer = state["momentum_buffer"] = torch.zeros_like(param)
         step = buffer.index_select(0, rows).mul_(momentum).add_(step)
-        buffer.index_copy_(0, rows, step)
-    param.index_copy_(0, rows, weight.add_(step, alpha=-lr))
+        # indexed assignment (index_put_), which deterministic mode allows on CUDA; index_copy_ it refuses
+        buffer[rows] = step
+    param[rows] = weight.add_(step, alpha=-lr)

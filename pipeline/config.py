@@ -110,8 +110,8 @@ class PartialFCConfig:
     where the paper leaves room"): on a trained ArcFace model (400 classes) sampled NNCCS moved
     CR by 0.043 on average and 0.126 at the 99th percentile at rate 0.1 (CR's mean is 0.62: +7 %,
     always upwards; 0.018 / 0.077 at rate 0.3), while the exact max cost one no-grad pass over
-    the shard: at C = 100k, D = 512 on CPU the step at rate 0.1 took 2.83 s exact against
-    1.75 s sampled and 9.37 s at rate 1 (medians of 5).
+    the shard: at C = 100k, D = 512 on CPU the step at rate 0.1 took 1.74 s exact against
+    1.06 s sampled and 6.03 s at rate 1 (medians of 5).
     """
 
     sample_rate: float = 1.0  # in (0, 1]

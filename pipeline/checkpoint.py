@@ -2,20 +2,28 @@
 
 Layout of a run directory::
 
-    RUN/checkpoints/step-00000500.ckpt   periodic / signal / final saves (the last K kept)
-    RUN/checkpoints/last.ckpt            the newest save (a hard link, replaced atomically)
+    RUN/checkpoints/step-00000500.ckpt       periodic / signal / final saves (the last K kept)
+    RUN/checkpoints/step-00000500.infer.pt   its inference file: model, config, fingerprints
+    RUN/checkpoints/last.ckpt, last.infer.pt the newest save (hard links, replaced atomically)
 
 The file holds tensors and plain types only (docs/contracts.md), so it loads with
 `weights_only=True`: sharded state (classifier prototypes, their momentum, the
 variance table) is stored **unsharded, by global class id**, and `restore_training`
 re-shards it for whatever world size resumes. Training (`build_training_state`,
-`restore_training`) and evaluation (`pipeline.method.model.load_inference_model`)
-both read files through `load_checkpoint`.
+`restore_training`) read files through `load_checkpoint`.
+
+Beside every checkpoint, `save_checkpoint` writes its inference file (`INFERENCE_SUFFIX`):
+the backbone and quality head, the config, the model's fingerprint, the training run's
+lineage and the payload digest of the checkpoint it came from; no classifier, optimizer or
+variance table, so its size does not grow with the class count. Evaluation, scoring and
+export read `load_model_state`: an inference file, or a full checkpoint, whose sibling
+inference file is read instead when it records that checkpoint's digest.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import os
 import re
@@ -36,6 +44,22 @@ FORMAT_VERSION = 1
 LAST_NAME = "last.ckpt"
 BEST_NAME = "best.ckpt"  # the checkpoint `run.select_by` picked (pipeline/training/validation.py)
 _STEP_FILE = re.compile(r"^step-(\d{8})\.ckpt$")
+INFERENCE_SUFFIX = ".infer.pt"
+INFERENCE_FORMAT = "igfiqa-inference"
+INFERENCE_FORMAT_VERSION = 1
+# what an inference file holds; `checkpoint_digest` is the PAYLOAD_DIGEST of its checkpoint
+INFERENCE_KEYS = (
+    "format",
+    "format_version",
+    "config",
+    "model",
+    "model_fingerprint",
+    "global_step",
+    "mlflow_run_id",
+    "code_version",
+    "dataset_fingerprint",
+    "checkpoint_digest",
+)
 REQUIRED_KEYS = (
     "format_version",
     "config",
@@ -124,22 +148,68 @@ def save_checkpoint(state: dict[str, Any], run_dir: str | Path, *, keep: int) ->
     path = directory / f"step-{int(state['global_step']):08d}.ckpt"
     directory.mkdir(parents=True, exist_ok=True)
     state = {**state, PAYLOAD_DIGEST: payload_digest(state)}
+    infer = inference_path(path)
+    # the small inference file first: a full disk then never leaves a checkpoint without one
+    _write_or_explain(infer, build_inference_state(state), int(state["global_step"]))
+    try:
+        _write_or_explain(path, state, int(state["global_step"]))
+    except CheckpointError:
+        infer.unlink(missing_ok=True)
+        raise
+    _link(path, directory / LAST_NAME)  # last.ckpt: a hard link to the newest file
+    _link(infer, inference_path(directory / LAST_NAME))
+    _prune(directory, keep)
+    return path
+
+
+def _write_or_explain(path: Path, state: dict[str, Any], step: int) -> None:
+    """torch.save `state` to `path` atomically; a full disk is one CheckpointError saying what to do."""
     try:
         atomic_write(path, lambda tmp: torch.save(state, tmp))
     except (OSError, RuntimeError) as exc:
         # torch's zip writer turns a full disk into RuntimeError("... iostream error"): ask the disk
-        needed, free = _tensor_bytes(state), shutil.disk_usage(directory).free
+        needed, free = _tensor_bytes(state), shutil.disk_usage(path.parent).free
         full = getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or free < needed
         if not full:
             raise
         raise CheckpointError(
-            f"no space left in {directory} for the checkpoint of step {int(state['global_step'])}: it needs "
+            f"no space left in {path.parent} for the checkpoint of step {step}: it needs "
             f"about {needed / 1e6:.1f} MB, {free / 1e6:.1f} MB are free; make room (run.keep_checkpoints "
             "keeps fewer) and resume: the last checkpoint is intact"
         ) from None
-    _link(path, directory / LAST_NAME)  # last.ckpt: a hard link to the newest file
-    _prune(directory, keep)
-    return path
+
+
+def inference_path(checkpoint: str | Path) -> Path:
+    """The inference file beside a checkpoint: step-N.ckpt → step-N.infer.pt, last.ckpt → last.infer.pt."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.with_name(checkpoint.name.removesuffix(".ckpt") + INFERENCE_SUFFIX)
+
+
+def state_dict_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
+    """The first 16 hex of the SHA-256 over a state dict (names, dtypes, shapes and bytes, name order)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(state_dict.items()):
+        value = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{value.dtype}|{tuple(value.shape)}|".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def build_inference_state(state: dict[str, Any]) -> dict[str, Any]:
+    """The inference file of a checkpoint dict that carries its PAYLOAD_DIGEST (see INFERENCE_KEYS)."""
+    inference = {
+        "format": INFERENCE_FORMAT,
+        "format_version": INFERENCE_FORMAT_VERSION,
+        "config": state["config"],
+        "model": state["model"],
+        "model_fingerprint": state_dict_fingerprint(state["model"]),
+        "global_step": int(state["global_step"]),
+        "mlflow_run_id": str(state.get("mlflow_run_id") or ""),
+        "code_version": str(state.get("code_version") or ""),
+        "dataset_fingerprint": str(state.get("dataset_fingerprint") or ""),
+        "checkpoint_digest": str(state.get(PAYLOAD_DIGEST) or ""),
+    }
+    return {**inference, PAYLOAD_DIGEST: payload_digest(inference)}
 
 
 def _tensor_bytes(node: Any) -> int:
@@ -167,6 +237,8 @@ def mark_best(path: str | Path) -> Path:
     path = Path(path)
     best = path.parent / BEST_NAME
     _link(path, best)
+    if inference_path(path).is_file():
+        _link(inference_path(path), inference_path(best))
     return best
 
 
@@ -174,6 +246,7 @@ def _prune(directory: Path, keep: int) -> None:
     steps = sorted(p for p in directory.iterdir() if _STEP_FILE.match(p.name))
     for old in steps[:-keep]:
         old.unlink(missing_ok=True)
+        inference_path(old).unlink(missing_ok=True)
 
 
 def find_resume_checkpoint(run_dir: str | Path) -> Path | None:
@@ -247,6 +320,17 @@ def load_checkpoint(
     that read a few fields and should not read every tensor).
     """
     path = Path(path)
+    state = _read(path, map_location, mmap)
+    if state.get("format") == INFERENCE_FORMAT:
+        raise CheckpointError(
+            f"{path}: an inference file (model and config only); training needs its full checkpoint "
+            f"{path.name.removesuffix(INFERENCE_SUFFIX)}.ckpt"
+        )
+    return _checked_checkpoint(path, state, verify)
+
+
+def _read(path: Path, map_location: str | torch.device, mmap: bool) -> dict[str, Any]:
+    """torch.load with weights_only=True; CheckpointError for a missing, torn or foreign file."""
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
@@ -255,6 +339,10 @@ def load_checkpoint(
         raise CheckpointError(f"{path}: not a readable checkpoint ({_reason(exc)})") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a dict, found {type(state).__name__}")
+    return state
+
+
+def _checked_checkpoint(path: Path, state: dict[str, Any], verify: bool) -> dict[str, Any]:
     version = state.get("format_version")
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{path}: format_version {version!r}, this code reads {FORMAT_VERSION}")
@@ -264,6 +352,46 @@ def load_checkpoint(
     if verify and PAYLOAD_DIGEST in state and payload_digest(state) != state[PAYLOAD_DIGEST]:
         raise CheckpointError(f"{path}: the stored data does not match its checksum (a corrupt file)")
     return state
+
+
+def _checked_inference(path: Path, state: dict[str, Any]) -> dict[str, Any]:
+    version = state.get("format_version")
+    if version != INFERENCE_FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: inference format_version {version!r}, this code reads {INFERENCE_FORMAT_VERSION}"
+        )
+    missing = [k for k in INFERENCE_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: missing keys {', '.join(missing)}")
+    if payload_digest(state) != state.get(PAYLOAD_DIGEST):
+        raise CheckpointError(f"{path}: the stored data does not match its checksum (a corrupt file)")
+    return state
+
+
+def load_model_state(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """What inference needs ("config", "model", "global_step", "mlflow_run_id", ...) from either file.
+
+    An inference file is read and checked. For a full checkpoint, its sibling inference file
+    (`inference_path`) is read instead when it records this checkpoint's payload digest (read
+    from the memory-mapped checkpoint, whose tensors stay unread); otherwise the checkpoint
+    is loaded and verified whole, as training reads it.
+    """
+    path = Path(path)
+    if not path.name.endswith(INFERENCE_SUFFIX) and inference_path(path).is_file():
+        digest = _read(path, "cpu", mmap=True).get(PAYLOAD_DIGEST)
+        try:
+            sibling = _checked_inference(
+                inference_path(path), _read(inference_path(path), map_location, False)
+            )
+        except CheckpointError as exc:
+            log.warning("%s; reading the full checkpoint", exc)
+        else:
+            if digest and sibling["checkpoint_digest"] == digest:
+                return sibling
+    state = _read(path, map_location, mmap=False)
+    if state.get("format") == INFERENCE_FORMAT:
+        return _checked_inference(path, state)
+    return _checked_checkpoint(path, state, verify=True)
 
 
 def _reason(exc: Exception) -> str:
@@ -412,6 +540,9 @@ def restore_training(
 
 
 def training_lineage(path: str | Path) -> tuple[str, int]:
-    """(MLflow run id of the training run, global step) a checkpoint records; a memory-mapped read."""
-    state = load_checkpoint(path, mmap=True, verify=False)
+    """(MLflow run id of the training run, global step) a checkpoint or inference file records;
+    a memory-mapped read."""
+    state = _read(Path(path), "cpu", mmap=True)
+    if state.get("format") != INFERENCE_FORMAT:
+        state = _checked_checkpoint(Path(path), state, verify=False)
     return str(state.get("mlflow_run_id") or ""), int(state.get("global_step") or 0)

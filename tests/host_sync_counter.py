@@ -64,7 +64,7 @@ VALUE_SHAPED = {
     "bincount",
 }
 # checks whose CUDA branch is asynchronous (torch._assert_async); their CPU branch may sync
-ASYNC_ON_CUDA = {"_check_labels"}
+ASYNC_ON_CUDA = {"_check_labels", "positions_in"}
 
 
 class HostSyncCounter(TorchFunctionMode):

@@ -9,6 +9,12 @@ from __future__ import annotations
 import argparse
 import math
 
+# the positional CHECKPOINT of eval, score, export and curate score
+CHECKPOINT_HELP = (
+    "a training checkpoint (.ckpt; its .infer.pt beside it is read instead when it belongs to it) "
+    "or an inference file (.infer.pt: model and config only)"
+)
+
 
 def add_wait_lock_option(parser: argparse.ArgumentParser, writer: str) -> None:
     """`--wait-lock [SECONDS]`: wait for `writer` (who else may be writing the output) instead of refusing."""

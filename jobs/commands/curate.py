@@ -9,7 +9,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from jobs.commands.common import add_stage_tracking_options, add_wait_lock_option, stage_tracking_uri
+from jobs.commands.common import (
+    CHECKPOINT_HELP,
+    add_stage_tracking_options,
+    add_wait_lock_option,
+    stage_tracking_uri,
+)
 
 CURATE_DESCRIPTION = """\
 Clean a training set with a quality model: score every image, then keep images by a rule.
@@ -97,7 +102,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     score = sub.add_parser(
         "score", help="quality of every image", description=SCORE_DESCRIPTION, formatter_class=fmt
     )
-    score.add_argument("checkpoint", type=Path, help="training checkpoint (.ckpt)")
+    score.add_argument("checkpoint", type=Path, help=CHECKPOINT_HELP)
     score.add_argument("--data", type=Path, required=True, metavar="DATASET", help="converted dataset folder")
     score.add_argument(
         "--out", type=Path, required=True, metavar="DIR", help="output folder (quality.parquet)"

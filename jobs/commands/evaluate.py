@@ -12,6 +12,8 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from jobs.commands.common import CHECKPOINT_HELP
+
 if TYPE_CHECKING:
     from pipeline.evaluation.options import EvalOptions
 
@@ -197,7 +199,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=EVAL_DESCRIPTION + "\n" + OUTPUTS + EVAL_EXTRA_OUTPUTS,
         formatter_class=formatter,
     )
-    evaluate.add_argument("checkpoint", type=Path, help="training checkpoint (.ckpt)")
+    evaluate.add_argument("checkpoint", type=Path, help=CHECKPOINT_HELP)
     evaluate.add_argument(
         "--data", required=True, type=Path, help="folder of converted verification or identity-labelled sets"
     )
@@ -256,7 +258,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=SCORE_DESCRIPTION,
         formatter_class=formatter,
     )
-    score.add_argument("checkpoint", type=Path, help="training checkpoint (.ckpt)")
+    score.add_argument("checkpoint", type=Path, help=CHECKPOINT_HELP)
     score.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="image files or folders")
     score.add_argument("--out", required=True, type=Path, help="output table (.parquet or .csv)")
     score.add_argument("--column", default="quality", help="name of the quality column (default: quality)")
@@ -287,7 +289,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=EXPORT_DESCRIPTION,
         formatter_class=formatter,
     )
-    export.add_argument("checkpoint", type=Path, help="training checkpoint (.ckpt)")
+    export.add_argument("checkpoint", type=Path, help=CHECKPOINT_HELP)
     export.add_argument("--onnx", required=True, type=Path, help="output .onnx file")
     export.add_argument("--with-embedding", action="store_true", help="also output the embedding")
     export.add_argument("--opset", type=int, default=18, help="ONNX opset (default: 18)")

@@ -22,6 +22,13 @@ on the owner rank, all-reduce SUM) and NNCCS (the largest cosine to any other cl
 local max with the positive masked to −inf, all-reduce MAX). NNCCS is the true
 maximum of paper eq. (1), so it is negative when every negative cosine is; the
 CR-FIQA code masks the positive with −1e-12 instead, which floors NNCCS at ~0.
+
+Partial FC (`sample_rate` < 1, `pipeline.method.partial_fc`): the forward uses this step's
+sample of the shard's rows (a leaf tensor of its own, so the weight parameter gets no
+gradient); after backward, `step_sampled_rows(optimizer)` updates those rows and their
+momentum only. CCS is then taken row by row from the own prototype, and NNCCS over every
+row of the shard (`nnccs="exact"`) or over the step's sample (`"sampled"`). With
+`sample_rate` 1 none of this runs: the code path is the full classifier's.
 """
 
 from __future__ import annotations
@@ -35,6 +42,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import LossConfig
+from pipeline.method.partial_fc import (
+    draw_rows,
+    max_other_cosine,
+    positions_in,
+    sample_count,
+    sampled_sgd_step,
+    step_seed,
+)
 from pipeline.parallel.collectives import (
     ProcessGroup,
     all_gather_no_grad,
@@ -129,7 +144,9 @@ class ParallelMarginClassifier(nn.Module):
     `forward(local_embeddings, local_labels) -> MarginOutput` (collective: every rank
     calls it with the same local batch size). `similarity_stats(...)` gives CCS and
     NNCCS without gradient. `full_state` / `load_full_state` move the prototypes and
-    their SGD momentum in and out as unsharded [C, D] tensors by global class id.
+    their SGD momentum in and out as unsharded [C, D] tensors by global class id. With
+    `sample_rate` < 1 (Partial FC) call `step_sampled_rows(optimizer)` after the optimizer's
+    own step: it updates the rows the forward used.
     """
 
     def __init__(
@@ -144,6 +161,8 @@ class ParallelMarginClassifier(nn.Module):
         group: ProcessGroup = None,
         init_std: float = 0.01,
         seed: int = 0,
+        sample_rate: float = 1.0,
+        nnccs: Literal["exact", "sampled"] = "exact",
     ) -> None:
         super().__init__()
         size = world_size(group)
@@ -153,6 +172,10 @@ class ParallelMarginClassifier(nn.Module):
             )
         if margin not in ("arcface", "cosface"):
             raise ValueError(f"unknown margin {margin!r} (loss.margin): use 'arcface' or 'cosface'")
+        if not 0.0 < sample_rate <= 1.0:
+            raise ValueError(f"loss.partial_fc.sample_rate: {sample_rate} must lie in (0, 1]")
+        if nnccs not in ("exact", "sampled"):
+            raise ValueError(f"unknown loss.partial_fc.nnccs {nnccs!r}: use 'exact' or 'sampled'")
         self.num_classes = num_classes
         self.embedding_size = embedding_size
         self.margin = margin
@@ -160,6 +183,13 @@ class ParallelMarginClassifier(nn.Module):
         self.arc_margin = arc_margin
         self.cos_margin = cos_margin
         self.group = group
+        self.seed = seed
+        self.sample_rate = sample_rate
+        self.nnccs = nnccs
+        self.sampling = sample_rate < 1.0
+        # this step's sample (shard row ids) and its prototypes as a leaf tensor (Partial FC only)
+        self.sampled_rows: torch.Tensor | None = None
+        self._sampled_weight: torch.Tensor | None = None
         self.class_start, self.num_local = class_range(num_classes, rank(group), size)
         self.weight = nn.Parameter(
             _init_rows(self.class_start, self.num_local, embedding_size, init_std, seed)
@@ -175,7 +205,7 @@ class ParallelMarginClassifier(nn.Module):
         group: ProcessGroup = None,
         seed: int = 0,
     ) -> ParallelMarginClassifier:
-        """Built from `LossConfig` (margin kind, scale s, ArcFace m, CosFace m)."""
+        """Built from `LossConfig` (margin kind, scale s, ArcFace m, CosFace m, Partial FC)."""
         return cls(
             num_classes,
             embedding_size,
@@ -185,6 +215,8 @@ class ParallelMarginClassifier(nn.Module):
             cos_margin=loss_cfg.cos_margin,
             group=group,
             seed=seed,
+            sample_rate=loss_cfg.partial_fc.sample_rate,
+            nnccs=loss_cfg.partial_fc.nnccs,
         )
 
     # ------------------------------------------------------------------ forward
@@ -213,13 +245,41 @@ class ParallelMarginClassifier(nn.Module):
             target_cos > math.cos(math.pi - m), cos_theta_plus_m, target_cos - math.sin(math.pi - m) * m
         )
 
-    def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> MarginOutput:
-        """Margin-softmax loss of the global batch; collective."""
+    def forward(
+        self,
+        local_embeddings: torch.Tensor,
+        local_labels: torch.Tensor,
+        *,
+        step: int = 0,
+        rows: torch.Tensor | None = None,
+    ) -> MarginOutput:
+        """Margin-softmax loss of the global batch; collective.
+
+        Partial FC: `step` seeds this step's sample; `rows` (sorted shard row ids holding every
+        owned positive) replaces the draw.
+        """
+        if rows is not None and not self.sampling:
+            raise ValueError("rows are a Partial FC sample: they need sample_rate < 1")
         embeddings = all_gather_with_grad(local_embeddings, self.group)
         labels = all_gather_no_grad(local_labels.long(), self.group)
         local_target = self._local_targets(labels)
+        if self.sampling:
+            if rows is None:
+                count = sample_count(self.num_local, self.sample_rate, labels.shape[0])
+                seed = step_seed(self.seed, step, rank(self.group))
+                rows = draw_rows(local_target, self.num_local, count, seed)
+            self.sampled_rows = rows
+            self._sampled_weight = self.weight.detach().index_select(0, rows).requires_grad_()
+            weight = self._sampled_weight.to(embeddings.dtype)
+            cos = F.linear(F.normalize(embeddings, dim=1), F.normalize(weight, dim=1)).clamp(-1.0, 1.0)
+            return self._margin_loss(cos, positions_in(rows, local_target), labels)
+        return self._margin_loss(self._cosines(embeddings), local_target, labels)
+
+    def _margin_loss(
+        self, cos: torch.Tensor, local_target: torch.Tensor, labels: torch.Tensor
+    ) -> MarginOutput:
+        """The margin softmax over these columns; `local_target` is each sample's column or −1."""
         owned, index = _own_columns(local_target)
-        cos = self._cosines(embeddings)
         target_cos = cos.gather(1, index).squeeze(1)
         # rows of other shards write their own cosine back, unchanged
         with_margin = torch.where(owned, self._with_margin(target_cos), target_cos)
@@ -233,6 +293,8 @@ class ParallelMarginClassifier(nn.Module):
         """CCS and NNCCS (paper eq. 1) of the global batch, no gradient; collective."""
         embeddings = all_gather_no_grad(local_embeddings.detach(), self.group)
         labels = all_gather_no_grad(local_labels.long(), self.group)
+        if self.sampling:
+            return self._sampled_similarity_stats(embeddings, labels)
         owned, index = _own_columns(self._local_targets(labels))
         cos = self._cosines(embeddings)
         target_cos = cos.gather(1, index).squeeze(1)
@@ -241,6 +303,42 @@ class ParallelMarginClassifier(nn.Module):
         cos.scatter_(1, index, torch.where(owned, -math.inf, target_cos)[:, None])
         nnccs = all_reduce_(cos.amax(dim=1), "max", self.group)
         return SimilarityStats(ccs=ccs, nnccs=nnccs, labels=labels)
+
+    def _sampled_similarity_stats(self, embeddings: torch.Tensor, labels: torch.Tensor) -> SimilarityStats:
+        """Partial FC: CCS from each sample's own prototype; NNCCS over the shard or the step's sample."""
+        local_target = self._local_targets(labels)
+        owned, index = _own_columns(local_target)
+        unit = F.normalize(embeddings, dim=1)
+        own = F.normalize(self.weight.detach().index_select(0, index.squeeze(1)).to(unit.dtype), dim=1)
+        target_cos = (unit * own).sum(dim=1).clamp(-1.0, 1.0)
+        ccs = all_reduce_(torch.where(owned, target_cos, 0.0), "sum", self.group)
+        if self.nnccs == "exact":
+            local_max = max_other_cosine(unit, self.weight.detach(), local_target, None)
+        else:
+            if self.sampled_rows is None:
+                raise RuntimeError("loss.partial_fc.nnccs 'sampled' needs this step's forward first")
+            weight = self.weight.detach().index_select(0, self.sampled_rows)
+            local_max = max_other_cosine(unit, weight, local_target, self.sampled_rows)
+        nnccs = all_reduce_(local_max, "max", self.group)
+        return SimilarityStats(ccs=ccs, nnccs=nnccs, labels=labels)
+
+    @torch.no_grad()
+    def step_sampled_rows(self, optimizer: torch.optim.Optimizer) -> None:
+        """Partial FC: SGD on the rows the last forward used, from their gradient (after backward).
+
+        Nothing happens without a sample or its gradient (sample_rate 1: the optimizer's own
+        step updated the whole shard). The sample is consumed: a second call does nothing.
+        """
+        sampled, rows = self._sampled_weight, self.sampled_rows
+        self._sampled_weight = None
+        if sampled is None or rows is None or sampled.grad is None:
+            return
+        sampled_sgd_step(optimizer, self.weight, rows, sampled.grad)
+
+    @property
+    def sampled_grad(self) -> torch.Tensor | None:
+        """The gradient of the last forward's sampled prototypes [rows, D] (Partial FC), if any."""
+        return None if self._sampled_weight is None else self._sampled_weight.grad
 
     # ------------------------------------------------------------------ state
 

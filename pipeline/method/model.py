@@ -32,7 +32,6 @@ How the regression half passes BatchNorm in ``separate`` mode (`model.reg_bn`):
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -40,7 +39,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from pipeline.checkpoint import CheckpointError, load_checkpoint
+from pipeline.checkpoint import CheckpointError, load_model_state, state_dict_fingerprint
 from pipeline.config import ModelConfig, TrainConfig, config_from_dict
 from pipeline.method.backbones import build_backbone
 
@@ -148,12 +147,7 @@ def model_fingerprint(model: nn.Module) -> str:
     """A short content id of a model's weights: the first 16 hex of the SHA-256 over its state dict
     (names, dtypes, shapes and bytes, in name order). The same weights give the same id whichever
     checkpoint file (last.ckpt, step-N.ckpt, a copy) they were read from."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        value = tensor.detach().to("cpu").contiguous()
-        digest.update(f"{name}|{value.dtype}|{tuple(value.shape)}|".encode())
-        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
+    return state_dict_fingerprint(model.state_dict())
 
 
 def build_model(model_cfg: ModelConfig, *, quality_grad_to_backbone: bool = True) -> FIQAModel:
@@ -175,7 +169,8 @@ def build_model(model_cfg: ModelConfig, *, quality_grad_to_backbone: bool = True
 def inference_model_from_state(
     state: dict[str, Any], device: str | torch.device = "cpu"
 ) -> tuple[FIQAModel, TrainConfig]:
-    """(FIQAModel in eval mode on `device`, its TrainConfig) from a loaded training checkpoint."""
+    """(FIQAModel in eval mode on `device`, its TrainConfig) from a loaded training checkpoint or
+    inference file (`pipeline.checkpoint.load_model_state`)."""
     try:
         config = config_from_dict(state["config"])
         model = build_model(config.model)
@@ -190,8 +185,9 @@ def inference_model_from_state(
 def load_inference_model(
     path: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[FIQAModel, TrainConfig]:
-    """(FIQAModel in eval mode on `device`, its TrainConfig) from a training checkpoint file."""
-    state = load_checkpoint(path, map_location="cpu")
+    """(FIQAModel in eval mode on `device`, its TrainConfig) from an inference file or a training
+    checkpoint (read through its sibling inference file when there is one)."""
+    state = load_model_state(path, map_location="cpu")
     try:
         return inference_model_from_state(state, device)
     except CheckpointError as exc:

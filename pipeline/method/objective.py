@@ -97,8 +97,13 @@ class IGFIQAObjective(nn.Module):
         reg_quality: torch.Tensor,
         reg_labels: torch.Tensor,
         alpha: float,
+        *,
+        step: int = 0,
     ) -> ObjectiveOutput:
-        """One step on this rank's local halves with EMA momentum `alpha`; collective."""
+        """One step on this rank's local halves with EMA momentum `alpha`; collective.
+
+        `step` (the global step) seeds Partial FC's sample of classes (`loss.partial_fc`).
+        """
         if reg_quality.shape != reg_labels.shape or reg_embeddings.shape[0] != reg_labels.shape[0]:
             raise ValueError(
                 f"regression half: {tuple(reg_embeddings.shape)} embeddings, {tuple(reg_quality.shape)} "
@@ -107,7 +112,7 @@ class IGFIQAObjective(nn.Module):
         size, me = world_size(self.group), rank(self.group)
 
         # DDP averages over W ranks; scaling the embedding gradient by W makes that average exact.
-        margin = self.classifier(scale_grad(fr_embeddings, size), fr_labels)
+        margin = self.classifier(scale_grad(fr_embeddings, size), fr_labels, step=step)
         if self.loss_cfg.mode == "fr":
             return self._face_recognition_only(margin, fr_labels, reg_labels, alpha, me)
         stats = self.classifier.similarity_stats(reg_embeddings, reg_labels)

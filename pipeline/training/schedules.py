@@ -54,6 +54,7 @@ class StepValues:
 
     lr: float
     alpha: float
+    step: int = 0  # the global step (seeds Partial FC's sample of classes)
 
 
 @dataclass(frozen=True)
@@ -69,4 +70,4 @@ class TrainingSchedule:
         """Values for the step that starts after `global_step` steps are done."""
         lr = self.optim.lr * lr_factor(global_step, self.steps_per_epoch, self.optim)
         alpha = alpha_at(training_progress(global_step, self.total_steps), self.variance)
-        return StepValues(lr=lr, alpha=alpha)
+        return StepValues(lr=lr, alpha=alpha, step=global_step)

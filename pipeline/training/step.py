@@ -92,7 +92,13 @@ class TrainStep:
         if self.single_batch:
             reg_labels = fr_labels
         out = self.objective(
-            embeddings[:n_fr], fr_labels, embeddings[reg_rows], quality[reg_rows], reg_labels, values.alpha
+            embeddings[:n_fr],
+            fr_labels,
+            embeddings[reg_rows],
+            quality[reg_rows],
+            reg_labels,
+            values.alpha,
+            step=values.step,
         )
         # backward and update
         self.model_optimizer.zero_grad(set_to_none=True)
@@ -102,4 +108,7 @@ class TrainStep:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip)
         self.model_optimizer.step()
         self.classifier_optimizer.step()
+        # Partial FC: the classifier's weight had no gradient (the optimizer skipped it); its
+        # sampled rows and their momentum take the same SGD update here, the others none
+        self.objective.classifier.step_sampled_rows(self.classifier_optimizer)
         return out, quality[reg_rows]

@@ -445,3 +445,30 @@ def test_export_command_reports_parity(workspace, tmp_path, capsys):
     with torch.no_grad():
         _, expected = model(torch.from_numpy(images))
     np.testing.assert_allclose(quality, expected.numpy(), atol=1e-4)
+
+
+def test_eval_and_score_from_an_inference_file_equal_the_checkpoints(workspace, tmp_path):
+    """The inference file (model and config only) gives the same scores and evaluation as its checkpoint."""
+    from pipeline.checkpoint import build_inference_state, training_lineage
+
+    root, checkpoint, _ = workspace
+    infer = tmp_path / "tiny.infer.pt"
+    torch.save(build_inference_state(torch.load(checkpoint, weights_only=True)), infer)
+    assert training_lineage(infer) == training_lineage(checkpoint)
+    files = tmp_path / "files"
+    files.mkdir()
+    for key, data in list(_set_images(root, "lfw").items())[:12]:
+        (files / f"{key}.jpg").write_bytes(data)
+    results = {}
+    for name, model_file in (("ckpt", checkpoint), ("infer", infer)):
+        out = tmp_path / name
+        assert (
+            main(["score", str(model_file), str(files), "--out", str(out / "s.parquet"), "--no-progress"])
+            == 0
+        )
+        args = ["eval", str(model_file), "--data", str(root / "val"), "--out", str(out), "--fmr", "0.1"]
+        assert main([*args, "--no-track", "--no-progress"]) == 0
+        doc = json.loads((out / "results.json").read_text())
+        results[name] = (pd.read_parquet(out / "s.parquet"), doc["datasets"], doc["metadata"]["global_step"])
+    pd.testing.assert_frame_equal(results["infer"][0], results["ckpt"][0])
+    assert results["infer"][1] == results["ckpt"][1] and results["infer"][2] == 42

@@ -168,11 +168,16 @@ def test_checkpoints_are_pruned_and_load_with_weights_only(finished_run: Finishe
     config, result = finished_run.config, finished_run.result
     folder = Path(config.run.dir) / "checkpoints"
     # saves every 4 steps (4 … 28) and at the end (30); keep_checkpoints = 2
+    # each checkpoint with its inference file (model and config only)
     assert sorted(p.name for p in folder.iterdir()) == [
         "last.ckpt",
+        "last.infer.pt",
         "step-00000028.ckpt",
+        "step-00000028.infer.pt",
         "step-00000030.ckpt",
+        "step-00000030.infer.pt",
     ]
+    assert os.path.samefile(folder / "last.infer.pt", folder / "step-00000030.infer.pt")
     assert result.checkpoint == str(folder / "step-00000030.ckpt")
     assert os.path.samefile(folder / "last.ckpt", result.checkpoint)
 

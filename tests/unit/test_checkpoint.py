@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 from pipeline.checkpoint import (
+    INFERENCE_KEYS,
     LAST_NAME,
     REQUIRED_KEYS,
     CheckpointError,
@@ -16,14 +18,16 @@ from pipeline.checkpoint import (
     check_resumable,
     checkpoint_dir,
     find_resume_checkpoint,
+    inference_path,
     load_checkpoint,
+    load_model_state,
     load_resume_checkpoint,
     restore_training,
     save_checkpoint,
     training_lineage,
 )
 from pipeline.config import TrainConfig, config_from_dict, config_to_dict, replace_section
-from pipeline.method.model import build_model, load_inference_model
+from pipeline.method.model import build_model, load_inference_model, model_fingerprint
 from pipeline.method.objective import IGFIQAObjective
 
 CPU = torch.device("cpu")
@@ -263,3 +267,73 @@ def test_a_full_disk_is_one_clear_error_and_the_last_checkpoint_stays(tmp_path: 
     assert "no space left in" in error and "MB are free" in error and "the last checkpoint is intact" in error
     resumes = int(next(line for line in result.stdout.splitlines() if line.startswith("RESUMES")).split()[1])
     assert resumes >= 1
+
+
+def test_an_inference_file_beside_each_checkpoint_stands_in_for_it(tmp_path: Path) -> None:
+    """Each save writes step-N.infer.pt (model, config, fingerprints; no classifier, optimizer or
+    table) and last.infer.pt; its size does not grow with the class count; evaluation reads the
+    same model from it as from the checkpoint, and prefers it when it belongs to that checkpoint."""
+    config = _config(tmp_path)
+    parts = _Parts(config, seed=0)
+    parts.train_one_step()
+    big = IGFIQAObjective(50_000, config.model.embedding_size, config.loss, config.variance)
+    sizes = {}
+    for classes, objective, step in ((CLASSES, parts.objective, 5), (50_000, big, 10)):
+        state = build_training_state(
+            config=config,
+            model=parts.model,
+            model_optimizer=parts.model_optimizer,
+            sharded=objective.full_state(optimizer=parts.classifier_optimizer),
+            position=TrainingPosition(global_step=step),
+            scheduler={},
+            mlflow_run_id="run-9",
+            world_size=1,
+            reason="periodic",
+            device=CPU,
+            extra={"dataset_fingerprint": "abc"},
+        )
+        path = save_checkpoint(state, config.run.dir, keep=1)
+        sizes[classes] = (path.stat().st_size, inference_path(path).stat().st_size)
+    folder = checkpoint_dir(config.run.dir)
+    # the older step's pair was pruned together
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "last.ckpt",
+        "last.infer.pt",
+        "step-00000010.ckpt",
+        "step-00000010.infer.pt",
+    ]
+    ckpt, infer = folder / "step-00000010.ckpt", folder / "step-00000010.infer.pt"
+    assert os.path.samefile(folder / "last.infer.pt", infer)
+    # 50k classes x 16: the checkpoint carries 2 x 3.2 MB of classifier and momentum, the inference file none
+    assert sizes[50_000][1] * 4 < sizes[50_000][0]
+    assert abs(sizes[50_000][1] - sizes[CLASSES][1]) < 512  # independent of C
+    small = torch.load(infer, weights_only=True)
+    assert set(small) == {*INFERENCE_KEYS, "payload_xxh128"}
+    assert small["checkpoint_digest"] == load_checkpoint(ckpt)["payload_xxh128"]
+    assert small["model_fingerprint"] == model_fingerprint(parts.model)
+    assert training_lineage(infer) == training_lineage(ckpt) == ("run-9", 10)
+
+    # the same model, config and outputs from either file
+    from_infer, config_a = load_inference_model(infer)
+    infer.rename(tmp_path / "aside.infer.pt")  # no sibling: the checkpoint is read whole
+    from_ckpt, config_b = load_inference_model(ckpt)
+    assert config_a == config_b == config
+    images = torch.randn(3, 3, 112, 112)
+    with torch.inference_mode():
+        for a, b in zip(from_infer(images), from_ckpt(images)):
+            assert torch.equal(a, b)
+    assert model_fingerprint(from_infer) == model_fingerprint(from_ckpt) == small["model_fingerprint"]
+    assert "classifier" in load_model_state(ckpt)
+    # with its own sibling back, a checkpoint is read through it; a sibling of another save is ignored
+    (tmp_path / "aside.infer.pt").rename(infer)
+    assert load_model_state(ckpt)["format"] == "igfiqa-inference"
+    save_checkpoint({**load_checkpoint(ckpt), "global_step": 11}, config.run.dir, keep=5)
+    os.replace(folder / "step-00000011.infer.pt", infer)
+    assert "classifier" in load_model_state(ckpt)
+    # training refuses an inference file with a pointer to the checkpoint
+    with pytest.raises(CheckpointError, match=r"an inference file .* step-00000010\.ckpt"):
+        load_checkpoint(infer)
+    # a corrupt inference file given directly is one clear error
+    torch.save({**small, "global_step": 12}, infer)
+    with pytest.raises(CheckpointError, match="does not match its checksum"):
+        load_model_state(infer)

@@ -24,10 +24,19 @@ from pipeline.training.trainer import Trainer
 from tests.host_sync_counter import HostSyncCounter
 from tests.train_fixtures import new_mlflow_store, tiny_config
 
+# Partial FC: 12 of the tiny set's 40 classes per step (ceil(0.3 × 40), more than the FR half of 8)
+PARTIAL_FC = {"partial_fc": {"sample_rate": 0.3, "nnccs": "exact"}}
 
-def _trainer(dataset: Path, tmp_path: Path, device: str, **run: Any) -> Trainer:
+
+def _trainer(
+    dataset: Path, tmp_path: Path, device: str, loss: dict[str, Any] | None = None, **run: Any
+) -> Trainer:
     config = tiny_config(
-        dataset, tmp_path / "run", f"sqlite:///{tmp_path / 'mlflow.db'}", run={"device": device, **run}
+        dataset,
+        tmp_path / "run",
+        f"sqlite:///{tmp_path / 'mlflow.db'}",
+        run={"device": device, **run},
+        loss=loss or {},
     )
     return Trainer(config, DistEnv.single(), torch.device(device), lambda: 0, "")
 
@@ -72,6 +81,27 @@ def test_a_step_makes_no_host_sync(trainer: Trainer, batches: list[tuple[Any, An
         assert counter.calls == [], f"step {step} synchronises the host: {counter.calls}"
 
 
+def test_a_partial_fc_step_makes_no_host_sync(
+    tiny_train_dataset: Path, mlflow_store_template: Path, tmp_path: Path
+) -> None:
+    """The sample's draw, the exact and the sampled NNCCS and the rows' SGD update wait for nothing."""
+    new_mlflow_store(mlflow_store_template, tmp_path)
+    made = _trainer(tiny_train_dataset, tmp_path, "cpu", loss=PARTIAL_FC, log_every=100)
+    try:
+        made.ddp_model.train()
+        made.objective.train()
+        for step, (batch, values) in enumerate(_steps(made, 2), start=1):
+            made.objective.classifier.nnccs = ("exact", "sampled")[step - 1]
+            with HostSyncCounter() as counter:
+                _step_and_meter(made, batch, values, step)
+            assert counter.calls == [], f"step {step} synchronises the host: {counter.calls}"
+            rows = made.objective.classifier.sampled_rows
+            assert rows is not None and rows.numel() < made.objective.classifier.num_local
+    finally:
+        made.loader.close()
+        made.monitor.close()
+
+
 # a host synchronisation slipped into the objective's forward, and the call the counter names
 LEAKS: dict[str, tuple[Callable[[Any], object], str]] = {
     "item": (lambda out: out.loss_arc.item(), "item"),
@@ -86,8 +116,8 @@ LEAKS: dict[str, tuple[Callable[[Any], object], str]] = {
 def _leak_into_the_objective(trainer: Trainer, monkeypatch: pytest.MonkeyPatch, leak: Callable) -> None:
     forward = type(trainer.objective).forward
 
-    def leaky(self: Any, *args: Any) -> Any:
-        out = forward(self, *args)
+    def leaky(self: Any, *args: Any, **kwargs: Any) -> Any:
+        out = forward(self, *args, **kwargs)
         leak(out)
         return out
 
@@ -125,8 +155,11 @@ def test_host_work_and_casts_in_the_step_are_not_syncs(
 
 
 @pytest.mark.gpu
-def test_a_cuda_step_runs_under_sync_debug_error(tiny_train_dataset: Path, tmp_path: Path) -> None:
-    made = _trainer(tiny_train_dataset, tmp_path, "cuda", log_every=100, deterministic=False)
+@pytest.mark.parametrize("loss", [{}, PARTIAL_FC], ids=["full", "partial_fc"])
+def test_a_cuda_step_runs_under_sync_debug_error(
+    tiny_train_dataset: Path, tmp_path: Path, loss: dict[str, Any]
+) -> None:
+    made = _trainer(tiny_train_dataset, tmp_path, "cuda", loss=loss, log_every=100, deterministic=False)
     try:
         steps = list(_steps(made, 3))
         _step_and_meter(made, *steps[0], 1)  # warm-up: lazy CUDA initialisation may sync once

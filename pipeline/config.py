@@ -174,6 +174,33 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class PerfConfig:
+    """How the training step runs, not what it computes: each switch changes speed and float rounding
+    only, so a run may resume with other values (pipeline/training/perf.py applies them).
+
+    - `channels_last` (true): every iResNet's convolutions in NHWC. On a GPU cuDNN's bf16
+      convolutions (tensor cores) run in NHWC and an NCHW model pays a transpose around each one;
+      PyTorch's CPU convolutions (oneDNN) also prefer it (README "Speed": the CPU profile of
+      iResNet-50). false keeps NCHW (the builders' plain layout).
+    - `optimizer_impl` (auto): torch.optim.SGD's implementation. loop: one parameter at a time;
+      foreach: one multi-tensor kernel per operation over all parameters; fused: one kernel for the
+      whole update. auto = fused on CUDA (fewest launches and memory passes; pending the GPU
+      check's measurement, benchmarks/gpu_check.sh), loop on CPU (what this step always ran there).
+      All three compute the same update (tests/unit/test_perf_levers.py).
+    - `compile` (none): `torch.compile` of the backbone (Inductor: fuses BatchNorm, PReLU and the
+      residual add into the convolutions' neighbours). none on CPU and, until the GPU check has
+      measured it, on CUDA: compiling iResNet-50 takes minutes at start-up and at every new input
+      shape. The whole step is not compiled: its objective calls collectives across the classifier
+      shards and updates the variance table in place, which a compiled graph breaks around, so
+      the backbone is where the time and the exactness test are.
+    """
+
+    channels_last: bool = True
+    optimizer_impl: Literal["auto", "loop", "foreach", "fused"] = "auto"
+    compile: Literal["none", "backbone"] = "none"
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Everything one training run needs."""
 
@@ -183,6 +210,7 @@ class TrainConfig:
     variance: VarianceConfig = field(default_factory=VarianceConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)
 
 
 # --------------------------------------------------------------------------- loading

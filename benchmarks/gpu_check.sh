@@ -92,11 +92,11 @@ fi
 if want levers; then
   if $dry_run; then
     lever_args=(--device cpu --backbone iresnet_mini --embedding 32 --classes 40 --fr-batch 2 --reg-batch 2
-      --warmup 1 --steps 1 --variants "${LEVER_VARIANTS:-nchw,channels_last,foreach}")
+      --warmup 1 --steps 1 --variants "${LEVER_VARIANTS:-nchw,channels_last,channels_last+foreach}")
     note "levers: dry run on the CPU (iresnet_mini, 2 + 2 images, eager variants only): not a measurement"
   else
     lever_args=(--device cuda --backbone iresnet50 --fr-batch 256 --reg-batch 256 --fp16 --warmup 3 --steps 10
-      --variants "${LEVER_VARIANTS:-nchw+foreach,channels_last,channels_last+fused,channels_last+fused+compile}")
+      --variants "${LEVER_VARIANTS:-nchw+foreach,channels_last+foreach,channels_last+fused,channels_last+fused+compile}")
   fi
   part levers 300 "$out/levers.log" "$PY" benchmarks/step_profile.py "${lever_args[@]}" --trace-dir "$out/traces"
   grep '^{"variant"' "$out/levers.log" > "$out/levers.jsonl"

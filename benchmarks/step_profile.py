@@ -44,16 +44,25 @@ from pipeline.training.step import TrainStep
 
 log = logging.getLogger("bench.step_profile")
 
-# variant name → perf values; nchw with the torch default SGD (auto resolves to it on CPU; torch's own
-# default on CUDA is foreach) is what the step ran before the perf switches existed
+# variant name → perf values. nchw with the SGD loop is what the step ran on CPU before the perf
+# switches existed, nchw+foreach what it ran on CUDA (torch's own default there)
 VARIANTS: dict[str, dict[str, Any]] = {
-    "nchw": {"channels_last": False, "optimizer_impl": "loop", "compile": "none"},
-    "nchw+foreach": {"channels_last": False, "optimizer_impl": "foreach", "compile": "none"},
-    "channels_last": {"channels_last": True, "optimizer_impl": "loop", "compile": "none"},
-    "foreach": {"channels_last": True, "optimizer_impl": "foreach", "compile": "none"},
-    "channels_last+fused": {"channels_last": True, "optimizer_impl": "fused", "compile": "none"},
-    "channels_last+fused+compile": {"channels_last": True, "optimizer_impl": "fused", "compile": "backbone"},
-    "nchw+compile": {"channels_last": False, "optimizer_impl": "foreach", "compile": "backbone"},
+    "nchw": {"memory_format": "contiguous", "optimizer_impl": "loop", "compile": "none"},
+    "nchw+foreach": {"memory_format": "contiguous", "optimizer_impl": "foreach", "compile": "none"},
+    "channels_last": {"memory_format": "channels_last", "optimizer_impl": "loop", "compile": "none"},
+    "channels_last+foreach": {
+        "memory_format": "channels_last",
+        "optimizer_impl": "foreach",
+        "compile": "none",
+    },
+    "channels_last+fused": {"memory_format": "channels_last", "optimizer_impl": "fused", "compile": "none"},
+    "channels_last+fused+compile": {
+        "memory_format": "channels_last",
+        "optimizer_impl": "fused",
+        "compile": "backbone",
+    },
+    "nchw+compile": {"memory_format": "contiguous", "optimizer_impl": "foreach", "compile": "backbone"},
+    "nchw+fused+compile": {"memory_format": "contiguous", "optimizer_impl": "fused", "compile": "backbone"},
 }
 
 # self-time categories, by op or kernel name (first match wins); MEMORY_BOUND are the ones that move
@@ -128,18 +137,22 @@ def _under_optimizer(event: Any) -> bool:
 
 
 def profile_rows(prof: Any, device: torch.device) -> list[tuple[str, str, float]]:
-    """(name, category, seconds) of each profiled op's self CPU time (CPU) or each kernel's device
-    time (CUDA, kernels found through the op that launched them); anything the optimizer ran is
-    `optimizer`, whatever its name."""
+    """(name, category, seconds) of each profiled op's self CPU time (CPU) or each CUDA kernel's
+    duration (every device event, each once; the op that launched it, found by correlation id,
+    says whether the optimizer did); anything the optimizer ran is `optimizer`, whatever its name."""
+    events = list(prof.events())
+    cpu = torch.autograd.DeviceType.CPU
+    launched_by = {event.id: event for event in events if event.device_type == cpu}
     rows = []
-    for event in prof.events():
-        in_optimizer = _under_optimizer(event)
+    for event in events:
         if device.type == "cuda":
-            for kernel in event.kernels:
-                label = "optimizer" if in_optimizer else category(kernel.name)
-                rows.append((kernel.name, label, kernel.duration / 1e6))
-        elif event.device_type == torch.autograd.DeviceType.CPU and not event.name.startswith(_MARKERS):
-            label = "optimizer" if in_optimizer else category(event.name)
+            if event.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            parent = launched_by.get(getattr(event, "linked_correlation_id", 0))
+            label = "optimizer" if parent is not None and _under_optimizer(parent) else category(event.name)
+            rows.append((event.name, label, (event.time_range.end - event.time_range.start) / 1e6))
+        elif event.device_type == cpu and not event.name.startswith(_MARKERS):
+            label = "optimizer" if _under_optimizer(event) else category(event.name)
             rows.append((event.name, label, event.self_cpu_time_total / 1e6))
     return [row for row in rows if row[2] > 0]
 
@@ -239,7 +252,9 @@ def main() -> None:
     parser.add_argument("--profile-steps", type=int, default=1)
     parser.add_argument("--top", type=int, default=8, help="top entries by time in each summary")
     parser.add_argument(
-        "--variants", default="nchw,channels_last,foreach", help=f"comma-separated, of {', '.join(VARIANTS)}"
+        "--variants",
+        default="nchw,channels_last,channels_last+foreach",
+        help=f"comma-separated, of {', '.join(VARIANTS)}",
     )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--trace-dir", type=Path, default=None, help="write NAME.json.gz Chrome traces here")

@@ -76,7 +76,7 @@ CHANGEABLE_ON_RESUME = frozenset(
         "run.validation_fmrs",
         "run.select_by",
         # how the step runs, not what it computes (pipeline/training/perf.py): float rounding only
-        "perf.channels_last",
+        "perf.memory_format",
         "perf.optimizer_impl",
         "perf.compile",
     }

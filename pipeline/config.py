@@ -178,24 +178,26 @@ class PerfConfig:
     """How the training step runs, not what it computes: each switch changes speed and float rounding
     only, so a run may resume with other values (pipeline/training/perf.py applies them).
 
-    - `channels_last` (true): every iResNet's convolutions in NHWC. On a GPU cuDNN's bf16
-      convolutions (tensor cores) run in NHWC and an NCHW model pays a transpose around each one;
-      PyTorch's CPU convolutions (oneDNN) also prefer it (README "Speed": the CPU profile of
-      iResNet-50). false keeps NCHW (the builders' plain layout).
+    - `memory_format` (auto): the backbone's convolutions in NHWC (channels_last) or NCHW
+      (contiguous). auto = channels_last on CUDA, where cuDNN's bf16 tensor-core convolutions run
+      in NHWC and an NCHW model pays a transpose around each one (pending the GPU check's
+      measurement, benchmarks/gpu_check.sh); on CPU each backbone's own layout: NHWC for
+      iresnet_tiny/small (measured faster there), NCHW for the others, because on iResNet-50 NHWC
+      made oneDNN's convolutions faster and BatchNorm as much slower (README "Speed").
     - `optimizer_impl` (auto): torch.optim.SGD's implementation. loop: one parameter at a time;
       foreach: one multi-tensor kernel per operation over all parameters; fused: one kernel for the
-      whole update. auto = fused on CUDA (fewest launches and memory passes; pending the GPU
-      check's measurement, benchmarks/gpu_check.sh), loop on CPU (what this step always ran there).
-      All three compute the same update (tests/unit/test_perf_levers.py).
-    - `compile` (none): `torch.compile` of the backbone (Inductor: fuses BatchNorm, PReLU and the
-      residual add into the convolutions' neighbours). none on CPU and, until the GPU check has
-      measured it, on CUDA: compiling iResNet-50 takes minutes at start-up and at every new input
-      shape. The whole step is not compiled: its objective calls collectives across the classifier
-      shards and updates the variance table in place, which a compiled graph breaks around, so
-      the backbone is where the time and the exactness test are.
+      whole update. auto = fused on CUDA (fewest launches and passes over memory; pending the GPU
+      check), loop on CPU (the optimizer is ~4 % of an iResNet-50 step there, foreach no faster).
+      All three give bit-identical weights (tests/unit/test_perf_levers.py).
+    - `compile` (none): `torch.compile` of the backbone (Inductor fuses BatchNorm, PReLU and the
+      residual add around the convolutions). none until the GPU check has measured it: compiling
+      takes minutes at start-up (2.5 min for iresnet_mini's training graphs on 2 CPU cores) and again
+      for a new input shape. The whole step is not compiled: its objective calls collectives across
+      the classifier shards and updates the variance table in place, which break a compiled graph,
+      and the backbone is where the time is.
     """
 
-    channels_last: bool = True
+    memory_format: Literal["auto", "channels_last", "contiguous"] = "auto"
     optimizer_impl: Literal["auto", "loop", "foreach", "fused"] = "auto"
     compile: Literal["none", "backbone"] = "none"
 

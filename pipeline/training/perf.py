@@ -21,6 +21,21 @@ log = logging.getLogger(__name__)
 OPTIMIZER_IMPLS = ("loop", "foreach", "fused")
 
 
+def resolve_channels_last(memory_format: str, device: torch.device, model: nn.Module) -> bool:
+    """`perf.memory_format` on `device` as a yes/no: auto → NHWC on CUDA, and on CPU the layout
+    the backbone's builder chose (its `channels_last` attribute; NCHW when it has none)."""
+    if memory_format == "auto":
+        if device.type == "cuda":
+            return True
+        backbone = getattr(model, "backbone", model)
+        return bool(getattr(backbone, "channels_last", False))
+    if memory_format not in ("channels_last", "contiguous"):
+        raise ValueError(
+            f"perf.memory_format: unknown {memory_format!r}, use auto, channels_last or contiguous"
+        )
+    return memory_format == "channels_last"
+
+
 def apply_channels_last(model: nn.Module, channels_last: bool) -> None:
     """Every conv weight (and each backbone's input) in NHWC when `channels_last`, else NCHW.
 

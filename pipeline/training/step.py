@@ -28,7 +28,8 @@ class TrainStep:
             device
         )
         # the perf switches (pipeline/training/perf.py): the layout before DDP builds its buckets
-        perf.apply_channels_last(self.model, config.perf.channels_last)
+        self.channels_last = perf.resolve_channels_last(config.perf.memory_format, device, self.model)
+        perf.apply_channels_last(self.model, self.channels_last)
         # loss.mode fr: nothing trains the quality head, so it is frozen (DDP then waits for no
         # gradient of it) and only the FR half is forwarded (there is no regression half)
         self.face_recognition_only = config.loss.mode == "fr"

@@ -20,7 +20,7 @@ import torch
 from pipeline.config import ConfigError, TrainConfig, config_from_dict
 from pipeline.method.backbones import build_backbone
 from pipeline.method.model import regression_batch_norm
-from pipeline.training.perf import apply_channels_last, resolve_optimizer_impl
+from pipeline.training.perf import resolve_channels_last, resolve_optimizer_impl
 from pipeline.training.schedules import StepValues
 from pipeline.training.step import TrainStep
 
@@ -89,7 +89,7 @@ def _assert_states(got: dict[str, torch.Tensor], expected: dict[str, torch.Tenso
 
 def test_the_defaults_and_a_bad_value() -> None:
     perf = TrainConfig().perf
-    assert (perf.channels_last, perf.optimizer_impl, perf.compile) == (True, "auto", "none")
+    assert (perf.memory_format, perf.optimizer_impl, perf.compile) == ("auto", "auto", "none")
     with pytest.raises(ConfigError, match=r"perf\.compile"):
         config_from_dict({"perf": {"compile": "step"}})
     with pytest.raises(ConfigError, match=r"perf\.optimizer_impl"):
@@ -104,25 +104,34 @@ def test_auto_is_fused_on_cuda_and_the_loop_on_cpu_and_fused_falls_back_with_a_r
     assert fallback.impl == "foreach" and "no fused SGD on meta" in fallback.reason
 
 
+def test_auto_memory_format_is_nhwc_on_cuda_and_the_backbones_own_on_cpu() -> None:
+    tiny, mini = (build_backbone(name, embedding_size=EMBEDDING) for name in ("iresnet_tiny", "iresnet_mini"))
+    assert resolve_channels_last("auto", torch.device("cuda", 0), mini)
+    assert resolve_channels_last("auto", CPU, tiny) and not resolve_channels_last("auto", CPU, mini)
+    assert resolve_channels_last("channels_last", CPU, mini) and not resolve_channels_last(
+        "contiguous", CPU, tiny
+    )
+
+
 # --------------------------------------------------------------------------- the SGD kernels
 
 
-@pytest.mark.parametrize("impl", ["foreach", "fused"])
-def test_foreach_and_fused_sgd_train_the_same_weights_as_the_loop(impl: str) -> None:
-    step = _trained(_config(2, optimizer_impl=impl), steps=3)
+def test_foreach_and_fused_sgd_train_the_same_weights_as_the_loop() -> None:
     expected = _trained(_config(2, optimizer_impl="loop"), steps=3)
-    assert step.optimizer_choice.impl == impl  # this torch has both on CPU: no fallback
-    assert (
-        step.model_optimizer.param_groups[0][impl] and not expected.model_optimizer.param_groups[0]["foreach"]
-    )
-    _assert_states(_state(step), _state(expected), exact=True)
+    assert not expected.model_optimizer.param_groups[0]["foreach"]
+    for impl in ("foreach", "fused"):
+        step = _trained(_config(2, optimizer_impl=impl), steps=3)
+        assert step.optimizer_choice.impl == impl  # this torch has both on CPU: no fallback
+        assert step.model_optimizer.param_groups[0][impl] and step.classifier_optimizer.param_groups[0][impl]
+        _assert_states(_state(step), _state(expected), exact=True)
 
 
 # --------------------------------------------------------------------------- the memory layout
 
 
 def test_channels_last_puts_every_conv_in_nhwc_and_trains_as_nchw() -> None:
-    nhwc, nchw = _trained(_config(4, channels_last=True), 2), _trained(_config(4, channels_last=False), 2)
+    nhwc = _trained(_config(4, memory_format="channels_last"), 2)
+    nchw = _trained(_config(4, memory_format="contiguous"), 2)
     convs = [m.weight for m in nhwc.model.modules() if isinstance(m, torch.nn.Conv2d)]
     assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
     assert not all(w.is_contiguous() for w in convs)
@@ -139,8 +148,7 @@ def test_the_compiled_backbone_gives_eager_outputs_and_gradients() -> None:
     """In train mode (the FR half) and eval mode (the regression half's BN on running statistics),
     each with a backward, as a step runs them: the same graphs the step tests then reuse."""
     torch.manual_seed(0)
-    eager = build_backbone("iresnet_mini", embedding_size=EMBEDDING, dropout=0.0)
-    apply_channels_last(eager, True)
+    eager = build_backbone("iresnet_mini", embedding_size=EMBEDDING, dropout=0.0)  # NCHW, as auto on CPU
     compiled = copy.deepcopy(eager)
     compiled.compile()
     images = torch.randn(HALF, 3, 112, 112, generator=torch.Generator().manual_seed(2))

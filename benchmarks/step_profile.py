@@ -69,13 +69,16 @@ VARIANTS: dict[str, dict[str, Any]] = {
 # bytes rather than do arithmetic at a 112-px ResNet's sizes
 CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
     ("optimizer", ("sgd", "multi_tensor_apply", "_foreach_", "fused_sgd")),
-    ("conv", ("conv", "mkldnn_convolution", "cudnn", "implicit_gemm", "xmma_fprop", "dgrad", "wgrad")),
+    # Inductor's fused kernels before the rest: their names list the ops they fuse (batch_norm, ...)
+    ("fused_pointwise", ("cpp_fused", "triton_poi", "triton_red", "triton_per")),
+    # cuDNN's BatchNorm and layout kernels before the convolutions (their names say cudnn too)
     ("batchnorm", ("batch_norm", "batchnorm", "bn_fw", "bn_bw", "welford")),
     ("prelu", ("prelu",)),
+    ("copy_layout", ("nchwtonhwc", "nhwctonchw", "transpose", "permute")),
+    ("conv", ("conv", "mkldnn_convolution", "cudnn", "implicit_gemm", "xmma_fprop", "dgrad", "wgrad")),
     ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "gemm", "matmul", "cutlass", "sm90_", "sm80_")),
-    ("fused_pointwise", ("cpp_fused", "triton_poi", "triton_red", "triton_per")),
     ("compiled_region", ("compiledfunction", "compiled region", "inductor")),
-    ("copy_layout", ("copy", "contiguous", "clone", "_to_copy", "aten::to", "transpose", "permute", "cat")),
+    ("copy_layout", ("copy", "contiguous", "clone", "_to_copy", "aten::to", "aten::cat", "cat_")),
     (
         "elementwise",
         ("add", "mul", "sub", "div", "where", "fill", "zero", "neg", "exp", "log", "sqrt", "pow"),

@@ -191,8 +191,8 @@ class PerfConfig:
       All three give bit-identical weights (tests/unit/test_perf_levers.py).
     - `compile` (none): `torch.compile` of the backbone (Inductor fuses BatchNorm, PReLU and the
       residual add around the convolutions). none until the GPU check has measured it: compiling
-      takes minutes at start-up (2.5 min for iresnet_mini's training graphs on 2 CPU cores) and again
-      for a new input shape. The whole step is not compiled: its objective calls collectives across
+      takes minutes at start-up (~4 min for iresnet_mini's train- and eval-mode graphs on 2 shared CPU
+      cores) and again for a new input shape. The whole step is not compiled: its objective calls collectives across
       the classifier shards and updates the variance table in place, which break a compiled graph,
       and the backbone is where the time is.
     """

@@ -51,16 +51,16 @@ def _config(half: int = HALF, **perf: Any) -> TrainConfig:
     )
 
 
-def _trained(config: TrainConfig, steps: int) -> TrainStep:
+def _trained(config: TrainConfig, steps: int, device: torch.device = CPU) -> TrainStep:
     """A TrainStep of `config` (weights drawn from seed 0) after `steps` steps on fixed images."""
     torch.manual_seed(0)
-    step = TrainStep(config, num_classes=CLASSES, device=CPU, world_size=1)
+    step = TrainStep(config, num_classes=CLASSES, device=device, world_size=1)
     step.train()
     data = torch.Generator().manual_seed(1)
     half = config.data.fr_batch
     for _ in range(steps):
-        images = torch.randn(2 * half, 3, 112, 112, generator=data)
-        labels = torch.randint(0, CLASSES, (2 * half,), generator=data)
+        images = torch.randn(2 * half, 3, 112, 112, generator=data).to(device)
+        labels = torch.randint(0, CLASSES, (2 * half,), generator=data).to(device)
         step(images[:half], labels[:half], images[half:], labels[half:], StepValues(lr=0.05, alpha=0.9))
     return step
 
@@ -138,6 +138,17 @@ def test_channels_last_puts_every_conv_in_nhwc_and_trains_as_nchw() -> None:
     plain = [m.weight for m in nchw.model.modules() if isinstance(m, torch.nn.Conv2d)]
     assert all(w.is_contiguous() for w in plain) and nchw.model.backbone.channels_last is False
     _assert_states(_state(nhwc), _state(nchw), exact=False)
+
+
+@pytest.mark.gpu
+def test_on_cuda_the_auto_switches_train_as_nchw_and_foreach_did(no_tf32: Any) -> None:
+    """auto on CUDA (NHWC, fused SGD) against what the step ran there before (NCHW, torch's
+    default foreach), in float32 with TF32 off."""
+    cuda = torch.device("cuda", 0)
+    new = _trained(_config(4), 2, cuda)
+    old = _trained(_config(4, memory_format="contiguous", optimizer_impl="foreach"), 2, cuda)
+    assert new.channels_last and new.optimizer_choice.impl == "fused" and not old.channels_last
+    _assert_states(_state(new), _state(old), exact=False)
 
 
 # --------------------------------------------------------------------------- torch.compile

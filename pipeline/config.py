@@ -188,13 +188,14 @@ class PerfConfig:
       foreach: one multi-tensor kernel per operation over all parameters; fused: one kernel for the
       whole update. auto = fused on CUDA (fewest launches and passes over memory; pending the GPU
       check), loop on CPU (the optimizer is ~4 % of an iResNet-50 step there, foreach no faster).
-      All three give bit-identical weights (tests/unit/test_perf_levers.py).
+      On CPU all three give bit-identical weights (tests/unit/test_perf_levers.py).
     - `compile` (none): `torch.compile` of the backbone (Inductor fuses BatchNorm, PReLU and the
       residual add around the convolutions). none until the GPU check has measured it: compiling
-      takes minutes at start-up (~4 min for iresnet_mini's train- and eval-mode graphs on 2 shared CPU
-      cores) and again for a new input shape. The whole step is not compiled: its objective calls collectives across
-      the classifier shards and updates the variance table in place, which break a compiled graph,
-      and the backbone is where the time is.
+      takes minutes at start-up (~4 min for iresnet_mini's train- and eval-mode graphs on 2 shared
+      CPU cores) and again for a new input shape. The whole step is not compiled: the backbone's
+      convolutions, BatchNorm and PReLU hold ~85 % of an iResNet-50 step (README "Speed"); compiling the
+      objective (collectives over the classifier shards) and SGD would need exactness tests of
+      their own for the few per cent left.
     """
 
     memory_format: Literal["auto", "channels_last", "contiguous"] = "auto"

@@ -99,6 +99,10 @@ CHANGEABLE_ON_RESUME = frozenset(
         "run.validation_sets",
         "run.validation_fmrs",
         "run.select_by",
+        # how the step runs, not what it computes (pipeline/training/perf.py): float rounding only
+        "perf.memory_format",
+        "perf.optimizer_impl",
+        "perf.compile",
     }
 )
 

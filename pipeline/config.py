@@ -200,6 +200,36 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class PerfConfig:
+    """How the training step runs, not what it computes: each switch changes speed and float rounding
+    only, so a run may resume with other values (pipeline/training/perf.py applies them).
+
+    - `memory_format` (auto): the backbone's convolutions in NHWC (channels_last) or NCHW
+      (contiguous). auto = channels_last on CUDA, where cuDNN's bf16 tensor-core convolutions run
+      in NHWC and an NCHW model pays a transpose around each one (pending the GPU check's
+      measurement, benchmarks/gpu_check.sh); on CPU each backbone's own layout: NHWC for
+      iresnet_tiny/small (measured faster there), NCHW for the others, because on iResNet-50 NHWC
+      made oneDNN's convolutions faster and BatchNorm as much slower (README "Speed").
+    - `optimizer_impl` (auto): torch.optim.SGD's implementation. loop: one parameter at a time;
+      foreach: one multi-tensor kernel per operation over all parameters; fused: one kernel for the
+      whole update. auto = fused on CUDA (fewest launches and passes over memory; pending the GPU
+      check), loop on CPU (the optimizer is ~4 % of an iResNet-50 step there, foreach no faster).
+      On CPU all three give bit-identical weights (tests/unit/test_perf_levers.py).
+    - `compile` (none): `torch.compile` of the backbone (Inductor fuses BatchNorm, PReLU and the
+      residual add around the convolutions). none until the GPU check has measured it: compiling
+      takes minutes at start-up (~4 min for iresnet_mini's train- and eval-mode graphs on 2 shared
+      CPU cores) and again for a new input shape. The whole step is not compiled: the backbone's
+      convolutions, BatchNorm and PReLU hold ~85 % of an iResNet-50 step (README "Speed"); compiling the
+      objective (collectives over the classifier shards) and SGD would need exactness tests of
+      their own for the few per cent left.
+    """
+
+    memory_format: Literal["auto", "channels_last", "contiguous"] = "auto"
+    optimizer_impl: Literal["auto", "loop", "foreach", "fused"] = "auto"
+    compile: Literal["none", "backbone"] = "none"
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Everything one training run needs."""
 
@@ -209,6 +239,7 @@ class TrainConfig:
     variance: VarianceConfig = field(default_factory=VarianceConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)
 
 
 # --------------------------------------------------------------------------- loading

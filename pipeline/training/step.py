@@ -15,6 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 from pipeline.config import TrainConfig
 from pipeline.method.model import build_model
 from pipeline.method.objective import IGFIQAObjective, ObjectiveOutput
+from pipeline.training import perf
 from pipeline.training.schedules import StepValues
 
 
@@ -26,6 +27,9 @@ class TrainStep:
         self.model = build_model(config.model, quality_grad_to_backbone=config.loss.ig_grad_to_backbone).to(
             device
         )
+        # the perf switches (pipeline/training/perf.py): the layout before DDP builds its buckets
+        self.channels_last = perf.resolve_channels_last(config.perf.memory_format, device, self.model)
+        perf.apply_channels_last(self.model, self.channels_last)
         # loss.mode fr: nothing trains the quality head, so it is frozen (DDP then waits for no
         # gradient of it) and only the FR half is forwarded (there is no regression half)
         self.face_recognition_only = config.loss.mode == "fr"
@@ -38,6 +42,7 @@ class TrainStep:
         if world_size > 1:
             ids = [device.index] if device.type == "cuda" else None
             self.ddp_model = DistributedDataParallel(self.model, device_ids=ids)
+        perf.compile_backbone(self.model, config.perf)
         self.objective = IGFIQAObjective(
             num_classes, config.model.embedding_size, config.loss, config.variance, seed=config.run.seed
         ).to(device)
@@ -48,14 +53,14 @@ class TrainStep:
         head = list(self.model.head.parameters())
         head_ids = {id(p) for p in head}
         backbone = [p for p in self.model.parameters() if id(p) not in head_ids]
-        self.model_optimizer = torch.optim.SGD(
+        self.optimizer_choice = perf.resolve_optimizer_impl(config.perf.optimizer_impl, device)
+        self.model_optimizer = perf.build_sgd(
             [{"params": backbone, "lr_factor": 1.0}, {"params": head, "lr_factor": optim.head_lr_factor}],
-            lr=optim.lr,
-            momentum=optim.momentum,
-            weight_decay=optim.weight_decay,
+            optim,
+            self.optimizer_choice,
         )
-        self.classifier_optimizer = torch.optim.SGD(
-            self.objective.parameters(), lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay
+        self.classifier_optimizer = perf.build_sgd(
+            list(self.objective.parameters()), optim, self.optimizer_choice
         )
         self.autocast = device.type == "cuda" and config.model.fp16
 

@@ -10,7 +10,7 @@ same stages in a working folder, reusing what an earlier call finished.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -358,6 +358,19 @@ def preview_stage(paths: WorkFolder, augment: AugmentConfig, record: StageRecord
         return
     write_preview(paths.train, paths.preview, augment)
     record.note = shown_path(paths.preview)
+
+
+def prepare_training_set(
+    paths: WorkFolder, spec: SynthSpec, say: Callable[[str], None], what: str = ""
+) -> None:
+    """synth and convert (no bins) unless an earlier call finished them, each said as `<what><stage>: done|reused`."""
+    for record, stage in (
+        (StageRecord("synth"), lambda r: synth_stage(paths, spec, r)),
+        (StageRecord("convert"), lambda r: convert_stage(paths, r)),
+    ):
+        stage(record)
+        note = f" ({record.note})" if record.note else ""
+        say(f"  {what}{record.name}: {'reused' if record.reused else 'done'}{note}")
 
 
 def prepare_data(paths: WorkFolder, spec: SynthSpec) -> list[StageRecord]:

@@ -160,7 +160,7 @@ def _write_matchers(out: Path, spec: MatchersSpec, records: dict[str, MatcherRec
 def _prepare_data(paths: WorkFolder, spec: MatchersSpec, say: Callable[[str], None]) -> str:
     """Synthesize and convert the training set unless done; its dataset fingerprint."""
     from data_prep.dataset import dataset_fingerprint
-    from jobs.stages.data import SynthSpec, convert_stage, synth_stage
+    from jobs.stages.data import SynthSpec, prepare_training_set
 
     d = spec.data
     synth = SynthSpec(
@@ -169,13 +169,7 @@ def _prepare_data(paths: WorkFolder, spec: MatchersSpec, say: Callable[[str], No
         low_variance_fraction=d.low_variance_fraction,
         seed=d.seed,
     )
-    for name, run in (
-        ("synth", lambda r: synth_stage(paths, synth, r)),
-        ("convert", lambda r: convert_stage(paths, r)),
-    ):
-        record = StageRecord(name)
-        run(record)
-        say(f"  {name}: {'reused' if record.reused else 'done'}{f' ({record.note})' if record.note else ''}")
+    prepare_training_set(paths, synth, say)
     return dataset_fingerprint(paths.train)
 
 

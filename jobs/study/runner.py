@@ -39,7 +39,7 @@ from typing import Any
 import submitit
 
 from jobs.errors import UserError
-from jobs.stages.work import StageRecord, WorkFolder, marker_name, read_json_object, write_json_atomically
+from jobs.stages.work import WorkFolder, marker_name, read_json_object, write_json_atomically
 from jobs.study.spec import StudyRun, StudySpec, check_inputs, load_study_spec, run_config
 
 log = logging.getLogger(__name__)
@@ -142,9 +142,8 @@ def prepare(spec: StudySpec, *, cluster: Path | None, say: Callable[[str], None]
     from jobs.stages.data import (
         IdentitySetSpec,
         SynthSpec,
-        convert_stage,
         prepare_identity_set,
-        synth_stage,
+        prepare_training_set,
     )
     from jobs.stages.matcher_spec import load_matchers_spec
     from jobs.stages.matchers import MatcherLaunch, build_matchers
@@ -162,13 +161,7 @@ def prepare(spec: StudySpec, *, cluster: Path | None, say: Callable[[str], None]
                 low_variance_fraction=s.low_variance_fraction,
                 seed=s.seed,
             )
-            for name, stage in (
-                ("synth", lambda r: synth_stage(paths, synth, r)),
-                ("convert", lambda r: convert_stage(paths, r)),
-            ):
-                record = StageRecord(name)
-                stage(record)
-                say(f"  training data, {name}: {'reused' if record.reused else 'done'}")
+            prepare_training_set(paths, synth, say, "training data, ")
             train, synth_dir = paths.train, str(paths.synth)
         else:
             train, synth_dir = Path(data.dataset), ""

@@ -138,7 +138,10 @@ def test_a_killed_study_resumes_and_reports_every_number(tmp_path: Path) -> None
     assert "# Study tiny: 4 of 4 runs measured" in tables
     assert "bootstrap 95 % CI (1000 draws, seed 0)" in tables and "H1b: IG(S) − CR(S-)" in tables
     differences = json.loads((out / "report" / "summary.json").read_text())["differences"]
-    primary = [d for d in differences if d["hypothesis"] == "H1b" and d["matcher"] == "tiny-cos"]
+    by_matcher = [d for d in differences if d["hypothesis"] == "H1b" and d["matcher"] == "tiny-cos"]
+    # the identity set decides (primary); the verification sets' pair lists are labelled secondary
+    assert {d["set"]: d["secondary"] for d in by_matcher} == {"unseen": False, "clean": True, "mixed": True}
+    primary = [d for d in by_matcher if not d["secondary"]]
     assert (
         len(primary) == 1
         and primary[0]["seeds"] == 2

@@ -112,6 +112,15 @@ def _real_data_stand_ins(cwd: Path) -> None:
     face_image(9).save(cwd / "extra.jpg")
 
 
+def test_every_help_example_parses() -> None:
+    """What CI checks of the examples (running them all is `long`): each parses as written."""
+    lines = examples()
+    assert len(lines) >= 15
+    for line in lines:
+        _parses(line)
+
+
+@pytest.mark.long  # ~5 min on 2 cores: `make test` runs it, .ci/run parses the examples only
 @pytest.mark.timeout(2400)
 def test_every_help_example_runs_as_written(
     slurm_cluster, mlflow_store_template: Path, tmp_path: Path

@@ -166,6 +166,7 @@ def test_a_killed_study_resumes_and_reports_every_number(tmp_path: Path) -> None
 
 
 @pytest.mark.slow
+@pytest.mark.long  # ~2 min: `make test` runs it; CI runs the local study end to end above
 @pytest.mark.slurm
 def test_a_study_runs_as_one_slurm_array(slurm_cluster, tmp_path: Path) -> None:
     """The same spec on the local cluster: the matcher trains there too, every run is one array task,

@@ -155,6 +155,7 @@ def test_on_cuda_the_auto_switches_train_as_nchw_and_foreach_did(no_tf32: Any) -
 
 
 @pytest.mark.slow
+@pytest.mark.long  # Inductor compiles ~1.5 min on a cold cache; perf.compile is off by default
 def test_the_compiled_backbone_gives_eager_outputs_and_gradients() -> None:
     """In train mode (the FR half) and eval mode (the regression half's BN on running statistics),
     each with a backward, as a step runs them: the same graphs the step tests then reuse."""
@@ -182,6 +183,7 @@ def test_the_compiled_backbone_gives_eager_outputs_and_gradients() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.long  # Inductor compiles ~1.5 min on a cold cache; perf.compile is off by default
 def test_a_step_with_the_compiled_backbone_equals_the_eager_step() -> None:
     compiled, eager = _trained(_config(compile="backbone"), 2), _trained(_config(compile="none"), 2)
     _assert_states(_state(compiled), _state(eager), exact=False)
@@ -198,6 +200,7 @@ def _stop_at(step: int) -> Any:
 
 
 @pytest.mark.slow
+@pytest.mark.long  # Inductor compiles ~1.5 min on a cold cache; perf.compile is off by default
 def test_a_compiled_run_interrupted_and_resumed_ends_as_the_uninterrupted_one(
     tiny_train_dataset: Path, tmp_path: Path
 ) -> None:

@@ -100,7 +100,7 @@ class TrainLoader:
     ) -> None:
         """`layout`: this rank's share of the global batches (None: one process reads them all)."""
         self.data = data
-        self.store = ImageStore(data.dataset)
+        self.store = ImageStore(data.dataset, rows=np.zeros(0, np.int64))  # checks every row, holds none yet
         height, width = self.store.image_size
         if (height, width) != (data.image_size, data.image_size):
             raise ConfigError(
@@ -121,6 +121,7 @@ class TrainLoader:
         self._iterator: DALIGenericIterator | None = None
         self._state = "unbuilt"  # unbuilt | fresh (built, nothing scheduled) | running | exhausted
         self.epoch, self.start_step = 0, 0
+        self._held_epoch: int | None = None
 
     # ------------------------------------------------------------------ plan
 
@@ -147,6 +148,7 @@ class TrainLoader:
 
     def graph_batch(self, epoch: int, step: int) -> GraphBatch:
         """This rank's graph inputs for (epoch, step): FR rows first, then regression rows."""
+        self._hold_epoch(epoch)
         rows = self.sampler.rank_rows(epoch, step)
         params = step_params(
             self.data.augment,
@@ -159,6 +161,12 @@ class TrainLoader:
         ).take(self._positions)
         all_rows = np.concatenate([rows.fr, rows.reg])
         return GraphBatch(encoded=self.store.encoded(all_rows), rows=all_rows, params=params)
+
+    def _hold_epoch(self, epoch: int) -> None:
+        """Hold the manifest rows of this rank's share of `epoch` (and only those) in the store."""
+        if self._held_epoch != epoch:
+            self.store.hold(self.sampler.rank_plan(epoch).ravel())
+            self._held_epoch = epoch
 
     # ------------------------------------------------------------------ DALI
 
@@ -241,7 +249,7 @@ class TrainLoader:
         images = outputs["images"]
         if images.device != self.device:
             images = images.to(self.device, non_blocking=True)
-        labels = torch.from_numpy(self.store.labels[rows]).to(self.device, non_blocking=True)
+        labels = torch.from_numpy(self.store.labels_of(rows)).to(self.device, non_blocking=True)
         # host-side records: copying them to a GPU would cost two synchronous transfers per step
         flags = outputs["flags"].to(torch.bool)
         flipped = outputs["flip"].bool()

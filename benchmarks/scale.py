@@ -16,6 +16,11 @@ what it needs first and then times only the stage itself:
     inspect_verify  igfiqa prep inspect TRAIN --verify
     curate_filter   igfiqa curate filter TRAIN --quality Q --rule lowest:20% --min-per-identity 2
                     (--no-report; Q is a synthetic quality file: seeded normal scores)
+    train_start_w1  the training loader of one rank of 1 (W = 1): open the dataset (every manifest
+                    row checked), draw the epoch's plan, hold the rank's rows, the first step's
+                    batch through DALI (128 FR + 128 regression images, 2 threads)
+    train_start_w8  the same for rank 0 of 8 (W = 8; 16 + 16 images): its peak anonymous memory
+                    minus the imports' is the manifest memory one rank adds at this size
     erc             igfiqa erc on 10^6 and 10^7 synthetic pairs (5 % mated, 10 pairs per image);
                     also the sizes of the results.json and curves.csv it wrote
 
@@ -302,6 +307,31 @@ def _curate_filter(ctx: Context, records: int) -> ChildSpec:
     return ChildSpec("cli", argv, preload=(*DATA_PRELOAD, "data_prep.curate", "jobs.stages.curate"))
 
 
+def train_start(dataset: str, world_size: int) -> None:
+    """Rank 0 of `world_size`: the training loader's start-up and its first step's batch."""
+    from data_prep.dataset import load_dataset_info
+    from pipeline.config import BatchLayout, DataConfig
+    from pipeline.data.loader import TrainLoader
+
+    per_rank = 128 // world_size
+    cfg = DataConfig(dataset=dataset, fr_batch=128, reg_batch=128, num_threads=2)
+    loader = TrainLoader(cfg, BatchLayout.of(cfg, world_size, load_dataset_info(Path(dataset)).num_images, 0))
+    loader.set_epoch(0)
+    batch = next(iter(loader))
+    if len(batch.fr) != per_rank or len(batch.reg) != per_rank:
+        raise RuntimeError(f"rank 0 of {world_size} got {len(batch.fr)} + {len(batch.reg)} images")
+    loader.close()
+
+
+def _train_start(world_size: int) -> Callable[[Context, int], ChildSpec]:
+    def spec(ctx: Context, records: int) -> ChildSpec:
+        kwargs = {"dataset": str(ctx.converted(records)), "world_size": world_size}
+        preload = ("numpy", "pyarrow.parquet", "torch", "nvidia.dali", "pipeline.data.loader")
+        return ChildSpec("call", target="__main__:train_start", kwargs=kwargs, preload=preload)
+
+    return spec
+
+
 def _erc(ctx: Context, pairs: int) -> ChildSpec:
     folder = ctx.work / f"pairs{pairs}"
     if not (folder / "scores.parquet").is_file():
@@ -338,6 +368,8 @@ STAGES: list[Stage] = [
     Stage("inspect", _inspect),
     Stage("inspect_verify", _inspect_verify),
     Stage("curate_filter", _curate_filter),
+    Stage("train_start_w1", _train_start(1)),
+    Stage("train_start_w8", _train_start(8)),
     Stage("erc", _erc, axis="pairs", sizes=PAIR_SIZES, extras=_erc_outputs),
 ]
 

@@ -38,6 +38,8 @@ def test_a_store_holding_some_rows_answers_for_them_as_the_whole_store_does(
     outside = int(np.setdiff1d(np.arange(len(whole)), rows)[0])
     with pytest.raises(IndexError, match=rf"manifest rows \[{outside}\] are not held"):
         part.labels_of(np.asarray([rows[0], outside]))
+    again = ImageStore(train_dataset, rows=np.concatenate([rows[::-1], rows[:5]]))  # any order, repeats
+    assert np.array_equal(again.held_rows, part.held_rows) and again.keys_of(rows) == part.keys_of(rows)
     part.hold(rows[:10])
     assert np.array_equal(part.held_rows, np.sort(rows[:10])) and len(part.keys) == 10
     assert part.keys_of(rows[:10]) == whole.keys_of(rows[:10])

@@ -41,6 +41,7 @@ from jobs.study.measure import EDC_GRID, MODEL, ORACLE
 from jobs.study.runner import MEASUREMENT_FILE, StudyFolder, study_folder
 from jobs.study.spec import HIGHER_IS_BETTER, StudySpec, endpoint_of
 from pipeline.evaluation.paired import paired_comparison, t_interval
+from pipeline.evaluation.quality_metrics import MIN_FALSE_MATCHES
 
 OWN = "own backbone"  # the matcher name of the model's own embeddings (secondary rows)
 PARENT_FILE = "parent_run.json"
@@ -62,9 +63,24 @@ def read_measurements(spec: StudySpec) -> list[dict[str, Any]]:
 
 
 def figure_rows(measured: Sequence[dict[str, Any]]) -> pd.DataFrame:
-    """One row per run × set × matcher × method × FMR."""
+    """One row per run × set × matcher × method × FMR, the FMRs its set resolves only."""
     rows = [{"run": m["run"], "arm": m["arm"], "seed": m["seed"], **r} for m in measured for r in m["rows"]]
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    return frame[resolved(frame)] if not frame.empty else frame
+
+
+def resolved(figures: pd.DataFrame) -> pd.Series:
+    """Rows whose set resolves their FMR: FMR × non-mated pairs ≥ MIN_FALSE_MATCHES."""
+    return figures["fmr"] * figures["num_nonmated"] >= MIN_FALSE_MATCHES
+
+
+def unresolved_sets(measured: Sequence[dict[str, Any]]) -> list[str]:
+    """'set at FMR f (n non-mated pairs)' for each set × FMR left out of the tables as unresolved."""
+    frame = pd.DataFrame([r for m in measured for r in m["rows"]])
+    if frame.empty:
+        return []
+    left = frame[~resolved(frame)].drop_duplicates(["set", "fmr"])
+    return [f"{r.set} at FMR {r.fmr:g} ({r.num_nonmated:,} non-mated pairs)" for r in left.itertuples()]
 
 
 def verification_rows(measured: Sequence[dict[str, Any]]) -> pd.DataFrame:
@@ -399,6 +415,14 @@ def write_report(spec: StudySpec, *, docs_img: Path | None = None) -> dict[str, 
         + ". Every figure is mean ± half-width of the 95 % t-interval over seeds (n seeds).",
         "",
     ]
+    unresolved = unresolved_sets(measured)
+    if unresolved:
+        lines += [
+            f"Not reported (FMR × non-mated pairs < {MIN_FALSE_MATCHES}, the FMR is not resolved): "
+            + "; ".join(unresolved)
+            + ".",
+            "",
+        ]
     tables: dict[str, pd.DataFrame] = {}
     if metric in QUALITY_ENDPOINTS:
         values = endpoint_values(spec, figures, verification, metric, fmr)

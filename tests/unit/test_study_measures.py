@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from jobs.study.measure import lowvar_overrating
-from jobs.study.report import mean_spread
+from jobs.study.report import figure_rows, mean_spread, unresolved_sets
 
 
 def _images(rng: np.random.Generator, n: int = 600) -> tuple[np.ndarray, np.ndarray]:
@@ -59,3 +59,32 @@ def test_the_edc_on_a_grid_is_the_stepwise_curve() -> None:
         np.array([0, 0.05, 0.1, 0.2, 0.25, 0.5]),
     )
     assert got.tolist() == [0.3, 0.3, 0.2, 0.2, 0.1, 0.1]
+
+
+def test_figures_at_an_fmr_the_set_does_not_resolve_are_left_out_and_named() -> None:
+    def row(name: str, fmr: float, nonmated: int) -> dict:
+        return {"set": name, "fmr": fmr, "num_nonmated": nonmated, "edc_ratio": 0.5}
+
+    measured = [
+        {
+            "run": "a-s0",
+            "arm": "a",
+            "seed": 0,
+            "rows": [row("unseen", 1e-3, 10_000), row("unseen", 1e-4, 10_000)],
+        },
+        {
+            "run": "a-s1",
+            "arm": "a",
+            "seed": 1,
+            "rows": [row("clean", 1e-3, 500), row("unseen", 1e-4, 100_000)],
+        },
+    ]
+    figures = figure_rows(measured)
+    assert list(zip(figures["run"], figures["set"], figures["fmr"])) == [
+        ("a-s0", "unseen", 1e-3),  # 10 false matches: resolved
+        ("a-s1", "unseen", 1e-4),
+    ]
+    assert unresolved_sets(measured) == [
+        "unseen at FMR 0.0001 (10,000 non-mated pairs)",
+        "clean at FMR 0.001 (500 non-mated pairs)",
+    ]

@@ -2,7 +2,7 @@
 
 Reads `dataset.json` (via `data_prep.dataset.load_dataset_info`) and memory-maps the shard
 tars; the bytes of row i come from `data_prep.shard_reader.ShardReader` as zero-copy views.
-The manifest is read in one streaming pass of `READ_BATCH_ROWS` rows at a time: every row is
+The manifest is read in one streaming pass, a parquet row group at a time: every row is
 checked (label in range, bytes inside an existing shard), and only the rows the store is
 asked to HOLD keep their columns (key, label, shard, offset, byte count; 33 B per row as
 held). A training rank holds the rows of its share of the current epoch (`hold`, from
@@ -26,8 +26,6 @@ from data_prep.images import BadImageError, check_image, image_size, jpeg_sizes_
 from data_prep.shard_reader import ShardReader
 
 MANIFEST_COLUMNS = ("key", "label", "shard", "offset", "nbytes")
-# Rows per streamed manifest batch: ~40 MB of decoded columns at a time.
-READ_BATCH_ROWS = 1 << 20
 # Leading bytes of the encodings the DALI decoder is given: JPEG (SOI marker) and PNG.
 IMAGE_MAGICS = (b"\xff\xd8\xff", b"\x89PNG")
 
@@ -85,16 +83,21 @@ class ImageStore:
 
     # ------------------------------------------------------------------ the manifest pass
 
-    def _batches(self) -> Iterator[pa.RecordBatch]:
+    def _batches(self) -> Iterator[pa.Table]:
+        """The manifest's columns one row group at a time; Arrow's pool is emptied after each, so the
+        memory a pass needs is one row group's (~40 MB at the writer's 2^20 rows), whatever N is."""
         path = self.info.manifest_path
+        pool = pa.default_memory_pool()
         try:
-            manifest = pq.ParquetFile(path)
+            manifest = pq.ParquetFile(path, pre_buffer=False)
             if manifest.metadata.num_rows != self.info.num_images:
                 raise DataError(
                     f"{manifest.metadata.num_rows} rows but dataset.json says {self.info.num_images} images",
                     path=path,
                 )
-            yield from manifest.iter_batches(batch_size=READ_BATCH_ROWS, columns=list(MANIFEST_COLUMNS))
+            for group in range(manifest.metadata.num_row_groups):
+                yield manifest.read_row_group(group, columns=list(MANIFEST_COLUMNS), use_threads=False)
+                pool.release_unused()
         except DataError:
             raise
         except (OSError, ValueError, KeyError) as exc:  # pyarrow raises ArrowInvalid (a ValueError)
@@ -107,7 +110,7 @@ class ImageStore:
         for batch in self._batches():
             end = start + batch.num_rows
             columns = {
-                "key": batch.column("key"),
+                "key": batch.column("key").combine_chunks(),
                 "label": batch.column("label").to_numpy().astype(np.int32),
                 "shard": batch.column("shard").to_numpy().astype(np.int32),
                 "offset": batch.column("offset").to_numpy().astype(np.int64),

@@ -7,23 +7,27 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 from data_prep.errors import DataError
-from pipeline.data import image_store
 from pipeline.data.image_store import ImageStore
 from tests.unit.test_loader import make_loader
 
 
-@pytest.fixture
-def small_batches(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Stream the manifest 500 rows at a time, so that the tiny set spans many batches."""
-    monkeypatch.setattr(image_store, "READ_BATCH_ROWS", 500)
+@pytest.fixture(scope="module")
+def small_groups(train_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the tiny set whose manifest has row groups of 25 rows: the store streams many."""
+    copy = tmp_path_factory.mktemp("groups") / "train"
+    shutil.copytree(train_dataset, copy)
+    table = pq.read_table(copy / "manifest.parquet")
+    pq.write_table(table, copy / "manifest.parquet", row_group_size=25)
+    assert pq.ParquetFile(copy / "manifest.parquet").metadata.num_row_groups > 10
+    return copy
 
 
-def test_a_store_holding_some_rows_answers_for_them_as_the_whole_store_does(
-    train_dataset: Path, small_batches: None
-) -> None:
+def test_a_store_holding_some_rows_answers_for_them_as_the_whole_store_does(small_groups: Path) -> None:
+    train_dataset = small_groups
     whole = ImageStore(train_dataset)
     assert whole.held_rows is None and len(whole.labels) == len(whole)
     rows = np.random.default_rng(0).choice(len(whole), size=300, replace=False)
@@ -50,15 +54,13 @@ def test_a_store_holding_some_rows_answers_for_them_as_the_whole_store_does(
         empty.labels_of(rows[:1])
 
 
-def test_every_row_is_checked_even_the_rows_not_held(
-    train_dataset: Path, tmp_path: Path, small_batches: None
-) -> None:
+def test_every_row_is_checked_even_the_rows_not_held(small_groups: Path, tmp_path: Path) -> None:
     broken = tmp_path / "broken"
-    shutil.copytree(train_dataset, broken)
+    shutil.copytree(small_groups, broken)
     table = pd.read_parquet(broken / "manifest.parquet")
-    last = len(table) - 1  # in the last streamed batch
+    last = len(table) - 1  # in the last row group
     table.loc[last, "label"] = 10**6
-    table.to_parquet(broken / "manifest.parquet")
+    table.to_parquet(broken / "manifest.parquet", row_group_size=25)
     with pytest.raises(
         DataError, match=rf"row {last} \(key {table.loc[last, 'key']}\) has label 1000000 outside"
     ):

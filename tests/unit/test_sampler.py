@@ -27,6 +27,9 @@ def test_order_is_a_permutation_reproducible_from_seed_and_epoch() -> None:
     sampler = sampler_of(1000, 8, 8, seed=3)
     order = sampler.order(0)
     assert sorted(order.tolist()) == list(range(1000))
+    # numpy's permutation of the epoch's stream: checkpoints of earlier versions resume on the same order
+    reference = np.random.default_rng(np.random.SeedSequence([3, 0, 0])).permutation(1000)
+    assert order.dtype == np.int64 and np.array_equal(order, reference)
     assert np.array_equal(order, sampler_of(1000, 8, 8, seed=3).order(0))
     assert not np.array_equal(order, sampler.order(1))
     assert not np.array_equal(order, sampler_of(1000, 8, 8, seed=4).order(0))

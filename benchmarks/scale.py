@@ -27,8 +27,24 @@ log(t_largest / t_smallest) / log(size_largest / size_smallest), 1 = linear (bet
 and 1M records by default; between 10^6 and 10^7 pairs for erc).
 
 Other stages plug in through `STAGES` (`Stage`: a name, the axis it scales along with its
-sizes, and a function returning what its child process runs): training start-up + one step,
-or the classifier at C = 85,742 / 360,232 / 2,000,000 (axis "classes"), are added there.
+sizes, and a function returning what its child process runs): training start-up + one step
+is added there. The classifier stages (axis "classes": C = 85,742 / 360,232 / 2,000,000,
+MS1M-V2's, Glint360K's and WebFace42M's identities) time the objective's step of
+benchmarks/partial_fc.py (classifier with the margin, CR statistics, variance table,
+backward, SGD) on random embeddings, 128 + 128 per step, CPU, 2 threads:
+
+    classifier_d128_rate1     sample_rate 1.0 (the full classifier), D = 128
+    classifier_d128_rate0.1   Partial FC, sample_rate 0.1, exact NNCCS (the default), D = 128
+    classifier_d128_rate0.1_sampled   the same with NNCCS over the step's sample only
+    classifier_d512_rate0.1   the same at D = 512, C = 2M only (the issue's target)
+    classifier_d512_rate1     sample_rate 1.0 at D = 512, C = 2M only (may not fit)
+
+Their `seconds` is the median seconds PER STEP (after one warm-up step; 5 steps, 3 at 2M),
+`step_s` the steps. Each child caps its address space (as `ulimit -v`) at what it has after
+the imports plus the memory available when it starts, less 2 GiB: a mode that needs more
+reports `fit: false` and the allocation that failed instead of driving the machine into
+the OOM killer. Per C the run also prints the ratios rate 1 / rate 0.1 (exact and sampled
+NNCCS) at D = 128.
 
 `--code DIR` runs the stages with another checkout's code (e.g. `git archive` of an older
 commit) while the sources, kept under --work, are reused: before/after figures from one script.
@@ -36,6 +52,7 @@ Logs go to stderr; the last stdout line is one JSON object.
 
     .venv/bin/python benchmarks/scale.py [--sizes 100000 300000 1000000] [--full] [--work DIR]
         [--stages convert curate_filter ...] [--code DIR]
+    .venv/bin/python benchmarks/scale.py --stages classifier_d128_rate1 classifier_d128_rate0.1
 """
 
 from __future__ import annotations
@@ -332,6 +349,90 @@ def _erc_outputs(ctx: Context, pairs: int) -> dict[str, Any]:
     }
 
 
+CLASS_SIZES = (MS1M_CLASSES, 360_232, 2_000_000)
+CLASSIFIER_BATCH, CLASSIFIER_THREADS = 128, 2
+HEADROOM_GIB = 2.0
+
+
+def _meminfo_kb(field: str, path: str = "/proc/meminfo") -> int:
+    with open(path) as info:
+        for line in info:
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1])
+    raise KeyError(f"{field} not in {path}")
+
+
+def classifier_steps(
+    classes: int, dim: int, rate: float, nnccs: str, steps: int, budget_gib: float
+) -> dict[str, Any]:
+    """In the child: median seconds of the objective's step at C, D, sample rate and NNCCS mode.
+
+    The address space is capped at its size now plus `budget_gib` (RLIMIT_AS): an allocation
+    beyond it raises here, and the stage reports fit=False with the error.
+    """
+    import resource
+    import statistics
+
+    import torch
+
+    from benchmarks.partial_fc import build_step, step_inputs, timed_step
+    from pipeline.config import PartialFCConfig
+
+    torch.set_num_threads(CLASSIFIER_THREADS)
+    limit = _meminfo_kb("VmSize", f"/proc/{os.getpid()}/status") * 1024 + int(budget_gib * 2**30)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
+    figures: dict[str, Any] = {
+        "dim": dim,
+        "sample_rate": rate,
+        "nnccs": nnccs,
+        "budget_gib": round(budget_gib, 1),
+    }
+    generator = torch.Generator().manual_seed(0)
+    times = []
+    try:
+        objective, opt = build_step(classes, dim, PartialFCConfig(sample_rate=rate, nnccs=nnccs))  # type: ignore[arg-type]
+        for step in range(steps + 1):  # step 0 warms up (allocations, the momentum buffer)
+            seconds = timed_step(objective, opt, step_inputs(classes, dim, CLASSIFIER_BATCH, generator), step)
+            if step:
+                times.append(seconds)
+            log.info("C = %d, D = %d, rate %g: step %d %.2f s", classes, dim, rate, step, seconds)
+    except (RuntimeError, MemoryError) as error:  # torch's "can't allocate memory" under the cap
+        return {**figures, "seconds": None, "fit": False, "error": str(error).splitlines()[0][:240]}
+    return {
+        **figures,
+        "seconds": statistics.median(times),
+        "fit": True,
+        "step_s": [round(t, 3) for t in times],
+    }
+
+
+def _classifier(dim: int, rate: float, nnccs: str = "exact") -> Callable[[Context, int], ChildSpec]:
+    def spec(ctx: Context, classes: int) -> ChildSpec:
+        budget = _meminfo_kb("MemAvailable") / 2**20 - HEADROOM_GIB
+        kwargs = {
+            "classes": classes,
+            "dim": dim,
+            "rate": rate,
+            "nnccs": nnccs,
+            "steps": 3 if classes >= 1_000_000 else 5,
+            "budget_gib": budget,
+        }
+        return ChildSpec("call", target="__main__:classifier_steps", kwargs=kwargs, preload=("torch",))
+
+    return spec
+
+
+def classifier_ratios(results: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str, float]]:
+    """Per Partial FC stage at D = 128 and C: median step seconds at rate 1 over its own, where both ran."""
+    full = results.get("classifier_d128_rate1", {})
+    ratios: dict[str, dict[str, float]] = {}
+    for name in ("classifier_d128_rate0.1", "classifier_d128_rate0.1_sampled"):
+        for size, r in results.get(name, {}).items():
+            if r["seconds"] and size in full and full[size]["seconds"]:
+                ratios.setdefault(name, {})[size] = round(full[size]["seconds"] / r["seconds"], 2)
+    return ratios
+
+
 STAGES: list[Stage] = [
     Stage("inspect_source", _inspect_source),
     Stage("convert", _convert),
@@ -339,6 +440,13 @@ STAGES: list[Stage] = [
     Stage("inspect_verify", _inspect_verify),
     Stage("curate_filter", _curate_filter),
     Stage("erc", _erc, axis="pairs", sizes=PAIR_SIZES, extras=_erc_outputs),
+    Stage("classifier_d128_rate1", _classifier(128, 1.0), axis="classes", sizes=CLASS_SIZES),
+    Stage("classifier_d128_rate0.1", _classifier(128, 0.1), axis="classes", sizes=CLASS_SIZES),
+    Stage(
+        "classifier_d128_rate0.1_sampled", _classifier(128, 0.1, "sampled"), axis="classes", sizes=CLASS_SIZES
+    ),
+    Stage("classifier_d512_rate0.1", _classifier(512, 0.1), axis="classes", sizes=CLASS_SIZES[-1:]),
+    Stage("classifier_d512_rate1", _classifier(512, 1.0), axis="classes", sizes=CLASS_SIZES[-1:]),
 ]
 
 
@@ -398,21 +506,26 @@ def run_child(ctx: Context, spec: ChildSpec, *, quiet: bool = False) -> dict[str
         )
     result = json.loads(report.read_text())
     report.unlink()
+    figures = result.get("figures", {})
+    seconds = figures.pop("seconds", result["seconds"])  # a call's own measure (e.g. per step) wins
     return {
-        "seconds": round(result["seconds"], 3),
+        "seconds": None if seconds is None else round(seconds, 3),
         "wall_s": round(time.perf_counter() - started, 3),
         "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
         "peak_anon_mb": round(peak_anon[0] / 1024, 1),
         "base_anon_mb": round(result["base_anon_kb"] / 1024, 1),
+        **figures,
     }
 
 
 def child_main(spec_json: str, report: Path) -> None:
-    """In the fresh process: import, then time the stage; write {"seconds", "base_anon_kb"} to REPORT."""
+    """In the fresh process: import, then time the stage; write {"seconds", "base_anon_kb"} to REPORT,
+    and "figures", the dict a "call" returned (its "seconds", if any, is the stage's measure)."""
     spec = json.loads(spec_json)
     for module in spec["preload"]:
         importlib.import_module(module)
     base = _anon_kb(os.getpid()) or 0
+    figures = None
     if spec["kind"] == "cli":
         from jobs.cli import main
 
@@ -427,9 +540,10 @@ def child_main(spec_json: str, report: Path) -> None:
             sys.modules["__main__"] if module == "__main__" else importlib.import_module(module), name
         )
         started = time.perf_counter()
-        function(**spec["kwargs"])
+        figures = function(**spec["kwargs"])
         seconds = time.perf_counter() - started
-    report.write_text(json.dumps({"seconds": seconds, "base_anon_kb": base}))
+    out = {"seconds": seconds, "base_anon_kb": base}
+    report.write_text(json.dumps(out | ({"figures": figures} if isinstance(figures, dict) else {})))
 
 
 # ----------------------------------------------------------------------------- the run
@@ -437,6 +551,7 @@ def child_main(spec_json: str, report: Path) -> None:
 
 def exponent(times: dict[int, float]) -> float | None:
     """Growth exponent between the smallest and the largest size: log(t ratio) / log(size ratio)."""
+    times = {size: t for size, t in times.items() if t is not None}
     if len(times) < 2:
         return None
     low, high = min(times), max(times)
@@ -495,27 +610,31 @@ def main() -> None:
         for stage in stages:
             if stage.axis == "records":
                 results.setdefault(stage.name, {})[str(records)] = _measure(ctx, stage, records)
-    for stage in stages:
-        if stage.axis != "records":
-            stage_sizes = args.pair_sizes if stage.axis == "pairs" else stage.sizes
-            for size in stage_sizes:
+    others = [s for s in stages if s.axis != "records"]
+    axis_sizes = {s.name: args.pair_sizes if s.axis == "pairs" else s.sizes for s in others}
+    for size in sorted({size for s in others for size in axis_sizes[s.name]}):  # a size's stages side by side
+        for stage in others:
+            if size in axis_sizes[stage.name]:
                 results.setdefault(stage.name, {})[str(size)] = _measure(ctx, stage, size)
     exponents = {
         name: exponent({int(k): v["seconds"] for k, v in by_size.items()})
         for name, by_size in results.items()
     }
-    log.info("\n%-15s %12s %10s %12s %12s", "stage", "size", "seconds", "peak RSS MB", "peak anon MB")
+    ratios = classifier_ratios(results)
+    log.info("\n%-23s %12s %10s %12s %12s", "stage", "size", "seconds", "peak RSS MB", "peak anon MB")
     for name, by_size in results.items():
         for size, r in by_size.items():
             log.info(
-                "%-15s %12s %10.2f %12.0f %12.0f",
+                "%-23s %12s %10s %12.0f %12.0f",
                 name,
                 size,
-                r["seconds"],
+                "did not fit" if r["seconds"] is None else f"{r['seconds']:.2f}",
                 r["peak_rss_mb"],
                 r["peak_anon_mb"],
             )
-        log.info("%-15s exponent %s", name, exponents[name])
+        log.info("%-23s exponent %s", name, exponents[name])
+    if ratios:
+        log.info("classifier step seconds, rate 1 / Partial FC (D = 128): %s", ratios)
     print(
         json.dumps(
             {
@@ -525,6 +644,7 @@ def main() -> None:
                 "sources": {str(k): v for k, v in sources.items()},
                 "results": results,
                 "exponents": exponents,
+                "classifier_rate1_over_rate0.1": ratios,
                 "code": str(ctx.code),
                 "git": git_revision(ctx.code),
             }
@@ -538,7 +658,7 @@ def _measure(ctx: Context, stage: Stage, size: int) -> dict[str, Any]:
     if stage.extras is not None:
         result |= stage.extras(ctx, size)
     log.info(
-        "%s at %d: %.2f s, peak RSS %.0f MB, peak anon %.0f MB",
+        "%s at %d: %s s, peak RSS %.0f MB, peak anon %.0f MB",
         stage.name,
         size,
         result["seconds"],

@@ -52,7 +52,8 @@ Logs go to stderr; the last stdout line is one JSON object.
 
     .venv/bin/python benchmarks/scale.py [--sizes 100000 300000 1000000] [--full] [--work DIR]
         [--stages convert curate_filter ...] [--code DIR]
-    .venv/bin/python benchmarks/scale.py --stages classifier_d128_rate1 classifier_d128_rate0.1
+    .venv/bin/python benchmarks/scale.py --stages classifier_d128_rate1 classifier_d128_rate0.1 \
+        --class-sizes 85742 360232
 """
 
 from __future__ import annotations
@@ -580,6 +581,13 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help=f"also MS1M-V2's size ({MS1M_IMAGES:,} records)")
     parser.add_argument("--pair-sizes", type=int, nargs="+", default=list(PAIR_SIZES), help="pairs for erc")
     parser.add_argument(
+        "--class-sizes",
+        type=int,
+        nargs="+",
+        default=list(CLASS_SIZES),
+        help="run the classifier stages at these of their C (default: all of %(default)s)",
+    )
+    parser.add_argument(
         "--stages", nargs="+", default=None, help=f"of {[s.name for s in STAGES]} (default: all)"
     )
     parser.add_argument(
@@ -611,7 +619,7 @@ def main() -> None:
             if stage.axis == "records":
                 results.setdefault(stage.name, {})[str(records)] = _measure(ctx, stage, records)
     others = [s for s in stages if s.axis != "records"]
-    axis_sizes = {s.name: args.pair_sizes if s.axis == "pairs" else s.sizes for s in others}
+    axis_sizes = {s.name: _stage_sizes(s, args) for s in others}
     for size in sorted({size for s in others for size in axis_sizes[s.name]}):  # a size's stages side by side
         for stage in others:
             if size in axis_sizes[stage.name]:
@@ -650,6 +658,15 @@ def main() -> None:
             }
         )
     )
+
+
+def _stage_sizes(stage: Stage, args: argparse.Namespace) -> list[int]:
+    """The sizes a stage off the "records" axis runs at: --pair-sizes, or its own (within --class-sizes)."""
+    if stage.axis == "pairs":
+        return list(args.pair_sizes)
+    if stage.axis == "classes":
+        return [n for n in stage.sizes if n in args.class_sizes]
+    return list(stage.sizes)
 
 
 def _measure(ctx: Context, stage: Stage, size: int) -> dict[str, Any]:

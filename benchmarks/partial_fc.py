@@ -172,12 +172,21 @@ def timed_step(
     return time.perf_counter() - start
 
 
-def step_time(classes: int, dim: int, batch: int, steps: int) -> dict[str, Any]:
-    """Median seconds of the objective's step per mode, alternating modes step by step."""
+def step_modes(rates: tuple[float, ...] = RATES) -> dict[str, PartialFCConfig]:
+    """Sample rate 1 ("rate_1.0") and, per rate, exact and sampled NNCCS ("rate_0.1_exact", ...)."""
     modes = {"rate_1.0": PartialFCConfig()}
-    for rate in RATES:
+    for rate in rates:
         for nnccs in ("exact", "sampled"):
             modes[f"rate_{rate}_{nnccs}"] = PartialFCConfig(sample_rate=rate, nnccs=nnccs)  # type: ignore[arg-type]
+    return modes
+
+
+def step_time(
+    classes: int, dim: int, batch: int, steps: int, modes: dict[str, PartialFCConfig] | None = None
+) -> dict[str, Any]:
+    """Median seconds of the objective's step per mode (`step_modes()` by default, "rate_1.0"
+    among them), alternating modes step by step; all modes are held in memory at once."""
+    modes = step_modes() if modes is None else modes
     built = {name: build_step(classes, dim, pfc) for name, pfc in modes.items()}
     g = torch.Generator().manual_seed(0)
     times: dict[str, list[float]] = {name: [] for name in modes}
@@ -199,6 +208,7 @@ def step_time(classes: int, dim: int, batch: int, steps: int) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "median_s": {name: round(t, 4) for name, t in med.items()},
         "speedup_vs_rate_1": {name: round(base / t, 2) for name, t in med.items()},
+        "step_s": {name: [round(x, 3) for x in t] for name, t in times.items()},
     }
 
 

@@ -38,6 +38,10 @@ backward, SGD) on random embeddings, 128 + 128 per step, CPU, 2 threads:
     classifier_d128_rate0.1_sampled   the same with NNCCS over the step's sample only
     classifier_d512_rate0.1   the same at D = 512, C = 2M only (the issue's target)
     classifier_d512_rate1     sample_rate 1.0 at D = 512, C = 2M only (may not fit)
+    classifier_d128_side_by_side   rate 1, 0.1 exact and 0.1 sampled at D = 128 in ONE process,
+                              alternating step by step (`step_time` of partial_fc.py), so a
+                              shared machine's load reaches them alike: `median_s`,
+                              `speedup_vs_rate_1`, `step_s`; its `seconds` is the whole run
 
 Their `seconds` is the median seconds PER STEP (after one warm-up step; 5 steps, 3 at 2M),
 `step_s` the steps. Each child caps its address space (as `ulimit -v`) at what it has after
@@ -363,6 +367,14 @@ def _meminfo_kb(field: str, path: str = "/proc/meminfo") -> int:
     raise KeyError(f"{field} not in {path}")
 
 
+def _cap_address_space(budget_gib: float) -> None:
+    """Cap this process's address space at its size now plus `budget_gib` (RLIMIT_AS, as `ulimit -v`)."""
+    import resource
+
+    limit = _meminfo_kb("VmSize", f"/proc/{os.getpid()}/status") * 1024 + int(budget_gib * 2**30)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
+
+
 def classifier_steps(
     classes: int, dim: int, rate: float, nnccs: str, steps: int, budget_gib: float
 ) -> dict[str, Any]:
@@ -371,7 +383,6 @@ def classifier_steps(
     The address space is capped at its size now plus `budget_gib` (RLIMIT_AS): an allocation
     beyond it raises here, and the stage reports fit=False with the error.
     """
-    import resource
     import statistics
 
     import torch
@@ -380,8 +391,7 @@ def classifier_steps(
     from pipeline.config import PartialFCConfig
 
     torch.set_num_threads(CLASSIFIER_THREADS)
-    limit = _meminfo_kb("VmSize", f"/proc/{os.getpid()}/status") * 1024 + int(budget_gib * 2**30)
-    resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
+    _cap_address_space(budget_gib)
     figures: dict[str, Any] = {
         "dim": dim,
         "sample_rate": rate,
@@ -405,6 +415,28 @@ def classifier_steps(
         "fit": True,
         "step_s": [round(t, 3) for t in times],
     }
+
+
+def classifier_side_by_side(classes: int, steps: int, budget_gib: float) -> dict[str, Any]:
+    """In the child: rate 1, 0.1 exact and 0.1 sampled at D = 128 alternating step by step (capped)."""
+    import torch
+
+    from benchmarks.partial_fc import step_modes, step_time
+
+    torch.set_num_threads(CLASSIFIER_THREADS)
+    _cap_address_space(budget_gib)
+    timed = step_time(classes, 128, CLASSIFIER_BATCH, steps, modes=step_modes((0.1,)))
+    keep = ("median_s", "speedup_vs_rate_1", "step_s", "steps")
+    return {"budget_gib": round(budget_gib, 1), **{k: timed[k] for k in keep}}
+
+
+def _side_by_side(ctx: Context, classes: int) -> ChildSpec:
+    kwargs = {
+        "classes": classes,
+        "steps": 5,
+        "budget_gib": _meminfo_kb("MemAvailable") / 2**20 - HEADROOM_GIB,
+    }
+    return ChildSpec("call", target="__main__:classifier_side_by_side", kwargs=kwargs, preload=("torch",))
 
 
 def _classifier(dim: int, rate: float, nnccs: str = "exact") -> Callable[[Context, int], ChildSpec]:
@@ -431,6 +463,10 @@ def classifier_ratios(results: dict[str, dict[str, dict[str, Any]]]) -> dict[str
         for size, r in results.get(name, {}).items():
             if r["seconds"] and size in full and full[size]["seconds"]:
                 ratios.setdefault(name, {})[size] = round(full[size]["seconds"] / r["seconds"], 2)
+    for size, r in results.get("classifier_d128_side_by_side", {}).items():
+        for mode, speedup in r["speedup_vs_rate_1"].items():
+            if mode != "rate_1.0":
+                ratios.setdefault(f"side_by_side_{mode}", {})[size] = speedup
     return ratios
 
 
@@ -448,6 +484,7 @@ STAGES: list[Stage] = [
     ),
     Stage("classifier_d512_rate0.1", _classifier(512, 0.1), axis="classes", sizes=CLASS_SIZES[-1:]),
     Stage("classifier_d512_rate1", _classifier(512, 1.0), axis="classes", sizes=CLASS_SIZES[-1:]),
+    Stage("classifier_d128_side_by_side", _side_by_side, axis="classes", sizes=CLASS_SIZES),
 ]
 
 

@@ -135,38 +135,67 @@ def cr_error(checkpoint: Path, dataset: Path | None, batch: int, limit: int, eps
     return out
 
 
-def step_time(classes: int, dim: int, batch: int, steps: int) -> dict[str, Any]:
-    """Median seconds of the objective's step per mode, alternating modes step by step."""
+def build_step(classes: int, dim: int, pfc: PartialFCConfig) -> tuple[IGFIQAObjective, torch.optim.SGD]:
+    """The objective at C = `classes`, D = `dim` with `pfc`, and its classifier's SGD (as training builds them)."""
+    objective = IGFIQAObjective(classes, dim, LossConfig(partial_fc=pfc), VarianceConfig(), seed=0).train()
+    return objective, torch.optim.SGD(objective.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+
+
+def step_inputs(classes: int, dim: int, batch: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """One step's random FR and regression embeddings, labels and qualities (`batch` of each half)."""
+    fr = torch.randn(batch, dim, generator=generator)
+    reg = torch.randn(batch, dim, generator=generator)
+    labels = torch.randint(0, classes, (2 * batch,), generator=generator)
+    quality = torch.rand(batch, generator=generator)
+    return {
+        "fr": fr,
+        "reg": reg,
+        "fr_labels": labels[:batch],
+        "reg_labels": labels[batch:],
+        "quality": quality,
+    }
+
+
+def timed_step(
+    objective: IGFIQAObjective, opt: torch.optim.SGD, inputs: dict[str, torch.Tensor], step: int
+) -> float:
+    """Seconds of one objective step: forward (classifier, CR statistics, table), backward, SGD."""
+    emb = inputs["fr"].clone().requires_grad_(True)
+    start = time.perf_counter()
+    out = objective(
+        emb, inputs["fr_labels"], inputs["reg"], inputs["quality"], inputs["reg_labels"], 0.9, step=step
+    )
+    opt.zero_grad(set_to_none=True)
+    out.total.backward()
+    opt.step()
+    objective.classifier.step_sampled_rows(opt)
+    return time.perf_counter() - start
+
+
+def step_modes(rates: tuple[float, ...] = RATES) -> dict[str, PartialFCConfig]:
+    """Sample rate 1 ("rate_1.0") and, per rate, exact and sampled NNCCS ("rate_0.1_exact", ...)."""
     modes = {"rate_1.0": PartialFCConfig()}
-    for rate in RATES:
+    for rate in rates:
         for nnccs in ("exact", "sampled"):
             modes[f"rate_{rate}_{nnccs}"] = PartialFCConfig(sample_rate=rate, nnccs=nnccs)  # type: ignore[arg-type]
-    built = {}
-    for name, pfc in modes.items():
-        objective = IGFIQAObjective(
-            classes, dim, LossConfig(partial_fc=pfc), VarianceConfig(), seed=0
-        ).train()
-        built[name] = (
-            objective,
-            torch.optim.SGD(objective.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4),
-        )
+    return modes
+
+
+def step_time(
+    classes: int, dim: int, batch: int, steps: int, modes: dict[str, PartialFCConfig] | None = None
+) -> dict[str, Any]:
+    """Median seconds of the objective's step per mode (`step_modes()` by default, "rate_1.0"
+    among them), alternating modes step by step; all modes are held in memory at once."""
+    modes = step_modes() if modes is None else modes
+    built = {name: build_step(classes, dim, pfc) for name, pfc in modes.items()}
     g = torch.Generator().manual_seed(0)
     times: dict[str, list[float]] = {name: [] for name in modes}
     for step in range(steps + 1):  # step 0 warms up (allocations, the momentum buffer)
-        fr = torch.randn(batch, dim, generator=g)
-        reg = torch.randn(batch, dim, generator=g)
-        labels = torch.randint(0, classes, (2 * batch,), generator=g)
-        quality = torch.rand(batch, generator=g)
+        inputs = step_inputs(classes, dim, batch, g)
         for name, (objective, opt) in built.items():
-            emb = fr.clone().requires_grad_(True)
-            start = time.perf_counter()
-            out = objective(emb, labels[:batch], reg, quality, labels[batch:], 0.9, step=step)
-            opt.zero_grad(set_to_none=True)
-            out.total.backward()
-            opt.step()
-            objective.classifier.step_sampled_rows(opt)
+            seconds = timed_step(objective, opt, inputs, step)
             if step:
-                times[name].append(time.perf_counter() - start)
+                times[name].append(seconds)
         log.info("step %d: %s", step, {n: round(t[-1], 3) for n, t in times.items() if t})
     med = {name: statistics.median(t) for name, t in times.items()}
     base = med["rate_1.0"]
@@ -179,6 +208,7 @@ def step_time(classes: int, dim: int, batch: int, steps: int) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "median_s": {name: round(t, 4) for name, t in med.items()},
         "speedup_vs_rate_1": {name: round(base / t, 2) for name, t in med.items()},
+        "step_s": {name: [round(x, 3) for x in t] for name, t in times.items()},
     }
 
 

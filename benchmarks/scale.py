@@ -32,8 +32,28 @@ log(t_largest / t_smallest) / log(size_largest / size_smallest), 1 = linear (bet
 and 1M records by default; between 10^6 and 10^7 pairs for erc).
 
 Other stages plug in through `STAGES` (`Stage`: a name, the axis it scales along with its
-sizes, and a function returning what its child process runs): training start-up + one step,
-or the classifier at C = 85,742 / 360,232 / 2,000,000 (axis "classes"), are added there.
+sizes, and a function returning what its child process runs): training start-up + one step
+is added there. The classifier stages (axis "classes": C = 85,742 / 360,232 / 2,000,000,
+MS1M-V2's, Glint360K's and WebFace42M's identities) time the objective's step of
+benchmarks/partial_fc.py (classifier with the margin, CR statistics, variance table,
+backward, SGD) on random embeddings, 128 + 128 per step, CPU, 2 threads:
+
+    classifier_d128_rate1     sample_rate 1.0 (the full classifier), D = 128
+    classifier_d128_rate0.1   Partial FC, sample_rate 0.1, exact NNCCS (the default), D = 128
+    classifier_d128_rate0.1_sampled   the same with NNCCS over the step's sample only
+    classifier_d512_rate0.1   the same at D = 512, C = 2M only (the issue's target)
+    classifier_d512_rate1     sample_rate 1.0 at D = 512, C = 2M only (may not fit)
+    classifier_d128_side_by_side   rate 1, 0.1 exact and 0.1 sampled at D = 128 in ONE process,
+                              alternating step by step (`step_time` of partial_fc.py), so a
+                              shared machine's load reaches them alike: `median_s`,
+                              `speedup_vs_rate_1`, `step_s`; its `seconds` is the whole run
+
+Their `seconds` is the median seconds PER STEP (after one warm-up step; 5 steps, 3 at 2M),
+`step_s` the steps. Each child caps its address space (as `ulimit -v`) at what it has after
+the imports plus the memory available when it starts, less 2 GiB: a mode that needs more
+reports `fit: false` and the allocation that failed instead of driving the machine into
+the OOM killer. Per C the run also prints the ratios rate 1 / rate 0.1 (exact and sampled
+NNCCS) at D = 128.
 
 `--code DIR` runs the stages with another checkout's code (e.g. `git archive` of an older
 commit) while the sources, kept under --work, are reused: before/after figures from one script.
@@ -41,6 +61,8 @@ Logs go to stderr; the last stdout line is one JSON object.
 
     .venv/bin/python benchmarks/scale.py [--sizes 100000 300000 1000000] [--full] [--work DIR]
         [--stages convert curate_filter ...] [--code DIR]
+    .venv/bin/python benchmarks/scale.py --stages classifier_d128_rate1 classifier_d128_rate0.1 \
+        --class-sizes 85742 360232
 """
 
 from __future__ import annotations
@@ -63,6 +85,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+sys.path.insert(
+    0, str(Path(__file__).resolve().parent)
+)  # its sibling, also when imported as benchmarks.scale
+
+from scale_classifier import CLASS_SIZES, available_gib, classifier_ratios
 
 REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger("bench.scale")
@@ -362,6 +390,35 @@ def _erc_outputs(ctx: Context, pairs: int) -> dict[str, Any]:
     }
 
 
+def _side_by_side(ctx: Context, classes: int) -> ChildSpec:
+    kwargs = {
+        "classes": classes,
+        "steps": 5,
+        "budget_gib": available_gib(),
+    }
+    return ChildSpec(
+        "call", target="scale_classifier:classifier_side_by_side", kwargs=kwargs, preload=("torch",)
+    )
+
+
+def _classifier(dim: int, rate: float, nnccs: str = "exact") -> Callable[[Context, int], ChildSpec]:
+    def spec(ctx: Context, classes: int) -> ChildSpec:
+        budget = available_gib()
+        kwargs = {
+            "classes": classes,
+            "dim": dim,
+            "rate": rate,
+            "nnccs": nnccs,
+            "steps": 3 if classes >= 1_000_000 else 5,
+            "budget_gib": budget,
+        }
+        return ChildSpec(
+            "call", target="scale_classifier:classifier_steps", kwargs=kwargs, preload=("torch",)
+        )
+
+    return spec
+
+
 STAGES: list[Stage] = [
     Stage("inspect_source", _inspect_source),
     Stage("convert", _convert),
@@ -371,6 +428,14 @@ STAGES: list[Stage] = [
     Stage("train_start_w1", _train_start(1)),
     Stage("train_start_w8", _train_start(8)),
     Stage("erc", _erc, axis="pairs", sizes=PAIR_SIZES, extras=_erc_outputs),
+    Stage("classifier_d128_rate1", _classifier(128, 1.0), axis="classes", sizes=CLASS_SIZES),
+    Stage("classifier_d128_rate0.1", _classifier(128, 0.1), axis="classes", sizes=CLASS_SIZES),
+    Stage(
+        "classifier_d128_rate0.1_sampled", _classifier(128, 0.1, "sampled"), axis="classes", sizes=CLASS_SIZES
+    ),
+    Stage("classifier_d512_rate0.1", _classifier(512, 0.1), axis="classes", sizes=CLASS_SIZES[-1:]),
+    Stage("classifier_d512_rate1", _classifier(512, 1.0), axis="classes", sizes=CLASS_SIZES[-1:]),
+    Stage("classifier_d128_side_by_side", _side_by_side, axis="classes", sizes=CLASS_SIZES),
 ]
 
 
@@ -430,21 +495,26 @@ def run_child(ctx: Context, spec: ChildSpec, *, quiet: bool = False) -> dict[str
         )
     result = json.loads(report.read_text())
     report.unlink()
+    figures = result.get("figures", {})
+    seconds = figures.pop("seconds", result["seconds"])  # a call's own measure (e.g. per step) wins
     return {
-        "seconds": round(result["seconds"], 3),
+        "seconds": None if seconds is None else round(seconds, 3),
         "wall_s": round(time.perf_counter() - started, 3),
         "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
         "peak_anon_mb": round(peak_anon[0] / 1024, 1),
         "base_anon_mb": round(result["base_anon_kb"] / 1024, 1),
+        **figures,
     }
 
 
 def child_main(spec_json: str, report: Path) -> None:
-    """In the fresh process: import, then time the stage; write {"seconds", "base_anon_kb"} to REPORT."""
+    """In the fresh process: import, then time the stage; write {"seconds", "base_anon_kb"} to REPORT,
+    and "figures", the dict a "call" returned (its "seconds", if any, is the stage's measure)."""
     spec = json.loads(spec_json)
     for module in spec["preload"]:
         importlib.import_module(module)
     base = _anon_kb(os.getpid()) or 0
+    figures = None
     if spec["kind"] == "cli":
         from jobs.cli import main
 
@@ -459,9 +529,10 @@ def child_main(spec_json: str, report: Path) -> None:
             sys.modules["__main__"] if module == "__main__" else importlib.import_module(module), name
         )
         started = time.perf_counter()
-        function(**spec["kwargs"])
+        figures = function(**spec["kwargs"])
         seconds = time.perf_counter() - started
-    report.write_text(json.dumps({"seconds": seconds, "base_anon_kb": base}))
+    out = {"seconds": seconds, "base_anon_kb": base}
+    report.write_text(json.dumps(out | ({"figures": figures} if isinstance(figures, dict) else {})))
 
 
 # ----------------------------------------------------------------------------- the run
@@ -469,6 +540,7 @@ def child_main(spec_json: str, report: Path) -> None:
 
 def exponent(times: dict[int, float]) -> float | None:
     """Growth exponent between the smallest and the largest size: log(t ratio) / log(size ratio)."""
+    times = {size: t for size, t in times.items() if t is not None}
     if len(times) < 2:
         return None
     low, high = min(times), max(times)
@@ -496,6 +568,13 @@ def main() -> None:
     )
     parser.add_argument("--full", action="store_true", help=f"also MS1M-V2's size ({MS1M_IMAGES:,} records)")
     parser.add_argument("--pair-sizes", type=int, nargs="+", default=list(PAIR_SIZES), help="pairs for erc")
+    parser.add_argument(
+        "--class-sizes",
+        type=int,
+        nargs="+",
+        default=list(CLASS_SIZES),
+        help="run the classifier stages at these of their C (default: all of %(default)s)",
+    )
     parser.add_argument(
         "--stages", nargs="+", default=None, help=f"of {[s.name for s in STAGES]} (default: all)"
     )
@@ -527,27 +606,31 @@ def main() -> None:
         for stage in stages:
             if stage.axis == "records":
                 results.setdefault(stage.name, {})[str(records)] = _measure(ctx, stage, records)
-    for stage in stages:
-        if stage.axis != "records":
-            stage_sizes = args.pair_sizes if stage.axis == "pairs" else stage.sizes
-            for size in stage_sizes:
+    others = [s for s in stages if s.axis != "records"]
+    axis_sizes = {s.name: _stage_sizes(s, args) for s in others}
+    for size in sorted({size for s in others for size in axis_sizes[s.name]}):  # a size's stages side by side
+        for stage in others:
+            if size in axis_sizes[stage.name]:
                 results.setdefault(stage.name, {})[str(size)] = _measure(ctx, stage, size)
     exponents = {
         name: exponent({int(k): v["seconds"] for k, v in by_size.items()})
         for name, by_size in results.items()
     }
-    log.info("\n%-15s %12s %10s %12s %12s", "stage", "size", "seconds", "peak RSS MB", "peak anon MB")
+    ratios = classifier_ratios(results)
+    log.info("\n%-23s %12s %10s %12s %12s", "stage", "size", "seconds", "peak RSS MB", "peak anon MB")
     for name, by_size in results.items():
         for size, r in by_size.items():
             log.info(
-                "%-15s %12s %10.2f %12.0f %12.0f",
+                "%-23s %12s %10s %12.0f %12.0f",
                 name,
                 size,
-                r["seconds"],
+                "did not fit" if r["seconds"] is None else f"{r['seconds']:.2f}",
                 r["peak_rss_mb"],
                 r["peak_anon_mb"],
             )
-        log.info("%-15s exponent %s", name, exponents[name])
+        log.info("%-23s exponent %s", name, exponents[name])
+    if ratios:
+        log.info("classifier step seconds, rate 1 / Partial FC (D = 128): %s", ratios)
     print(
         json.dumps(
             {
@@ -557,11 +640,21 @@ def main() -> None:
                 "sources": {str(k): v for k, v in sources.items()},
                 "results": results,
                 "exponents": exponents,
+                "classifier_rate1_over_rate0.1": ratios,
                 "code": str(ctx.code),
                 "git": git_revision(ctx.code),
             }
         )
     )
+
+
+def _stage_sizes(stage: Stage, args: argparse.Namespace) -> list[int]:
+    """The sizes a stage off the "records" axis runs at: --pair-sizes, or its own (within --class-sizes)."""
+    if stage.axis == "pairs":
+        return list(args.pair_sizes)
+    if stage.axis == "classes":
+        return [n for n in stage.sizes if n in args.class_sizes]
+    return list(stage.sizes)
 
 
 def _measure(ctx: Context, stage: Stage, size: int) -> dict[str, Any]:
@@ -570,7 +663,7 @@ def _measure(ctx: Context, stage: Stage, size: int) -> dict[str, Any]:
     if stage.extras is not None:
         result |= stage.extras(ctx, size)
     log.info(
-        "%s at %d: %.2f s, peak RSS %.0f MB, peak anon %.0f MB",
+        "%s at %d: %s s, peak RSS %.0f MB, peak anon %.0f MB",
         stage.name,
         size,
         result["seconds"],

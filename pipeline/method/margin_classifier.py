@@ -345,9 +345,10 @@ class ParallelMarginClassifier(nn.Module):
     def full_state(
         self, optimizer: torch.optim.Optimizer | None = None, dst: int | None = 0
     ) -> dict[str, torch.Tensor]:
-        """{"classifier": [C, D], "classifier_momentum": [C, D] if the optimizer has one} on `dst`.
+        """{"classifier": [C, D], "classifier_momentum": [C, D] if the optimizer has one} on `dst`'s CPU.
 
-        Collective (call on every rank); other ranks get {}. `dst=None` gives it to all.
+        Collective (call on every rank); other ranks get {}. The shards are streamed one rank at
+        a time (`gather_class_rows`). `dst=None` gives it to all, on their devices.
         """
         out: dict[str, torch.Tensor] = {}
         weight = gather_class_rows(self.weight.detach(), self.num_classes, self.group, dst)

@@ -190,7 +190,7 @@ class IGFIQAObjective(nn.Module):
     def full_state(
         self, optimizer: torch.optim.Optimizer | None = None, dst: int | None = 0
     ) -> dict[str, torch.Tensor]:
-        """Checkpoint entries "classifier", "classifier_momentum" (if any), "variance", unsharded, on `dst`.
+        """Checkpoint entries "classifier", "classifier_momentum" (if any), "variance", unsharded, on `dst`'s CPU.
 
         Collective; other ranks get {}. `optimizer` is the one that steps the classifier.
         """

@@ -89,15 +89,17 @@ def max_other_cosine(
     chunk = max(1, _NNCCS_CHUNK_ELEMENTS // max(batch, 1))
     for start in range(0, weight.shape[0], chunk):
         rows = weight[start : start + chunk]
-        ids = (
-            torch.arange(start, start + rows.shape[0], device=weight.device)
-            if row_ids is None
-            else row_ids[start : start + chunk]
-        )
-        cos = F.linear(unit_embeddings, F.normalize(rows.to(unit_embeddings.dtype), dim=1)).clamp(-1.0, 1.0)
-        cos.masked_fill_(ids[None, :] == local_target[:, None], -math.inf)
+        cos = F.linear(unit_embeddings, F.normalize(rows.to(unit_embeddings.dtype), dim=1))
+        if row_ids is None:  # the own class is at most one column of the chunk: overwrite it alone
+            column = (local_target - start).clamp(0, rows.shape[0] - 1)[:, None]
+            own = ((local_target >= start) & (local_target < start + rows.shape[0]))[:, None]
+            cos.scatter_(1, column, torch.where(own, -math.inf, cos.gather(1, column)))
+        else:
+            cos.masked_fill_(row_ids[start : start + chunk][None, :] == local_target[:, None], -math.inf)
         best = torch.maximum(best, cos.amax(dim=1))
-    return best
+    # clamped once here rather than over every [B, rows] chunk (the same values: clamp is monotone);
+    # −inf (no other class) stays −inf
+    return torch.where(best > -math.inf, best.clamp(-1.0, 1.0), best)
 
 
 @torch.no_grad()

@@ -148,7 +148,7 @@ class VarianceTable(nn.Module):
     # ------------------------------------------------------------------ state
 
     def full_state(self, dst: int | None = 0) -> torch.Tensor | None:
-        """The unsharded table [C] on rank `dst` (all ranks when None); collective."""
+        """The unsharded table [C] on rank `dst`'s CPU (all ranks' devices when None); collective."""
         return gather_class_rows(self.values, self.num_classes, self.group, dst)
 
     @torch.no_grad()

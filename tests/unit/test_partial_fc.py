@@ -185,6 +185,24 @@ def test_exact_nnccs_is_the_full_tables(monkeypatch: pytest.MonkeyPatch, chunk_e
     assert (cheap.nnccs <= got.nnccs + 1e-6).all() and (cheap.nnccs < got.nnccs - 1e-6).any()
 
 
+@pytest.mark.parametrize("chunk_elements", [1 << 24, 4 * 7])  # one chunk; chunks of 7 rows
+def test_max_other_cosine_masks_only_the_own_column(
+    monkeypatch: pytest.MonkeyPatch, chunk_elements: int
+) -> None:
+    """Bit-equal to masking every [B, rows] entry of the own class and clamping the whole matrix;
+    a sample outside the shard (−1) masks nothing; no other row at all gives −inf."""
+    monkeypatch.setattr(partial_fc, "_NNCCS_CHUNK_ELEMENTS", chunk_elements)
+    g = torch.Generator().manual_seed(9)
+    unit = torch.nn.functional.normalize(torch.randn(4, D, generator=g), dim=1)
+    weight = torch.randn(C, D, generator=g)
+    target = torch.tensor([0, 6, 7, -1])  # a chunk's first and last rows, the next chunk's first, not owned
+    cos = (unit @ torch.nn.functional.normalize(weight, dim=1).T).clamp(-1.0, 1.0)
+    want = cos.masked_fill(torch.arange(C)[None, :] == target[:, None], float("-inf")).amax(dim=1)
+    assert torch.equal(partial_fc.max_other_cosine(unit, weight, target, None), want)
+    alone = partial_fc.max_other_cosine(unit[:1], weight[:1], torch.tensor([0]), None)
+    assert torch.equal(alone, torch.tensor([float("-inf")]))
+
+
 def test_bad_settings_are_refused() -> None:
     with pytest.raises(ConfigError, match=r"loss\.partial_fc\.sample_rate: 0\.0 must lie in \(0, 1\]"):
         config_from_dict({"loss": {"partial_fc": {"sample_rate": 0.0}}})

@@ -28,19 +28,27 @@ class ShardReader:
         self.tar_paths = [Path(p) for p in tar_paths]
         self._maps: list[mmap.mmap | None] = [None] * len(self.tar_paths)
 
-    def first_row_outside(self, shards: np.ndarray, offsets: np.ndarray, nbytes: np.ndarray) -> int | None:
+    def shard_sizes(self) -> np.ndarray:
+        """Every shard tar's size in bytes (one stat each); DataError naming the first missing tar."""
+        sizes = np.array([p.stat().st_size if p.is_file() else -1 for p in self.tar_paths], dtype=np.int64)
+        missing = np.flatnonzero(sizes < 0)
+        if missing.size:
+            raise DataError("shard tar is missing", path=self.tar_paths[int(missing[0])])
+        return sizes
+
+    def first_row_outside(
+        self, shards: np.ndarray, offsets: np.ndarray, nbytes: np.ndarray, sizes: np.ndarray | None = None
+    ) -> int | None:
         """The first manifest row whose bytes do not lie inside an existing shard, or None.
 
-        A missing shard file raises DataError naming it.
+        `sizes`: `shard_sizes()` when the caller checks many batches of rows (stat once, not per
+        batch); None stats the tars now. A missing shard file raises DataError naming it.
         """
         shards = np.asarray(shards, dtype=np.int64)
         bad_shard = np.flatnonzero((shards < 0) | (shards >= len(self.tar_paths)))
         if bad_shard.size:
             return int(bad_shard[0])
-        sizes = np.array([p.stat().st_size if p.is_file() else -1 for p in self.tar_paths], dtype=np.int64)
-        missing = np.flatnonzero(sizes < 0)
-        if missing.size:
-            raise DataError("shard tar is missing", path=self.tar_paths[int(missing[0])])
+        sizes = self.shard_sizes() if sizes is None else sizes
         offsets, nbytes = np.asarray(offsets, dtype=np.int64), np.asarray(nbytes, dtype=np.int64)
         bad = np.flatnonzero((offsets < 0) | (nbytes <= 0) | (offsets + nbytes > sizes[shards]))
         return int(bad[0]) if bad.size else None

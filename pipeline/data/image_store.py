@@ -106,6 +106,7 @@ class ImageStore:
     def _scan(self, rows: np.ndarray | None, *, check: bool) -> None:
         """Read the manifest once: check every row (`check`), keep the columns of `rows` (None: all)."""
         parts: list[dict[str, np.ndarray | pa.Array]] = []
+        sizes = self.reader.shard_sizes() if check else None  # one stat per tar, not per row group
         start = 0
         for batch in self._batches():
             end = start + batch.num_rows
@@ -116,8 +117,8 @@ class ImageStore:
                 "offset": batch.column("offset").to_numpy().astype(np.int64),
                 "nbytes": batch.column("nbytes").to_numpy().astype(np.int32),
             }
-            if check:
-                self._check_rows(start, columns)
+            if sizes is not None:
+                self._check_rows(start, columns, sizes)
             if rows is not None:
                 keep = rows[np.searchsorted(rows, start) : np.searchsorted(rows, end)] - start
                 columns = {
@@ -137,7 +138,7 @@ class ImageStore:
             for name in MANIFEST_COLUMNS[1:]  # type: ignore[misc]
         )
 
-    def _check_rows(self, start: int, columns: dict) -> None:
+    def _check_rows(self, start: int, columns: dict, sizes: np.ndarray) -> None:
         """Every row must point inside an existing shard and carry a label in [0, num_classes)."""
         path, labels = self.info.manifest_path, columns["label"]
         shards, offsets, nbytes = columns["shard"], columns["offset"], columns["nbytes"]
@@ -149,7 +150,7 @@ class ImageStore:
                 f"[0, {self.info.num_classes})",
                 path=path,
             )
-        i = self.reader.first_row_outside(shards, offsets, nbytes)
+        i = self.reader.first_row_outside(shards, offsets, nbytes, sizes)
         if i is None:
             return
         key = columns["key"][i]

@@ -10,11 +10,14 @@ OUT/report/:
   stated) and the exact sign test (`pipeline.evaluation.paired`); the secondary figures (other
   FMRs, the paper's ERC AUC, the own backbone as matcher, labelled); FR accuracy per arm (own
   backbone: FNMR at the FMR with nothing discarded, 10-fold verification accuracy); the failure
-  case against the synthetic ground truth; every run's endpoint value;
+  case against the synthetic ground truth; every run's endpoint value; and, on sets whose ground
+  truth names degradation kinds, the explanation by kind (`jobs.study.kinds`: what each matcher
+  fails on, where each arm ranks each kind, the paired differences of those);
 - `runs.csv`, `differences.csv`, `summary.json`;
 - `fig5_<set>.png`: EDC and ERC curves per arm (mean over seeds, 95 % band) beside the oracle,
   one row per matcher; `differences.png`: every seed's paired difference per hypothesis and
-  matcher with the bootstrap interval; `weights.png`: the class-weight histograms per arm.
+  matcher with the bootstrap interval; `weights.png`: the class-weight histograms per arm;
+  `kinds_<set>.png`: the matchers' failure rate per kind above the arms' kind percentiles.
 
 `log_parent_run` makes (or updates) the study's MLflow run, whose children are the training runs
 (whose children are their evaluations).
@@ -37,15 +40,16 @@ import numpy as np
 import pandas as pd
 
 from jobs.stages.work import read_json_object, write_json_atomically
+from jobs.study.formatting import mean_spread, spread, to_markdown
+from jobs.study.kinds import kind_figures, kind_tables, plot_kinds
 from jobs.study.measure import EDC_GRID, MODEL, ORACLE
 from jobs.study.runner import MEASUREMENT_FILE, StudyFolder, study_folder
-from jobs.study.spec import HIGHER_IS_BETTER, StudySpec, endpoint_of
-from pipeline.evaluation.paired import paired_comparison, t_interval
+from jobs.study.spec import HIGHER_IS_BETTER, QUALITY_ENDPOINTS, StudySpec, endpoint_of
+from pipeline.evaluation.paired import paired_comparison
 from pipeline.evaluation.quality_metrics import MIN_FALSE_MATCHES
 
 OWN = "own backbone"  # the matcher name of the model's own embeddings (secondary rows)
 PARENT_FILE = "parent_run.json"
-QUALITY_ENDPOINTS = ("edc_ratio", "erc_ratio", "edc_pauc")
 
 
 # ----------------------------------------------------------------------------- reading
@@ -113,33 +117,6 @@ def endpoint_values(
 
 
 # ----------------------------------------------------------------------------- tables
-
-
-def spread(values: Sequence[float]) -> str:
-    """'mean ± h (n)', h the half-width of the 95 % t-interval over seeds."""
-    mean, half = t_interval(np.asarray(values, dtype=float))
-    n = int(np.isfinite(np.asarray(values, dtype=float)).sum())
-    if not math.isfinite(mean):
-        return "—"
-    return f"{mean:.4f} ± {half:.4f} ({n})" if math.isfinite(half) else f"{mean:.4f} ({n})"
-
-
-def mean_spread(frame: pd.DataFrame, columns: Sequence[str], by: str = "arm") -> pd.DataFrame:
-    """'mean ± h (n)' per group (`by`) and column."""
-    grouped = frame.groupby(by, sort=False)
-    table = pd.DataFrame(index=list(grouped.groups))
-    for column in columns:
-        table[column] = [spread(values) for _, values in grouped[column]]
-    return table
-
-
-def to_markdown(table: pd.DataFrame) -> str:
-    """A pipe table (hand-written: pandas' to_markdown needs the tabulate package)."""
-    header = ["", *map(str, table.columns)]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for index, row in table.iterrows():
-        lines.append("| " + " | ".join([str(index), *map(str, row.tolist())]) + " |")
-    return "\n".join(lines)
 
 
 def arm_table(spec: StudySpec, values: pd.DataFrame, oracle: pd.DataFrame | None = None) -> pd.DataFrame:
@@ -485,6 +462,10 @@ def write_report(spec: StudySpec, *, docs_img: Path | None = None) -> dict[str, 
         tables["failure case on the training data (final checkpoint, ground truth)"] = mean_spread(
             truth, GROUND_TRUTH_COLUMNS
         )
+    kind_fmr = fmr if metric in QUALITY_ENDPOINTS else spec.evaluation.fmrs[0]
+    by_kind = kind_figures(spec, measured, kind_fmr)
+    for figures_of_set in by_kind:
+        tables |= kind_tables(spec, figures_of_set)
     for number, (title, table) in enumerate(tables.items()):
         table.to_csv(out / f"table_{number}.csv")
         lines += [f"## {title}", "", to_markdown(table), ""]
@@ -494,6 +475,7 @@ def write_report(spec: StudySpec, *, docs_img: Path | None = None) -> dict[str, 
         for p in (
             plot_differences(differences, out / "differences.png"),
             plot_weights(spec, measured, out / "weights.png"),
+            *(plot_kinds(spec, f, out / f"kinds_{f.set_name}.png") for f in by_kind),
         )
         if p
     ]

@@ -42,7 +42,8 @@ REPO = Path(__file__).resolve().parents[2]
 ARM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9()+._-]{0,39}$")  # names run folders and MLflow runs
 SET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # lower is better for every endpoint but the verification accuracy
-ENDPOINTS = ("edc_ratio", "erc_ratio", "edc_pauc", "fr_fnmr", "fr_accuracy")
+QUALITY_ENDPOINTS = ("edc_ratio", "erc_ratio", "edc_pauc")  # how well quality ranks images for a matcher
+ENDPOINTS = (*QUALITY_ENDPOINTS, "fr_fnmr", "fr_accuracy")  # and the FR accuracy of the model itself
 HIGHER_IS_BETTER = frozenset({"fr_accuracy"})
 
 

@@ -103,12 +103,28 @@ def ground_truth_path(identity_set: IdentitySet, given: Path | None) -> Path | N
 
 def oracle_quality(identity_set: IdentitySet, truth_path: Path) -> np.ndarray:
     """−strength of every image of the set, in its source order, from the ground-truth table."""
+    strength = ground_truth_column(identity_set, truth_path, "strength")
+    found = pd.to_numeric(strength, errors="coerce").to_numpy(np.float64)
+    missing = np.flatnonzero(~np.isfinite(found))
+    if missing.size:
+        examples = strength.index[missing[:5]].tolist()
+        raise DataError(
+            f"{missing.size} of {len(found)} images of {identity_set.name} have no finite strength "
+            f"(matched by {strength.index.name}), e.g. {examples}",
+            path=truth_path,
+        )
+    return -found
+
+
+def ground_truth_column(identity_set: IdentitySet, truth_path: Path, value: str) -> pd.Series:
+    """Column `value` of the ground-truth table for every image of the set, in its source order (NaN
+    where an image has no row), indexed by the column that matched the images (see the module doc)."""
     truth = _read_table(truth_path)
     column = next((c for c in GROUND_TRUTH_KEYS if c in truth.columns and c in identity_set.manifest), None)
-    if "strength" not in truth.columns or column is None:
+    if value not in truth.columns or column is None:
         have = [c for c in GROUND_TRUTH_KEYS if c in identity_set.manifest]
         raise DataError(
-            f"a ground truth needs a strength column and one of {', '.join(have)} to match the images "
+            f"a ground truth needs a {value} column and one of {', '.join(have)} to match the images "
             f"of {identity_set.name}; found {', '.join(map(str, truth.columns))}",
             path=truth_path,
         )
@@ -117,18 +133,9 @@ def oracle_quality(identity_set: IdentitySet, truth_path: Path) -> np.ndarray:
     repeated = names[names.duplicated()]
     if len(repeated):
         raise DataError(f"{column} values listed more than once: {repeated.head().tolist()}", path=truth_path)
-    strength = pd.Series(pd.to_numeric(truth["strength"], errors="coerce").to_numpy(np.float64), index=names)
+    values = pd.Series(truth[value].to_numpy(), index=names)
     wanted = identity_set.manifest[column].astype(cast)
-    found = strength.reindex(wanted).to_numpy()
-    missing = np.flatnonzero(~np.isfinite(found))
-    if missing.size:
-        examples = wanted.iloc[missing[:5]].tolist()
-        raise DataError(
-            f"{missing.size} of {len(wanted)} images of {identity_set.name} have no finite strength "
-            f"(matched by {column}), e.g. {examples}",
-            path=truth_path,
-        )
-    return -found
+    return values.reindex(wanted).rename_axis(column)
 
 
 def _read_table(path: Path) -> pd.DataFrame:

@@ -148,7 +148,15 @@ def test_a_killed_study_resumes_and_reports_every_number(tmp_path: Path) -> None
         and primary[0]["seeds"] == 2
         and primary[0]["ci_low"] <= primary[0]["mean_difference"] <= primary[0]["ci_high"]
     )
-    for plot in ("fig5_unseen_fmr0.01.png", "differences.png", "weights.png"):
+    # the explanation by degradation kind: the matcher's failure rate per kind, the arms' percentiles
+    assert "mated comparisons each matcher rejects (set unseen, FMR 0.01)" in tables
+    kinds = tables.split("mean quality percentile of each kind")[1].split("## ")[0]
+    header = kinds.split("\n")[2]
+    assert "| none |" in header and "| rho:tiny-cos |" in header, header
+    assert all(f"| {row} |" in kinds for row in ("CR(S-)", "IG(S)", "oracle (−strength)")), kinds
+    assert "| H1b: IG(S) − CR(S-) |" in tables.split("paired differences of those figures")[1]
+    assert "FR: IG(S)" not in tables.split("paired differences of those figures")[1]
+    for plot in ("fig5_unseen_fmr0.01.png", "differences.png", "weights.png", "kinds_unseen.png"):
         assert (out / "report" / plot).stat().st_size > 1000
         assert (tmp_path / "img" / f"study_tiny_{plot}").is_file()
 

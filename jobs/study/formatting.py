@@ -1,4 +1,4 @@
-"""How the study's tables print: 'mean ± h (n)' over seeds, and markdown pipe tables."""
+"""How the study's tables and plots show spread over seeds ('mean ± h (n)', 95 % t bands) and pipe tables."""
 
 from __future__ import annotations
 
@@ -36,3 +36,14 @@ def to_markdown(table: pd.DataFrame) -> str:
     for index, row in table.iterrows():
         lines.append("| " + " | ".join([str(index), *map(str, row.tolist())]) + " |")
     return "\n".join(lines)
+
+
+def mean_band(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and 95 % t half-width over rows (seeds) at each column (zero half-width with one row)."""
+    from scipy.stats import t as student_t
+
+    mean = rows.mean(axis=0)
+    if len(rows) < 2:
+        return mean, np.zeros_like(mean)
+    half = student_t.ppf(0.975, len(rows) - 1) * rows.std(axis=0, ddof=1) / math.sqrt(len(rows))
+    return mean, half

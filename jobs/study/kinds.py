@@ -23,7 +23,8 @@ import pandas as pd
 from scipy.stats import spearmanr
 
 from data_prep.errors import DataError
-from jobs.study.formatting import mean_spread
+from jobs.errors import UserError
+from jobs.study.formatting import mean_band, mean_spread
 from jobs.study.measure import EMBED_BATCH, MODEL, ORACLE
 from jobs.study.runner import Prepared, StudyFolder, study_folder
 from jobs.study.spec import QUALITY_ENDPOINTS, StudySpec
@@ -103,7 +104,7 @@ def kind_figures(spec: StudySpec, measured: Sequence[dict[str, Any]], fmr: float
     paths = study_folder(spec)
     try:
         prepared = Prepared.read(paths)
-    except Exception:
+    except UserError:  # a study never prepared has nothing to explain
         return []
     given = Path(spec.evaluation.ground_truth) if spec.evaluation.ground_truth else None
     found = []
@@ -131,11 +132,7 @@ def _set_figures(
     folder: str,
     fmr: float,
 ) -> KindFigures:
-    tables = [
-        kind_failure_table(kinds, failure).rename(columns={"failure_rate": n})
-        for n, failure in failures.items()
-    ]
-    failure = pd.concat([tables[0], *(t.drop(columns="images") for t in tables[1:])], axis=1)
+    failure = kind_failure_table(kinds, failures)
     failure = failure.sort_values(next(iter(failures)), ascending=False)
     rows, oracle = [], {}
     keys = pd.Index(iset.keys.astype(str))
@@ -212,7 +209,6 @@ def plot_kinds(spec: StudySpec, figures: KindFigures, path: Path) -> Path | None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from scipy.stats import t as student_t
 
     kinds = list(figures.failure.index)
     x = np.arange(len(kinds))
@@ -229,12 +225,7 @@ def plot_kinds(spec: StudySpec, figures: KindFigures, path: Path) -> Path | None
     arms = [a for a in spec.arms if a in set(figures.runs["arm"])]
     for i, arm in enumerate(arms):
         values = figures.runs.loc[figures.runs["arm"] == arm, kinds].to_numpy(np.float64)
-        mean = np.nanmean(values, axis=0)
-        half = (
-            student_t.ppf(0.975, len(values) - 1) * np.nanstd(values, axis=0, ddof=1) / math.sqrt(len(values))
-            if len(values) > 1
-            else np.zeros_like(mean)
-        )
+        mean, half = mean_band(values)
         offset = (i - (len(arms) - 1) / 2) * 0.08
         bottom.errorbar(
             x + offset,

@@ -40,7 +40,7 @@ import numpy as np
 import pandas as pd
 
 from jobs.stages.work import read_json_object, write_json_atomically
-from jobs.study.formatting import mean_spread, spread, to_markdown
+from jobs.study.formatting import mean_band, mean_spread, spread, to_markdown
 from jobs.study.kinds import kind_figures, kind_tables, plot_kinds
 from jobs.study.measure import EDC_GRID, MODEL, ORACLE
 from jobs.study.runner import MEASUREMENT_FILE, StudyFolder, study_folder
@@ -218,17 +218,6 @@ def _difference_table(differences: pd.DataFrame, spec: StudySpec) -> pd.DataFram
 # ----------------------------------------------------------------------------- plots
 
 
-def _band(curves: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and 95 % t half-width over rows (seeds) at each grid point."""
-    from scipy.stats import t as student_t
-
-    mean = curves.mean(axis=0)
-    if len(curves) < 2:
-        return mean, np.zeros_like(mean)
-    half = student_t.ppf(0.975, len(curves) - 1) * curves.std(axis=0, ddof=1) / math.sqrt(len(curves))
-    return mean, half
-
-
 def plot_fig5(
     spec: StudySpec, measured: Sequence[dict[str, Any]], set_name: str, fmr: float, path: Path
 ) -> Path | None:
@@ -258,7 +247,7 @@ def plot_fig5(
                 chosen = frame[(frame["arm"] == arm) & (frame["method"] == MODEL)]
                 values = np.array(chosen[key].tolist(), dtype=float)
                 grid = x if x is not None else np.asarray(chosen["erc_reject"].iloc[0], dtype=float)
-                mean, half = _band(values)
+                mean, half = mean_band(values)
                 ax.plot(grid, mean, color=colours.get(arm), label=f"{arm} (n={len(values)})")
                 low, high = np.clip(mean - half, 0, 1), np.clip(mean + half, 0, 1)  # FNMR lies in [0, 1]
                 ax.fill_between(grid, low, high, color=colours.get(arm), alpha=0.2, linewidth=0)

@@ -7,7 +7,7 @@ blur, lowres, noise, occlusion, dark, compression), two figures per kind explain
 - `image_failure_rates`: per image, the fraction of its mated comparisons that the matcher rejects
   at the threshold of a target FMR (the threshold set on the non-mated comparisons, as the EDC's;
   a rejection is similarity ≤ threshold, as in `quality_metrics`); `kind_failure_table` averages
-  them per kind: how hard each kind is for that matcher;
+  them per kind: how hard each kind is for each matcher;
 - `kind_percentiles`: per kind, the mean rank percentile of its images' quality within the set
   (0 lowest, 1 highest; ties averaged): where the model puts that kind.
 
@@ -42,11 +42,11 @@ def image_failure_rates(comparisons: Comparisons, fmr: float) -> tuple[np.ndarra
     return rates, threshold
 
 
-def kind_failure_table(kinds: np.ndarray, failure_rates: np.ndarray) -> pd.DataFrame:
-    """Per kind (rows, in first-seen order): images, and the mean of their failure rates."""
-    frame = pd.DataFrame({"kind": np.asarray(kinds, dtype=str), "failure_rate": failure_rates})
-    grouped = frame.groupby("kind", sort=False)["failure_rate"]
-    return pd.DataFrame({"images": grouped.size(), "failure_rate": grouped.mean()})
+def kind_failure_table(kinds: np.ndarray, failure_rates: dict[str, np.ndarray]) -> pd.DataFrame:
+    """Per kind (rows, in first-seen order): images, and per matcher the mean of their failure rates."""
+    frame = pd.DataFrame({"kind": np.asarray(kinds, dtype=str), **failure_rates})
+    grouped = frame.groupby("kind", sort=False)
+    return pd.concat([grouped.size().rename("images"), grouped[list(failure_rates)].mean()], axis=1)
 
 
 def kind_percentiles(quality: np.ndarray, kinds: np.ndarray) -> dict[str, float]:

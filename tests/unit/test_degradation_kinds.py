@@ -40,10 +40,16 @@ def test_a_similarity_equal_to_the_threshold_is_a_rejection_as_in_the_edc() -> N
 
 
 def test_kind_table_averages_the_rates_per_kind_in_first_seen_order() -> None:
-    table = kind_failure_table(np.array(["blur", "none", "blur", "dark"]), np.array([1.0, 0.0, 0.5, np.nan]))
-    assert table.index.tolist() == ["blur", "none", "dark"]
+    rates = {"m1": np.array([1.0, 0.0, 0.5, np.nan]), "m2": np.array([0.0, 1.0, 0.5, 0.25])}
+    table = kind_failure_table(np.array(["blur", "none", "blur", "dark"]), rates)
+    assert table.index.tolist() == ["blur", "none", "dark"] and table.columns.tolist() == [
+        "images",
+        "m1",
+        "m2",
+    ]
     assert table["images"].tolist() == [2, 1, 1]
-    assert table.loc["blur", "failure_rate"] == 0.75 and math.isnan(table.loc["dark", "failure_rate"])
+    assert table.loc["blur", "m1"] == 0.75 and math.isnan(table.loc["dark", "m1"])
+    assert table["m2"].tolist() == [0.25, 1.0, 0.25]
 
 
 def test_kind_percentiles_are_mean_ranks_over_n_with_ties_averaged() -> None:
